@@ -1,0 +1,1 @@
+//! Benchmark peers and load generators for braid. Not part of the library.

@@ -1,0 +1,224 @@
+//! Polling backends: one small file per OS mechanism behind one trait.
+//!
+//! A backend only answers "which of these descriptors are ready?". It knows
+//! nothing about protocols, callbacks or timers; the reactor keeps the map
+//! from descriptor to handler and does the dispatch, so every readiness
+//! backend shares one dispatch path. All `unsafe` in braid lives in this
+//! folder and in `sys/`.
+
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::Error;
+
+pub(crate) mod epoll;
+pub(crate) mod poll;
+pub(crate) mod select;
+
+/// Which directions of a descriptor the reactor wants to hear about.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Interest {
+    pub read: bool,
+    pub write: bool,
+}
+
+impl Interest {
+    pub const NONE: Interest = Interest { read: false, write: false };
+
+    pub fn is_empty(self) -> bool {
+        !self.read && !self.write
+    }
+}
+
+/// One readiness report for one descriptor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Event {
+    pub fd: RawFd,
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer hung up (POLLHUP / EPOLLHUP).
+    pub hangup: bool,
+    /// An error condition (POLLERR / EPOLLERR), or an invalid fd (POLLNVAL).
+    pub error: bool,
+    /// The kernel says the fd is not open (POLLNVAL); the reactor drops it.
+    pub invalid: bool,
+}
+
+/// What every polling mechanism provides.
+///
+/// The reactor calls `update` with the interest it had registered before
+/// (`old`) and the interest it wants now (`new`), so each backend can pick
+/// add, modify or delete without keeping a second copy of the state.
+pub(crate) trait Poller {
+    /// Changes the interest set for `fd`. `new == NONE` removes it.
+    fn update(&mut self, fd: RawFd, old: Interest, new: Interest) -> io::Result<()>;
+
+    /// Waits up to `timeout` (`None` = forever) and appends ready descriptors
+    /// to `events`, which the caller has cleared. An interrupted wait (EINTR)
+    /// returns `Ok` with no events.
+    fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+/// The polling mechanisms braid can use, chosen at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// `select(2)`: portable, limited to descriptors below `FD_SETSIZE`.
+    Select,
+    /// `poll(2)`: portable, O(n) per wait.
+    Poll,
+    /// `epoll(7)`: Linux, O(ready) per wait. The Linux default.
+    Epoll,
+}
+
+impl Backend {
+    /// Every backend this build knows, in the order they are documented.
+    pub const ALL: &'static [Backend] = &[Backend::Select, Backend::Poll, Backend::Epoll];
+
+    /// The names accepted by [`Backend::from_str`], `BRAID_REACTOR` and `--reactor`.
+    pub const NAMES: &'static [&'static str] = &["select", "poll", "epoll"];
+
+    /// The environment variable that picks the default backend.
+    pub const ENV_VAR: &'static str = "BRAID_REACTOR";
+
+    /// epoll on Linux, poll on other Unix systems.
+    pub fn platform_default() -> Backend {
+        if cfg!(any(target_os = "linux", target_os = "android")) {
+            Backend::Epoll
+        } else {
+            Backend::Poll
+        }
+    }
+
+    /// The backend named by `BRAID_REACTOR`, or the platform default when it
+    /// is unset or empty. An unknown name is an error listing the valid ones.
+    pub fn from_env() -> Result<Backend, Error> {
+        match std::env::var(Self::ENV_VAR) {
+            Ok(name) if !name.trim().is_empty() => name.trim().parse(),
+            _ => Ok(Self::platform_default()),
+        }
+    }
+
+    /// The lower-case name of this backend.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Select => "select",
+            Backend::Poll => "poll",
+            Backend::Epoll => "epoll",
+        }
+    }
+
+    /// True if this backend can be built on the current platform.
+    pub fn is_available(self) -> bool {
+        match self {
+            Backend::Epoll => cfg!(any(target_os = "linux", target_os = "android")),
+            Backend::Select | Backend::Poll => true,
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let lower = s.to_ascii_lowercase();
+        Backend::ALL
+            .iter()
+            .copied()
+            .find(|b| b.name() == lower)
+            .ok_or_else(|| Error::UnknownBackend { name: s.to_string(), valid: Self::NAMES })
+    }
+}
+
+/// A built poller of one of the kinds above. An enum rather than a trait
+/// object, so the hot `poll` call is a direct, inlinable match.
+pub(crate) enum AnyPoller {
+    Select(select::SelectPoller),
+    Poll(poll::PollPoller),
+    Epoll(epoll::EpollPoller),
+}
+
+impl AnyPoller {
+    pub fn new(backend: Backend) -> Result<AnyPoller, Error> {
+        let built = match backend {
+            Backend::Select => select::SelectPoller::new().map(AnyPoller::Select),
+            Backend::Poll => poll::PollPoller::new().map(AnyPoller::Poll),
+            Backend::Epoll => epoll::EpollPoller::new().map(AnyPoller::Epoll),
+        };
+        built.map_err(|e| Error::io(format!("creating the {backend} backend"), e))
+    }
+
+    /// The largest descriptor number this backend can watch, if limited.
+    pub fn fd_limit(&self) -> Option<usize> {
+        match self {
+            AnyPoller::Select(_) => Some(select::FD_SETSIZE),
+            _ => None,
+        }
+    }
+}
+
+impl Poller for AnyPoller {
+    #[inline]
+    fn update(&mut self, fd: RawFd, old: Interest, new: Interest) -> io::Result<()> {
+        match self {
+            AnyPoller::Select(p) => p.update(fd, old, new),
+            AnyPoller::Poll(p) => p.update(fd, old, new),
+            AnyPoller::Epoll(p) => p.update(fd, old, new),
+        }
+    }
+
+    #[inline]
+    fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            AnyPoller::Select(p) => p.poll(events, timeout),
+            AnyPoller::Poll(p) => p.poll(events, timeout),
+            AnyPoller::Epoll(p) => p.poll(events, timeout),
+        }
+    }
+}
+
+/// Converts a wait timeout to whole milliseconds for poll/epoll/select,
+/// rounding up (so a timer 0.3 ms away does not turn into a busy 0 ms wait)
+/// and clamping to the largest value an `int` of milliseconds holds
+/// (2,147,483 s), so a far-future timer never overflows.
+pub(crate) fn timeout_ms(timeout: Option<Duration>) -> i32 {
+    match timeout {
+        None => -1,
+        Some(d) => {
+            let ms = d.as_nanos().div_ceil(1_000_000);
+            ms.min(i32::MAX as u128) as i32
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeout_rounds_up_and_clamps() {
+        assert_eq!(timeout_ms(None), -1);
+        assert_eq!(timeout_ms(Some(Duration::ZERO)), 0);
+        assert_eq!(timeout_ms(Some(Duration::from_micros(300))), 1);
+        assert_eq!(timeout_ms(Some(Duration::from_millis(1500))), 1500);
+        assert_eq!(timeout_ms(Some(Duration::from_secs(u64::MAX))), i32::MAX);
+    }
+
+    #[test]
+    fn names_round_trip_and_unknown_lists_valid() {
+        for b in Backend::ALL {
+            assert_eq!(b.name().parse::<Backend>().unwrap(), *b);
+        }
+        assert_eq!("EPOLL".parse::<Backend>().unwrap(), Backend::Epoll);
+        let err = "kqueue-ish".parse::<Backend>().unwrap_err().to_string();
+        assert!(err.contains("kqueue-ish") && err.contains("select, poll, epoll"), "{err}");
+    }
+}

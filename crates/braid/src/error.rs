@@ -1,0 +1,224 @@
+//! Error types: what the reactor refuses, and why a connection ended.
+//!
+//! Two kinds of thing live here. [`Error`] is returned by reactor calls that
+//! can be refused (stopping a reactor that is not running, cancelling a call
+//! that already ran, registering a descriptor a backend cannot watch).
+//! [`Failure`] is the value that travels down errback chains and into
+//! `connection_lost`: any error plus the place it was raised, cheap to clone
+//! and safe to send between threads.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io;
+use std::panic::Location;
+use std::sync::Arc;
+
+/// Everything a braid call can refuse, named as Twisted names it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// `stop()` on a reactor that is not running, or that is already stopping.
+    ReactorNotRunning,
+    /// `run()` while the reactor is already running.
+    ReactorAlreadyRunning,
+    /// `run()` after a normal `stop()`: a stopped reactor cannot be restarted.
+    ReactorNotRestartable,
+    /// `install()` on a thread that already has a reactor.
+    ReactorAlreadyInstalled,
+    /// The reactor behind a `Remote` has been dropped.
+    ReactorGone,
+    /// `blocking_call_from_thread` from the reactor's own thread would deadlock.
+    WouldDeadlock,
+    /// A `DelayedCall` that already ran cannot be cancelled or moved.
+    AlreadyCalled,
+    /// A `DelayedCall` that was cancelled cannot be cancelled or moved again.
+    AlreadyCancelled,
+    /// A Deferred fired twice.
+    DeferredAlreadyCalled,
+    /// A backend name nobody knows; carries the valid names.
+    UnknownBackend { name: String, valid: &'static [&'static str] },
+    /// A backend that cannot be built on this platform.
+    BackendUnavailable(&'static str),
+    /// `select` cannot watch descriptors at or above `FD_SETSIZE`.
+    DescriptorTooLarge { fd: i32, limit: usize },
+    /// A negative descriptor number was handed to the reactor.
+    BadDescriptor(i32),
+    /// `remove_system_event_trigger` with an id that is not registered.
+    NoSuchTrigger,
+    /// A system event phase other than before/during/after.
+    UnknownPhase(String),
+    /// The operation was cancelled (Twisted's `CancelledError`).
+    Cancelled,
+    /// A deadline passed (Twisted's `TimeoutError`).
+    TimedOut,
+    /// The connection was closed cleanly (Twisted's `ConnectionDone`).
+    ConnectionDone,
+    /// The connection was lost in a non-clean fashion (Twisted's `ConnectionLost`).
+    ConnectionLost,
+    /// The connection was aborted locally (Twisted's `ConnectionAborted`).
+    ConnectionAborted,
+    /// The descriptor's fd went away while the reactor watched it.
+    FdWentAway,
+    /// A user callback panicked; carries the panic message.
+    Panicked(String),
+    /// An operating-system error with a short description of what was tried.
+    Io { context: Cow<'static, str>, source: io::Error },
+}
+
+impl Error {
+    /// Wraps an `io::Error` with a description of the operation that failed.
+    pub fn io(context: impl Into<Cow<'static, str>>, source: io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::ReactorNotRunning => f.write_str("reactor is not running"),
+            Error::ReactorAlreadyRunning => f.write_str("reactor is already running"),
+            Error::ReactorNotRestartable => f.write_str("reactor cannot be restarted after stop()"),
+            Error::ReactorAlreadyInstalled => f.write_str("a reactor is already installed on this thread"),
+            Error::ReactorGone => f.write_str("the reactor has been dropped"),
+            Error::WouldDeadlock => {
+                f.write_str("blocking_call_from_thread called from the reactor thread would deadlock")
+            }
+            Error::AlreadyCalled => f.write_str("delayed call already ran"),
+            Error::AlreadyCancelled => f.write_str("delayed call already cancelled"),
+            Error::DeferredAlreadyCalled => f.write_str("Deferred already fired"),
+            Error::UnknownBackend { name, valid } => {
+                write!(f, "unknown reactor {name:?}; valid names: {}", valid.join(", "))
+            }
+            Error::BackendUnavailable(name) => write!(f, "reactor {name:?} is not available on this platform"),
+            Error::DescriptorTooLarge { fd, limit } => write!(
+                f,
+                "descriptor {fd} is too large for the select reactor (FD_SETSIZE is {limit}); use poll or epoll"
+            ),
+            Error::BadDescriptor(fd) => write!(f, "bad file descriptor {fd}"),
+            Error::NoSuchTrigger => f.write_str("no such system event trigger"),
+            Error::UnknownPhase(p) => write!(f, "unknown event phase {p:?}; valid: before, during, after"),
+            Error::Cancelled => f.write_str("cancelled"),
+            Error::TimedOut => f.write_str("timed out"),
+            Error::ConnectionDone => f.write_str("connection was closed cleanly"),
+            Error::ConnectionLost => f.write_str("connection was lost"),
+            Error::ConnectionAborted => f.write_str("connection was aborted"),
+            Error::FdWentAway => f.write_str("file descriptor went away"),
+            Error::Panicked(msg) => write!(f, "callback panicked: {msg}"),
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// An error on its way down an errback chain or into `connection_lost`.
+///
+/// It keeps the error itself (downcast it with [`Failure::downcast_ref`]),
+/// the source location that created the `Failure`, and optional context
+/// lines added on the way. Cloning shares the error, so one failure can be
+/// handed to several observers (a `DeferredList`, a log) without copying.
+/// `Failure` is `Send + Sync`, so results cross from worker threads.
+///
+/// `Failure` deliberately does not implement `std::error::Error`, so any
+/// error converts into it with `?` or `.into()`.
+#[derive(Clone)]
+pub struct Failure {
+    error: Arc<dyn std::error::Error + Send + Sync + 'static>,
+    location: &'static Location<'static>,
+    context: Vec<Cow<'static, str>>,
+}
+
+impl Failure {
+    /// Wraps an error, recording the caller's location.
+    #[track_caller]
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Failure { error: Arc::new(error), location: Location::caller(), context: Vec::new() }
+    }
+
+    /// A failure carrying only a message.
+    #[track_caller]
+    pub fn msg(message: impl Into<String>) -> Self {
+        Failure::new(Message(message.into()))
+    }
+
+    /// Adds a line of context ("while connecting to ...").
+    pub fn context(mut self, line: impl Into<Cow<'static, str>>) -> Self {
+        self.context.push(line.into());
+        self
+    }
+
+    /// The wrapped error.
+    pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.error
+    }
+
+    /// Where this failure was created.
+    pub fn location(&self) -> &'static Location<'static> {
+        self.location
+    }
+
+    /// The wrapped error as `E`, if it is one.
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.error.downcast_ref::<E>()
+    }
+
+    /// True if the wrapped error is an `E`.
+    pub fn is<E: std::error::Error + 'static>(&self) -> bool {
+        self.error.is::<E>()
+    }
+
+    /// The wrapped braid [`Error`], if it is one.
+    pub fn braid_error(&self) -> Option<&Error> {
+        self.downcast_ref::<Error>()
+    }
+
+    /// True if this is a clean close ([`Error::ConnectionDone`]).
+    pub fn is_connection_done(&self) -> bool {
+        matches!(self.braid_error(), Some(Error::ConnectionDone))
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for Failure {
+    #[track_caller]
+    fn from(error: E) -> Self {
+        Failure::new(error)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.error)?;
+        for line in self.context.iter().rev() {
+            write!(f, " ({line})")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Failure({self} at {})", self.location)
+    }
+}
+
+/// A plain-text error, for [`Failure::msg`].
+#[derive(Debug)]
+struct Message(String);
+
+impl fmt::Display for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Message {}
+
+/// Result type for braid calls that can be refused.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

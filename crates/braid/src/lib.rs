@@ -1,0 +1,28 @@
+//! braid: an event-driven networking engine with Twisted's reactor design.
+//!
+//! One [`Reactor`] per thread waits on file descriptors and timers and calls
+//! your callbacks. Its polling [`Backend`] (select, poll, epoll) is chosen at
+//! run time. See the crate README for a tour.
+//!
+//! ```
+//! use std::time::Duration;
+//! use braid::{Backend, Reactor};
+//!
+//! let reactor = Reactor::new(Backend::Poll).unwrap();
+//! let r = reactor.clone();
+//! reactor.call_later(Duration::from_millis(10), move || {
+//!     r.stop().unwrap();
+//! });
+//! reactor.run_without_signal_handlers().unwrap();
+//! ```
+
+pub mod backend;
+pub mod defer;
+pub mod error;
+pub mod reactor;
+mod sys;
+
+pub use backend::Backend;
+pub use defer::Deferred;
+pub use error::{Error, Failure};
+pub use reactor::{install, reactor, try_reactor, Reactor};

@@ -1,0 +1,1 @@
+//! Operating-system plumbing (wakers, signals).
