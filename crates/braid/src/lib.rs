@@ -26,3 +26,4 @@ pub use backend::Backend;
 pub use defer::Deferred;
 pub use error::{Error, Failure};
 pub use reactor::{install, reactor, try_reactor, Reactor};
+pub use reactor::{DelayedCall, FileDescriptor, Phase, Remote};

@@ -1,44 +1,869 @@
-//! The reactor. (being written)
+//! The reactor: one event loop per thread that waits on descriptors and
+//! timers and calls your code.
+//!
+//! A [`Reactor`] is a cheap, clonable, `!Send` handle. [`reactor()`] gives
+//! this thread's reactor, installing the default backend on first use;
+//! [`install()`] picks the backend explicitly and must come first. Tests and
+//! embedders may build independent reactors with [`Reactor::new`].
+//!
+//! One iteration: (1) run calls queued from other threads, (2) run due
+//! timers, (3) fire the shutdown event if `stop()` was called, (4) poll the
+//! backend until the next timer (or not at all if work is pending), (5)
+//! dispatch readiness to descriptors, reads before writes.
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::os::fd::RawFd;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::Backend;
-use crate::error::Error;
+use slab::Slab;
 
+use crate::backend::{AnyPoller, Backend, Event, Interest, Poller};
+use crate::defer::Deferred;
+use crate::error::{Error, Failure};
+use crate::sys::signal::SignalGuard;
+use crate::sys::waker::Waker;
+
+mod events;
+mod fdset;
+mod guard;
+mod signals;
+mod threads;
+mod time;
 #[allow(dead_code)]
 pub(crate) mod timer_queue;
 
-/// This thread's event loop.
+pub use events::{Phase, TriggerId, TriggerOutcome, TriggerResult};
+pub use fdset::{FileDescriptor, IntoDescriptor};
+pub use guard::CallbackResult;
+pub use threads::Remote;
+pub use time::DelayedCall;
+
+use events::{TriggerFn, Triggers};
+use fdset::{identity, FdTable, Slot};
+use threads::{Shared, ThreadCall, ThreadPool, DEFAULT_POOL_MAX};
+use time::{TimeSource, Timers};
+
+/// The reactor's life cycle (Twisted keeps this in five booleans).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Built, never run (or crashed): `run()` may be called.
+    NotStarted,
+    /// `run()` fired the startup event; waiting for its *before* triggers.
+    Starting,
+    /// Running: the *during startup* phase has happened.
+    Running,
+    /// `stop()` was called; the shutdown event is firing.
+    Stopping,
+    /// Stopped: `run()` now fails with `ReactorNotRestartable`.
+    Stopped,
+}
+
+pub(crate) struct Inner {
+    backend: Backend,
+    poller: RefCell<AnyPoller>,
+    fd_limit: Option<usize>,
+    events_buf: Cell<Vec<Event>>,
+    fds: RefCell<FdTable>,
+    timers: Rc<Timers>,
+    state: Cell<State>,
+    /// `run()` is looping; cleared by `crash()`.
+    looping: Cell<bool>,
+    /// Inside an iteration: guards against re-entrant `run`/`iterate`.
+    iterating: Cell<bool>,
+    running: Cell<bool>,
+    /// `stop()` asked for the shutdown event; it fires at the end of the
+    /// next timer pass, never inside `stop()` itself.
+    shutdown_pending: Cell<bool>,
+    /// After a normal stop the reactor cannot be restarted.
+    started_before: Cell<bool>,
+    triggers: RefCell<Triggers>,
+    shared: Arc<Shared>,
+    spare_calls: Cell<Vec<ThreadCall>>,
+    pool: RefCell<Option<ThreadPool>>,
+    pool_max: Cell<usize>,
+    thread_results: RefCell<Slab<Box<dyn Any>>>,
+    install_signals: Cell<bool>,
+    signals: RefCell<Option<SignalGuard>>,
+    exit_signal: Cell<Option<i32>>,
+    child_hooks: RefCell<Vec<Box<dyn FnMut()>>>,
+    iterations: Cell<u64>,
+}
+
+/// A handle to one event loop. Cheap to clone; all clones drive the same
+/// loop. Not `Send`: use [`Reactor::remote`] to reach it from other threads.
 #[derive(Clone)]
-pub struct Reactor {}
+pub struct Reactor {
+    inner: Rc<Inner>,
+}
+
+thread_local! {
+    static INSTALLED: RefCell<Option<Reactor>> = const { RefCell::new(None) };
+}
+
+/// Installs a reactor with `backend` as this thread's reactor. Fails with
+/// `ReactorAlreadyInstalled` if this thread already has one (including one
+/// installed implicitly by [`reactor()`]): install before first use.
+pub fn install(backend: Backend) -> Result<Reactor, Error> {
+    INSTALLED.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if slot.is_some() {
+            return Err(Error::ReactorAlreadyInstalled);
+        }
+        let reactor = Reactor::new(backend)?;
+        *slot = Some(reactor.clone());
+        Ok(reactor)
+    })
+}
+
+/// This thread's reactor, installing the default on first use: the backend
+/// named by `BRAID_REACTOR`, else the platform default (epoll on Linux).
+pub fn try_reactor() -> Result<Reactor, Error> {
+    if let Some(r) = INSTALLED.with(|slot| slot.borrow().clone()) {
+        return Ok(r);
+    }
+    install(Backend::from_env()?)
+}
+
+/// Like [`try_reactor`], for programs that cannot go on without a reactor.
+///
+/// # Panics
+/// If no reactor can be built: `BRAID_REACTOR` names an unknown backend (the
+/// message lists the valid names) or the OS refuses a descriptor. Use
+/// [`try_reactor`] to handle that as an error.
+pub fn reactor() -> Reactor {
+    match try_reactor() {
+        Ok(r) => r,
+        Err(e) => panic!("braid: cannot install the default reactor: {e}"),
+    }
+}
 
 impl Reactor {
-    /// Builds an independent reactor.
-    pub fn new(_backend: Backend) -> Result<Reactor, Error> {
-        todo!()
+    /// Builds an independent reactor using `backend`. It is not installed
+    /// as this thread's reactor.
+    pub fn new(backend: Backend) -> Result<Reactor, Error> {
+        if !backend.is_available() {
+            return Err(Error::BackendUnavailable(backend.name()));
+        }
+        let mut poller = AnyPoller::new(backend)?;
+        let waker = Waker::new().map_err(|e| Error::io("creating the reactor's waker", e))?;
+        poller
+            .update(waker.read_fd(), Interest::NONE, Interest { read: true, write: false })
+            .map_err(|e| Error::io("registering the reactor's waker", e))?;
+        let fd_limit = poller.fd_limit();
+        Ok(Reactor {
+            inner: Rc::new(Inner {
+                backend,
+                poller: RefCell::new(poller),
+                fd_limit,
+                events_buf: Cell::new(Vec::with_capacity(256)),
+                fds: RefCell::new(FdTable::default()),
+                timers: Timers::new(TimeSource::Monotonic),
+                state: Cell::new(State::NotStarted),
+                looping: Cell::new(false),
+                iterating: Cell::new(false),
+                running: Cell::new(false),
+                shutdown_pending: Cell::new(false),
+                started_before: Cell::new(false),
+                triggers: RefCell::new(Triggers::default()),
+                shared: Arc::new(Shared::new(waker)),
+                spare_calls: Cell::new(Vec::new()),
+                pool: RefCell::new(None),
+                pool_max: Cell::new(DEFAULT_POOL_MAX),
+                thread_results: RefCell::new(Slab::new()),
+                install_signals: Cell::new(true),
+                signals: RefCell::new(None),
+                exit_signal: Cell::new(None),
+                child_hooks: RefCell::new(Vec::new()),
+                iterations: Cell::new(0),
+            }),
+        })
     }
-    /// Schedules `f`.
-    pub fn call_later(&self, _delay: Duration, _f: impl FnOnce() + 'static) {
-        todo!()
+
+    fn downgrade(&self) -> Weak<Inner> {
+        Rc::downgrade(&self.inner)
     }
-    /// Stops.
-    pub fn stop(&self) -> Result<(), Error> {
-        todo!()
+
+    fn from_weak(weak: &Weak<Inner>) -> Option<Reactor> {
+        weak.upgrade().map(|inner| Reactor { inner })
     }
-    /// Runs.
+
+    /// The polling backend this reactor uses.
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// Where the reactor is in its life cycle.
+    pub fn state(&self) -> State {
+        self.inner.state.get()
+    }
+
+    /// True from the *during startup* phase until *during shutdown*.
+    pub fn running(&self) -> bool {
+        self.inner.running.get()
+    }
+
+    /// How many loop iterations have run (a diagnostic: an idle reactor's
+    /// count stays still).
+    pub fn iterations(&self) -> u64 {
+        self.inner.iterations.get()
+    }
+
+    /// The signal (e.g. `SIGTERM`) that stopped the reactor, if one did, so
+    /// a command can report it or exit with it.
+    pub fn exit_signal(&self) -> Option<i32> {
+        self.inner.exit_signal.get()
+    }
+
+    // ----- core -------------------------------------------------------
+
+    /// Runs the loop until `stop()` or `crash()`: fires the startup event
+    /// (installing SIGINT/SIGTERM/SIGCHLD handlers in its *during* phase),
+    /// loops, fires the shutdown event, returns. Handlers are uninstalled
+    /// when `run` returns.
+    pub fn run(&self) -> Result<(), Error> {
+        self.inner.install_signals.set(true);
+        self.run_inner()
+    }
+
+    /// Like [`Reactor::run`], but leaves the process's signal handlers
+    /// alone (for embedding in a program that handles signals itself).
     pub fn run_without_signal_handlers(&self) -> Result<(), Error> {
-        todo!()
+        self.inner.install_signals.set(false);
+        self.run_inner()
+    }
+
+    fn run_inner(&self) -> Result<(), Error> {
+        let inner = &self.inner;
+        if inner.started_before.get() || inner.state.get() == State::Stopped {
+            return Err(Error::ReactorNotRestartable);
+        }
+        if inner.looping.get() || inner.iterating.get() {
+            return Err(Error::ReactorAlreadyRunning);
+        }
+        inner.looping.set(true);
+        inner.state.set(State::Starting);
+        self.fire_system_event("startup");
+        let result = self.main_loop();
+        self.uninstall_signal_handlers();
+        result
+    }
+
+    fn main_loop(&self) -> Result<(), Error> {
+        let inner = &self.inner;
+        while inner.looping.get() {
+            if let Err(e) = self.iterate_once(None) {
+                tracing::error!(target: "braid", "{e}; the reactor cannot go on");
+                inner.looping.set(false);
+                inner.running.set(false);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the reactor to shut down: the shutdown event fires on the next
+    /// iteration (never inside this call), then `run()` returns. Fails with
+    /// `ReactorNotRunning` if the reactor is not running or already stopping.
+    pub fn stop(&self) -> Result<(), Error> {
+        let inner = &self.inner;
+        match inner.state.get() {
+            State::Starting | State::Running => {
+                inner.state.set(State::Stopping);
+                inner.started_before.set(true);
+                inner.shutdown_pending.set(true);
+                Ok(())
+            }
+            _ => Err(Error::ReactorNotRunning),
+        }
+    }
+
+    /// Leaves the loop at once, firing no shutdown triggers. Unlike after
+    /// `stop()`, `run()` may be called again.
+    pub fn crash(&self) {
+        let inner = &self.inner;
+        inner.looping.set(false);
+        inner.running.set(false);
+        if matches!(inner.state.get(), State::Starting | State::Running) {
+            inner.state.set(State::NotStarted);
+        }
+    }
+
+    /// Runs one iteration: due calls, then one poll of at most `timeout`
+    /// (less if a timer is due sooner; `None` waits for the next event).
+    /// Must not be called from inside a reactor callback.
+    pub fn iterate(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        if self.inner.iterating.get() {
+            return Err(Error::ReactorAlreadyRunning);
+        }
+        self.iterate_once(timeout)
+    }
+
+    /// Registers `f` to run once the reactor is running: now if it already
+    /// is (returning `None`), otherwise in the *after startup* phase
+    /// (returning the trigger's id).
+    pub fn call_when_running<F, R>(&self, f: F) -> Option<TriggerId>
+    where
+        F: FnOnce() -> R + 'static,
+        R: TriggerResult + 'static,
+    {
+        if self.running() {
+            let outcome = guard::catch(|| match f().into_outcome() {
+                TriggerOutcome::Done(r) => r,
+                TriggerOutcome::Hold(_) => Ok(()),
+            });
+            if let Err(failure) = outcome {
+                guard::log_failure("in a call_when_running callable", &failure);
+            }
+            None
+        } else {
+            Some(self.add_system_event_trigger(Phase::After, "startup", f))
+        }
+    }
+
+    /// Registers `f` for `phase` of `event` ("startup", "shutdown", or any
+    /// name you fire yourself). A *before* trigger may return a Deferred to
+    /// hold the later phases until it fires.
+    pub fn add_system_event_trigger<F, R>(&self, phase: Phase, event: &str, f: F) -> TriggerId
+    where
+        F: FnOnce() -> R + 'static,
+        R: TriggerResult + 'static,
+    {
+        let f: TriggerFn = Box::new(move || f().into_outcome());
+        self.inner.triggers.borrow_mut().add(phase, event, f)
+    }
+
+    /// Unregisters a trigger. `NoSuchTrigger` if it is unknown or already ran.
+    pub fn remove_system_event_trigger(&self, id: &TriggerId) -> Result<(), Error> {
+        self.inner.triggers.borrow_mut().remove(id)
+    }
+
+    /// Runs the *before*, *during* and *after* triggers of `event`. An event
+    /// already firing is not fired again.
+    pub fn fire_system_event(&self, event: &str) {
+        if !self.inner.triggers.borrow_mut().begin(event) {
+            return;
+        }
+        loop {
+            let next = self.inner.triggers.borrow_mut().pop(event, Phase::Before);
+            let Some(trigger) = next else { break };
+            match guard::catch(|| Ok(trigger())) {
+                Ok(TriggerOutcome::Done(Ok(()))) => {}
+                Ok(TriggerOutcome::Done(Err(failure))) | Err(failure) => {
+                    guard::log_failure(&format!("in a before-{event} trigger"), &failure)
+                }
+                Ok(TriggerOutcome::Hold(hold)) => {
+                    self.inner.triggers.borrow_mut().hold(event);
+                    let weak = self.downgrade();
+                    let name = event.to_string();
+                    hold.on_done(Box::new(move || {
+                        if let Some(reactor) = Reactor::from_weak(&weak) {
+                            if reactor.inner.triggers.borrow_mut().release(&name) {
+                                reactor.continue_firing(&name);
+                            }
+                        }
+                    }));
+                }
+            }
+        }
+        // Set back to Before by `pop`; go on unless a Deferred holds us.
+        if self.inner.triggers.borrow().ready_to_continue(event) {
+            self.continue_firing(event);
+        }
+    }
+
+    fn continue_firing(&self, event: &str) {
+        match event {
+            "startup" => self.really_start(),
+            "shutdown" => self.begin_shutdown(),
+            _ => {}
+        }
+        for phase in [Phase::During, Phase::After] {
+            if phase == Phase::After && event == "startup" {
+                self.start_thread_pool();
+            }
+            loop {
+                let next = self.inner.triggers.borrow_mut().pop(event, phase);
+                let Some(trigger) = next else { break };
+                let outcome = guard::catch(|| match trigger() {
+                    TriggerOutcome::Done(r) => r,
+                    TriggerOutcome::Hold(_) => Ok(()),
+                });
+                if let Err(failure) = outcome {
+                    guard::log_failure(&format!("in a {phase}-{event} trigger"), &failure);
+                }
+            }
+        }
+        self.inner.triggers.borrow_mut().finish(event);
+        if event == "shutdown" {
+            self.inner.state.set(State::Stopped);
+        }
+    }
+
+    /// The built-in *during startup* step.
+    fn really_start(&self) {
+        let inner = &self.inner;
+        if inner.state.get() == State::Starting {
+            inner.state.set(State::Running);
+        }
+        inner.running.set(true);
+        if inner.install_signals.get() && inner.looping.get() {
+            self.install_signal_handlers();
+        }
+    }
+
+    /// The built-in *during shutdown* steps: leave the loop, disconnect
+    /// every descriptor, stop the thread pool.
+    fn begin_shutdown(&self) {
+        let inner = &self.inner;
+        inner.looping.set(false);
+        inner.running.set(false);
+        inner.started_before.set(true);
+        self.disconnect_all();
+        self.stop_thread_pool();
+    }
+
+    /// Tells every registered descriptor it is lost. One descriptor failing
+    /// does not stop the others.
+    fn disconnect_all(&self) {
+        for d in self.remove_all() {
+            let prefix = d.log_prefix();
+            guard::run_logged(
+                || format!("in connection_lost of {prefix} during shutdown"),
+                || {
+                    d.connection_lost(Failure::new(Error::ConnectionLost));
+                    Ok(())
+                },
+            );
+        }
+    }
+
+    // ----- one iteration ---------------------------------------------
+
+    fn iterate_once(&self, max_timeout: Option<Duration>) -> Result<(), Error> {
+        let inner = &self.inner;
+        inner.iterating.set(true);
+        let result = self.iterate_guarded(max_timeout);
+        inner.iterating.set(false);
+        result
+    }
+
+    fn iterate_guarded(&self, max_timeout: Option<Duration>) -> Result<(), Error> {
+        let inner = &self.inner;
+        inner.iterations.set(inner.iterations.get() + 1);
+        self.run_until_current();
+        if !inner.looping.get() && max_timeout.is_none() && inner.state.get() != State::NotStarted {
+            // Stopped or crashed during this pass: do not block in poll.
+            return Ok(());
+        }
+        let timeout = self.poll_timeout(max_timeout);
+        let mut events = inner.events_buf.take();
+        events.clear();
+        let polled = inner.poller.borrow_mut().poll(&mut events, timeout);
+        if let Err(e) = polled {
+            inner.events_buf.set(events);
+            return Err(Error::io(format!("waiting on the {} backend", inner.backend), e));
+        }
+        for ev in &events {
+            self.dispatch(ev);
+        }
+        inner.events_buf.set(events);
+        Ok(())
+    }
+
+    /// Steps 1–3 of an iteration: calls from threads, due timers, pending
+    /// shutdown.
+    fn run_until_current(&self) {
+        let inner = &self.inner;
+        let mut calls = inner.spare_calls.take();
+        inner.shared.take_calls(&mut calls);
+        for call in calls.drain(..) {
+            guard::run_logged(
+                || "in a call from a thread".to_string(),
+                || {
+                    call(self);
+                    Ok(())
+                },
+            );
+        }
+        inner.spare_calls.set(calls);
+        inner.timers.run_due();
+        if inner.shutdown_pending.replace(false) {
+            self.fire_system_event("shutdown");
+        }
+    }
+
+    fn poll_timeout(&self, max_timeout: Option<Duration>) -> Option<Duration> {
+        let inner = &self.inner;
+        if inner.shutdown_pending.get() || inner.shared.has_calls() {
+            return Some(Duration::ZERO);
+        }
+        match (inner.timers.timeout(), max_timeout) {
+            (Some(t), Some(m)) => Some(t.min(m)),
+            (t, m) => t.or(m),
+        }
+    }
+
+    fn dispatch(&self, ev: &Event) {
+        let inner = &self.inner;
+        if ev.fd == inner.shared.waker.read_fd() {
+            inner.shared.waker.drain();
+            self.handle_signals();
+            return;
+        }
+        let slot = match inner.fds.borrow().get(ev.fd) {
+            Some(slot) => slot.clone(),
+            None => return,
+        };
+        if ev.invalid {
+            self.drop_gone(ev.fd, &slot);
+            return;
+        }
+        let Slot { reader, writer } = slot;
+        if (ev.hangup || ev.error) && !ev.readable {
+            // Hang-up without input: whatever was pending has been read, so
+            // a reader sees a clean end, a pure writer a lost connection.
+            if let Some(r) = reader {
+                self.disconnect(ev.fd, &r, Failure::new(Error::ConnectionDone), true);
+            } else if let Some(w) = writer {
+                self.disconnect(ev.fd, &w, Failure::new(Error::ConnectionLost), false);
+            }
+            return;
+        }
+        if ev.readable {
+            if let Some(r) = reader {
+                if let Err(why) = self.call_descriptor(&r, ev.fd, true) {
+                    self.disconnect(ev.fd, &r, why, true);
+                    return;
+                }
+            }
+        }
+        if ev.writable || ev.hangup || ev.error {
+            // The read handler may have removed or replaced the writer.
+            let writer = inner.fds.borrow().get(ev.fd).and_then(|s| s.writer.clone());
+            if let Some(w) = writer {
+                if let Err(why) = self.call_descriptor(&w, ev.fd, false) {
+                    self.disconnect(ev.fd, &w, why, false);
+                }
+            }
+        }
+    }
+
+    fn call_descriptor(&self, d: &Rc<dyn FileDescriptor>, fd: RawFd, read: bool) -> Result<(), Failure> {
+        let result = guard::catch(|| {
+            if d.fileno() != fd {
+                return Err(Failure::new(Error::FdWentAway));
+            }
+            if read {
+                d.do_read()
+            } else {
+                d.do_write()
+            }
+        });
+        if let Err(failure) = &result {
+            if matches!(failure.braid_error(), Some(Error::Panicked(_))) {
+                let prefix = d.log_prefix();
+                let what = if read { "do_read" } else { "do_write" };
+                guard::log_failure(&format!("in {what} of {prefix}"), failure);
+            }
+        }
+        result
+    }
+
+    /// Stops watching a descriptor because of `why` and tells it: a clean
+    /// end of a half-closeable reader only closes its read side.
+    fn disconnect(&self, fd: RawFd, d: &Rc<dyn FileDescriptor>, why: Failure, read: bool) {
+        let ptr = identity(d);
+        if read && why.is_connection_done() && d.half_closeable() {
+            self.remove_at(fd, ptr, true, false);
+            guard::run_logged(
+                || format!("in read_connection_lost of {}", d.log_prefix()),
+                || {
+                    d.read_connection_lost(why);
+                    Ok(())
+                },
+            );
+            return;
+        }
+        self.remove_at(fd, ptr, true, true);
+        guard::run_logged(
+            || format!("in connection_lost of {}", d.log_prefix()),
+            || {
+                d.connection_lost(why);
+                Ok(())
+            },
+        );
+    }
+
+    /// The fd behind a slot is not open any more (POLLNVAL or EBADF).
+    fn drop_gone(&self, fd: RawFd, slot: &Slot) {
+        let mut told: Vec<*const ()> = Vec::new();
+        for d in [&slot.reader, &slot.writer].into_iter().flatten() {
+            if told.contains(&identity(d)) {
+                continue;
+            }
+            told.push(identity(d));
+            self.disconnect(fd, d, Failure::new(Error::FdWentAway), false);
+        }
+    }
+
+    // ----- FD set -----------------------------------------------------
+
+    fn check_fd(&self, fd: RawFd) -> Result<(), Error> {
+        if fd < 0 {
+            return Err(Error::BadDescriptor(fd));
+        }
+        if let Some(limit) = self.inner.fd_limit {
+            if fd as usize >= limit {
+                return Err(Error::DescriptorTooLarge { fd, limit });
+            }
+        }
+        Ok(())
+    }
+
+    fn watch(&self, d: Rc<dyn FileDescriptor>, read: bool) -> Result<(), Error> {
+        let fd = d.fileno();
+        self.check_fd(fd)?;
+        let mut fds = self.inner.fds.borrow_mut();
+        let mut slot = fds.get(fd).cloned().unwrap_or_default();
+        let old = slot.interest();
+        if read {
+            slot.reader = Some(d);
+        } else {
+            slot.writer = Some(d);
+        }
+        let new = slot.interest();
+        if new != old {
+            let direction = if read { "reading" } else { "writing" };
+            self.inner
+                .poller
+                .borrow_mut()
+                .update(fd, old, new)
+                .map_err(|e| Error::io(format!("watching fd {fd} for {direction}"), e))?;
+        }
+        fds.set(fd, slot);
+        Ok(())
+    }
+
+    /// Removes `ptr` as reader and/or writer of `fd`. Errors from the
+    /// backend are ignored: the fd may already be closed.
+    fn remove_at(&self, fd: RawFd, ptr: *const (), read: bool, write: bool) {
+        let mut fds = self.inner.fds.borrow_mut();
+        let Some(current) = fds.get(fd) else { return };
+        let mut slot = current.clone();
+        let old = slot.interest();
+        if read && slot.reader.as_ref().is_some_and(|r| identity(r) == ptr) {
+            slot.reader = None;
+        }
+        if write && slot.writer.as_ref().is_some_and(|w| identity(w) == ptr) {
+            slot.writer = None;
+        }
+        let new = slot.interest();
+        if new != old {
+            let _ = self.inner.poller.borrow_mut().update(fd, old, new);
+        }
+        fds.set(fd, slot);
+    }
+
+    fn unwatch<D: FileDescriptor + ?Sized>(&self, d: &Rc<D>, read: bool) {
+        let ptr = identity(d);
+        let fd = d.fileno();
+        let at_fd = self.inner.fds.borrow().get(fd).is_some_and(|s| {
+            let cur = if read { &s.reader } else { &s.writer };
+            cur.as_ref().is_some_and(|c| identity(c) == ptr)
+        });
+        // A descriptor whose fd changed or went away is found by identity.
+        let fd = if at_fd { Some(fd) } else { self.inner.fds.borrow().find(ptr, read) };
+        if let Some(fd) = fd {
+            self.remove_at(fd, ptr, read, !read);
+        }
+    }
+
+    /// Watches `d` for readability: `d.do_read()` runs when its fd may be read.
+    /// Fails for a negative fd, or one the backend cannot watch (select and
+    /// fds at or above `FD_SETSIZE`).
+    pub fn add_reader(&self, d: impl IntoDescriptor) -> Result<(), Error> {
+        self.watch(d.into_descriptor(), true)
+    }
+
+    /// Watches `d` for writability: `d.do_write()` runs when its fd may be written.
+    pub fn add_writer(&self, d: impl IntoDescriptor) -> Result<(), Error> {
+        self.watch(d.into_descriptor(), false)
+    }
+
+    /// Stops watching `d` for readability (no-op if it was not watched).
+    pub fn remove_reader<D: FileDescriptor + ?Sized>(&self, d: &Rc<D>) {
+        self.unwatch(d, true)
+    }
+
+    /// Stops watching `d` for writability (no-op if it was not watched).
+    pub fn remove_writer<D: FileDescriptor + ?Sized>(&self, d: &Rc<D>) {
+        self.unwatch(d, false)
+    }
+
+    /// Stops watching every user descriptor and returns them (each once).
+    /// The reactor's own descriptors (its waker) are not touched.
+    pub fn remove_all(&self) -> Vec<Rc<dyn FileDescriptor>> {
+        let fds = self.inner.fds.borrow().active_fds();
+        let mut removed: Vec<Rc<dyn FileDescriptor>> = Vec::new();
+        for fd in fds {
+            let slot = {
+                let mut table = self.inner.fds.borrow_mut();
+                let Some(slot) = table.get(fd).cloned() else { continue };
+                table.set(fd, Slot::default());
+                slot
+            };
+            let _ = self.inner.poller.borrow_mut().update(fd, slot.interest(), Interest::NONE);
+            for d in [slot.reader, slot.writer].into_iter().flatten() {
+                if !removed.iter().any(|r| identity(r) == identity(&d)) {
+                    removed.push(d);
+                }
+            }
+        }
+        removed
+    }
+
+    /// The descriptors watched for reading.
+    pub fn get_readers(&self) -> Vec<Rc<dyn FileDescriptor>> {
+        self.inner.fds.borrow().readers()
+    }
+
+    /// The descriptors watched for writing.
+    pub fn get_writers(&self) -> Vec<Rc<dyn FileDescriptor>> {
+        self.inner.fds.borrow().writers()
+    }
+
+    // ----- time -------------------------------------------------------
+
+    /// Monotonic time in seconds, on the scale `DelayedCall::time` uses.
+    pub fn seconds(&self) -> f64 {
+        self.inner.timers.seconds()
+    }
+
+    /// Schedules `f` to run after `delay`. Calls due at the same time run in
+    /// the order they were scheduled; a call scheduled for "now" from inside
+    /// a callback runs on the next iteration, after one poll. `f` may return
+    /// `()` or a `Result`; an `Err` or a panic is logged.
+    pub fn call_later<F, R>(&self, delay: Duration, f: F) -> DelayedCall
+    where
+        F: FnOnce() -> R + 'static,
+        R: CallbackResult + 'static,
+    {
+        self.inner.timers.call_later(delay, f)
+    }
+
+    /// Every pending (not yet run, not cancelled) delayed call.
+    pub fn get_delayed_calls(&self) -> Vec<DelayedCall> {
+        self.inner.timers.pending()
+    }
+
+    // ----- threads ----------------------------------------------------
+
+    /// A `Send + Sync` handle for reaching this reactor from other threads.
+    pub fn remote(&self) -> Remote {
+        Remote { shared: self.inner.shared.clone() }
+    }
+
+    /// Queues `f` like [`Remote::call_from_thread`]; from the reactor thread
+    /// itself the call still waits for the next iteration.
+    pub fn call_from_thread(&self, f: impl FnOnce(&Reactor) + Send + 'static) {
+        // The reactor is alive (we hold it), so this cannot fail.
+        let _ = self.remote().call_from_thread(f);
+    }
+
+    /// True when called on the thread this reactor was built on.
+    pub fn is_in_io_thread(&self) -> bool {
+        self.remote().is_in_io_thread()
+    }
+
+    /// Runs `f` on the reactor's thread pool. The pool is created on first
+    /// use and starts when the reactor runs; it is stopped and joined at
+    /// shutdown. A panic in `f` is logged.
+    pub fn call_in_thread(&self, f: impl FnOnce() + Send + 'static) {
+        let mut pool = self.inner.pool.borrow_mut();
+        let pool = pool.get_or_insert_with(|| {
+            let mut p = ThreadPool::new(self.inner.pool_max.get());
+            if self.running() {
+                p.start();
+            }
+            p
+        });
+        pool.submit(Box::new(f));
+    }
+
+    /// Runs `f` on the thread pool and delivers its result to a Deferred on
+    /// the reactor thread. A panic in `f` becomes a failure.
+    pub fn defer_to_thread<T, E, F>(&self, f: F) -> Deferred<T>
+    where
+        T: Send + 'static,
+        E: Into<Failure> + Send + 'static,
+        F: FnOnce() -> Result<T, E> + Send + 'static,
+    {
+        let d = Deferred::<T>::new();
+        let id = self.inner.thread_results.borrow_mut().insert(Box::new(d.clone()));
+        let remote = self.remote();
+        self.call_in_thread(move || {
+            let result = guard::catch(|| f().map_err(Into::into));
+            let _ = remote.call_from_thread(move |reactor| {
+                let slot = reactor.inner.thread_results.borrow_mut().try_remove(id);
+                if let Some(d) = slot.and_then(|b| b.downcast::<Deferred<T>>().ok()) {
+                    let _ = match result {
+                        Ok(v) => d.callback(v),
+                        Err(e) => d.errback(e),
+                    };
+                }
+            });
+        });
+        d
+    }
+
+    /// Sets the maximum number of pool threads (Twisted's default is 10).
+    pub fn suggest_thread_pool_size(&self, max: usize) {
+        self.inner.pool_max.set(max.max(1));
+        if let Some(pool) = self.inner.pool.borrow_mut().as_mut() {
+            pool.set_max(max);
+        }
+    }
+
+    /// The pool's maximum thread count.
+    pub fn thread_pool_size(&self) -> usize {
+        self.inner.pool_max.get()
+    }
+
+    /// True while the reactor has a started thread pool.
+    pub fn thread_pool_running(&self) -> bool {
+        self.inner.pool.borrow().as_ref().is_some_and(|p| p.started())
+    }
+
+    /// True if a thread pool exists (created and not yet torn down).
+    pub fn has_thread_pool(&self) -> bool {
+        self.inner.pool.borrow().is_some()
+    }
+
+    fn start_thread_pool(&self) {
+        if let Some(pool) = self.inner.pool.borrow_mut().as_mut() {
+            if !pool.started() {
+                pool.start();
+            }
+        }
+    }
+
+    fn stop_thread_pool(&self) {
+        let pool = self.inner.pool.borrow_mut().take();
+        if let Some(mut pool) = pool {
+            pool.stop();
+        }
     }
 }
 
-/// This thread's reactor.
-pub fn reactor() -> Reactor {
-    todo!()
-}
-/// This thread's reactor.
-pub fn try_reactor() -> Result<Reactor, Error> {
-    todo!()
-}
-/// Installs.
-pub fn install(_backend: Backend) -> Result<Reactor, Error> {
-    todo!()
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.alive.store(false, Ordering::Release);
+        if let Some(mut pool) = self.pool.get_mut().take() {
+            pool.stop();
+        }
+    }
 }

@@ -1,0 +1,198 @@
+//! System event triggers: three phases (before, during, after) per named
+//! event such as "startup" and "shutdown".
+//!
+//! Triggers are consumed as they run, so firing an event runs each trigger
+//! once. A *before* trigger may return a Deferred; the *during* and *after*
+//! phases then wait until every such Deferred has fired.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+
+use crate::defer::Deferred;
+use crate::error::{Error, Failure};
+
+/// The phase of a system event a trigger runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Runs first; may hold the event by returning a Deferred.
+    Before,
+    /// Runs once every *before* Deferred has fired.
+    During,
+    /// Runs last.
+    After,
+}
+
+impl FromStr for Phase {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Phase, Error> {
+        match s {
+            "before" => Ok(Phase::Before),
+            "during" => Ok(Phase::During),
+            "after" => Ok(Phase::After),
+            other => Err(Error::UnknownPhase(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Before => "before",
+            Phase::During => "during",
+            Phase::After => "after",
+        })
+    }
+}
+
+/// Identifies one registered trigger, for `remove_system_event_trigger`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TriggerId {
+    event: String,
+    id: u64,
+}
+
+/// Registers a callback for when a held event may go on.
+pub struct Hold(Box<dyn FnOnce(Box<dyn FnOnce()>)>);
+
+/// What a trigger returned: finished (well or not), or holding the event.
+pub enum TriggerOutcome {
+    /// The trigger is done.
+    Done(Result<(), Failure>),
+    /// The event waits for this to finish (only honoured in *before*).
+    Hold(Hold),
+}
+
+/// What a trigger callback may return: `()`, a `Result`, or a Deferred that
+/// holds the event's later phases until it fires.
+pub trait TriggerResult {
+    /// Converts the return value.
+    fn into_outcome(self) -> TriggerOutcome;
+}
+
+impl TriggerResult for () {
+    fn into_outcome(self) -> TriggerOutcome {
+        TriggerOutcome::Done(Ok(()))
+    }
+}
+
+impl<E: Into<Failure>> TriggerResult for Result<(), E> {
+    fn into_outcome(self) -> TriggerOutcome {
+        TriggerOutcome::Done(self.map_err(Into::into))
+    }
+}
+
+impl<T: 'static> TriggerResult for Deferred<T> {
+    fn into_outcome(self) -> TriggerOutcome {
+        TriggerOutcome::Hold(Hold(Box::new(move |resume| {
+            self.add_both(move |result| {
+                resume();
+                result
+            });
+        })))
+    }
+}
+
+impl Hold {
+    /// Calls `resume` once the held work is done (maybe at once).
+    pub(crate) fn on_done(self, resume: Box<dyn FnOnce()>) {
+        (self.0)(resume)
+    }
+}
+
+pub(crate) type TriggerFn = Box<dyn FnOnce() -> TriggerOutcome>;
+
+#[derive(Default)]
+struct EventTriggers {
+    before: VecDeque<(u64, TriggerFn)>,
+    during: VecDeque<(u64, TriggerFn)>,
+    after: VecDeque<(u64, TriggerFn)>,
+    /// Before-phase Deferreds not yet fired in the current firing.
+    waiting: usize,
+    /// The phase being fired, if the event is firing.
+    firing: Option<Phase>,
+}
+
+impl EventTriggers {
+    fn phase(&mut self, phase: Phase) -> &mut VecDeque<(u64, TriggerFn)> {
+        match phase {
+            Phase::Before => &mut self.before,
+            Phase::During => &mut self.during,
+            Phase::After => &mut self.after,
+        }
+    }
+}
+
+/// All triggers of one reactor.
+#[derive(Default)]
+pub(crate) struct Triggers {
+    events: HashMap<String, EventTriggers>,
+    next_id: u64,
+}
+
+impl Triggers {
+    pub fn add(&mut self, phase: Phase, event: &str, f: TriggerFn) -> TriggerId {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.events.entry(event.to_string()).or_default().phase(phase).push_back((id, f));
+        TriggerId { event: event.to_string(), id }
+    }
+
+    pub fn remove(&mut self, trigger: &TriggerId) -> Result<(), Error> {
+        let event = self.events.get_mut(&trigger.event).ok_or(Error::NoSuchTrigger)?;
+        for phase in [Phase::Before, Phase::During, Phase::After] {
+            let list = event.phase(phase);
+            if let Some(pos) = list.iter().position(|(id, _)| *id == trigger.id) {
+                list.remove(pos);
+                return Ok(());
+            }
+        }
+        Err(Error::NoSuchTrigger)
+    }
+
+    /// Marks `event` as firing its before phase. False if it already is firing.
+    pub fn begin(&mut self, event: &str) -> bool {
+        let e = self.events.entry(event.to_string()).or_default();
+        if e.firing.is_some() {
+            return false;
+        }
+        e.firing = Some(Phase::Before);
+        e.waiting = 0;
+        true
+    }
+
+    /// Pops the next trigger of `phase` for `event`.
+    pub fn pop(&mut self, event: &str, phase: Phase) -> Option<TriggerFn> {
+        let e = self.events.get_mut(event)?;
+        e.firing = Some(phase);
+        e.phase(phase).pop_front().map(|(_, f)| f)
+    }
+
+    pub fn hold(&mut self, event: &str) {
+        if let Some(e) = self.events.get_mut(event) {
+            e.waiting += 1;
+        }
+    }
+
+    /// One held Deferred fired; true if the event may now go on.
+    pub fn release(&mut self, event: &str) -> bool {
+        match self.events.get_mut(event) {
+            Some(e) => {
+                e.waiting = e.waiting.saturating_sub(1);
+                e.waiting == 0 && e.firing == Some(Phase::Before)
+            }
+            None => false,
+        }
+    }
+
+    /// True if the before phase is over and nothing holds the event.
+    pub fn ready_to_continue(&self, event: &str) -> bool {
+        self.events.get(event).is_some_and(|e| e.waiting == 0 && e.firing == Some(Phase::Before))
+    }
+
+    pub fn finish(&mut self, event: &str) {
+        if let Some(e) = self.events.get_mut(event) {
+            e.firing = None;
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Shared test harness: build a fresh reactor per backend (Twisted's
+//! ReactorBuilder), run it with a watchdog, capture log lines.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use braid::{Backend, Reactor};
+
+/// Writes a test once and runs it on every backend: `name::select`,
+/// `name::poll`, `name::epoll`.
+#[macro_export]
+macro_rules! reactor_test {
+    ($(#[$meta:meta])* fn $name:ident($r:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$meta])*
+            fn body($r: braid::Reactor) $body
+            #[test]
+            fn select() {
+                body($crate::common::build(braid::Backend::Select))
+            }
+            #[test]
+            fn poll() {
+                body($crate::common::build(braid::Backend::Poll))
+            }
+            #[test]
+            fn epoll() {
+                body($crate::common::build(braid::Backend::Epoll))
+            }
+        }
+    };
+}
+
+/// A fresh, uninstalled reactor.
+pub fn build(backend: Backend) -> Reactor {
+    Reactor::new(backend).unwrap_or_else(|e| panic!("building {backend}: {e}"))
+}
+
+/// Generous: machines are shared and slow; a test that needs this long has
+/// hung, not merely run slowly.
+pub const WATCHDOG: Duration = Duration::from_secs(20);
+
+/// Runs the reactor (without signal handlers) until it stops; fails the
+/// test if the watchdog had to stop it.
+pub fn run_reactor(r: &Reactor) {
+    let fired = std::rc::Rc::new(std::cell::Cell::new(false));
+    let (f, rr) = (fired.clone(), r.clone());
+    let watchdog = r.call_later(WATCHDOG, move || {
+        f.set(true);
+        let _ = rr.stop();
+    });
+    r.run_without_signal_handlers().expect("run");
+    let _ = watchdog.cancel();
+    assert!(!fired.get(), "watchdog fired: the reactor did not stop by itself");
+}
+
+/// Collects everything logged on this thread while `f` runs.
+pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    (out, text)
+}
+
+/// A non-blocking pipe: (read end, write end).
+pub fn pipe() -> (OwnedFd, OwnedFd) {
+    use rustix::pipe::{pipe_with, PipeFlags};
+    pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).expect("pipe")
+}
+
+pub fn write_byte(fd: &OwnedFd) {
+    rustix::io::write(fd, b"x").expect("write");
+}
+
+pub fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}
