@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use crate::error::Error;
 
+#[cfg(test)]
+mod conformance;
 pub(crate) mod epoll;
 pub(crate) mod poll;
 pub(crate) mod select;
