@@ -59,6 +59,16 @@ pub enum Error {
     ConnectionAborted,
     /// The descriptor's fd went away while the reactor watched it.
     FdWentAway,
+    /// The peer refused the connection (ECONNREFUSED).
+    ConnectionRefused,
+    /// A host name could not be resolved.
+    DnsLookupFailed { host: String, reason: String },
+    /// Binding or listening failed; names the address and the OS error.
+    CannotListen { addr: String, source: io::Error },
+    /// `stop_connecting` on a connector that is not connecting.
+    NotConnecting,
+    /// `connect` on a connector that is already connecting or connected.
+    AlreadyConnecting,
     /// A user callback panicked; carries the panic message.
     Panicked(String),
     /// An operating-system error with a short description of what was tried.
@@ -103,6 +113,11 @@ impl fmt::Display for Error {
             Error::ConnectionLost => f.write_str("connection was lost"),
             Error::ConnectionAborted => f.write_str("connection was aborted"),
             Error::FdWentAway => f.write_str("file descriptor went away"),
+            Error::ConnectionRefused => f.write_str("connection was refused by the other side"),
+            Error::DnsLookupFailed { host, reason } => write!(f, "DNS lookup of {host:?} failed: {reason}"),
+            Error::CannotListen { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Error::NotConnecting => f.write_str("not connecting"),
+            Error::AlreadyConnecting => f.write_str("connector is already connecting or connected"),
             Error::Panicked(msg) => write!(f, "callback panicked: {msg}"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
@@ -112,7 +127,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Io { source, .. } => Some(source),
+            Error::Io { source, .. } | Error::CannotListen { source, .. } => Some(source),
             _ => None,
         }
     }

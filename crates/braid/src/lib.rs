@@ -19,11 +19,17 @@
 pub mod backend;
 pub mod defer;
 pub mod error;
+pub mod protocol;
 pub mod reactor;
 mod sys;
+pub mod tcp;
+pub mod transport;
 
 pub use backend::Backend;
 pub use defer::Deferred;
 pub use error::{Error, Failure};
+pub use protocol::{ClientFactory, Factory, HalfCloseable, Protocol, SharedFactory};
 pub use reactor::{install, reactor, try_reactor, Reactor};
 pub use reactor::{DelayedCall, FileDescriptor, Phase, Remote};
+pub use tcp::{Connector, ListeningPort};
+pub use transport::{Producer, Transport};

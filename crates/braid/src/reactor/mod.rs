@@ -39,6 +39,7 @@ pub(crate) mod timer_queue;
 pub use events::{Phase, TriggerId, TriggerOutcome, TriggerResult};
 pub use fdset::{FileDescriptor, IntoDescriptor};
 pub use guard::CallbackResult;
+pub(crate) use guard::{catch as catch_panic, log_failure};
 pub use threads::Remote;
 pub use time::DelayedCall;
 
@@ -91,7 +92,22 @@ pub(crate) struct Inner {
     exit_signal: Cell<Option<i32>>,
     child_hooks: RefCell<Vec<Box<dyn FnMut()>>>,
     iterations: Cell<u64>,
+    /// Transports with work for the end of this pass (buffered writes, a
+    /// pending close): served once per iteration, just before polling.
+    flushes: RefCell<Vec<Rc<dyn Flush>>>,
+    /// One read buffer shared by every connection of this reactor, so an
+    /// idle connection holds no buffer of its own.
+    read_buf: Cell<Vec<u8>>,
 }
+
+/// Work a transport batches until the end of the pass (internal).
+pub(crate) trait Flush {
+    fn flush(&self);
+}
+
+/// Bytes read per readiness event at most: bounds what one busy connection
+/// takes from the others in a pass (Twisted's 64 KiB).
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
 
 /// A handle to one event loop. Cheap to clone; all clones drive the same
 /// loop. Not `Send`: use [`Reactor::remote`] to reach it from other threads.
@@ -179,6 +195,8 @@ impl Reactor {
                 exit_signal: Cell::new(None),
                 child_hooks: RefCell::new(Vec::new()),
                 iterations: Cell::new(0),
+                flushes: RefCell::new(Vec::new()),
+                read_buf: Cell::new(Vec::new()),
             }),
         })
     }
@@ -459,6 +477,7 @@ impl Reactor {
             // Stopped or crashed during this pass: do not block in poll.
             return Ok(());
         }
+        self.run_flushes();
         let timeout = self.poll_timeout(max_timeout);
         let mut events = inner.events_buf.take();
         events.clear();
@@ -498,13 +517,54 @@ impl Reactor {
 
     fn poll_timeout(&self, max_timeout: Option<Duration>) -> Option<Duration> {
         let inner = &self.inner;
-        if inner.shutdown_pending.get() || inner.shared.has_calls() {
+        if inner.shutdown_pending.get() || inner.shared.has_calls() || !inner.flushes.borrow().is_empty() {
             return Some(Duration::ZERO);
         }
         match (inner.timers.timeout(), max_timeout) {
             (Some(t), Some(m)) => Some(t.min(m)),
             (t, m) => t.or(m),
         }
+    }
+
+    /// Serves the transports that asked for an end-of-pass flush. A flush
+    /// may queue more (a resumed producer writes again): a few rounds, then
+    /// the rest waits for the next iteration, which then polls without
+    /// blocking.
+    fn run_flushes(&self) {
+        for _ in 0..4 {
+            let batch = std::mem::take(&mut *self.inner.flushes.borrow_mut());
+            if batch.is_empty() {
+                return;
+            }
+            for f in batch {
+                guard::run_logged(
+                    || "while flushing a transport".to_string(),
+                    || {
+                        f.flush();
+                        Ok(())
+                    },
+                );
+            }
+        }
+    }
+
+    /// Asks for `f.flush()` at the end of this pass.
+    pub(crate) fn schedule_flush(&self, f: Rc<dyn Flush>) {
+        self.inner.flushes.borrow_mut().push(f);
+    }
+
+    /// Lends the shared read buffer (at least `READ_CHUNK` long).
+    pub(crate) fn take_read_buffer(&self) -> Vec<u8> {
+        let mut buf = self.inner.read_buf.take();
+        if buf.len() < READ_CHUNK {
+            buf.resize(READ_CHUNK, 0);
+        }
+        buf
+    }
+
+    /// Returns the buffer lent by `take_read_buffer`.
+    pub(crate) fn return_read_buffer(&self, buf: Vec<u8>) {
+        self.inner.read_buf.set(buf);
     }
 
     fn dispatch(&self, ev: &Event) {

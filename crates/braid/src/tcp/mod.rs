@@ -1,0 +1,139 @@
+//! TCP: `listen_tcp` and `connect_tcp`, as methods on the reactor.
+//!
+//! The accept loop lives in `port`, the per-connection transport in
+//! `connection`, outgoing attempts in `connector`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::Duration;
+
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+use crate::defer::Deferred;
+use crate::error::Error;
+use crate::protocol::{ClientFactory, IntoFactory};
+use crate::reactor::Reactor;
+
+mod connection;
+mod connector;
+mod port;
+
+pub use connector::Connector;
+
+/// Twisted's default listen backlog.
+pub const DEFAULT_BACKLOG: u32 = 50;
+
+/// Twisted's default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where to listen: a port number (all IPv4 interfaces), a socket address,
+/// or text such as `"127.0.0.1:8000"` or `"[::1]:0"`.
+pub trait ToListenAddr {
+    /// The address, or an error naming what could not be parsed.
+    fn to_listen_addr(&self) -> Result<SocketAddr, Error>;
+}
+
+impl ToListenAddr for u16 {
+    fn to_listen_addr(&self) -> Result<SocketAddr, Error> {
+        Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *self))
+    }
+}
+
+impl ToListenAddr for SocketAddr {
+    fn to_listen_addr(&self) -> Result<SocketAddr, Error> {
+        Ok(*self)
+    }
+}
+
+impl ToListenAddr for (IpAddr, u16) {
+    fn to_listen_addr(&self) -> Result<SocketAddr, Error> {
+        Ok(SocketAddr::new(self.0, self.1))
+    }
+}
+
+impl ToListenAddr for &str {
+    fn to_listen_addr(&self) -> Result<SocketAddr, Error> {
+        self.parse().map_err(|_| Error::CannotListen {
+            addr: self.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an IP address and port"),
+        })
+    }
+}
+
+/// A listening TCP port (Twisted's `IListeningPort`).
+#[derive(Clone)]
+pub struct ListeningPort {
+    port: Rc<port::Port>,
+}
+
+impl ListeningPort {
+    /// The address the port is bound to (with the real port number when
+    /// port 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.port.local()
+    }
+
+    /// True until `stop_listening`.
+    pub fn listening(&self) -> bool {
+        self.port.listening()
+    }
+
+    /// Stops accepting. The Deferred fires once the socket is closed and the
+    /// factory stopped (on the next iteration); open connections stay open.
+    pub fn stop_listening(&self) -> Deferred<()> {
+        self.port.stop_listening()
+    }
+}
+
+fn cannot_listen(addr: SocketAddr, e: rustix::io::Errno) -> Error {
+    Error::CannotListen { addr: addr.to_string(), source: e.into() }
+}
+
+impl Reactor {
+    /// Listens for TCP connections on `addr` and builds a protocol with
+    /// `factory` for each one. `SO_REUSEADDR` is set, as Twisted does.
+    /// Bind or listen failures are `CannotListen`, naming the address.
+    pub fn listen_tcp(
+        &self,
+        addr: impl ToListenAddr,
+        factory: impl IntoFactory,
+        backlog: u32,
+    ) -> Result<ListeningPort, Error> {
+        let addr = addr.to_listen_addr()?;
+        let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+        let sock = rustix::net::socket_with(
+            family,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| cannot_listen(addr, e))?;
+        rustix::net::sockopt::set_socket_reuseaddr(&sock, true).map_err(|e| cannot_listen(addr, e))?;
+        rustix::net::bind(&sock, &addr).map_err(|e| cannot_listen(addr, e))?;
+        rustix::net::listen(&sock, backlog.min(i32::MAX as u32) as i32)
+            .map_err(|e| cannot_listen(addr, e))?;
+        let local =
+            rustix::net::getsockname(&sock).ok().and_then(|a| SocketAddr::try_from(a).ok()).unwrap_or(addr);
+        let port = port::Port::start(self, sock, local, factory.into_shared())?;
+        Ok(ListeningPort { port })
+    }
+
+    /// Connects to `host:port` (an IP literal, or a name resolved on the
+    /// thread pool) and reports the outcome to `factory`. Returns at once;
+    /// nothing is called back before the next iteration. `timeout` bounds
+    /// the attempt (`None`: no limit beyond the kernel's); `bind` sets the
+    /// local address.
+    pub fn connect_tcp(
+        &self,
+        host: &str,
+        port: u16,
+        factory: impl ClientFactory + 'static,
+        timeout: Option<Duration>,
+        bind: Option<SocketAddr>,
+    ) -> Connector {
+        let connector = Connector::new(self, host, port, Box::new(factory), timeout, bind);
+        // A fresh connector is disconnected, so this cannot be refused.
+        let _ = connector.connect();
+        connector
+    }
+}

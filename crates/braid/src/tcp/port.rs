@@ -1,0 +1,297 @@
+//! A listening TCP socket and its accept loop.
+//!
+//! Each readiness event accepts a bounded, adaptive batch: it starts at 100,
+//! grows by 20 while every event fills the batch, and shrinks to what was
+//! actually accepted otherwise (Twisted's numbers).
+//!
+//! Running out of descriptors must neither spin the CPU (the listener stays
+//! readable while connections wait in the backlog, so a loop that merely
+//! gives up would wake at once, forever) nor drop the listener. Two tools:
+//! - EMFILE: a reserve descriptor (`/dev/null`) is closed to make room,
+//!   the waiting connections are accepted and closed at once, so their
+//!   peers learn it quickly instead of hanging, then the reserve is
+//!   re-opened.
+//! - ENFILE, ENOBUFS, ENOMEM, EMFILE without a reserve: the listener stops
+//!   reading and a back-off timer (10 ms, doubling to 1 s) turns it back on.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::{Rc, Weak};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rustix::io::Errno;
+use rustix::net::SocketFlags;
+
+use super::connection::Connection;
+use crate::defer::Deferred;
+use crate::error::{Error, Failure};
+use crate::protocol::{Factory, SharedFactory};
+use crate::reactor::{DelayedCall, FileDescriptor, Reactor};
+
+const INITIAL_ACCEPTS: usize = 100;
+const ACCEPT_GROWTH: usize = 20;
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The process-wide spare descriptor for EMFILE recovery.
+static RESERVE: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
+fn reserve_fd() {
+    let mut r = RESERVE.lock().unwrap_or_else(|e| e.into_inner());
+    if r.is_none() {
+        *r = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok();
+    }
+}
+
+pub(crate) struct Port {
+    reactor: Reactor,
+    me: Weak<Port>,
+    sock: RefCell<Option<OwnedFd>>,
+    fd: RawFd,
+    local: SocketAddr,
+    factory: SharedFactory<dyn Factory>,
+    accepts: Cell<usize>,
+    backoff: Cell<Duration>,
+    backoff_call: RefCell<Option<DelayedCall>>,
+    listening: Cell<bool>,
+    reading: Cell<bool>,
+}
+
+impl Port {
+    pub fn start(
+        reactor: &Reactor,
+        sock: OwnedFd,
+        local: SocketAddr,
+        factory: SharedFactory<dyn Factory>,
+    ) -> Result<Rc<Port>, Error> {
+        reserve_fd();
+        let fd = sock.as_raw_fd();
+        let port = Rc::new_cyclic(|me| Port {
+            reactor: reactor.clone(),
+            me: me.clone(),
+            sock: RefCell::new(Some(sock)),
+            fd,
+            local,
+            factory,
+            accepts: Cell::new(INITIAL_ACCEPTS),
+            backoff: Cell::new(BACKOFF_MIN),
+            backoff_call: RefCell::new(None),
+            listening: Cell::new(true),
+            reading: Cell::new(false),
+        });
+        reactor.add_reader(port.clone())?;
+        port.reading.set(true);
+        port.factory.do_start();
+        tracing::info!(target: "braid", "listening on {local}");
+        Ok(port)
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub fn listening(&self) -> bool {
+        self.listening.get()
+    }
+
+    fn handle(&self, sock: OwnedFd, addr: Option<rustix::net::SocketAddrAny>) {
+        let peer = addr.and_then(|a| SocketAddr::try_from(a).ok());
+        let built = match peer {
+            Some(peer) => crate::reactor::catch_panic(|| Ok(self.factory.build(peer))),
+            None => Ok(None),
+        };
+        let protocol = match built {
+            Ok(Some(p)) => p,
+            Ok(None) => return, // refused: dropping the socket closes it
+            Err(failure) => {
+                crate::reactor::log_failure("in build_protocol", &failure);
+                return;
+            }
+        };
+        let conn = Connection::new(&self.reactor, sock, peer);
+        if let Err(e) = conn.start(protocol) {
+            conn.close(Failure::new(e));
+        }
+    }
+
+    /// Stops reading and turns reading back on after the back-off delay.
+    fn back_off(&self, why: Errno) {
+        let delay = self.backoff.get();
+        tracing::warn!(target: "braid", "could not accept on {}: {why}; pausing accepts for {delay:?}", self.local);
+        self.backoff.set((delay * 2).min(BACKOFF_MAX));
+        self.stop_reading();
+        let me = self.me.clone();
+        let call = self.reactor.call_later(delay, move || {
+            if let Some(port) = me.upgrade() {
+                port.backoff_call.borrow_mut().take();
+                if port.listening.get() {
+                    port.start_reading();
+                }
+            }
+        });
+        if let Some(old) = self.backoff_call.borrow_mut().replace(call) {
+            let _ = old.cancel();
+        }
+    }
+
+    /// Out of descriptors: free the reserve, accept-and-close what waits,
+    /// take the reserve back. Returns how many connections were shed.
+    fn shed_load(&self, sock: &OwnedFd, budget: usize) -> Option<usize> {
+        let mut reserve = RESERVE.lock().unwrap_or_else(|e| e.into_inner());
+        reserve.take()?;
+        let mut shed = 0;
+        while shed < budget {
+            match rustix::net::acceptfrom_with(sock, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+                Ok((client, addr)) => {
+                    shed += 1;
+                    let peer = addr.and_then(|a| SocketAddr::try_from(a).ok());
+                    tracing::warn!(target: "braid", "EMFILE recovery: closed connection from {peer:?}");
+                    drop(client);
+                }
+                Err(Errno::INTR) | Err(Errno::CONNABORTED) => continue,
+                Err(_) => break,
+            }
+        }
+        *reserve = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok();
+        Some(shed)
+    }
+
+    fn stop_reading(&self) {
+        if self.reading.replace(false) {
+            if let Some(me) = self.me.upgrade() {
+                self.reactor.remove_reader(&me);
+            }
+        }
+    }
+
+    fn start_reading(&self) {
+        if self.reading.get() {
+            return;
+        }
+        if let Some(me) = self.me.upgrade() {
+            if self.reactor.add_reader(me).is_ok() {
+                self.reading.set(true);
+            }
+        }
+    }
+
+    /// Stops listening: no more accepts now; the socket closes and the
+    /// factory stops on the next iteration, then the Deferred fires.
+    pub fn stop_listening(&self) -> Deferred<()> {
+        if !self.listening.replace(false) {
+            return Deferred::succeed(());
+        }
+        self.stop_reading();
+        if let Some(call) = self.backoff_call.borrow_mut().take() {
+            let _ = call.cancel();
+        }
+        let d = Deferred::new();
+        let (d2, me) = (d.clone(), self.me.clone());
+        self.reactor.call_later(Duration::ZERO, move || {
+            let result = match me.upgrade() {
+                Some(port) => port.close(),
+                None => Ok(()),
+            };
+            let _ = match result {
+                Ok(()) => d2.callback(()),
+                Err(f) => d2.errback(f),
+            };
+        });
+        d
+    }
+
+    /// Closes the socket and stops the factory (once).
+    fn close(&self) -> Result<(), Failure> {
+        let Some(sock) = self.sock.borrow_mut().take() else { return Ok(()) };
+        self.listening.set(false);
+        drop(sock);
+        tracing::info!(target: "braid", "stopped listening on {}", self.local);
+        crate::reactor::catch_panic(|| {
+            self.factory.do_stop();
+            Ok(())
+        })
+    }
+}
+
+impl FileDescriptor for Port {
+    fn fileno(&self) -> RawFd {
+        if self.sock.borrow().is_some() {
+            self.fd
+        } else {
+            -1
+        }
+    }
+
+    fn do_read(&self) -> Result<(), Failure> {
+        let budget = self.accepts.get();
+        let mut accepted = 0;
+        let mut attempts = 0;
+        while attempts < budget {
+            attempts += 1;
+            let result = {
+                let sock = self.sock.borrow();
+                let Some(sock) = sock.as_ref() else { return Ok(()) };
+                rustix::net::acceptfrom_with(sock, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
+            };
+            match result {
+                Ok((client, addr)) => {
+                    accepted += 1;
+                    self.backoff.set(BACKOFF_MIN);
+                    self.handle(client, addr);
+                    if !self.listening.get() {
+                        break;
+                    }
+                }
+                Err(Errno::AGAIN) => break,
+                // The client gave up before we accepted (or netfilter said
+                // no): nothing to do for this one, try the next.
+                Err(Errno::INTR) | Err(Errno::CONNABORTED) | Err(Errno::PERM) | Err(Errno::PROTO) => continue,
+                Err(Errno::MFILE) => {
+                    let shed = {
+                        let sock = self.sock.borrow();
+                        sock.as_ref().and_then(|s| self.shed_load(s, budget))
+                    };
+                    if shed.is_none() {
+                        self.back_off(Errno::MFILE);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    // ENFILE, ENOBUFS, ENOMEM, and anything unexpected: keep
+                    // the listener, but give the system time to recover.
+                    self.back_off(e);
+                    break;
+                }
+            }
+        }
+        let next = if accepted == budget { budget + ACCEPT_GROWTH } else { accepted.max(1) };
+        self.accepts.set(next);
+        Ok(())
+    }
+
+    fn connection_lost(&self, _reason: Failure) {
+        self.reading.set(false);
+        if let Some(call) = self.backoff_call.borrow_mut().take() {
+            let _ = call.cancel();
+        }
+        if let Err(f) = self.close() {
+            crate::reactor::log_failure("in stop_factory", &f);
+        }
+    }
+
+    fn log_prefix(&self) -> String {
+        format!("TCP port {}", self.local)
+    }
+}

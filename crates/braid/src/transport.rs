@@ -1,0 +1,219 @@
+//! The transport a protocol writes to, and the producer/consumer contract
+//! that gives backpressure.
+//!
+//! A [`Transport`] is a cheap handle (one `Rc`). Writes are buffered and
+//! never block: the reactor sends everything a connection buffered during a
+//! pass with one `write`/`writev` at the end of the pass, and watches for
+//! writability only when the kernel's buffer is full.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use crate::error::Error;
+
+/// Something that produces data for a consumer (a transport), and can be
+/// asked to pause and resume (Twisted's `IPushProducer`/`IPullProducer`).
+///
+/// A *streaming* (push) producer writes on its own and is paused when the
+/// consumer's buffer passes its high-water mark, resumed once it drains
+/// below the low-water mark. A *pull* producer writes only when asked: its
+/// `resume_producing` is called each time the buffer empties.
+pub trait Producer {
+    /// Stop writing for now (streaming producers only).
+    fn pause_producing(&self) {}
+    /// Write more (streaming: carry on; pull: produce the next chunk).
+    fn resume_producing(&self);
+    /// Stop for good; the consumer is going away.
+    fn stop_producing(&self);
+}
+
+/// What a transport does. Implemented by TCP connections and by the test
+/// double `testing::StringTransport`; protocols only see [`Transport`].
+pub trait TransportOps {
+    /// Buffers `data` for sending. Ignored once the connection is closed.
+    fn write(&self, data: &[u8]);
+    /// Buffers an owned buffer without copying it.
+    fn write_vec(&self, data: Vec<u8>) {
+        self.write(&data)
+    }
+    /// Buffers several pieces; they go out together (`writev`).
+    fn write_sequence(&self, data: &[&[u8]]) {
+        for d in data {
+            self.write(d);
+        }
+    }
+    /// Closes once everything buffered (including later writes) is sent;
+    /// the protocol then gets `connection_lost(ConnectionDone)`.
+    fn lose_connection(&self);
+    /// Closes now, dropping buffered data; the peer sees a reset and the
+    /// protocol gets `connection_lost(ConnectionAborted)` from the loop.
+    fn abort_connection(&self);
+    /// Shuts down the write side once the buffer is sent (half-close).
+    fn lose_write_connection(&self);
+    /// Our address.
+    fn local_addr(&self) -> Option<SocketAddr>;
+    /// The peer's address.
+    fn peer_addr(&self) -> Option<SocketAddr>;
+    /// Turns Nagle's algorithm off (`true`) or on.
+    fn set_nodelay(&self, on: bool) -> Result<(), Error>;
+    /// Turns TCP keep-alive probes on or off.
+    fn set_keepalive(&self, on: bool) -> Result<(), Error>;
+    /// Stops reading (the transport as a push producer).
+    fn pause_producing(&self);
+    /// Starts reading again.
+    fn resume_producing(&self);
+    /// Stops for good: closes the connection.
+    fn stop_producing(&self);
+    /// Attaches a producer that feeds this transport.
+    fn register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error>;
+    /// Detaches the producer.
+    fn unregister_producer(&self);
+    /// Sets the buffer sizes at which a streaming producer is paused
+    /// (above `high`) and resumed (at or below `low`).
+    fn set_write_buffer_limits(&self, high: usize, low: usize);
+    /// Bytes buffered and not yet sent.
+    fn buffered(&self) -> usize;
+    /// True until the connection is closed (or closing).
+    fn connected(&self) -> bool;
+}
+
+/// The handle a protocol keeps to write to its connection and close it.
+/// Cloning is cheap; every clone drives the same connection.
+#[derive(Clone)]
+pub struct Transport {
+    ops: Rc<dyn TransportOps>,
+}
+
+impl Transport {
+    /// Wraps a transport implementation.
+    pub fn new(ops: Rc<dyn TransportOps>) -> Transport {
+        Transport { ops }
+    }
+
+    /// Buffers `data` for sending; never blocks. Ignored after close.
+    #[inline]
+    pub fn write(&self, data: &[u8]) {
+        self.ops.write(data)
+    }
+
+    /// Buffers an owned buffer without copying it.
+    pub fn write_vec(&self, data: Vec<u8>) {
+        self.ops.write_vec(data)
+    }
+
+    /// Buffers several pieces to go out together with one `writev`.
+    pub fn write_sequence(&self, data: &[&[u8]]) {
+        self.ops.write_sequence(data)
+    }
+
+    /// Closes after sending everything buffered, including writes made after
+    /// this call; the protocol then gets `connection_lost(ConnectionDone)`.
+    pub fn lose_connection(&self) {
+        self.ops.lose_connection()
+    }
+
+    /// Closes now, discarding buffered data (the peer sees a reset).
+    pub fn abort_connection(&self) {
+        self.ops.abort_connection()
+    }
+
+    /// Half-closes: shuts down our write side once the buffer is sent;
+    /// reading goes on.
+    pub fn lose_write_connection(&self) {
+        self.ops.lose_write_connection()
+    }
+
+    /// Our address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.ops.local_addr()
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.ops.peer_addr()
+    }
+
+    /// Sets `TCP_NODELAY`.
+    pub fn set_nodelay(&self, on: bool) -> Result<(), Error> {
+        self.ops.set_nodelay(on)
+    }
+
+    /// Sets `SO_KEEPALIVE`.
+    pub fn set_keepalive(&self, on: bool) -> Result<(), Error> {
+        self.ops.set_keepalive(on)
+    }
+
+    /// Stops reading until `resume_producing`.
+    pub fn pause_producing(&self) {
+        self.ops.pause_producing()
+    }
+
+    /// Resumes reading.
+    pub fn resume_producing(&self) {
+        self.ops.resume_producing()
+    }
+
+    /// Closes the connection (the transport as a producer, stopped).
+    pub fn stop_producing(&self) {
+        self.ops.stop_producing()
+    }
+
+    /// Attaches `producer`; `streaming` for a push producer. Fails if one
+    /// is already registered.
+    pub fn register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
+        self.ops.register_producer(producer, streaming)
+    }
+
+    /// Detaches the producer.
+    pub fn unregister_producer(&self) {
+        self.ops.unregister_producer()
+    }
+
+    /// Sets the high- and low-water marks for pausing a streaming producer
+    /// (defaults: 64 KiB and 0, as Twisted).
+    pub fn set_write_buffer_limits(&self, high: usize, low: usize) {
+        self.ops.set_write_buffer_limits(high, low)
+    }
+
+    /// Bytes buffered and not yet sent.
+    pub fn buffered(&self) -> usize {
+        self.ops.buffered()
+    }
+
+    /// True until the connection is closed or closing.
+    pub fn connected(&self) -> bool {
+        self.ops.connected()
+    }
+
+    /// This transport as a producer, e.g. to register it with another
+    /// transport so a proxy stops reading when its peer is slow.
+    pub fn as_producer(&self) -> Rc<dyn Producer> {
+        Rc::new(self.clone())
+    }
+}
+
+impl Producer for Transport {
+    fn pause_producing(&self) {
+        self.ops.pause_producing()
+    }
+    fn resume_producing(&self) {
+        self.ops.resume_producing()
+    }
+    fn stop_producing(&self) {
+        self.ops.stop_producing()
+    }
+}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transport")
+            .field("local", &self.local_addr())
+            .field("peer", &self.peer_addr())
+            .field("connected", &self.connected())
+            .finish()
+    }
+}
+
+/// Twisted's default high-water mark for pausing a streaming producer.
+pub const DEFAULT_HIGH_WATER: usize = 64 * 1024;
