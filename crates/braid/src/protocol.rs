@@ -184,6 +184,18 @@ impl<F: Factory + 'static> IntoFactory for F {
     }
 }
 
+impl IntoFactory for SharedFactory<dyn Factory> {
+    fn into_shared(self) -> SharedFactory<dyn Factory> {
+        self
+    }
+}
+
+impl<F: Factory + 'static> IntoFactory for SharedFactory<F> {
+    fn into_shared(self) -> SharedFactory<dyn Factory> {
+        self.erase()
+    }
+}
+
 impl<F: Factory + 'static> SharedFactory<F> {
     /// The same shared factory, with its type erased.
     pub fn erase(&self) -> SharedFactory<dyn Factory> {

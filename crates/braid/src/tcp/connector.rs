@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
+
 use std::time::Duration;
 
 use rustix::io::Errno;
@@ -108,7 +109,7 @@ impl Connector {
         }
         inner.state.set(State::Connecting);
         let attempt = Rc::new(Attempt {
-            connector: Rc::downgrade(inner),
+            connector: RefCell::new(Some(inner.clone())),
             sock: RefCell::new(None),
             timer: RefCell::new(None),
         });
@@ -195,9 +196,11 @@ impl Connector {
     }
 }
 
-/// One connection attempt: resolve, connect, wait for the outcome.
+/// One connection attempt: resolve, connect, wait for the outcome. It
+/// holds its connector strongly, so a connector whose handle the caller
+/// dropped still completes; the cycle ends when the attempt does.
 struct Attempt {
-    connector: Weak<Inner>,
+    connector: RefCell<Option<Rc<Inner>>>,
     sock: RefCell<Option<OwnedFd>>,
     timer: RefCell<Option<DelayedCall>>,
 }
@@ -212,7 +215,7 @@ fn connect_error(e: Errno, addr: SocketAddr) -> Failure {
 
 impl Attempt {
     fn connector(&self) -> Option<Connector> {
-        self.connector.upgrade().map(|inner| Connector { inner })
+        self.connector.borrow().clone().map(|inner| Connector { inner })
     }
 
     /// True if this is still the connector's live attempt.
@@ -294,12 +297,9 @@ impl Attempt {
         c.inner.state.set(State::Connected);
         let conn = Connection::new(&c.inner.reactor, sock, Some(addr));
         *c.inner.connection.borrow_mut() = Rc::downgrade(&conn);
-        let weak = Rc::downgrade(&c.inner);
-        conn.set_on_lost(Box::new(move |reason| {
-            if let Some(inner) = weak.upgrade() {
-                Connector { inner }.connection_lost(reason);
-            }
-        }));
+        let inner = c.inner.clone();
+        conn.set_on_lost(Box::new(move |reason| Connector { inner }.connection_lost(reason)));
+        self.connector.borrow_mut().take();
         if let Err(e) = conn.start(protocol) {
             conn.close(Failure::new(e));
         }
@@ -313,6 +313,7 @@ impl Attempt {
         let me: Rc<Attempt> = self.clone();
         c.inner.reactor.remove_writer(&me);
         self.sock.borrow_mut().take();
+        self.connector.borrow_mut().take();
         c.connection_failed(reason);
     }
 }
@@ -344,7 +345,16 @@ impl FileDescriptor for Attempt {
     }
 
     fn connection_lost(&self, reason: Failure) {
-        // Reactor shutdown while connecting.
+        // A refused connect polls as HUP|ERR without OUT; the socket's
+        // pending error says what really happened. Otherwise: shutdown.
+        let pending = self.sock.borrow().as_ref().and_then(|s| match rustix::net::sockopt::socket_error(s) {
+            Ok(Err(e)) => Some(e),
+            _ => None,
+        });
+        let reason = match (pending, self.connector()) {
+            (Some(e), Some(c)) => connect_error(e, SocketAddr::new(IpAddr::from([0, 0, 0, 0]), c.inner.port)),
+            _ => reason,
+        };
         if let Some(c) = self.connector() {
             let me = c.inner.attempt.borrow().clone();
             if let Some(me) = me {

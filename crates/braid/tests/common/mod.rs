@@ -37,6 +37,7 @@ macro_rules! reactor_test {
 
 /// A fresh, uninstalled reactor.
 pub fn build(backend: Backend) -> Reactor {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     Reactor::new(backend).unwrap_or_else(|e| panic!("building {backend}: {e}"))
 }
 

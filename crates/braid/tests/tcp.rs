@@ -1,0 +1,826 @@
+//! TCP over real loopback sockets, on every backend. Twisted reference
+//! §4.7–4.8: echo, large writes to slow readers, half-close both ways,
+//! abort vs lose, refused/timeout, refusing factories, backpressure,
+//! fairness, write after close, stop_listening.
+
+mod common;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use braid::protocol::{ClientFactory, Factory, HalfCloseable, Protocol};
+use braid::tcp::DEFAULT_BACKLOG;
+use braid::{Connector, Error, Failure, Reactor, Transport};
+use common::run_reactor;
+
+/// What happened to one connection, in order.
+type Events = Rc<RefCell<Vec<String>>>;
+
+fn events() -> Events {
+    Rc::new(RefCell::new(Vec::new()))
+}
+
+/// A protocol that records what happens and runs optional hooks.
+#[derive(Default)]
+struct Rec {
+    log: Events,
+    data: Rc<RefCell<Vec<u8>>>,
+    transport: Option<Transport>,
+    on_made: Option<Box<dyn FnMut(&Transport)>>,
+    on_data: Option<Box<dyn FnMut(&Transport, &[u8])>>,
+    on_lost: Option<Box<dyn FnMut(&Failure)>>,
+    half: bool,
+    on_read_closed: Option<Box<dyn FnMut(&Transport)>>,
+}
+
+impl Protocol for Rec {
+    fn connection_made(&mut self, t: Transport) {
+        self.log.borrow_mut().push("made".into());
+        if let Some(f) = self.on_made.as_mut() {
+            f(&t);
+        }
+        self.transport = Some(t);
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        self.data.borrow_mut().extend_from_slice(data);
+        if let (Some(f), Some(t)) = (self.on_data.as_mut(), self.transport.as_ref()) {
+            f(t, data);
+        }
+    }
+    fn connection_lost(&mut self, reason: Failure) {
+        self.log.borrow_mut().push(format!("lost: {reason}"));
+        if let Some(f) = self.on_lost.as_mut() {
+            f(&reason);
+        }
+    }
+    fn as_half_closeable(&mut self) -> Option<&mut dyn HalfCloseable> {
+        if self.half {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+impl HalfCloseable for Rec {
+    fn read_connection_lost(&mut self) {
+        self.log.borrow_mut().push("read closed".into());
+        if let (Some(f), Some(t)) = (self.on_read_closed.as_mut(), self.transport.as_ref()) {
+            f(t);
+        }
+    }
+    fn write_connection_lost(&mut self) {
+        self.log.borrow_mut().push("write closed".into());
+    }
+}
+
+/// Echoes everything; half-closeable so it finishes echoing after the
+/// peer's FIN, then closes.
+struct Echo {
+    t: Option<Transport>,
+}
+
+impl Protocol for Echo {
+    fn connection_made(&mut self, t: Transport) {
+        t.register_producer(t.as_producer(), true).unwrap();
+        self.t = Some(t);
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        if let Some(t) = &self.t {
+            t.write(data);
+        }
+    }
+    fn as_half_closeable(&mut self) -> Option<&mut dyn HalfCloseable> {
+        Some(self)
+    }
+}
+
+impl HalfCloseable for Echo {
+    fn read_connection_lost(&mut self) {
+        if let Some(t) = &self.t {
+            t.unregister_producer();
+            t.lose_connection();
+        }
+    }
+}
+
+fn echo_server(r: &Reactor) -> SocketAddr {
+    r.listen_tcp("127.0.0.1:0", || Echo { t: None }, DEFAULT_BACKLOG).unwrap().local_addr()
+}
+
+/// A client factory that records failures and stops the reactor on them.
+struct Client<F: FnMut() -> Rec> {
+    make: F,
+    failed: Events,
+    stop: Option<Reactor>,
+}
+
+impl<F: FnMut() -> Rec> Factory for Client<F> {
+    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+        Some(Box::new((self.make)()))
+    }
+}
+
+impl<F: FnMut() -> Rec> ClientFactory for Client<F> {
+    fn client_connection_failed(&mut self, _c: &Connector, reason: Failure) {
+        self.failed.borrow_mut().push(reason.to_string());
+        if let Some(r) = self.stop.take() {
+            let _ = r.stop();
+        }
+    }
+}
+
+fn stop_on_lost(r: &Reactor) -> Option<Box<dyn FnMut(&Failure)>> {
+    let r = r.clone();
+    Some(Box::new(move |_| {
+        let _ = r.stop();
+    }))
+}
+
+reactor_test! {
+    /// A client writes, the echo server answers, the client closes:
+    /// made → data → lost(ConnectionDone) in that order.
+    fn echo_round_trip(r) {
+        let addr = echo_server(&r);
+        let log = events();
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (l, d, rr) = (log.clone(), data.clone(), r.clone());
+        r.connect_tcp("127.0.0.1", addr.port(), move || Rec {
+            log: l.clone(),
+            data: d.clone(),
+            on_made: Some(Box::new(|t| t.write(b"hello, braid"))),
+            on_data: Some(Box::new(|t, _| t.lose_connection())),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, Some(Duration::from_secs(10)), None);
+        run_reactor(&r);
+        assert_eq!(*log.borrow(), ["made", "lost: connection was closed cleanly"]);
+        assert_eq!(&*data.borrow(), b"hello, braid");
+    }
+}
+
+reactor_test! {
+    /// IPv6 loopback works the same way.
+    fn echo_over_ipv6(r) {
+        let port = match r.listen_tcp("[::1]:0", || Echo { t: None }, 50) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("skipping: no IPv6 loopback here ({e})");
+                return;
+            }
+        };
+        assert!(port.local_addr().is_ipv6());
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (d, rr) = (data.clone(), r.clone());
+        r.connect_tcp("::1", port.local_addr().port(), move || Rec {
+            data: d.clone(),
+            on_made: Some(Box::new(|t| t.write(b"six"))),
+            on_data: Some(Box::new(|t, _| t.lose_connection())),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(&*data.borrow(), b"six");
+    }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+reactor_test! {
+    /// A large write to a slow reader is delivered completely and in order,
+    /// and the writer's lose_connection waits for it.
+    fn large_write_to_slow_reader(r) {
+        const SIZE: usize = 8 * 1024 * 1024;
+        let expected = pattern(SIZE);
+        let payload = expected.clone();
+        let port = r.listen_tcp("127.0.0.1:0", move || {
+            let p = payload.clone();
+            Rec {
+                on_made: Some(Box::new(move |t| {
+                    t.write_vec(p.clone());
+                    t.lose_connection();
+                })),
+                ..Default::default()
+            }
+        }, 50).unwrap();
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let log = events();
+        let (d, l, rr, rr2) = (data.clone(), log.clone(), r.clone(), r.clone());
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || {
+            let rr2 = rr2.clone();
+            Rec {
+                data: d.clone(),
+                log: l.clone(),
+                // Read slowly: pause after every chunk, resume a little later.
+                on_data: Some(Box::new(move |t, _| {
+                    t.pause_producing();
+                    let t = t.clone();
+                    rr2.call_later(Duration::from_micros(200), move || t.resume_producing());
+                })),
+                on_lost: stop_on_lost(&rr),
+                ..Default::default()
+            }
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(data.borrow().len(), SIZE);
+        assert!(*data.borrow() == expected, "bytes arrived intact and in order");
+        assert_eq!(log.borrow().last().unwrap(), "lost: connection was closed cleanly");
+    }
+}
+
+reactor_test! {
+    /// write_sequence sends its pieces together, in order.
+    fn write_sequence_in_order(r) {
+        let port = r.listen_tcp("127.0.0.1:0", || Rec {
+            on_made: Some(Box::new(|t| {
+                t.write_sequence(&[b"one,", b"two,", &[b'x'; 40_000], b"three"]);
+                t.lose_connection();
+            })),
+            ..Default::default()
+        }, 50).unwrap();
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (d, rr) = (data.clone(), r.clone());
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || Rec {
+            data: d.clone(),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, None, None);
+        run_reactor(&r);
+        let got = data.borrow();
+        assert!(got.starts_with(b"one,two,x") && got.ends_with(b"xthree") && got.len() == 8 + 40_000 + 5);
+    }
+}
+
+reactor_test! {
+    /// Half-close from the client: the server sees read_connection_lost,
+    /// can still write, then closes; the client gets everything.
+    fn half_close_from_client(r) {
+        let server_log = events();
+        let sl = server_log.clone();
+        let port = r.listen_tcp("127.0.0.1:0", move || Rec {
+            log: sl.clone(),
+            half: true,
+            on_read_closed: Some(Box::new(|t| {
+                t.write(b"bye after your FIN");
+                t.lose_connection();
+            })),
+            ..Default::default()
+        }, 50).unwrap();
+        let client_log = events();
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (cl, d, rr) = (client_log.clone(), data.clone(), r.clone());
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || Rec {
+            log: cl.clone(),
+            data: d.clone(),
+            half: true,
+            on_made: Some(Box::new(|t| {
+                t.write(b"request");
+                t.lose_write_connection();
+            })),
+            on_read_closed: Some(Box::new(|t| t.lose_connection())),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(&*data.borrow(), b"bye after your FIN");
+        assert_eq!(*client_log.borrow(), ["made", "write closed", "read closed", "lost: connection was closed cleanly"]);
+        assert_eq!(server_log.borrow()[..2], ["made", "read closed"]);
+    }
+}
+
+reactor_test! {
+    /// Half-close from the server side, with the echo server finishing its
+    /// echo after the client's FIN.
+    fn echo_finishes_after_half_close(r) {
+        let addr = echo_server(&r);
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let payload = pattern(300_000);
+        let p = payload.clone();
+        let (d, rr) = (data.clone(), r.clone());
+        r.connect_tcp("127.0.0.1", addr.port(), move || {
+            let p = p.clone();
+            Rec {
+                data: d.clone(),
+                half: true,
+                on_made: Some(Box::new(move |t| {
+                    t.write(&p);
+                    t.lose_write_connection();
+                })),
+                on_read_closed: Some(Box::new(|t| t.lose_connection())),
+                on_lost: stop_on_lost(&rr),
+                ..Default::default()
+            }
+        }, None, None);
+        run_reactor(&r);
+        assert!(*data.borrow() == payload, "all {} bytes echoed before the close", payload.len());
+    }
+}
+
+reactor_test! {
+    /// Without half-close support, the peer's FIN closes the connection
+    /// with ConnectionDone.
+    fn fin_closes_plain_protocol(r) {
+        let server_log = events();
+        let (sl, rr) = (server_log.clone(), r.clone());
+        let port = r.listen_tcp("127.0.0.1:0", move || Rec {
+            log: sl.clone(),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, 50).unwrap();
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), || Rec {
+            on_made: Some(Box::new(|t| t.lose_write_connection())),
+            half: true,
+            ..Default::default()
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(*server_log.borrow(), ["made", "lost: connection was closed cleanly"]);
+    }
+}
+
+reactor_test! {
+    /// abort_connection drops buffered data; the aborting side sees
+    /// ConnectionAborted (from the loop, not inside the call), the peer
+    /// ConnectionLost.
+    fn abort_versus_lose(r) {
+        let server_log = events();
+        let (sl, rr) = (server_log.clone(), r.clone());
+        let port = r.listen_tcp("127.0.0.1:0", move || Rec {
+            log: sl.clone(),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, 50).unwrap();
+        let client_log = events();
+        let cl = client_log.clone();
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || {
+            let cl2 = cl.clone();
+            Rec {
+                log: cl.clone(),
+                on_made: Some(Box::new(move |t| {
+                    t.write(&[0u8; 100_000]);
+                    t.abort_connection();
+                    cl2.borrow_mut().push("abort returned".into());
+                    t.write(b"ignored after abort");
+                })),
+                ..Default::default()
+            }
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(*client_log.borrow(), ["made", "abort returned", "lost: connection was aborted"]);
+        let server = server_log.borrow();
+        assert_eq!(server.len(), 2, "{server:?}");
+        assert!(server[1] == "lost: connection was lost", "{server:?}");
+    }
+}
+
+reactor_test! {
+    /// lose_connection sends writes made after the call too, then closes
+    /// with ConnectionDone; writes after the close are ignored.
+    fn lose_connection_flushes_later_writes(r) {
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (d, rr) = (data.clone(), r.clone());
+        let port = r.listen_tcp("127.0.0.1:0", move || Rec {
+            data: d.clone(),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, 50).unwrap();
+        let client_log = events();
+        let kept = Rc::new(RefCell::new(None::<Transport>));
+        let (cl, k) = (client_log.clone(), kept.clone());
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || {
+            let k = k.clone();
+            Rec {
+                log: cl.clone(),
+                on_made: Some(Box::new(move |t| {
+                    t.write(b"before ");
+                    t.lose_connection();
+                    t.write(b"after");
+                    assert!(!t.connected());
+                    *k.borrow_mut() = Some(t.clone());
+                })),
+                ..Default::default()
+            }
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(&*data.borrow(), b"before after");
+        assert_eq!(client_log.borrow().last().unwrap(), "lost: connection was closed cleanly");
+        // Writing to a closed transport is silently ignored.
+        let t = kept.borrow_mut().take().unwrap();
+        t.write(b"into the void");
+        t.lose_connection();
+        t.abort_connection();
+        assert_eq!(t.buffered(), 0);
+    }
+}
+
+reactor_test! {
+    /// Connecting to a port nobody listens on reports ConnectionRefused.
+    fn connection_refused(r) {
+        let addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        let failed = events();
+        let f = failed.clone();
+        r.connect_tcp("127.0.0.1", addr.port(), Client { make: Rec::default, failed: f, stop: Some(r.clone()) }, None, None);
+        run_reactor(&r);
+        assert_eq!(*failed.borrow(), ["connection was refused by the other side"]);
+    }
+}
+
+reactor_test! {
+    /// A connect that cannot complete (the listener's queue is full, so the
+    /// kernel drops our SYN) fails with TimedOut at the deadline.
+    fn connect_timeout(r) {
+        // A listener with a backlog of 0 that never accepts: once its
+        // queue is full the kernel drops further SYNs, so a connect hangs.
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let listener = rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, SocketFlags::CLOEXEC, None).unwrap();
+        rustix::net::bind(&listener, &"127.0.0.1:0".parse::<SocketAddr>().unwrap()).unwrap();
+        rustix::net::listen(&listener, 0).unwrap();
+        let addr = SocketAddr::try_from(rustix::net::getsockname(&listener).unwrap()).unwrap();
+        let mut fillers = Vec::new();
+        let mut hung = false;
+        for _ in 0..16 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => fillers.push(s),
+                Err(_) => {
+                    hung = true;
+                    break;
+                }
+            }
+        }
+        assert!(hung, "could not fill the accept queue");
+        let failed = events();
+        let f = failed.clone();
+        r.connect_tcp("127.0.0.1", addr.port(), Client { make: Rec::default, failed: f, stop: Some(r.clone()) },
+            Some(Duration::from_millis(300)), None);
+        run_reactor(&r);
+        assert_eq!(*failed.borrow(), ["timed out (connecting)"]);
+        drop(listener);
+    }
+}
+
+reactor_test! {
+    /// A host name that cannot be resolved is DnsLookupFailed; "localhost"
+    /// resolves (off the reactor thread) and connects.
+    fn name_resolution(r) {
+        let failed = events();
+        let f = failed.clone();
+        r.connect_tcp("", 80, Client { make: Rec::default, failed: f, stop: Some(r.clone()) }, None, None);
+        run_reactor(&r);
+        assert_eq!(failed.borrow().len(), 1);
+        assert!(failed.borrow()[0].starts_with("DNS lookup of \"\" failed"), "{:?}", failed.borrow());
+
+        let r = common::build(r.backend());
+        let addr = echo_server(&r);
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (d, rr) = (data.clone(), r.clone());
+        r.connect_tcp("localhost", addr.port(), move || Rec {
+            data: d.clone(),
+            on_made: Some(Box::new(|t| t.write(b"by name"))),
+            on_data: Some(Box::new(|t, _| t.lose_connection())),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(&*data.borrow(), b"by name");
+    }
+}
+
+/// Refuses every other connection.
+struct Picky {
+    n: usize,
+}
+
+impl Factory for Picky {
+    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+        self.n += 1;
+        if self.n % 2 == 1 {
+            None
+        } else {
+            Some(Box::new(Echo { t: None }))
+        }
+    }
+}
+
+reactor_test! {
+    /// A factory may refuse a connection: it is closed at once, and the
+    /// next one is served.
+    fn factory_refuses_connection(r) {
+        let port = r.listen_tcp("127.0.0.1:0", Picky { n: 0 }, 50).unwrap();
+        let first = events();
+        let f1 = first.clone();
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || Rec {
+            log: f1.clone(),
+            on_made: Some(Box::new(|t| t.write(b"anyone?"))),
+            ..Default::default()
+        }, None, None);
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (d, rr) = (data.clone(), r.clone());
+        let second_port = port.local_addr().port();
+        r.call_later(Duration::from_millis(100), move || {
+            let rr2 = rr.clone();
+            rr.connect_tcp("127.0.0.1", second_port, move || Rec {
+                data: d.clone(),
+                on_made: Some(Box::new(|t| t.write(b"second"))),
+                on_data: Some(Box::new(|t, _| t.lose_connection())),
+                on_lost: stop_on_lost(&rr2),
+                ..Default::default()
+            }, None, None);
+        });
+        run_reactor(&r);
+        assert_eq!(first.borrow()[0], "made");
+        assert!(first.borrow()[1].starts_with("lost: connection was"), "{:?}", first.borrow());
+        assert_eq!(&*data.borrow(), b"second");
+    }
+}
+
+/// Counts start/stop of a factory.
+struct Counted {
+    started: Rc<Cell<u32>>,
+    stopped: Rc<Cell<u32>>,
+}
+
+impl Factory for Counted {
+    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+        Some(Box::new(Echo { t: None }))
+    }
+    fn start_factory(&mut self) {
+        self.started.set(self.started.get() + 1);
+    }
+    fn stop_factory(&mut self) {
+        self.stopped.set(self.stopped.get() + 1);
+    }
+}
+
+reactor_test! {
+    /// stop_listening: the Deferred fires once the socket is closed and the
+    /// factory stopped; start/stop are counted across ports sharing a
+    /// factory; new connections are refused afterwards.
+    fn stop_listening(r) {
+        let (started, stopped) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+        let shared = braid::SharedFactory::new(Counted { started: started.clone(), stopped: stopped.clone() });
+        let a = r.listen_tcp("127.0.0.1:0", shared.clone(), 50).unwrap();
+        let b = r.listen_tcp("127.0.0.1:0", shared.clone(), 50).unwrap();
+        assert_eq!((started.get(), shared.users()), (1, 2));
+        let fired = Rc::new(Cell::new(0));
+        let (f, s, rr, b2) = (fired.clone(), stopped.clone(), r.clone(), b.clone());
+        a.stop_listening().add_both(move |res| {
+            assert!(res.is_ok());
+            f.set(1);
+            assert_eq!(s.get(), 0, "the other port still uses the factory");
+            let (f2, s2) = (f.clone(), s.clone());
+            b2.stop_listening().add_both(move |res| {
+                f2.set(2);
+                assert_eq!(s2.get(), 1, "stopped with the last port");
+                let _ = rr.stop();
+                res
+            });
+            res
+        });
+        assert!(!a.listening());
+        run_reactor(&r);
+        assert_eq!(fired.get(), 2);
+        assert!(std::net::TcpStream::connect(a.local_addr()).is_err(), "closed for new connections");
+    }
+}
+
+reactor_test! {
+    /// Binding an address in use is CannotListen naming the address.
+    fn cannot_listen_names_the_address(r) {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = r.listen_tcp(addr, || Echo { t: None }, 50).err().unwrap();
+        let text = err.to_string();
+        assert!(matches!(err, Error::CannotListen { .. }));
+        assert!(text.contains(&addr.to_string()) && text.contains("in use"), "{text}");
+        let bad = r.listen_tcp("not an address", || Echo { t: None }, 50).err().unwrap();
+        assert!(bad.to_string().contains("not an address"));
+    }
+}
+
+reactor_test! {
+    /// Backpressure: an echo whose client writes but never reads keeps its
+    /// buffer bounded (the transport pauses reading past the high-water
+    /// mark), and resumes once the client reads.
+    fn echo_memory_bounded_with_non_reading_client(r) {
+        let server_t = Rc::new(RefCell::new(None::<Transport>));
+        let st = server_t.clone();
+        let port = r.listen_tcp("127.0.0.1:0", move || {
+            let st = st.clone();
+            Rec {
+                on_made: Some(Box::new(move |t| {
+                    t.register_producer(t.as_producer(), true).unwrap();
+                    *st.borrow_mut() = Some(t.clone());
+                })),
+                on_data: Some(Box::new(|t, d| t.write(d))),
+                ..Default::default()
+            }
+        }, 50).unwrap();
+        // A plain blocking client that writes 32 MiB without reading.
+        let addr = port.local_addr();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+            let chunk = vec![7u8; 64 * 1024];
+            let mut sent = 0usize;
+            while sent < 32 * 1024 * 1024 {
+                match s.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(_) => break, // stalled: the server stopped reading
+                }
+            }
+            (s, sent)
+        });
+        let peak = Rc::new(Cell::new(0usize));
+        let (p, st, rr) = (peak.clone(), server_t.clone(), r.clone());
+        let sampler = Rc::new(Cell::new(0u32));
+        fn sample(r: &Reactor, p: Rc<Cell<usize>>, st: Rc<RefCell<Option<Transport>>>, n: Rc<Cell<u32>>) {
+            if let Some(t) = st.borrow().as_ref() {
+                p.set(p.get().max(t.buffered()));
+            }
+            n.set(n.get() + 1);
+            if n.get() >= 100 {
+                let _ = r.stop();
+                return;
+            }
+            let r2 = r.clone();
+            r.call_later(Duration::from_millis(5), move || sample(&r2, p, st, n));
+        }
+        r.call_later(Duration::ZERO, move || sample(&rr, p, st, sampler));
+        run_reactor(&r);
+        let (stream, sent) = writer.join().unwrap();
+        assert!(sent < 32 * 1024 * 1024, "the client stalled because the server stopped reading");
+        // High-water mark plus at most one read's worth past it.
+        assert!(peak.get() <= 64 * 1024 + 64 * 1024, "server buffer peaked at {} bytes", peak.get());
+        assert!(peak.get() > 0);
+        drop(stream);
+    }
+}
+
+/// A pull producer that writes `left` chunks, one per request.
+struct Chunks {
+    t: Transport,
+    left: Cell<usize>,
+    asked: Rc<Cell<usize>>,
+}
+
+impl braid::Producer for Chunks {
+    fn resume_producing(&self) {
+        self.asked.set(self.asked.get() + 1);
+        if self.left.get() == 0 {
+            self.t.unregister_producer();
+            self.t.lose_connection();
+            return;
+        }
+        self.left.set(self.left.get() - 1);
+        self.t.write(&[b'p'; 10_000]);
+    }
+    fn stop_producing(&self) {}
+}
+
+reactor_test! {
+    /// A pull producer is asked for the next chunk whenever the buffer
+    /// drains; lose_connection with it registered waits for unregister.
+    fn pull_producer(r) {
+        let asked = Rc::new(Cell::new(0));
+        let a = asked.clone();
+        let port = r.listen_tcp("127.0.0.1:0", move || {
+            let a = a.clone();
+            Rec {
+                on_made: Some(Box::new(move |t| {
+                    let producer = Rc::new(Chunks { t: t.clone(), left: Cell::new(50), asked: a.clone() });
+                    t.register_producer(producer, false).unwrap();
+                })),
+                ..Default::default()
+            }
+        }, 50).unwrap();
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (d, rr) = (data.clone(), r.clone());
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || Rec {
+            data: d.clone(),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(data.borrow().len(), 500_000);
+        assert_eq!(asked.get(), 51);
+    }
+}
+
+reactor_test! {
+    /// connection_lost comes exactly once, after the last data_received,
+    /// and afterwards nothing in the reactor holds the protocol.
+    fn connection_lost_once_and_protocol_freed(r) {
+        let alive = Rc::new(());
+        let witness = Rc::downgrade(&alive);
+        let order = events();
+        let (o, rr) = (order.clone(), r.clone());
+        let addr = echo_server(&r);
+        let keep = Rc::new(RefCell::new(Some(alive)));
+        let k = keep.clone();
+        r.connect_tcp("127.0.0.1", addr.port(), move || {
+            let token = k.borrow_mut().take();
+            let o2 = o.clone();
+            let rr = rr.clone();
+            Rec {
+                log: o.clone(),
+                on_made: Some(Box::new(|t| t.write(b"x"))),
+                on_data: Some(Box::new(move |t, _| {
+                    o2.borrow_mut().push("data".into());
+                    t.lose_connection();
+                })),
+                on_lost: Some(Box::new(move |_| {
+                    let _ = &token;
+                    let _ = rr.stop();
+                })),
+                ..Default::default()
+            }
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(*order.borrow(), ["made", "data", "lost: connection was closed cleanly"]);
+        assert!(witness.upgrade().is_none(), "the protocol (and what it held) was dropped");
+    }
+}
+
+reactor_test! {
+    /// Fairness: while one client floods the echo server, another
+    /// client's small request is still answered.
+    fn flood_does_not_starve_others(r) {
+        let addr = echo_server(&r);
+        // The flooder writes continuously from a thread and drains replies.
+        let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sf = stop_flag.clone();
+        let flooder = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let mut reader = s.try_clone().unwrap();
+            let rf = sf.clone();
+            let drain = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !rf.load(std::sync::atomic::Ordering::Relaxed) {
+                    if reader.read(&mut buf).unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
+            });
+            let chunk = vec![1u8; 65536];
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while !sf.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = drain.join();
+        });
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (d, rr) = (data.clone(), r.clone());
+        r.call_later(Duration::from_millis(100), move || {
+            let rr2 = rr.clone();
+            rr.connect_tcp("127.0.0.1", addr.port(), move || Rec {
+                data: d.clone(),
+                on_made: Some(Box::new(|t| t.write(b"ping"))),
+                on_data: Some(Box::new(|t, _| t.lose_connection())),
+                on_lost: stop_on_lost(&rr2),
+                ..Default::default()
+            }, None, None);
+        });
+        run_reactor(&r);
+        stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        flooder.join().unwrap();
+        assert_eq!(&*data.borrow(), b"ping");
+    }
+}
+
+reactor_test! {
+    /// Addresses and socket options are reachable through the transport.
+    fn addresses_and_options(r) {
+        let seen = Rc::new(RefCell::new(None));
+        let (s, rr) = (seen.clone(), r.clone());
+        let port = r.listen_tcp("127.0.0.1:0", move || {
+            let s = s.clone();
+            let rr = rr.clone();
+            Rec {
+                on_made: Some(Box::new(move |t| {
+                    t.set_nodelay(true).unwrap();
+                    t.set_keepalive(true).unwrap();
+                    *s.borrow_mut() = Some((t.local_addr().unwrap(), t.peer_addr().unwrap()));
+                    t.lose_connection();
+                    let _ = rr.stop();
+                })),
+                ..Default::default()
+            }
+        }, 50).unwrap();
+        let client = std::net::TcpStream::connect(port.local_addr()).unwrap();
+        run_reactor(&r);
+        let (local, peer) = seen.borrow_mut().take().unwrap();
+        assert_eq!(local, port.local_addr());
+        assert_eq!(peer, client.local_addr().unwrap());
+    }
+}
