@@ -150,6 +150,27 @@ fn adding_callback_to_fired_deferred_runs_it_at_once() {
     assert_eq!(ran.get(), 3);
 }
 
+#[test]
+fn question_mark_works_inside_callbacks() {
+    fn parse(s: &str) -> Result<i32, std::num::ParseIntError> {
+        s.parse()
+    }
+    let d: Deferred<String> = Deferred::new();
+    let n = d.and_then(|s| {
+        let n = parse(&s)?;
+        Ok(n * 2)
+    });
+    let out = collect(&n);
+    d.callback("21".into()).unwrap();
+    assert_eq!(*out.borrow(), [Ok(42)]);
+
+    let d: Deferred<String> = Deferred::new();
+    let n: Deferred<i32> = d.and_then(|s| Ok(parse(&s)?));
+    let out = collect(&n);
+    d.callback("x".into()).unwrap();
+    assert_eq!(*out.borrow(), [Err("invalid digit found in string".to_string())]);
+}
+
 // ----------------------------------------------------------- 6: helpers
 
 #[test]

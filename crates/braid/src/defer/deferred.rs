@@ -600,8 +600,10 @@ impl<T: 'static> Deferred<T> {
 
     /// Ends this chain in a step that may change the type: `f` gets the
     /// result and returns the new Deferred's outcome (a result, or a
-    /// `Deferred<U>` to wait for). The result moves into the new Deferred;
-    /// cancelling the new one cancels this one.
+    /// `Deferred<U>` to wait for). The result moves into the new Deferred,
+    /// so steps added to this one afterwards do not run. Cancelling the new
+    /// Deferred cancels this one (while something else still holds it: the
+    /// new Deferred does not keep its source alive).
     pub fn then<U: 'static, R>(&self, f: impl FnOnce(Result<T, Failure>) -> R + 'static) -> Deferred<U>
     where
         R: Into<Outcome<U>>,

@@ -64,6 +64,10 @@ impl<T> ListResult<T> {
 /// if nobody handles it) unless [`consume_errors`](Self::consume_errors) is
 /// set. Inputs that fired before the list was built count at once.
 /// Cancelling the list's Deferred cancels every input that has not fired.
+///
+/// The list does not keep its inputs alive: an input nothing else holds
+/// could never fire, so it is freed rather than kept for a later cancel.
+/// List an input once; a value cannot move into two places.
 pub struct DeferredList<T: 'static> {
     inputs: Vec<Deferred<T>>,
     fire_on_one_callback: bool,

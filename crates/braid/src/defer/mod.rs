@@ -107,6 +107,17 @@
 //! `Deferred<T>` is a [`Future`](std::future::Future) with output
 //! `Result<T, Failure>`; awaiting takes the final result.
 //!
+//! # Threads
+//!
+//! A Deferred belongs to the thread that made it (like the reactor): it is
+//! neither `Send` nor `Sync`. Results from other threads come in through
+//! the reactor's thread-safe entry points.
+//!
+//! ```compile_fail
+//! fn needs_send<T: Send>(_: T) {}
+//! needs_send(braid::Deferred::<i32>::new());
+//! ```
+//!
 //! # Groups and coordination
 //!
 //! [`DeferredList`], [`deferred_list`], [`gather_results`] and [`race`] wait
