@@ -1404,6 +1404,9 @@ enum Op {
     Errback { recover: bool },
     /// add_both that always runs; fails or succeeds with `2000 + i`.
     Both { fail: bool },
+    /// add_callbacks pair: the callback adds `i` or fails, the errback
+    /// recovers with `4000 + i` or fails.
+    Pair { fail: bool, recover: bool },
     /// add_callback that returns another Deferred, fired now or later,
     /// with success (`3000 + i`) or failure.
     Chained { fail: bool, later: bool },
@@ -1428,6 +1431,14 @@ fn model(ops: &[Op], start_ok: bool) -> (Vec<(usize, bool)>, Result<i64, String>
                 ran.push((i, r.is_ok()));
                 cur = if fail { Err(format!("both{i}")) } else { Ok(2000 + i64i) };
             }
+            (Op::Pair { fail, .. }, Ok(v)) => {
+                ran.push((i, true));
+                cur = if fail { Err(format!("pcb{i}")) } else { Ok(v + i64i) };
+            }
+            (Op::Pair { recover, .. }, Err(_)) => {
+                ran.push((i, false));
+                cur = if recover { Ok(4000 + i64i) } else { Err(format!("peb{i}")) };
+            }
             (Op::Chained { fail, .. }, Ok(_)) => {
                 ran.push((i, true));
                 cur = if fail { Err(format!("inner{i}")) } else { Ok(3000 + i64i) };
@@ -1443,6 +1454,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         any::<bool>().prop_map(|fail| Op::Callback { fail }),
         any::<bool>().prop_map(|recover| Op::Errback { recover }),
         any::<bool>().prop_map(|fail| Op::Both { fail }),
+        (any::<bool>(), any::<bool>()).prop_map(|(fail, recover)| Op::Pair { fail, recover }),
         (any::<bool>(), any::<bool>()).prop_map(|(fail, later)| Op::Chained { fail, later }),
     ]
 }
@@ -1485,6 +1497,19 @@ proptest! {
                         r.borrow_mut().push((i, res.is_ok()));
                         if fail { Err(Failure::msg(format!("both{i}"))) } else { Ok(2000 + i64i) }
                     });
+                }
+                Op::Pair { fail, recover } => {
+                    let r2 = r.clone();
+                    d.add_callbacks(
+                        move |v| {
+                            r.borrow_mut().push((i, true));
+                            if fail { Err(Failure::msg(format!("pcb{i}"))) } else { Ok(v + i64i) }
+                        },
+                        move |_| {
+                            r2.borrow_mut().push((i, false));
+                            if recover { Ok(4000 + i64i) } else { Err(Failure::msg(format!("peb{i}"))) }
+                        },
+                    );
                 }
                 Op::Chained { fail, later: fire_later } => {
                     let pending = later.clone();

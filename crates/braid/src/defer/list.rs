@@ -196,9 +196,11 @@ fn record<T: 'static>(
     }
     let Some(outcome) = fire else { return Handed { keep, next: None } };
     st.done = true;
-    st.results.clear();
+    // Values of inputs that no longer matter are dropped after the borrow.
+    let leftovers = std::mem::take(&mut st.results);
     let target = st.target.clone();
     drop(st);
+    drop(leftovers);
     Handed { keep, next: target.settle(Outcome::Done(outcome)).unwrap_or(None) }
 }
 
