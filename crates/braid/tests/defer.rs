@@ -496,6 +496,28 @@ fn reentrant_add_callback_runs_after_current_callback_returns() {
     assert_eq!(*order.borrow(), ["first returns", "added", "errback"]);
 }
 
+#[test]
+fn chaining_onto_a_deferred_whose_callback_is_running_waits_for_it() {
+    let d: Deferred<i32> = Deferred::new();
+    let x: Deferred<i32> = Deferred::new();
+    let d2 = d.clone();
+    x.add_callback(move |_| d2); // x waits on d
+    let out = collect(&x);
+    let (x2, d3) = (x.clone(), d.clone());
+    let seen_while_running = Rc::new(RefCell::new(String::new()));
+    let s = seen_while_running.clone();
+    d.add_callback(move |n| {
+        x2.callback(0).unwrap(); // x now chains onto d, mid-callback
+        *s.borrow_mut() = format!("{d3:?}");
+        // Awaiting d from inside its own callback is not ready yet.
+        assert!(take(&d3).is_none());
+        Ok(n + 1)
+    });
+    d.callback(1).unwrap();
+    assert!(seen_while_running.borrow().ends_with("(running)>"), "{}", seen_while_running.borrow());
+    assert_eq!(*out.borrow(), [Ok(2)]);
+}
+
 // --------------------------------------------- 16, 17, 18: bookkeeping
 
 #[test]

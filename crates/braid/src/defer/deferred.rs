@@ -98,6 +98,8 @@ enum State<T: 'static> {
     Waiting(Weak<RefCell<Inner<T>>>),
     /// The result moved elsewhere (chaining, `then`, `.await`).
     Consumed,
+    /// A step is running with the result; its outcome comes next.
+    Busy,
 }
 
 pub(super) struct Inner<T: 'static> {
@@ -264,9 +266,10 @@ impl<T: 'static> Node for RefCell<Inner<T>> {
             if !inner.idle() {
                 return None;
             }
-            let result = match std::mem::replace(&mut inner.state, State::Consumed) {
+            let result = match std::mem::replace(&mut inner.state, State::Busy) {
                 State::Ready(result) => result,
                 State::Consumed => {
+                    inner.state = State::Consumed;
                     // The result moved away: later steps have nothing to run on.
                     let steps = std::mem::take(&mut inner.steps);
                     let wakers = std::mem::take(&mut inner.wakers);
@@ -311,6 +314,7 @@ impl<T: 'static> Node for RefCell<Inner<T>> {
                     }
                 }
                 Step::Continue(waiter) => {
+                    inner.state = State::Consumed;
                     drop(inner);
                     let mut w = waiter.borrow_mut();
                     if matches!(w.state, State::Waiting(_)) {
@@ -330,14 +334,16 @@ impl<T: 'static> Node for RefCell<Inner<T>> {
                     inner.running = false;
                     match handed {
                         Ok(Handed { keep, next }) => {
-                            if let Some(result) = keep {
-                                inner.state = State::Ready(result);
-                            }
+                            inner.state = match keep {
+                                Some(result) => State::Ready(result),
+                                None => State::Consumed,
+                            };
                             if next.is_some() {
                                 return next;
                             }
                         }
                         Err(payload) => {
+                            inner.state = State::Consumed;
                             let failure = panic_failure(payload);
                             tracing::error!("internal Deferred step panicked: {failure}");
                         }
@@ -382,6 +388,7 @@ impl<T: 'static> fmt::Debug for Deferred<T> {
                 write!(f, "<Deferred at {ptr:p} waiting on Deferred at {:p}>", other.as_ptr())
             }
             State::Consumed => write!(f, "<Deferred at {ptr:p} result moved>"),
+            State::Busy => write!(f, "<Deferred at {ptr:p} (running)>"),
         }
     }
 }
