@@ -45,8 +45,6 @@
 //! about twice as fast to fire a dense burst (no sift-down through a big
 //! heap per pop). See BENCHMARKS.md, "Timers".
 
-use std::cmp::Ordering;
-
 /// Identifies one entry; stale keys (popped or removed) are detected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct TimerKey {
@@ -85,9 +83,11 @@ struct Item {
 }
 
 impl Item {
+    /// The order of entries: deadline, then sequence number, as one integer
+    /// (branch-free comparisons).
     #[inline]
-    fn key(&self) -> (u64, u64) {
-        (self.deadline, self.seq)
+    fn key(&self) -> u128 {
+        (self.deadline as u128) << 64 | self.seq as u128
     }
 }
 
@@ -613,7 +613,7 @@ fn recycle(items: Vec<Item>) -> Vec<Item> {
 
 #[inline]
 fn less(a: &Item, b: &Item) -> bool {
-    a.key().cmp(&b.key()) == Ordering::Less
+    a.key() < b.key()
 }
 
 /// Moves `heap[pos]` up to its place, recording positions in the slab.
@@ -772,7 +772,7 @@ mod tests {
             if let Some(head) = self.run.get(self.run_head) {
                 assert_ne!(head.index, NONE, "run head is live");
             }
-            let mut last: Option<(u64, u64)> = None;
+            let mut last: Option<u128> = None;
             for (at, item) in self.run.iter().enumerate().skip(self.run_head) {
                 if item.index == NONE {
                     continue;
