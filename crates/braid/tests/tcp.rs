@@ -22,17 +22,21 @@ fn events() -> Events {
     Rc::new(RefCell::new(Vec::new()))
 }
 
+type TransportHook = Option<Box<dyn FnMut(&Transport)>>;
+type DataHook = Option<Box<dyn FnMut(&Transport, &[u8])>>;
+type LostHook = Option<Box<dyn FnMut(&Failure)>>;
+
 /// A protocol that records what happens and runs optional hooks.
 #[derive(Default)]
 struct Rec {
     log: Events,
     data: Rc<RefCell<Vec<u8>>>,
     transport: Option<Transport>,
-    on_made: Option<Box<dyn FnMut(&Transport)>>,
-    on_data: Option<Box<dyn FnMut(&Transport, &[u8])>>,
-    on_lost: Option<Box<dyn FnMut(&Failure)>>,
+    on_made: TransportHook,
+    on_data: DataHook,
+    on_lost: LostHook,
     half: bool,
-    on_read_closed: Option<Box<dyn FnMut(&Transport)>>,
+    on_read_closed: TransportHook,
 }
 
 impl Protocol for Rec {
@@ -132,7 +136,7 @@ impl<F: FnMut() -> Rec> ClientFactory for Client<F> {
     }
 }
 
-fn stop_on_lost(r: &Reactor) -> Option<Box<dyn FnMut(&Failure)>> {
+fn stop_on_lost(r: &Reactor) -> LostHook {
     let r = r.clone();
     Some(Box::new(move |_| {
         let _ = r.stop();

@@ -52,8 +52,11 @@ pub struct TriggerId {
     id: u64,
 }
 
+/// Called once the held work is done.
+pub(crate) type Resume = Box<dyn FnOnce()>;
+
 /// Registers a callback for when a held event may go on.
-pub struct Hold(Box<dyn FnOnce(Box<dyn FnOnce()>)>);
+pub struct Hold(Box<dyn FnOnce(Resume)>);
 
 /// What a trigger returned: finished (well or not), or holding the event.
 pub enum TriggerOutcome {
@@ -95,7 +98,7 @@ impl<T: 'static> TriggerResult for Deferred<T> {
 
 impl Hold {
     /// Calls `resume` once the held work is done (maybe at once).
-    pub(crate) fn on_done(self, resume: Box<dyn FnOnce()>) {
+    pub(crate) fn on_done(self, resume: Resume) {
         (self.0)(resume)
     }
 }

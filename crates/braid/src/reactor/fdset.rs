@@ -89,8 +89,6 @@ impl Slot {
 #[derive(Default)]
 pub(crate) struct FdTable {
     slots: Vec<Slot>,
-    readers: usize,
-    writers: usize,
 }
 
 impl FdTable {
@@ -106,14 +104,9 @@ impl FdTable {
         &mut self.slots[i]
     }
 
-    /// Replaces the slot for `fd`, keeping the reader/writer counts right.
+    /// Replaces the slot for `fd`.
     pub fn set(&mut self, fd: RawFd, slot: Slot) {
-        let old = self.slot_mut(fd);
-        let (old_r, old_w) = (old.reader.is_some(), old.writer.is_some());
-        let (new_r, new_w) = (slot.reader.is_some(), slot.writer.is_some());
-        *old = slot;
-        self.readers = self.readers + new_r as usize - old_r as usize;
-        self.writers = self.writers + new_w as usize - old_w as usize;
+        *self.slot_mut(fd) = slot;
     }
 
     /// Finds the fd where `ptr` is registered as reader (`read`) or writer.
@@ -143,9 +136,5 @@ impl FdTable {
             .filter(|(_, s)| s.reader.is_some() || s.writer.is_some())
             .map(|(i, _)| i as RawFd)
             .collect()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.readers == 0 && self.writers == 0
     }
 }

@@ -41,12 +41,12 @@ pub use fdset::{FileDescriptor, IntoDescriptor};
 pub use guard::CallbackResult;
 pub(crate) use guard::{catch as catch_panic, log_failure};
 pub use threads::Remote;
-pub use time::DelayedCall;
+pub use time::{DelayedCall, ReactorTime};
+pub(crate) use time::{TimeSource, Timers};
 
 use events::{TriggerFn, Triggers};
 use fdset::{identity, FdTable, Slot};
 use threads::{Shared, ThreadCall, ThreadPool, DEFAULT_POOL_MAX};
-use time::{TimeSource, Timers};
 
 /// The reactor's life cycle (Twisted keeps this in five booleans).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -916,6 +916,18 @@ impl Reactor {
         if let Some(mut pool) = pool {
             pool.stop();
         }
+    }
+}
+
+impl ReactorTime for Reactor {
+    fn seconds(&self) -> f64 {
+        Reactor::seconds(self)
+    }
+    fn schedule(&self, delay: Duration, f: Box<dyn FnOnce()>) -> DelayedCall {
+        self.call_later(delay, f)
+    }
+    fn pending_calls(&self) -> Vec<DelayedCall> {
+        self.get_delayed_calls()
     }
 }
 

@@ -165,20 +165,12 @@ impl ThreadPool {
         }
     }
 
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
     pub fn set_max(&mut self, max: usize) {
         self.max = max.max(1);
     }
 
     pub fn started(&self) -> bool {
         self.started
-    }
-
-    pub fn threads(&self) -> usize {
-        self.workers.len()
     }
 
     pub fn submit(&mut self, job: Job) {

@@ -139,11 +139,6 @@ impl Timers {
         Some(Duration::from_nanos(next.saturating_sub(self.now_ns())))
     }
 
-    /// The earliest pending deadline in nanoseconds.
-    pub fn next_deadline(&self) -> Option<u64> {
-        self.queue.borrow().next_deadline()
-    }
-
     /// Runs every call due now, in deadline order (ties in scheduling
     /// order). Calls scheduled while this runs wait for the next pass, even
     /// if they are already due. Returns how many ran.
@@ -169,11 +164,6 @@ impl Timers {
             .iter()
             .map(|(_, _, node)| DelayedCall { node: node.clone(), timers: weak.clone() })
             .collect()
-    }
-
-    /// How many calls are pending.
-    pub fn len(&self) -> usize {
-        self.queue.borrow().len()
     }
 }
 
@@ -271,4 +261,16 @@ impl fmt::Debug for DelayedCall {
         }
         d.field("state", &state).finish()
     }
+}
+
+/// Something that can schedule calls: the reactor, or the deterministic
+/// `testing::Clock`. Code that only needs time (backoff, timeouts, looping
+/// calls) takes `Rc<dyn ReactorTime>`, so tests can drive it by hand.
+pub trait ReactorTime {
+    /// The current time in seconds on this scheduler's scale.
+    fn seconds(&self) -> f64;
+    /// Schedules `f` after `delay` (the object-safe form of `call_later`).
+    fn schedule(&self, delay: Duration, f: Box<dyn FnOnce()>) -> DelayedCall;
+    /// Every pending call.
+    fn pending_calls(&self) -> Vec<DelayedCall>;
 }

@@ -119,6 +119,7 @@ fn our_action(signum: i32) -> libc::sigaction {
 }
 
 /// True if SIGCHLD has its default disposition.
+#[cfg(test)]
 pub(crate) fn sigchld_is_default() -> bool {
     current_action(libc::SIGCHLD).map(|a| a.sa_sigaction == libc::SIG_DFL).unwrap_or(false)
 }
@@ -193,7 +194,8 @@ impl Drop for SignalGuard {
     }
 }
 
-/// Sends `signum` to this process (for tests and for re-raising on exit).
+/// Sends `signum` to this thread (for tests).
+#[cfg(test)]
 pub(crate) fn raise(signum: i32) {
     // SAFETY: raise(3) with a valid signal number has no memory effects.
     unsafe {

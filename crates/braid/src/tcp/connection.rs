@@ -119,6 +119,8 @@ impl OutBuf {
     }
 }
 
+type OnLost = Box<dyn FnOnce(Failure)>;
+
 /// A connected TCP socket driven by the reactor.
 pub(crate) struct Connection {
     reactor: Reactor,
@@ -146,7 +148,7 @@ pub(crate) struct Connection {
     high_water: Cell<usize>,
     low_water: Cell<usize>,
     /// Told after the protocol's `connection_lost` (a client's connector).
-    on_lost: RefCell<Option<Box<dyn FnOnce(Failure)>>>,
+    on_lost: RefCell<Option<OnLost>>,
 }
 
 impl Connection {
@@ -179,7 +181,7 @@ impl Connection {
         })
     }
 
-    pub fn set_on_lost(&self, f: Box<dyn FnOnce(Failure)>) {
+    pub fn set_on_lost(&self, f: OnLost) {
         *self.on_lost.borrow_mut() = Some(f);
     }
 

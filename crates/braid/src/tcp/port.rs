@@ -89,7 +89,7 @@ impl Port {
         reactor.add_reader(port.clone())?;
         port.reading.set(true);
         port.factory.do_start();
-        tracing::info!(target: "braid", "listening on {local}");
+        tracing::debug!(target: "braid", "listening on {local}");
         Ok(port)
     }
 
@@ -217,7 +217,7 @@ impl Port {
         let Some(sock) = self.sock.borrow_mut().take() else { return Ok(()) };
         self.listening.set(false);
         drop(sock);
-        tracing::info!(target: "braid", "stopped listening on {}", self.local);
+        tracing::debug!(target: "braid", "stopped listening on {}", self.local);
         crate::reactor::catch_panic(|| {
             self.factory.do_stop();
             Ok(())

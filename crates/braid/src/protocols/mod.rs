@@ -1,0 +1,3 @@
+//! Ready-made protocols.
+
+pub mod echo;

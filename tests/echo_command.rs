@@ -1,0 +1,169 @@
+//! The `braid echo` command, run as a real process.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_braid");
+
+/// A running `braid echo` and the port it announced.
+struct Server {
+    child: Child,
+    port: u16,
+    stderr: BufReader<std::process::ChildStderr>,
+}
+
+fn start(extra: &[&str]) -> Server {
+    let mut child = Command::new(BIN)
+        .args(["echo", "--port", "0", "--interface", "127.0.0.1"])
+        .args(extra)
+        .env_remove("BRAID_REACTOR")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn braid");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("echo listening on 127.0.0.1:"), "first line: {line:?}");
+    let port = line.split("127.0.0.1:").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    Server { child, port, stderr }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+/// Waits (boundedly) for the process to exit and returns its status code.
+fn wait_exit(child: &mut Child) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("braid echo did not exit after the signal");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn echo_once(port: u16, msg: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(msg).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    back
+}
+
+#[test]
+fn echoes_and_exits_zero_on_sigterm_for_every_reactor() {
+    for reactor in ["select", "poll", "epoll"] {
+        let mut server = start(&["--reactor", reactor]);
+        assert_eq!(echo_once(server.port, b"hello braid"), b"hello braid");
+        signal(&server.child, "-TERM");
+        assert_eq!(wait_exit(&mut server.child), 0, "{reactor}");
+        let mut rest = String::new();
+        server.stderr.read_to_string(&mut rest).unwrap();
+        assert!(rest.contains("SIGTERM"), "{rest}");
+    }
+}
+
+#[test]
+fn exits_zero_on_sigint() {
+    let mut server = start(&[]);
+    assert_eq!(echo_once(server.port, b"x"), b"x");
+    signal(&server.child, "-INT");
+    assert_eq!(wait_exit(&mut server.child), 0);
+}
+
+#[test]
+fn half_close_gets_everything_back() {
+    let mut server = start(&[]);
+    let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    // Write from a thread while reading here, then half-close.
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let p = payload.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&p).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(back == payload, "got {} of {} bytes back", back.len(), payload.len());
+    signal(&server.child, "-TERM");
+    assert_eq!(wait_exit(&mut server.child), 0);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn memory_stays_bounded_when_the_client_does_not_read() {
+    let mut server = start(&[]);
+    let before = rss_kib(server.child.id());
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+    let chunk = vec![9u8; 64 * 1024];
+    let mut sent = 0usize;
+    // At most 256 MiB; the server must stop reading long before that.
+    while sent < 256 * 1024 * 1024 {
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    let after = rss_kib(server.child.id());
+    assert!(
+        sent < 256 * 1024 * 1024,
+        "the server kept reading ({sent} bytes) from a client that never reads"
+    );
+    assert!(after < before + 16 * 1024, "server RSS grew from {before} KiB to {after} KiB");
+    drop(s);
+    signal(&server.child, "-TERM");
+    assert_eq!(wait_exit(&mut server.child), 0);
+}
+
+fn run_to_end(args: &[&str], env: Option<(&str, &str)>) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("BRAID_REACTOR");
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn port_in_use_is_a_one_line_error_naming_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, err) = run_to_end(&["echo", "--port", &port, "--interface", "127.0.0.1"], None);
+    assert_ne!(code, 0);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("braid:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(&format!("127.0.0.1:{port}")) && lines[0].contains("in use"), "{err}");
+}
+
+#[test]
+fn unknown_reactor_lists_the_valid_names() {
+    for (args, env) in [
+        (vec!["echo", "--port", "0", "--reactor", "kqueue"], None),
+        (vec!["echo", "--port", "0"], Some(("BRAID_REACTOR", "iocp"))),
+    ] {
+        let (code, err) = run_to_end(&args, env);
+        assert_ne!(code, 0);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("valid names: select, poll, epoll"), "{err}");
+    }
+}
