@@ -11,8 +11,9 @@
 //! backend until the next timer (or not at all if work is pending), (5)
 //! dispatch readiness to descriptors, reads before writes.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
@@ -98,6 +99,10 @@ pub(crate) struct Inner {
     /// One read buffer shared by every connection of this reactor, so an
     /// idle connection holds no buffer of its own.
     read_buf: Cell<Vec<u8>>,
+    /// Per-reactor state of higher layers (the future executor, ...), one
+    /// value per type, so those layers need no field here.
+    #[allow(dead_code)]
+    extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
 }
 
 /// Work a transport batches until the end of the pass (internal).
@@ -197,6 +202,7 @@ impl Reactor {
                 iterations: Cell::new(0),
                 flushes: RefCell::new(Vec::new()),
                 read_buf: Cell::new(Vec::new()),
+                extensions: RefCell::new(HashMap::new()),
             }),
         })
     }
@@ -545,6 +551,19 @@ impl Reactor {
                     },
                 );
             }
+        }
+    }
+
+    /// This reactor's instance of a higher layer's state `T`, created with
+    /// `T::default()` on first use.
+    #[allow(dead_code)] // first user: the future executor (in progress)
+    pub(crate) fn extension<T: Default + 'static>(&self) -> Rc<T> {
+        let mut map = self.inner.extensions.borrow_mut();
+        let entry = map.entry(TypeId::of::<T>()).or_insert_with(|| Rc::new(T::default()));
+        match entry.clone().downcast::<T>() {
+            Ok(v) => v,
+            // The map is keyed by the type id, so the downcast matches.
+            Err(_) => unreachable!("extension map keyed by TypeId"),
         }
     }
 
