@@ -137,13 +137,19 @@ pub(crate) fn raise_nofile(needed: u64) -> bool {
     false
 }
 
-/// Runs the `#[ignore]`d test `name` (its path inside the crate, e.g.
-/// `backend::epoll::tests::many_descriptors_child`) in a fresh copy of this
-/// test binary and fails if it fails or does not run.
+/// True inside the child process started by [`run_in_child`].
+pub(crate) fn in_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// Runs the test `name` (its path inside the crate, e.g.
+/// `backend::epoll::tests::handles_20000_descriptors`) again in a fresh copy
+/// of this test binary, where [`in_child`] is true, and fails if it fails or
+/// does not run.
 pub(crate) fn run_in_child(name: &str) {
     let exe = std::env::current_exe().expect("current_exe");
     let out = Command::new(exe)
-        .args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
         .output()
         .expect("starting the child test process");

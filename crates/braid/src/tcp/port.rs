@@ -117,6 +117,7 @@ impl Port {
         };
         let conn = Connection::new(&self.reactor, sock, peer);
         if let Err(e) = conn.start(protocol) {
+            tracing::error!(target: "braid", "dropping the connection from {}: {e}", peer.map_or("?".into(), |p| p.to_string()));
             conn.close(Failure::new(e));
         }
     }

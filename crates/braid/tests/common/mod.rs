@@ -97,3 +97,39 @@ pub fn write_byte(fd: &OwnedFd) {
 pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
 }
+
+/// Set in a child test process started by [`in_child`].
+pub const CHILD_ENV: &str = "BRAID_TEST_CHILD";
+
+/// True in the child process of [`in_child`].
+pub fn is_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// Runs the test `name` (its full path in this test binary) again in a
+/// fresh process with [`CHILD_ENV`] set to `arg`, for tests that change
+/// process-wide state (descriptor limits, thousands of open fds). Returns
+/// the child's stdout; fails if the child fails or runs no test.
+pub fn in_child(name: &str, arg: &str) -> String {
+    let exe = std::env::current_exe().expect("current_exe");
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, arg)
+        .output()
+        .expect("starting the child test process");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child {name} failed: {}\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("1 passed"), "child {name} ran no test:\n{stdout}");
+    stdout
+}
+
+/// Sets the soft descriptor limit (as far as the hard limit allows) and
+/// returns the soft limit in force.
+pub fn set_fd_limit(want: u64) -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let max = lim.maximum.unwrap_or(u64::MAX);
+    let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(want.min(max)), maximum: lim.maximum });
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
