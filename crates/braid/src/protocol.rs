@@ -5,8 +5,10 @@
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::time::Duration;
 
 use crate::error::Failure;
+use crate::reactor::{DelayedCall, ReactorTime};
 use crate::tcp::Connector;
 use crate::transport::Transport;
 
@@ -201,5 +203,234 @@ impl<F: Factory + 'static> SharedFactory<F> {
     pub fn erase(&self) -> SharedFactory<dyn Factory> {
         let inner: Rc<SharedInner<dyn Factory>> = self.inner.clone();
         SharedFactory { inner }
+    }
+}
+
+/// Backoff settings and state of a [`ReconnectingClientFactory`].
+struct Backoff {
+    initial_delay: Duration,
+    max_delay: Duration,
+    factor: f64,
+    jitter: f64,
+    max_retries: Option<u32>,
+    delay: Duration,
+    retries: u32,
+    continue_trying: bool,
+    pending: Option<DelayedCall>,
+    connector: Option<Connector>,
+    rng: u64,
+}
+
+impl Backoff {
+    /// A uniform number in [0, 1) from a xorshift generator (jitter needs
+    /// spread, not cryptographic quality).
+    fn uniform(&mut self) -> f64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A normal variate around 0 with standard deviation 1 (Box-Muller).
+    fn gaussian(&mut self) -> f64 {
+        let u1 = self.uniform().max(f64::MIN_POSITIVE);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// The next delay: grown by `factor`, capped at `max_delay`, then
+    /// spread by `jitter` (a normal variate with that relative deviation),
+    /// as Twisted does; never negative, never past the cap.
+    fn next_delay(&mut self) -> Duration {
+        let grown = (self.delay.as_secs_f64() * self.factor).min(self.max_delay.as_secs_f64());
+        let jittered = if self.jitter > 0.0 { grown + grown * self.jitter * self.gaussian() } else { grown };
+        let d = Duration::from_secs_f64(jittered.clamp(0.0, self.max_delay.as_secs_f64()));
+        self.delay = Duration::from_secs_f64(grown);
+        d
+    }
+}
+
+/// A client factory that reconnects after failures and lost connections,
+/// waiting longer each time (Twisted's `ReconnectingClientFactory`):
+/// delays start at `initial_delay`, grow by `factor` (e), are capped at
+/// `max_delay` (one hour) and spread by `jitter` (0.1196), for up to
+/// `max_retries` attempts (unlimited by default).
+///
+/// The factory is moved into `connect_tcp`; keep a [`ReconnectHandle`]
+/// (from [`ReconnectingClientFactory::handle`]) to call `reset_delay` once
+/// a connection works, or `stop_trying`.
+pub struct ReconnectingClientFactory<F> {
+    factory: F,
+    clock: Rc<dyn ReactorTime>,
+    state: Rc<RefCell<Backoff>>,
+}
+
+/// Controls a [`ReconnectingClientFactory`] after it was handed over.
+#[derive(Clone)]
+pub struct ReconnectHandle {
+    state: Rc<RefCell<Backoff>>,
+}
+
+impl<F: Factory> ReconnectingClientFactory<F> {
+    /// Wraps `factory`, scheduling retries on `clock` (the reactor, or a
+    /// `testing::Clock` in tests).
+    pub fn new(clock: Rc<dyn ReactorTime>, factory: F) -> Self {
+        let seed = (clock.seconds().to_bits() ^ 0x9E37_79B9_7F4A_7C15) | 1;
+        let initial = Duration::from_secs(1);
+        ReconnectingClientFactory {
+            factory,
+            clock,
+            state: Rc::new(RefCell::new(Backoff {
+                initial_delay: initial,
+                max_delay: Duration::from_secs(3600),
+                factor: std::f64::consts::E,
+                jitter: 0.119_626_565_582_117_36,
+                max_retries: None,
+                delay: initial,
+                retries: 0,
+                continue_trying: true,
+                pending: None,
+                connector: None,
+                rng: seed,
+            })),
+        }
+    }
+
+    /// Sets the first delay (and the delay `reset_delay` returns to).
+    pub fn initial_delay(self, d: Duration) -> Self {
+        {
+            let mut s = self.state.borrow_mut();
+            s.initial_delay = d;
+            s.delay = d;
+        }
+        self
+    }
+
+    /// Caps the delay.
+    pub fn max_delay(self, d: Duration) -> Self {
+        self.state.borrow_mut().max_delay = d;
+        self
+    }
+
+    /// Sets the growth factor per retry (at least 1).
+    pub fn factor(self, f: f64) -> Self {
+        self.state.borrow_mut().factor = if f.is_finite() { f.max(1.0) } else { 1.0 };
+        self
+    }
+
+    /// Sets the relative spread of each delay (0 for none).
+    pub fn jitter(self, j: f64) -> Self {
+        self.state.borrow_mut().jitter = if j.is_finite() { j.max(0.0) } else { 0.0 };
+        self
+    }
+
+    /// Gives up after `n` retries.
+    pub fn max_retries(self, n: u32) -> Self {
+        self.state.borrow_mut().max_retries = Some(n);
+        self
+    }
+
+    /// A handle to control retrying later.
+    pub fn handle(&self) -> ReconnectHandle {
+        ReconnectHandle { state: self.state.clone() }
+    }
+
+    fn retry(&mut self, connector: &Connector) {
+        let mut s = self.state.borrow_mut();
+        if !s.continue_trying {
+            return;
+        }
+        s.connector = Some(connector.clone());
+        s.retries += 1;
+        if s.max_retries.is_some_and(|max| s.retries > max) {
+            tracing::info!(target: "braid", "abandoning {:?} after {} retries", connector.destination(), s.retries - 1);
+            return;
+        }
+        let delay = s.next_delay();
+        tracing::info!(target: "braid", "will retry {:?} in {delay:?}", connector.destination());
+        let c = connector.clone();
+        let state = Rc::downgrade(&self.state);
+        let call = self.clock.schedule(
+            delay,
+            Box::new(move || {
+                if let Some(state) = state.upgrade() {
+                    state.borrow_mut().pending = None;
+                }
+                // Already connecting again (e.g. by hand): nothing to do.
+                let _ = c.connect();
+            }),
+        );
+        s.pending = Some(call);
+    }
+}
+
+impl ReconnectHandle {
+    /// Back to the initial delay and zero retries: call it once a
+    /// connection works.
+    pub fn reset_delay(&self) {
+        let mut s = self.state.borrow_mut();
+        s.delay = s.initial_delay;
+        s.retries = 0;
+    }
+
+    /// Stops reconnecting: cancels a scheduled retry and an attempt in
+    /// progress.
+    pub fn stop_trying(&self) {
+        let (pending, connector) = {
+            let mut s = self.state.borrow_mut();
+            s.continue_trying = false;
+            (s.pending.take(), s.connector.clone())
+        };
+        if let Some(call) = pending {
+            let _ = call.cancel();
+        }
+        if let Some(c) = connector {
+            if c.is_connecting() {
+                let _ = c.stop_connecting();
+            }
+        }
+    }
+
+    /// Retries since the last reset.
+    pub fn retries(&self) -> u32 {
+        self.state.borrow().retries
+    }
+
+    /// The current (un-jittered) delay.
+    pub fn delay(&self) -> Duration {
+        self.state.borrow().delay
+    }
+
+    /// True while a retry is scheduled.
+    pub fn retry_pending(&self) -> bool {
+        self.state.borrow().pending.as_ref().is_some_and(|c| c.active())
+    }
+}
+
+impl<F: Factory> Factory for ReconnectingClientFactory<F> {
+    fn build_protocol(&mut self, addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+        self.factory.build_protocol(addr)
+    }
+    fn start_factory(&mut self) {
+        self.factory.start_factory()
+    }
+    fn stop_factory(&mut self) {
+        self.factory.stop_factory()
+    }
+}
+
+impl<F: Factory> ClientFactory for ReconnectingClientFactory<F> {
+    fn started_connecting(&mut self, connector: &Connector) {
+        self.state.borrow_mut().connector = Some(connector.clone());
+    }
+    fn client_connection_failed(&mut self, connector: &Connector, reason: Failure) {
+        tracing::debug!(target: "braid", "connection to {:?} failed: {reason}", connector.destination());
+        self.retry(connector);
+    }
+    fn client_connection_lost(&mut self, connector: &Connector, reason: Failure) {
+        tracing::debug!(target: "braid", "connection to {:?} lost: {reason}", connector.destination());
+        self.retry(connector);
     }
 }
