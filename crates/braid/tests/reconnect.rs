@@ -87,7 +87,7 @@ reactor_test! {
     /// delay; stop_trying cancels the scheduled retry.
     fn jitter_and_stop_trying(r) {
         let clock = Clock::new();
-        let factory = ReconnectingClientFactory::new(Rc::new(clock.clone()) as Rc<dyn ReactorTime>, || Echo::new())
+        let factory = ReconnectingClientFactory::new(Rc::new(clock.clone()) as Rc<dyn ReactorTime>, Echo::new)
             .initial_delay(Duration::from_secs(10))
             .max_delay(Duration::from_secs(60));
         let handle = factory.handle();
@@ -145,6 +145,6 @@ reactor_test! {
         clock.advance(handle.delay());
         spin_until(&r, || made.get() == 2);
         handle.stop_trying();
-        let _ = listening.stop_listening();
+        listening.stop_listening();
     }
 }
