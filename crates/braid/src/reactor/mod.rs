@@ -96,6 +96,8 @@ pub(crate) struct Inner {
     /// Transports with work for the end of this pass (buffered writes, a
     /// pending close): served once per iteration, just before polling.
     flushes: RefCell<Vec<Rc<dyn Flush>>>,
+    /// The other half of the flush list's double buffer (no allocation per pass).
+    spare_flushes: Cell<Vec<Rc<dyn Flush>>>,
     /// One read buffer shared by every connection of this reactor, so an
     /// idle connection holds no buffer of its own.
     read_buf: Cell<Vec<u8>>,
@@ -201,6 +203,7 @@ impl Reactor {
                 child_hooks: RefCell::new(Vec::new()),
                 iterations: Cell::new(0),
                 flushes: RefCell::new(Vec::new()),
+                spare_flushes: Cell::new(Vec::new()),
                 read_buf: Cell::new(Vec::new()),
                 extensions: RefCell::new(HashMap::new()),
             }),
@@ -537,12 +540,13 @@ impl Reactor {
     /// the rest waits for the next iteration, which then polls without
     /// blocking.
     fn run_flushes(&self) {
+        let mut batch = self.inner.spare_flushes.take();
         for _ in 0..4 {
-            let batch = std::mem::take(&mut *self.inner.flushes.borrow_mut());
+            std::mem::swap(&mut batch, &mut *self.inner.flushes.borrow_mut());
             if batch.is_empty() {
-                return;
+                break;
             }
-            for f in batch {
+            for f in batch.drain(..) {
                 guard::run_logged(
                     || "while flushing a transport".to_string(),
                     || {
@@ -552,6 +556,7 @@ impl Reactor {
                 );
             }
         }
+        self.inner.spare_flushes.set(batch);
     }
 
     /// This reactor's instance of a higher layer's state `T`, created with

@@ -40,13 +40,19 @@ impl Shared {
     /// `notified` before taking the queue means a call queued after the take
     /// always writes the waker again, so no wake-up is lost.
     pub fn take_calls(&self, into: &mut Vec<ThreadCall>) {
-        self.notified.store(false, Ordering::SeqCst);
+        // Callers set `notified` after queueing, so while it is clear the
+        // queue is empty (or its caller is about to set it and wake us):
+        // skip the lock on the common path.
+        if !self.notified.swap(false, Ordering::SeqCst) {
+            return;
+        }
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         std::mem::swap(&mut *queue, into);
     }
 
+    /// True if calls were queued since the last `take_calls`.
     pub fn has_calls(&self) -> bool {
-        !self.queue.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        self.notified.load(Ordering::SeqCst)
     }
 }
 

@@ -582,3 +582,4 @@ impl Connection {
         }
     }
 }
+
