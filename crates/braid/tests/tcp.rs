@@ -828,3 +828,337 @@ reactor_test! {
         assert_eq!(peer, client.local_addr().unwrap());
     }
 }
+
+/// A client factory that records its notifications and the connectors it
+/// was given, and can act inside them.
+struct Watcher {
+    log: Events,
+    connectors: Rc<RefCell<Vec<Connector>>>,
+    stop_inside_started: bool,
+    reconnect_once: Cell<bool>,
+    refuse: bool,
+    reactor: Reactor,
+}
+
+impl Factory for Watcher {
+    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+        if self.refuse {
+            return None;
+        }
+        let log = self.log.clone();
+        Some(Box::new(Rec { log, on_made: Some(Box::new(|t| t.lose_connection())), ..Default::default() }))
+    }
+}
+
+impl ClientFactory for Watcher {
+    fn started_connecting(&mut self, c: &Connector) {
+        self.log.borrow_mut().push("started".into());
+        self.connectors.borrow_mut().push(c.clone());
+        if self.stop_inside_started {
+            c.stop_connecting().unwrap();
+        }
+    }
+    fn client_connection_failed(&mut self, _c: &Connector, reason: Failure) {
+        self.log.borrow_mut().push(format!("failed: {reason}"));
+        let _ = self.reactor.stop();
+    }
+    fn client_connection_lost(&mut self, c: &Connector, reason: Failure) {
+        self.log.borrow_mut().push(format!("client lost: {reason}"));
+        self.connectors.borrow_mut().push(c.clone());
+        if self.reconnect_once.replace(false) {
+            c.connect().unwrap();
+        } else {
+            let _ = self.reactor.stop();
+        }
+    }
+}
+
+fn watcher(r: &Reactor) -> (Watcher, Events, Rc<RefCell<Vec<Connector>>>) {
+    let log = events();
+    let connectors = Rc::new(RefCell::new(Vec::new()));
+    let w = Watcher {
+        log: log.clone(),
+        connectors: connectors.clone(),
+        stop_inside_started: false,
+        reconnect_once: Cell::new(false),
+        refuse: false,
+        reactor: r.clone(),
+    };
+    (w, log, connectors)
+}
+
+reactor_test! {
+    /// §4.8.15 and §4.8.17: the same connector reaches started_connecting
+    /// and client_connection_lost; connect() inside client_connection_lost
+    /// starts a new attempt; the protocol hears of the loss first.
+    fn connector_identity_and_reconnect(r) {
+        let addr = echo_server(&r);
+        let (w, log, connectors) = watcher(&r);
+        w.reconnect_once.set(true);
+        let c = r.connect_tcp("127.0.0.1", addr.port(), w, None, None);
+        assert_eq!(c.destination(), ("127.0.0.1".to_string(), addr.port()));
+        run_reactor(&r);
+        assert_eq!(*log.borrow(), [
+            "started", "made", "lost: connection was closed cleanly", "client lost: connection was closed cleanly",
+            "started", "made", "lost: connection was closed cleanly", "client lost: connection was closed cleanly",
+        ]);
+        let seen = connectors.borrow();
+        assert_eq!(seen.len(), 4);
+        assert!(seen.iter().all(|s| s.destination() == c.destination()));
+    }
+}
+
+reactor_test! {
+    /// §4.8.16: stop_connecting inside started_connecting fails the attempt
+    /// (Cancelled) through the factory, without re-entering it.
+    fn stop_connecting_inside_started_connecting(r) {
+        let addr = echo_server(&r);
+        let (mut w, log, _) = watcher(&r);
+        w.stop_inside_started = true;
+        let c = r.connect_tcp("127.0.0.1", addr.port(), w, None, None);
+        run_reactor(&r);
+        assert_eq!(*log.borrow(), ["started", "failed: cancelled (stop_connecting)"]);
+        assert!(matches!(c.stop_connecting(), Err(Error::NotConnecting)));
+    }
+}
+
+reactor_test! {
+    /// §4.8.5: a client factory that builds no protocol gets a clean
+    /// failure, no crash.
+    fn client_factory_refusing_protocol(r) {
+        let addr = echo_server(&r);
+        let (mut w, log, _) = watcher(&r);
+        w.refuse = true;
+        r.connect_tcp("127.0.0.1", addr.port(), w, None, None);
+        run_reactor(&r);
+        assert_eq!(*log.borrow(), ["started", "failed: the factory refused to build a protocol"]);
+    }
+}
+
+reactor_test! {
+    /// §4.8.8: connecting to port 0 fails through the failure path, never
+    /// synchronously.
+    fn connect_to_port_zero_fails_cleanly(r) {
+        let (w, log, _) = watcher(&r);
+        r.connect_tcp("127.0.0.1", 0, w, None, None);
+        assert_eq!(*log.borrow(), ["started"], "nothing but started_connecting happens inside connect_tcp");
+        run_reactor(&r);
+        assert_eq!(log.borrow().len(), 2);
+        assert!(log.borrow()[1].starts_with("failed: "), "{:?}", log.borrow());
+    }
+}
+
+reactor_test! {
+    /// §4.8.30: the peer writes and closes while we are paused; after
+    /// resuming we get every byte, then connection_lost.
+    fn close_while_paused_is_not_lost(r) {
+        let log = events();
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (l, d, rr, rr2) = (log.clone(), data.clone(), r.clone(), r.clone());
+        let port = r.listen_tcp("127.0.0.1:0", move || {
+            let rr2 = rr2.clone();
+            Rec {
+                log: l.clone(),
+                data: d.clone(),
+                on_made: Some(Box::new(move |t| {
+                    t.pause_producing();
+                    let t = t.clone();
+                    rr2.call_later(Duration::from_millis(100), move || t.resume_producing());
+                })),
+                on_lost: stop_on_lost(&rr),
+                ..Default::default()
+            }
+        }, 50).unwrap();
+        {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(port.local_addr()).unwrap();
+            s.write_all(&[5u8; 50_000]).unwrap();
+        }
+        run_reactor(&r);
+        assert_eq!(data.borrow().len(), 50_000);
+        assert_eq!(log.borrow().last().unwrap(), "lost: connection was closed cleanly");
+    }
+}
+
+reactor_test! {
+    /// §4.8.31: one side half-closes; the other calls lose_write_connection
+    /// and then, inside write_connection_lost, lose_connection. Both close
+    /// cleanly.
+    fn double_half_close(r) {
+        struct Closer {
+            t: Option<Transport>,
+            log: Events,
+        }
+        impl Protocol for Closer {
+            fn connection_made(&mut self, t: Transport) {
+                self.t = Some(t);
+            }
+            fn data_received(&mut self, _d: &[u8]) {}
+            fn connection_lost(&mut self, reason: Failure) {
+                self.log.borrow_mut().push(format!("server lost: {reason}"));
+            }
+            fn as_half_closeable(&mut self) -> Option<&mut dyn HalfCloseable> {
+                Some(self)
+            }
+        }
+        impl HalfCloseable for Closer {
+            fn read_connection_lost(&mut self) {
+                self.t.as_ref().unwrap().lose_write_connection();
+            }
+            fn write_connection_lost(&mut self) {
+                self.t.as_ref().unwrap().lose_connection();
+            }
+        }
+        let log = events();
+        let l = log.clone();
+        let port = r.listen_tcp("127.0.0.1:0", move || Closer { t: None, log: l.clone() }, 50).unwrap();
+        let client_log = events();
+        let (cl, rr) = (client_log.clone(), r.clone());
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || Rec {
+            log: cl.clone(),
+            half: true,
+            on_made: Some(Box::new(|t| t.lose_write_connection())),
+            on_read_closed: Some(Box::new(|t| t.lose_connection())),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, None, None);
+        run_reactor(&r);
+        r.iterate(Some(Duration::from_millis(50))).ok();
+        assert_eq!(client_log.borrow().last().unwrap(), "lost: connection was closed cleanly");
+        assert_eq!(*log.borrow(), ["server lost: connection was closed cleanly"]);
+    }
+}
+
+/// Records pause/resume calls of a streaming producer.
+struct Tap {
+    log: Events,
+}
+
+impl braid::Producer for Tap {
+    fn pause_producing(&self) {
+        self.log.borrow_mut().push("pause".into());
+    }
+    fn resume_producing(&self) {
+        self.log.borrow_mut().push("resume".into());
+    }
+    fn stop_producing(&self) {
+        self.log.borrow_mut().push("stop".into());
+    }
+}
+
+reactor_test! {
+    /// §4.8.34: write_sequence past the high-water mark pauses a streaming
+    /// producer, resumed once the buffer drains; custom limits apply.
+    /// §4.8.35: a pull producer is never paused.
+    fn streaming_and_pull_producers(r) {
+        let plog = events();
+        let pull_log = events();
+        let (pl, ql, rr) = (plog.clone(), pull_log.clone(), r.clone());
+        let port = r.listen_tcp("127.0.0.1:0", move || {
+            let (pl, ql, rr) = (pl.clone(), ql.clone(), rr.clone());
+            Rec {
+                on_made: Some(Box::new(move |t| {
+                    t.set_write_buffer_limits(1000, 0);
+                    t.register_producer(Rc::new(Tap { log: pl.clone() }), true).unwrap();
+                    t.write_sequence(&[&[1u8; 600], &[2u8; 600]]);
+                    assert_eq!(*pl.borrow(), ["pause"], "paused as soon as the buffer passed the mark");
+                    t.unregister_producer();
+                    let q = Rc::new(Tap { log: ql.clone() });
+                    t.register_producer(q, false).unwrap();
+                    t.write(&[3u8; 5000]);
+                    let rr = rr.clone();
+                    rr.clone().call_later(Duration::from_millis(100), move || {
+                        let _ = rr.stop();
+                    });
+                })),
+                ..Default::default()
+            }
+        }, 50).unwrap();
+        let _client = std::net::TcpStream::connect(port.local_addr()).unwrap();
+        run_reactor(&r);
+        assert!(pull_log.borrow().iter().all(|e| e == "resume" || e == "stop"), "{:?}", pull_log.borrow());
+        assert!(pull_log.borrow().iter().any(|e| e == "resume"));
+    }
+}
+
+reactor_test! {
+    /// §4.8.38: aborting twice, or abort then lose_connection, on either
+    /// side is harmless and the connection closes.
+    fn abort_twice_and_abort_then_lose(r) {
+        let log = events();
+        let (l, rr) = (log.clone(), r.clone());
+        let port = r.listen_tcp("127.0.0.1:0", move || Rec {
+            log: l.clone(),
+            on_made: Some(Box::new(|t| {
+                t.abort_connection();
+                t.abort_connection();
+                t.lose_connection();
+            })),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, 50).unwrap();
+        let client_log = events();
+        let cl = client_log.clone();
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || Rec {
+            log: cl.clone(),
+            on_made: Some(Box::new(|t| {
+                t.abort_connection();
+                t.lose_connection();
+                t.abort_connection();
+            })),
+            ..Default::default()
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(*log.borrow(), ["made", "lost: connection was aborted"]);
+        r.iterate(Some(Duration::from_millis(50))).ok();
+        assert_eq!(client_log.borrow().len(), 2, "{:?}", client_log.borrow());
+    }
+}
+
+reactor_test! {
+    /// §4.8.37 and §4.8.41: abort inside data_received does not call
+    /// connection_lost re-entrantly; if data_received then panics, the
+    /// panic is the reason the connection was lost.
+    fn abort_then_panic_in_data_received(r) {
+        /// Clears the flag when data_received ends, even by panicking.
+        struct Leave(Rc<Cell<bool>>);
+        impl Drop for Leave {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        let log = events();
+        let inside = Rc::new(Cell::new(false));
+        let reentered = Rc::new(Cell::new(false));
+        let (l, i, re, rr) = (log.clone(), inside.clone(), reentered.clone(), r.clone());
+        let port = r.listen_tcp("127.0.0.1:0", move || {
+            let (i, i2, re) = (i.clone(), i.clone(), re.clone());
+            let rr = rr.clone();
+            Rec {
+                log: l.clone(),
+                on_data: Some(Box::new(move |t, _| {
+                    i.set(true);
+                    let _leave = Leave(i.clone());
+                    t.abort_connection();
+                    panic!("bug after abort");
+                })),
+                on_lost: Some(Box::new(move |_| {
+                    re.set(i2.get());
+                    let _ = rr.stop();
+                })),
+                ..Default::default()
+            }
+        }, 50).unwrap();
+        {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(port.local_addr()).unwrap();
+            s.write_all(b"trigger").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ((), logs) = common::capture_logs(|| run_reactor(&r));
+        assert!(!reentered.get(), "connection_lost ran inside data_received");
+        assert_eq!(log.borrow().len(), 2, "{:?}", log.borrow());
+        assert!(log.borrow()[1].contains("bug after abort"), "{:?}", log.borrow());
+        assert!(logs.contains("bug after abort"), "the panic was logged: {logs}");
+    }
+}

@@ -174,25 +174,34 @@ impl Connector {
         }
     }
 
-    fn finish_notification(&self) {
-        // Nobody reconnected from the notification: the factory is done.
-        if self.inner.state.get() == State::Disconnected && self.inner.factory_started.replace(false) {
-            self.inner.factory.borrow_mut().stop_factory();
+    /// Calls the factory now, or on the next iteration if it is busy (the
+    /// notification came from inside one of its own callbacks), then stops
+    /// the factory if nobody reconnected.
+    fn notify(&self, f: impl FnOnce(&mut dyn ClientFactory, &Connector) + 'static) {
+        let deliver = move |c: &Connector| {
+            f(&mut **c.inner.factory.borrow_mut(), c);
+            if c.inner.state.get() == State::Disconnected && c.inner.factory_started.replace(false) {
+                c.inner.factory.borrow_mut().stop_factory();
+            }
+        };
+        if self.inner.factory.try_borrow_mut().is_ok() {
+            deliver(self);
+        } else {
+            let me = self.clone();
+            self.inner.reactor.call_later(Duration::ZERO, move || deliver(&me));
         }
     }
 
     fn connection_failed(&self, reason: Failure) {
         self.inner.state.set(State::Disconnected);
         self.inner.attempt.borrow_mut().take();
-        self.inner.factory.borrow_mut().client_connection_failed(self, reason);
-        self.finish_notification();
+        self.notify(move |f, c| f.client_connection_failed(c, reason));
     }
 
     fn connection_lost(&self, reason: Failure) {
         self.inner.state.set(State::Disconnected);
         *self.inner.connection.borrow_mut() = Weak::new();
-        self.inner.factory.borrow_mut().client_connection_lost(self, reason);
-        self.finish_notification();
+        self.notify(move |f, c| f.client_connection_lost(c, reason));
     }
 }
 
