@@ -76,6 +76,12 @@ pub trait TransportOps {
     fn buffered(&self) -> usize;
     /// True until the connection is closed (or closing).
     fn connected(&self) -> bool;
+    /// This transport as a producer without a new allocation, if it can be
+    /// one (a TCP connection can); `None` makes `Transport::as_producer`
+    /// wrap the handle instead.
+    fn into_producer(self: Rc<Self>) -> Option<Rc<dyn Producer>> {
+        None
+    }
 }
 
 /// The handle a protocol keeps to write to its connection and close it.
@@ -189,7 +195,7 @@ impl Transport {
     /// This transport as a producer, e.g. to register it with another
     /// transport so a proxy stops reading when its peer is slow.
     pub fn as_producer(&self) -> Rc<dyn Producer> {
-        Rc::new(self.clone())
+        self.ops.clone().into_producer().unwrap_or_else(|| Rc::new(self.clone()))
     }
 }
 

@@ -113,42 +113,63 @@ impl OutBuf {
             }
         }
     }
-
-    pub fn clear(&mut self) {
-        *self = OutBuf::default();
-    }
 }
 
 type OnLost = Box<dyn FnOnce(Failure)>;
+
+const READING: u16 = 1; // registered with the reactor as a reader
+const WRITING: u16 = 1 << 1; // registered as a writer (the kernel buffer was full)
+const PAUSED: u16 = 1 << 2; // reading paused by pause_producing
+const READ_CLOSED: u16 = 1 << 3;
+const DISCONNECTING: u16 = 1 << 4;
+const ABORTING: u16 = 1 << 5;
+const WRITE_SHUTDOWN: u16 = 1 << 6; // lose_write_connection asked for
+const WRITE_CLOSED: u16 = 1 << 7;
+const LOST: u16 = 1 << 8;
+const FLUSH_QUEUED: u16 = 1 << 9;
+const STREAMING: u16 = 1 << 10; // the registered producer is a push producer
+const PRODUCER_PAUSED: u16 = 1 << 11;
+
+/// A connection's state bits in one word (idle connections are many, so
+/// their size matters).
+#[derive(Default)]
+struct Flags(Cell<u16>);
+
+impl Flags {
+    #[inline]
+    fn get(&self, f: u16) -> bool {
+        self.0.get() & f != 0
+    }
+    #[inline]
+    fn set(&self, f: u16, on: bool) {
+        let v = self.0.get();
+        self.0.set(if on { v | f } else { v & !f });
+    }
+    #[inline]
+    fn replace(&self, f: u16, on: bool) -> bool {
+        let was = self.get(f);
+        self.set(f, on);
+        was
+    }
+}
 
 /// A connected TCP socket driven by the reactor.
 pub(crate) struct Connection {
     reactor: Reactor,
     me: Weak<Connection>,
-    sock: RefCell<Option<OwnedFd>>,
+    /// `None` once closed (`Option<OwnedFd>` is one word: the fd's niche).
+    sock: Cell<Option<OwnedFd>>,
     fd: RawFd,
     peer: Option<SocketAddr>,
     protocol: RefCell<Option<Box<dyn Protocol>>>,
-    out: RefCell<OutBuf>,
-    /// Registered with the reactor as a reader / a writer.
-    reading: Cell<bool>,
-    writing: Cell<bool>,
-    /// Reading paused by `pause_producing`.
-    paused: Cell<bool>,
-    read_closed: Cell<bool>,
-    disconnecting: Cell<bool>,
-    aborting: Cell<bool>,
-    write_shutdown: Cell<bool>,
-    write_closed: Cell<bool>,
-    lost: Cell<bool>,
-    flush_queued: Cell<bool>,
-    producer: RefCell<Option<Rc<dyn Producer>>>,
-    streaming: Cell<bool>,
-    producer_paused: Cell<bool>,
-    high_water: Cell<usize>,
-    low_water: Cell<usize>,
+    /// Created on the first write, so an idle connection owns no buffer.
+    out: RefCell<Option<Box<OutBuf>>>,
+    flags: Flags,
+    producer: Cell<Option<Rc<dyn Producer>>>,
+    high_water: Cell<u32>,
+    low_water: Cell<u32>,
     /// Told after the protocol's `connection_lost` (a client's connector).
-    on_lost: RefCell<Option<OnLost>>,
+    on_lost: Cell<Option<OnLost>>,
 }
 
 impl Connection {
@@ -157,32 +178,21 @@ impl Connection {
         Rc::new_cyclic(|me| Connection {
             reactor: reactor.clone(),
             me: me.clone(),
-            sock: RefCell::new(Some(sock)),
+            sock: Cell::new(Some(sock)),
             fd,
             peer,
             protocol: RefCell::new(None),
-            out: RefCell::new(OutBuf::default()),
-            reading: Cell::new(false),
-            writing: Cell::new(false),
-            paused: Cell::new(false),
-            read_closed: Cell::new(false),
-            disconnecting: Cell::new(false),
-            aborting: Cell::new(false),
-            write_shutdown: Cell::new(false),
-            write_closed: Cell::new(false),
-            lost: Cell::new(false),
-            flush_queued: Cell::new(false),
-            producer: RefCell::new(None),
-            streaming: Cell::new(false),
-            producer_paused: Cell::new(false),
-            high_water: Cell::new(DEFAULT_HIGH_WATER),
+            out: RefCell::new(None),
+            flags: Flags::default(),
+            producer: Cell::new(None),
+            high_water: Cell::new(DEFAULT_HIGH_WATER as u32),
             low_water: Cell::new(0),
-            on_lost: RefCell::new(None),
+            on_lost: Cell::new(None),
         })
     }
 
     pub fn set_on_lost(&self, f: OnLost) {
-        *self.on_lost.borrow_mut() = Some(f);
+        self.on_lost.set(Some(f));
     }
 
     fn rc(&self) -> Option<Rc<Connection>> {
@@ -193,7 +203,7 @@ impl Connection {
     pub fn start(self: &Rc<Self>, protocol: Box<dyn Protocol>) -> Result<(), Error> {
         *self.protocol.borrow_mut() = Some(protocol);
         self.reactor.add_reader(self.clone())?;
-        self.reading.set(true);
+        self.flags.set(READING, true);
         let transport = Transport::new(self.clone());
         if let Some(p) = self.protocol.borrow_mut().as_mut() {
             p.connection_made(transport);
@@ -202,7 +212,7 @@ impl Connection {
     }
 
     fn queue_flush(&self) {
-        if !self.flush_queued.replace(true) {
+        if !self.flags.replace(FLUSH_QUEUED, true) {
             if let Some(me) = self.rc() {
                 self.reactor.schedule_flush(me);
             }
@@ -210,7 +220,7 @@ impl Connection {
     }
 
     fn stop_reading(&self) {
-        if self.reading.replace(false) {
+        if self.flags.replace(READING, false) {
             if let Some(me) = self.rc() {
                 self.reactor.remove_reader(&me);
             }
@@ -218,57 +228,60 @@ impl Connection {
     }
 
     fn start_reading(&self) {
-        if self.reading.get() || self.paused.get() || self.read_closed.get() || self.disconnecting.get() {
+        if self.flags.get(READING)
+            || self.flags.get(PAUSED)
+            || self.flags.get(READ_CLOSED)
+            || self.flags.get(DISCONNECTING)
+        {
             return;
         }
-        if self.lost.get() {
+        if self.flags.get(LOST) {
             return;
         }
         if let Some(me) = self.rc() {
             if self.reactor.add_reader(me).is_ok() {
-                self.reading.set(true);
+                self.flags.set(READING, true);
             }
         }
     }
 
     /// Sends what is buffered; on a full socket, asks for writability.
     fn send_buffered(&self) -> Result<(), Failure> {
-        let drained = {
-            let sock = self.sock.borrow();
-            let Some(sock) = sock.as_ref() else { return Ok(()) };
-            let mut out = self.out.borrow_mut();
-            if out.len() == 0 {
-                true
-            } else {
-                match out.send(sock) {
-                    Ok(done) => done,
-                    Err(Errno::PIPE) | Err(Errno::CONNRESET) => {
-                        return Err(Failure::new(Error::ConnectionLost))
-                    }
-                    Err(e) => {
-                        return Err(Failure::new(Error::io("writing to a TCP connection", e.into()))
-                            .context("connection lost"))
-                    }
-                }
+        let sent = self.with_sock(|sock| match self.out.borrow_mut().as_mut() {
+            Some(out) if out.len() > 0 => out.send(sock),
+            _ => Ok(true),
+        });
+        let drained = match sent {
+            None => return Ok(()),
+            Some(Ok(done)) => done,
+            Some(Err(Errno::PIPE) | Err(Errno::CONNRESET)) => {
+                return Err(Failure::new(Error::ConnectionLost))
+            }
+            Some(Err(e)) => {
+                return Err(Failure::new(Error::io("writing to a TCP connection", e.into()))
+                    .context("connection lost"))
             }
         };
-        let left = self.out.borrow().len();
-        if self.streaming.get() && self.producer_paused.get() && left <= self.low_water.get() {
-            self.producer_paused.set(false);
-            let producer = self.producer.borrow().clone();
+        let left = self.buffered_len();
+        if self.flags.get(STREAMING)
+            && self.flags.get(PRODUCER_PAUSED)
+            && left <= self.low_water.get() as usize
+        {
+            self.flags.set(PRODUCER_PAUSED, false);
+            let producer = self.producer();
             if let Some(p) = producer {
                 p.resume_producing();
             }
         }
         if !drained {
-            if !self.writing.get() {
+            if !self.flags.get(WRITING) {
                 let me = self.rc().ok_or_else(|| Failure::new(Error::ConnectionLost))?;
                 self.reactor.add_writer(me).map_err(Failure::new)?;
-                self.writing.set(true);
+                self.flags.set(WRITING, true);
             }
             return Ok(());
         }
-        if self.writing.replace(false) {
+        if self.flags.replace(WRITING, false) {
             if let Some(me) = self.rc() {
                 self.reactor.remove_writer(&me);
             }
@@ -278,25 +291,23 @@ impl Connection {
 
     /// Everything buffered is sent: feed a pull producer, or finish a close.
     fn drained(&self) -> Result<(), Failure> {
-        let producer = self.producer.borrow().clone();
+        let producer = self.producer();
         if let Some(p) = producer {
-            if !self.streaming.get() {
+            if !self.flags.get(STREAMING) {
                 p.resume_producing();
             }
             // Twisted: a close waits until the producer is unregistered.
             return Ok(());
         }
-        if self.disconnecting.get() {
-            if self.out.borrow().len() == 0 {
+        if self.flags.get(DISCONNECTING) {
+            if self.buffered_len() == 0 {
                 return Err(Failure::new(Error::ConnectionDone));
             }
             return Ok(());
         }
-        if self.write_shutdown.get() && !self.write_closed.get() {
-            self.write_closed.set(true);
-            if let Some(sock) = self.sock.borrow().as_ref() {
-                let _ = rustix::net::shutdown(sock, rustix::net::Shutdown::Write);
-            }
+        if self.flags.get(WRITE_SHUTDOWN) && !self.flags.get(WRITE_CLOSED) {
+            self.flags.set(WRITE_CLOSED, true);
+            self.with_sock(|sock| rustix::net::shutdown(sock, rustix::net::Shutdown::Write));
             if let Some(p) = self.protocol.borrow_mut().as_mut() {
                 if let Some(h) = p.as_half_closeable() {
                     h.write_connection_lost();
@@ -308,24 +319,24 @@ impl Connection {
 
     /// Closes the socket and tells the protocol, exactly once.
     pub fn close(&self, reason: Failure) {
-        if self.lost.replace(true) {
+        if self.flags.replace(LOST, true) {
             return;
         }
         if let Some(me) = self.rc() {
             self.reactor.remove_reader(&me);
             self.reactor.remove_writer(&me);
         }
-        self.reading.set(false);
-        self.writing.set(false);
-        if let Some(sock) = self.sock.borrow_mut().take() {
-            if self.aborting.get() {
+        self.flags.set(READING, false);
+        self.flags.set(WRITING, false);
+        if let Some(sock) = self.sock.take() {
+            if self.flags.get(ABORTING) {
                 // Linger 0: close sends RST and drops unsent data.
                 let _ = rustix::net::sockopt::set_socket_linger(&sock, Some(std::time::Duration::ZERO));
             }
             drop(sock);
         }
-        self.out.borrow_mut().clear();
-        let producer = self.producer.borrow_mut().take();
+        *self.out.borrow_mut() = None;
+        let producer = self.producer.take();
         if let Some(p) = producer {
             p.stop_producing();
         }
@@ -333,24 +344,24 @@ impl Connection {
         if let Some(mut p) = protocol {
             p.connection_lost(reason.clone());
         }
-        let on_lost = self.on_lost.borrow_mut().take();
+        let on_lost = self.on_lost.take();
         if let Some(f) = on_lost {
             f(reason);
         }
     }
 
     fn closing(&self) -> bool {
-        self.lost.get() || self.aborting.get()
+        self.flags.get(LOST) || self.flags.get(ABORTING)
     }
 }
 
 impl Flush for Connection {
     fn flush(&self) {
-        self.flush_queued.set(false);
-        if self.lost.get() {
+        self.flags.set(FLUSH_QUEUED, false);
+        if self.flags.get(LOST) {
             return;
         }
-        if self.aborting.get() {
+        if self.flags.get(ABORTING) {
             self.close(Failure::new(Error::ConnectionAborted));
             return;
         }
@@ -362,19 +373,17 @@ impl Flush for Connection {
 
 impl FileDescriptor for Connection {
     fn fileno(&self) -> RawFd {
-        if self.sock.borrow().is_some() {
-            self.fd
-        } else {
+        if self.flags.get(LOST) {
             -1
+        } else {
+            self.fd
         }
     }
 
     fn do_read(&self) -> Result<(), Failure> {
         let mut buf = self.reactor.take_read_buffer();
-        let result = match self.sock.borrow().as_ref() {
-            Some(sock) => rustix::io::read(sock, &mut buf[..READ_CHUNK]),
-            None => Err(Errno::BADF),
-        };
+        let result =
+            self.with_sock(|sock| rustix::io::read(sock, &mut buf[..READ_CHUNK])).unwrap_or(Err(Errno::BADF));
         let outcome = match result {
             Ok(0) => Err(Failure::new(Error::ConnectionDone)),
             Ok(n) => {
@@ -393,7 +402,7 @@ impl FileDescriptor for Connection {
     }
 
     fn do_write(&self) -> Result<(), Failure> {
-        if self.aborting.get() {
+        if self.flags.get(ABORTING) {
             return Err(Failure::new(Error::ConnectionAborted));
         }
         self.send_buffered()
@@ -411,8 +420,8 @@ impl FileDescriptor for Connection {
     }
 
     fn read_connection_lost(&self, _reason: Failure) {
-        self.reading.set(false);
-        self.read_closed.set(true);
+        self.flags.set(READING, false);
+        self.flags.set(READ_CLOSED, true);
         if let Some(p) = self.protocol.borrow_mut().as_mut() {
             if let Some(h) = p.as_half_closeable() {
                 h.read_connection_lost();
@@ -428,30 +437,46 @@ impl FileDescriptor for Connection {
     }
 }
 
+impl Producer for Connection {
+    fn pause_producing(&self) {
+        TransportOps::pause_producing(self)
+    }
+    fn resume_producing(&self) {
+        TransportOps::resume_producing(self)
+    }
+    fn stop_producing(&self) {
+        TransportOps::stop_producing(self)
+    }
+}
+
 impl TransportOps for Connection {
+    fn into_producer(self: Rc<Self>) -> Option<Rc<dyn Producer>> {
+        Some(self)
+    }
+
     #[inline]
     fn write(&self, data: &[u8]) {
-        if self.closing() || self.write_closed.get() || data.is_empty() {
+        if self.closing() || self.flags.get(WRITE_CLOSED) || data.is_empty() {
             return;
         }
-        self.out.borrow_mut().push(data);
+        self.out_mut().push(data);
         self.after_write();
     }
 
     fn write_vec(&self, data: Vec<u8>) {
-        if self.closing() || self.write_closed.get() || data.is_empty() {
+        if self.closing() || self.flags.get(WRITE_CLOSED) || data.is_empty() {
             return;
         }
-        self.out.borrow_mut().push_vec(data);
+        self.out_mut().push_vec(data);
         self.after_write();
     }
 
     fn write_sequence(&self, data: &[&[u8]]) {
-        if self.closing() || self.write_closed.get() {
+        if self.closing() || self.flags.get(WRITE_CLOSED) {
             return;
         }
         {
-            let mut out = self.out.borrow_mut();
+            let mut out = self.out_mut();
             for d in data {
                 out.push(d);
             }
@@ -460,7 +485,7 @@ impl TransportOps for Connection {
     }
 
     fn lose_connection(&self) {
-        if self.closing() || self.disconnecting.replace(true) {
+        if self.closing() || self.flags.replace(DISCONNECTING, true) {
             return;
         }
         self.stop_reading();
@@ -471,22 +496,21 @@ impl TransportOps for Connection {
         if self.closing() {
             return;
         }
-        self.aborting.set(true);
+        self.flags.set(ABORTING, true);
         self.stop_reading();
-        self.out.borrow_mut().clear();
+        *self.out.borrow_mut() = None;
         self.queue_flush();
     }
 
     fn lose_write_connection(&self) {
-        if self.closing() || self.write_shutdown.replace(true) {
+        if self.closing() || self.flags.replace(WRITE_SHUTDOWN, true) {
             return;
         }
         self.queue_flush();
     }
 
     fn local_addr(&self) -> Option<SocketAddr> {
-        let sock = self.sock.borrow();
-        rustix::net::getsockname(sock.as_ref()?).ok().and_then(|a| SocketAddr::try_from(a).ok())
+        self.with_sock(|sock| rustix::net::getsockname(sock).ok().and_then(|a| SocketAddr::try_from(a).ok()))?
     }
 
     fn peer_addr(&self) -> Option<SocketAddr> {
@@ -494,26 +518,24 @@ impl TransportOps for Connection {
     }
 
     fn set_nodelay(&self, on: bool) -> Result<(), Error> {
-        let sock = self.sock.borrow();
-        let sock = sock.as_ref().ok_or(Error::ConnectionDone)?;
-        rustix::net::sockopt::set_tcp_nodelay(sock, on)
+        self.with_sock(|sock| rustix::net::sockopt::set_tcp_nodelay(sock, on))
+            .ok_or(Error::ConnectionDone)?
             .map_err(|e| Error::io("setting TCP_NODELAY", e.into()))
     }
 
     fn set_keepalive(&self, on: bool) -> Result<(), Error> {
-        let sock = self.sock.borrow();
-        let sock = sock.as_ref().ok_or(Error::ConnectionDone)?;
-        rustix::net::sockopt::set_socket_keepalive(sock, on)
+        self.with_sock(|sock| rustix::net::sockopt::set_socket_keepalive(sock, on))
+            .ok_or(Error::ConnectionDone)?
             .map_err(|e| Error::io("setting SO_KEEPALIVE", e.into()))
     }
 
     fn pause_producing(&self) {
-        self.paused.set(true);
+        self.flags.set(PAUSED, true);
         self.stop_reading();
     }
 
     fn resume_producing(&self) {
-        self.paused.set(false);
+        self.flags.set(PAUSED, false);
         self.start_reading();
     }
 
@@ -522,20 +544,20 @@ impl TransportOps for Connection {
     }
 
     fn register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
-        if self.producer.borrow().is_some() {
+        if self.has_producer() {
             return Err(Error::io(
                 "registering a producer",
                 std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a producer is already registered"),
             ));
         }
-        if self.lost.get() {
+        if self.flags.get(LOST) {
             // Twisted: a producer registered on a dead transport is stopped.
             producer.stop_producing();
             return Ok(());
         }
-        *self.producer.borrow_mut() = Some(producer.clone());
-        self.streaming.set(streaming);
-        self.producer_paused.set(false);
+        self.producer.set(Some(producer.clone()));
+        self.flags.set(STREAMING, streaming);
+        self.flags.set(PRODUCER_PAUSED, false);
         if !streaming {
             // A pull producer is asked for its first chunk at once.
             producer.resume_producing();
@@ -544,38 +566,72 @@ impl TransportOps for Connection {
     }
 
     fn unregister_producer(&self) {
-        self.producer.borrow_mut().take();
-        self.producer_paused.set(false);
+        self.producer.take();
+        self.flags.set(PRODUCER_PAUSED, false);
         // A close that waited for the producer can go on now.
-        if !self.lost.get() && (self.disconnecting.get() || self.write_shutdown.get()) {
+        if !self.flags.get(LOST) && (self.flags.get(DISCONNECTING) || self.flags.get(WRITE_SHUTDOWN)) {
             self.queue_flush();
         }
     }
 
     fn set_write_buffer_limits(&self, high: usize, low: usize) {
+        let high = u32::try_from(high).unwrap_or(u32::MAX);
         self.high_water.set(high);
-        self.low_water.set(low.min(high));
+        self.low_water.set(u32::try_from(low).unwrap_or(u32::MAX).min(high));
     }
 
     fn buffered(&self) -> usize {
-        self.out.borrow().len()
+        self.buffered_len()
     }
 
     fn connected(&self) -> bool {
-        !self.lost.get() && !self.disconnecting.get() && !self.aborting.get()
+        !self.flags.get(LOST) && !self.flags.get(DISCONNECTING) && !self.flags.get(ABORTING)
     }
 }
 
 impl Connection {
+    /// Runs `f` on the socket, if still open. `f` must not re-enter.
+    #[inline]
+    fn with_sock<R>(&self, f: impl FnOnce(&OwnedFd) -> R) -> Option<R> {
+        let sock = self.sock.take();
+        let r = sock.as_ref().map(f);
+        self.sock.set(sock);
+        r
+    }
+
+    /// The write buffer, created on first use.
+    #[inline]
+    fn out_mut(&self) -> std::cell::RefMut<'_, OutBuf> {
+        std::cell::RefMut::map(self.out.borrow_mut(), |o| &mut **o.get_or_insert_with(Default::default))
+    }
+
+    #[inline]
+    fn buffered_len(&self) -> usize {
+        self.out.borrow().as_ref().map_or(0, |o| o.len())
+    }
+
+    fn producer(&self) -> Option<Rc<dyn Producer>> {
+        let p = self.producer.take();
+        self.producer.set(p.clone());
+        p
+    }
+
+    fn has_producer(&self) -> bool {
+        let p = self.producer.take();
+        let has = p.is_some();
+        self.producer.set(p);
+        has
+    }
+
     #[inline]
     fn after_write(&self) {
         self.queue_flush();
-        if self.streaming.get()
-            && !self.producer_paused.get()
-            && self.out.borrow().len() > self.high_water.get()
+        if self.flags.get(STREAMING)
+            && !self.flags.get(PRODUCER_PAUSED)
+            && self.buffered_len() > self.high_water.get() as usize
         {
-            self.producer_paused.set(true);
-            let producer = self.producer.borrow().clone();
+            self.flags.set(PRODUCER_PAUSED, true);
+            let producer = self.producer();
             if let Some(p) = producer {
                 p.pause_producing();
             }
