@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod protocols;
 pub mod reactor;
 mod sys;
+pub mod task;
 pub mod tcp;
 pub mod testing;
 pub mod transport;

@@ -43,6 +43,14 @@ impl<T: 'static> From<Result<T, Failure>> for Outcome<T> {
     }
 }
 
+/// `()` is a success for a `Deferred<()>`, so callbacks (and looping
+/// calls) that cannot fail may simply return nothing.
+impl From<()> for Outcome<()> {
+    fn from(_: ()) -> Self {
+        Outcome::Done(Ok(()))
+    }
+}
+
 impl<T: 'static> From<Deferred<T>> for Outcome<T> {
     fn from(d: Deferred<T>) -> Self {
         Outcome::Wait(d)
@@ -196,7 +204,7 @@ pub(super) fn bury(item: Box<dyn Any>) {
 }
 
 /// Turns a caught panic into a Failure carrying its message.
-pub(super) fn panic_failure(payload: Box<dyn Any + Send>) -> Failure {
+pub(crate) fn panic_failure(payload: Box<dyn Any + Send>) -> Failure {
     let message = if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -724,12 +732,75 @@ impl<T: 'static> Deferred<T> {
         }
     }
 
-    // Timeouts: `add_timeout(&self, reactor, delay) -> &Self` belongs here
-    // but needs the reactor. It should schedule `call_later(delay, cancel)`,
-    // cancel that timer from an `add_both` step as soon as a result
-    // arrives, and (only if the timer fired) turn the resulting
-    // `Error::Cancelled` failure into `Error::TimedOut`. Like Twisted, it
-    // covers only the steps added before it.
+    /// Cancels this Deferred if it has not fired `delay` from now on
+    /// `clock` (the reactor, or `testing::Clock`), and turns the resulting
+    /// [`Error::Cancelled`] failure into [`Error::TimedOut`]. Returns `self`
+    /// for chaining.
+    ///
+    /// - A result (or failure) that arrives first passes through unchanged,
+    ///   and the timer is cancelled.
+    /// - Only steps added *before* this call see the cancellation: an
+    ///   errback added earlier sees `Cancelled` and may recover from it;
+    ///   if the failure reaching this point is still `Cancelled` (and the
+    ///   timer fired), it becomes `TimedOut`. A canceller that fires the
+    ///   Deferred with a success, or with another failure, keeps that outcome.
+    /// - A `cancel()` by hand before the deadline stays a plain `Cancelled`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use braid::{testing::Clock, Deferred, Error};
+    ///
+    /// let clock = Clock::new();
+    /// let d: Deferred<u32> = Deferred::new();
+    /// d.add_timeout(&clock, Duration::from_secs(5));
+    /// clock.advance(Duration::from_secs(5));
+    /// d.add_errback(|failure| {
+    ///     assert!(matches!(failure.braid_error(), Some(Error::TimedOut)));
+    ///     Ok(0)
+    /// });
+    /// ```
+    pub fn add_timeout(&self, clock: &dyn crate::reactor::ReactorTime, delay: std::time::Duration) -> &Self {
+        self.add_timeout_with(clock, delay, |result, _delay| match result {
+            Err(failure) if matches!(failure.braid_error(), Some(Error::Cancelled)) => {
+                Outcome::Done(Err(Failure::new(Error::TimedOut)))
+            }
+            other => Outcome::Done(other),
+        })
+    }
+
+    /// Like [`add_timeout`](Deferred::add_timeout), but when the timer has
+    /// fired, `on_timeout` gets the result the cancellation produced (and
+    /// the delay) and decides the outcome, as Twisted's `onTimeoutCancel`.
+    /// It is not called when the result came before the deadline.
+    pub fn add_timeout_with<R>(
+        &self,
+        clock: &dyn crate::reactor::ReactorTime,
+        delay: std::time::Duration,
+        on_timeout: impl FnOnce(Result<T, Failure>, std::time::Duration) -> R + 'static,
+    ) -> &Self
+    where
+        R: Into<Outcome<T>>,
+    {
+        let timed_out = Rc::new(std::cell::Cell::new(false));
+        let flag = timed_out.clone();
+        let target = self.clone();
+        let timer = clock.schedule(
+            delay,
+            Box::new(move || {
+                flag.set(true);
+                target.cancel();
+            }),
+        );
+        self.add_both(move |result| {
+            if timed_out.get() {
+                on_timeout(result, delay).into()
+            } else {
+                // The result came first: the timer must not fire any more.
+                let _ = timer.cancel();
+                Outcome::Done(result)
+            }
+        })
+    }
 
     /// Takes the final result if the chain has finished (used by `.await`).
     pub(super) fn poll_take(&self, waker: &Waker) -> Option<Result<T, Failure>> {

@@ -134,11 +134,14 @@ use std::fmt;
 use crate::error::Failure;
 
 mod deferred;
+mod executor;
 mod future;
 mod list;
 mod primitives;
 
+pub(crate) use deferred::panic_failure as panic_to_failure;
 pub use deferred::{log_error, maybe_deferred, Deferred, Outcome};
+pub use executor::ensure_deferred;
 pub use list::{deferred_list, gather_results, race, DeferredList, ListResult};
 pub use primitives::{DeferredLock, DeferredQueue, DeferredSemaphore, QueueOverflow};
 

@@ -103,7 +103,6 @@ pub(crate) struct Inner {
     read_buf: Cell<Vec<u8>>,
     /// Per-reactor state of higher layers (the future executor, ...), one
     /// value per type, so those layers need no field here.
-    #[allow(dead_code)]
     extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
 }
 
@@ -561,7 +560,6 @@ impl Reactor {
 
     /// This reactor's instance of a higher layer's state `T`, created with
     /// `T::default()` on first use.
-    #[allow(dead_code)] // first user: the future executor (in progress)
     pub(crate) fn extension<T: Default + 'static>(&self) -> Rc<T> {
         let mut map = self.inner.extensions.borrow_mut();
         let entry = map.entry(TypeId::of::<T>()).or_insert_with(|| Rc::new(T::default()));

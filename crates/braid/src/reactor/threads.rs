@@ -92,33 +92,19 @@ impl Remote {
             return Err(Failure::new(Error::WouldDeadlock));
         }
         let (tx, rx) = mpsc::sync_channel::<Result<T, Failure>>(1);
-        self.call_from_thread(move |reactor| {
-            let result_tx = tx.clone();
-            match catch(|| Ok(f(reactor))) {
-                Ok(d) => {
-                    d.add_both(move |r| {
-                        let echo = match &r {
-                            Ok(_) => None,
-                            Err(e) => Some(e.clone()),
-                        };
-                        // The result moves to the waiting thread; the chain
-                        // keeps only the failure, so nothing is logged twice.
-                        match r {
-                            Ok(v) => {
-                                let _ = result_tx.send(Ok(v));
-                                Err(Failure::new(Error::Cancelled))
-                            }
-                            Err(e) => {
-                                let _ = result_tx.send(Err(e));
-                                Err(echo.unwrap_or_else(|| Failure::new(Error::Cancelled)))
-                            }
-                        }
-                    });
-                    d.add_both(|_| Err(Failure::new(Error::Cancelled)));
-                }
-                Err(failure) => {
-                    let _ = tx.send(Err(failure));
-                }
+        self.call_from_thread(move |reactor| match catch(|| Ok(f(reactor))) {
+            Ok(d) => {
+                // The result moves into a `Deferred<()>` that ends the chain
+                // with `Ok(())`: the value (or failure) goes to the waiting
+                // thread, and nothing is left behind to be reported as
+                // unhandled.
+                let _done: Deferred<()> = d.then(move |result| {
+                    let _ = tx.send(result);
+                    Ok(())
+                });
+            }
+            Err(failure) => {
+                let _ = tx.send(Err(failure));
             }
         })?;
         rx.recv().unwrap_or_else(|_| Err(Failure::new(Error::ReactorGone)))
