@@ -262,10 +262,12 @@ impl<T> TimerQueue<T> {
         Some((key, self.release(item.index)))
     }
 
+    #[allow(dead_code)]
     pub fn len(&self) -> usize {
         self.len
     }
 
+    #[allow(dead_code)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
