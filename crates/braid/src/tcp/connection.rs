@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
 
 use rustix::io::Errno;
+use rustix::net::{RecvFlags, SendFlags};
 
 use crate::error::{Error, Failure};
 use crate::protocol::Protocol;
@@ -64,8 +65,11 @@ impl OutBuf {
     /// Writes as much as the kernel takes; `Ok(true)` when all is sent.
     pub fn send(&mut self, fd: &OwnedFd) -> Result<bool, Errno> {
         while self.len > 0 {
+            // send/sendmsg rather than write/writev: the socket calls skip
+            // the VFS layer, and MSG_NOSIGNAL turns a write to a reset peer
+            // into EPIPE instead of a process-killing SIGPIPE.
             let result = if self.chunks.len() == 1 {
-                rustix::io::write(fd, &self.chunks[0][self.head..])
+                rustix::net::send(fd, &self.chunks[0][self.head..], SendFlags::NOSIGNAL)
             } else {
                 let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
                 let mut n = 0;
@@ -73,7 +77,8 @@ impl OutBuf {
                     iov[i] = IoSlice::new(if i == 0 { &c[self.head..] } else { c });
                     n += 1;
                 }
-                rustix::io::writev(fd, &iov[..n])
+                let mut no_control = rustix::net::SendAncillaryBuffer::default();
+                rustix::net::sendmsg(fd, &iov[..n], &mut no_control, SendFlags::NOSIGNAL)
             };
             match result {
                 Ok(n) => {
@@ -382,8 +387,9 @@ impl FileDescriptor for Connection {
 
     fn do_read(&self) -> Result<(), Failure> {
         let mut buf = self.reactor.take_read_buffer();
-        let result =
-            self.with_sock(|sock| rustix::io::read(sock, &mut buf[..READ_CHUNK])).unwrap_or(Err(Errno::BADF));
+        let result = self
+            .with_sock(|sock| rustix::net::recv(sock, &mut buf[..READ_CHUNK], RecvFlags::empty()).map(|(n, _)| n))
+            .unwrap_or(Err(Errno::BADF));
         let outcome = match result {
             Ok(0) => Err(Failure::new(Error::ConnectionDone)),
             Ok(n) => {
