@@ -10,7 +10,9 @@
 //!   44/45 (contextvars, coroutine reference cycles);
 //! - 17 becomes "returning your own Deferred is a `CircularChain` failure"
 //!   (Rust has no warnings-as-errors switch);
-//! - 34 (`DeferredFilesystemLock`) and 35-40 (`addTimeout`) need the reactor.
+//! - 34 (`DeferredFilesystemLock`) is not ported;
+//! - 35-40 (`add_timeout`) run on `testing::Clock`; 41 (`ensure_deferred`)
+//!   lives in tests/executor.rs with the rest of the executor.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -24,8 +26,10 @@ use braid::defer::{
     deferred_list, gather_results, log_error, maybe_deferred, race, DeferError, Deferred, DeferredList,
     DeferredLock, DeferredQueue, DeferredSemaphore, FailureGroup, FirstError, Outcome,
 };
+use braid::testing::Clock;
 use braid::{Error, Failure};
 use proptest::prelude::*;
+use std::time::Duration;
 
 // ---------------------------------------------------------------- helpers
 
@@ -1414,6 +1418,175 @@ fn cancelled_get_is_removed_and_not_fired_by_put() {
     manual.callback(0).unwrap();
     q.put(6).unwrap();
     assert_eq!(q.len(), 1);
+}
+
+// -------------------------------------------- 35-40: add_timeout
+
+fn is_timed_out(f: &Failure) -> bool {
+    matches!(f.braid_error(), Some(Error::TimedOut))
+}
+
+#[test]
+fn add_timeout_returns_the_same_deferred() {
+    let clock = Clock::new();
+    let d: Deferred<u8> = Deferred::new();
+    assert!(d.add_timeout(&clock, Duration::from_secs(1)).ptr_eq(&d));
+    d.callback(1).unwrap();
+}
+
+#[test]
+fn result_before_the_deadline_passes_and_cancels_the_timer() {
+    let clock = Clock::new();
+    let d: Deferred<u8> = Deferred::new();
+    d.add_timeout(&clock, Duration::from_secs(10));
+    assert_eq!(clock.get_delayed_calls().len(), 1);
+    clock.advance(Duration::from_secs(5));
+    d.callback(7).unwrap();
+    assert!(clock.get_delayed_calls().is_empty(), "timer cancelled by the result");
+    let got = collect(&d);
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(*got.borrow(), vec![Ok(7)]);
+
+    // A failure before the deadline passes unchanged too, and a custom
+    // handler is not consulted.
+    let d: Deferred<u8> = Deferred::new();
+    d.add_timeout_with(&clock, Duration::from_secs(10), |_, _| -> Result<u8, Failure> {
+        panic!("must not run")
+    });
+    d.errback(Failure::msg("early")).unwrap();
+    assert!(clock.get_delayed_calls().is_empty());
+    assert_eq!(*collect(&d).borrow(), vec![Err("early".to_string())]);
+
+    // Already fired when the timeout is added: no timer is left behind.
+    let d = Deferred::succeed(3u8);
+    d.add_timeout(&clock, Duration::from_secs(1));
+    assert!(clock.get_delayed_calls().is_empty());
+    assert_eq!(*collect(&d).borrow(), vec![Ok(3)]);
+}
+
+#[test]
+fn timeout_fails_with_timed_out() {
+    let clock = Clock::new();
+    let d: Deferred<u8> = Deferred::new();
+    d.add_timeout(&clock, Duration::from_secs(10));
+    clock.advance(Duration::from_millis(9_999));
+    assert!(!d.called());
+    clock.advance(Duration::from_millis(1));
+    assert!(d.called());
+    let failure = take(&d).unwrap().unwrap_err();
+    assert!(is_timed_out(&failure), "{failure}");
+    // A result arriving after the timeout is swallowed once (as after any
+    // cancel without a canceller).
+    assert!(d.callback(1).is_ok());
+}
+
+#[test]
+fn custom_timeout_handler_decides_the_outcome() {
+    let clock = Clock::new();
+    let d: Deferred<u8> = Deferred::new();
+    let seen = Rc::new(Cell::new(None));
+    let s = seen.clone();
+    d.add_timeout_with(&clock, Duration::from_secs(2), move |result, delay| {
+        s.set(Some((result.is_err(), delay)));
+        Ok(99)
+    });
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(seen.get(), Some((true, Duration::from_secs(2))));
+    assert_eq!(*collect(&d).borrow(), vec![Ok(99)]);
+}
+
+#[test]
+fn canceller_outcome_other_than_cancelled_is_kept() {
+    let clock = Clock::new();
+    // A canceller that fires with a success.
+    let d: Deferred<u8> = Deferred::with_canceller(|d| d.callback(5).unwrap());
+    d.add_timeout(&clock, Duration::from_secs(1));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(*collect(&d).borrow(), vec![Ok(5)]);
+    // A canceller that fires with another failure.
+    let d: Deferred<u8> = Deferred::with_canceller(|d| d.errback(Failure::msg("own")).unwrap());
+    d.add_timeout(&clock, Duration::from_secs(1));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(*collect(&d).borrow(), vec![Err("own".to_string())]);
+}
+
+#[test]
+fn manual_cancel_before_the_deadline_stays_cancelled() {
+    let clock = Clock::new();
+    let d: Deferred<u8> = Deferred::new();
+    let translated = Rc::new(Cell::new(false));
+    let t = translated.clone();
+    d.add_timeout_with(&clock, Duration::from_secs(10), move |r, _| {
+        t.set(true);
+        r
+    });
+    d.cancel();
+    assert!(clock.get_delayed_calls().is_empty(), "not cancelled again later");
+    clock.advance(Duration::from_secs(20));
+    assert!(!translated.get());
+    let failure = take(&d).unwrap().unwrap_err();
+    assert!(is_cancelled(&failure), "{failure}");
+}
+
+#[test]
+fn errbacks_before_add_timeout_see_cancelled() {
+    let clock = Clock::new();
+    // Re-raising the cancel: it still becomes TimedOut.
+    let seen = log();
+    let d: Deferred<u8> = Deferred::new();
+    let s = seen.clone();
+    d.add_errback(move |f| {
+        s.borrow_mut().push(is_cancelled(&f));
+        Err(f)
+    });
+    d.add_timeout(&clock, Duration::from_secs(1));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(*seen.borrow(), vec![true]);
+    assert!(is_timed_out(&take(&d).unwrap().unwrap_err()));
+
+    // Swallowing it: the Deferred succeeds.
+    let d: Deferred<u8> = Deferred::new();
+    d.add_errback(|_| Ok(0));
+    d.add_timeout(&clock, Duration::from_secs(1));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(*collect(&d).borrow(), vec![Ok(0)]);
+
+    // Errbacks added after add_timeout see TimedOut.
+    let d: Deferred<u8> = Deferred::new();
+    d.add_timeout(&clock, Duration::from_secs(1));
+    let seen = log();
+    let s = seen.clone();
+    d.add_errback(move |f| {
+        s.borrow_mut().push(is_timed_out(&f));
+        Ok(1)
+    });
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(*seen.borrow(), vec![true]);
+}
+
+#[test]
+fn timeout_cancels_the_deferred_being_waited_on() {
+    // The chain waits on an inner Deferred; the timeout cancels that one,
+    // and its canceller can resume the chain with a success.
+    let clock = Clock::new();
+    let inner: Deferred<u8> = Deferred::with_canceller(|d| d.callback(11).unwrap());
+    let d: Deferred<u8> = Deferred::new();
+    let i = inner.clone();
+    d.add_callback(move |_| i);
+    d.add_timeout(&clock, Duration::from_secs(3));
+    d.callback(0).unwrap();
+    assert!(d.is_waiting());
+    clock.advance(Duration::from_secs(3));
+    assert_eq!(*collect(&d).borrow(), vec![Ok(11)]);
+}
+
+#[test]
+fn add_timeout_accepts_a_memory_reactor() {
+    let reactor = braid::testing::MemoryReactor::new();
+    let d: Deferred<()> = Deferred::new();
+    d.add_timeout(&reactor, Duration::from_millis(5));
+    reactor.advance(Duration::from_millis(5));
+    assert!(is_timed_out(&take(&d).unwrap().unwrap_err()));
 }
 
 // ---------------------------------------- proptest: track switching

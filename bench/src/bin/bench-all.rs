@@ -1,0 +1,949 @@
+//! Runs every echo scenario against every server side by side and writes BENCHMARKS.md.
+//!
+//! ```text
+//! cargo build --release --workspace
+//! cargo run --release -p braid-bench --bin bench-all [-- options]
+//!   --quick               1 repetition, 1 s scenarios, 256 MiB bulk, 1 timer round; writes
+//!                         target/BENCHMARKS-quick.md unless --out is given
+//!   --reps N              repetitions (3)            --seconds S   length of timed scenarios (3)
+//!   --bulk-bytes N        bytes through bulk (1 GiB) --idle-conns N idle connections (10000)
+//!   --scenarios a,b       only these (pingpong, pipeline-100, pipeline-1000, bulk, accept, idle)
+//!   --servers a,b         only these (tokio, mio, braid-select, braid-poll, braid-epoll)
+//!   --no-timers           skip the timer benchmark    --no-build    do not run cargo build
+//!   --out PATH            where to write the report (default: BENCHMARKS.md at the repo root)
+//! ```
+//!
+//! Before anything it runs `cargo build --release --workspace --bins` (a no-op when up to date)
+//! so the `braid` command is never stale. Each measurement starts a fresh server pinned to CPU 0
+//! and the load generator pinned to CPU 1 (`taskset`), and reads the server's utime+stime from
+//! /proc/PID/stat at the load generator's `MARK start` and `MARK end`, so server CPU per
+//! operation covers exactly the operations counted. Servers alternate within each repetition of
+//! a scenario; the report gives medians.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use braid_bench::{die, Args};
+
+const SERVER_NAMES: [&str; 5] = ["tokio", "mio", "braid-select", "braid-poll", "braid-epoll"];
+const SCENARIO_NAMES: [&str; 7] =
+    ["pingpong", "pingpong-1cpu", "pipeline-100", "pipeline-1000", "bulk", "accept", "idle"];
+/// select(2) can only watch descriptors below FD_SETSIZE.
+const FD_SETSIZE: usize = 1024;
+
+struct Config {
+    reps: usize,
+    seconds: f64,
+    bulk_bytes: u64,
+    idle_conns: usize,
+    scenarios: Vec<&'static str>,
+    servers: Vec<&'static str>,
+    timers: bool,
+    timer_rounds: Option<usize>,
+    out: PathBuf,
+    bin: PathBuf,
+    root: PathBuf,
+    taskset: bool,
+    clk_tck: f64,
+    nproc: usize,
+    loadavg_before: String,
+}
+
+/// One scenario: the load generator's arguments and how to present its figures.
+struct Scenario {
+    name: &'static str,
+    title: String,
+    args: Vec<String>,
+    /// Connections the server must hold at once (for the select limit).
+    conns: usize,
+    /// Throughput unit and the name of one operation.
+    rate_unit: &'static str,
+    op: &'static str,
+    time_limit: Duration,
+    /// The CPU the load generator is pinned to (the server is always on CPU 0).
+    loadgen_cpu: u32,
+}
+
+/// The figures of one run of one scenario against one server.
+#[derive(Clone, Default)]
+struct Sample {
+    ops: f64,
+    rate: f64,
+    cpu_per_op_ns: f64,
+    extra: BTreeMap<&'static str, f64>,
+}
+
+enum Cell {
+    Samples(Vec<Sample>),
+    NotApplicable(String),
+    Failed(String),
+}
+
+fn main() {
+    if cfg!(debug_assertions) {
+        die("build with --release: `cargo run --release -p braid-bench --bin bench-all`");
+    }
+    let args = Args::parse(&["quick", "no-timers", "no-build"]);
+    let quick = args.flag("quick");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| root.join("target/release"));
+    let pick = |flag: &str, all: &[&'static str]| -> Vec<&'static str> {
+        match args.get(flag) {
+            None => all.to_vec(),
+            Some(list) => {
+                list.split(',')
+                    .map(|s| {
+                        all.iter().find(|n| **n == s.trim()).copied().unwrap_or_else(|| {
+                            die(&format!("--{flag}: unknown {s}; known: {}", all.join(", ")))
+                        })
+                    })
+                    .collect()
+            }
+        }
+    };
+    let default_out =
+        if quick { root.join("target/BENCHMARKS-quick.md") } else { root.join("BENCHMARKS.md") };
+    let mut cfg = Config {
+        reps: args.num("reps", if quick { 1 } else { 3 }).max(1),
+        seconds: args.num("seconds", if quick { 1.0 } else { 3.0 }),
+        bulk_bytes: args.num("bulk-bytes", if quick { 256 << 20 } else { 1 << 30 }),
+        idle_conns: args.num("idle-conns", 10_000),
+        scenarios: pick("scenarios", &SCENARIO_NAMES),
+        servers: pick("servers", &SERVER_NAMES),
+        timers: !args.flag("no-timers"),
+        timer_rounds: if quick { Some(1) } else { None },
+        out: args.get("out").map(PathBuf::from).unwrap_or(default_out),
+        bin,
+        root,
+        taskset: false,
+        clk_tck: clock_ticks(),
+        nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        loadavg_before: loadavg(),
+    };
+
+    if !args.flag("no-build") {
+        build(&cfg.root);
+    }
+    for exe in ["braid", "echo_tokio", "echo_mio", "loadgen"] {
+        if !cfg.bin.join(exe).exists() {
+            die(&format!("{} missing: run `cargo build --release --workspace`", cfg.bin.join(exe).display()));
+        }
+    }
+    let nofile = braid_bench::raise_nofile_limit();
+    cfg.taskset = Command::new("taskset")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if cfg.taskset {
+        // Keep this runner (and its reader threads) off the server's CPU.
+        let _ = Command::new("taskset")
+            .args(["-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status();
+    } else {
+        eprintln!("bench-all: taskset not found: running without CPU pinning");
+    }
+
+    let started = Instant::now();
+    let scenarios: Vec<Scenario> = cfg.scenarios.iter().map(|n| scenario(n, &cfg)).collect();
+    let mut results: Vec<Vec<Cell>> = Vec::new();
+    for sc in &scenarios {
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); cfg.servers.len()];
+        let mut failures: Vec<Option<String>> = vec![None; cfg.servers.len()];
+        for rep in 0..cfg.reps {
+            for (i, server) in cfg.servers.iter().enumerate() {
+                if na_reason(server, sc).is_some() || failures[i].is_some() {
+                    continue;
+                }
+                match run_one(&cfg, server, sc) {
+                    Ok(s) => {
+                        eprintln!(
+                            "[{:>5.0}s] {} rep {}/{} {:<12} {:>12} {}/s  server CPU {}/{}{}",
+                            started.elapsed().as_secs_f64(),
+                            sc.name,
+                            rep + 1,
+                            cfg.reps,
+                            server,
+                            fmt_rate(s.rate),
+                            sc.rate_unit,
+                            fmt_ns(s.cpu_per_op_ns),
+                            sc.op,
+                            s.extra.iter().map(|(k, v)| format!("  {k}={v:.2}")).collect::<String>()
+                        );
+                        samples[i].push(s);
+                    }
+                    Err(e) => {
+                        eprintln!("{} {server}: FAILED: {e}", sc.name);
+                        failures[i] = Some(e);
+                    }
+                }
+            }
+        }
+        results.push(
+            cfg.servers
+                .iter()
+                .enumerate()
+                .map(|(i, server)| {
+                    if let Some(reason) = na_reason(server, sc) {
+                        Cell::NotApplicable(reason)
+                    } else if let Some(e) = failures[i].take() {
+                        Cell::Failed(e)
+                    } else {
+                        Cell::Samples(std::mem::take(&mut samples[i]))
+                    }
+                })
+                .collect(),
+        );
+    }
+    let echo_seconds = started.elapsed().as_secs_f64();
+
+    let timers = if cfg.timers { run_timers(&cfg) } else { None };
+    let report = render(&cfg, &scenarios, &results, timers.as_deref(), echo_seconds, nofile);
+    if let Some(dir) = cfg.out.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    match std::fs::write(&cfg.out, &report) {
+        Ok(()) => {
+            eprintln!("bench-all: wrote {} after {:.0} s", cfg.out.display(), started.elapsed().as_secs_f64())
+        }
+        Err(e) => die(&format!("writing {}: {e}", cfg.out.display())),
+    }
+}
+
+fn build(root: &Path) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("bench-all: cargo build --release --workspace --bins");
+    let ok = Command::new(cargo)
+        .args(["build", "--release", "--workspace", "--bins"])
+        .current_dir(root)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        die("cargo build failed");
+    }
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn scenario(name: &'static str, cfg: &Config) -> Scenario {
+    let secs = cfg.seconds.to_string();
+    let timed = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(["--seconds".to_string(), secs.clone()]);
+        v
+    };
+    let limit = Duration::from_secs_f64(cfg.seconds + 60.0);
+    match name {
+        "pingpong" => Scenario {
+            name,
+            title: "pingpong: 1 connection, 64 B, one at a time".into(),
+            args: timed(&["pingpong", "--size", "64"]),
+            conns: 1,
+            rate_unit: "round trips",
+            op: "round trip",
+            time_limit: limit,
+            loadgen_cpu: 1,
+        },
+        "pingpong-1cpu" => Scenario {
+            name,
+            title: "pingpong-1cpu: the same, load generator also on CPU 0".into(),
+            args: timed(&["pingpong", "--size", "64"]),
+            conns: 1,
+            rate_unit: "round trips",
+            op: "round trip",
+            time_limit: limit,
+            loadgen_cpu: 0,
+        },
+        "pipeline-100" | "pipeline-1000" => {
+            let n = if name == "pipeline-100" { 100 } else { 1000 };
+            Scenario {
+                name,
+                title: format!("pipeline: {n} connections × 16 in flight × 128 B"),
+                args: timed(&["pipeline", "--conns", &n.to_string(), "--depth", "16", "--size", "128"]),
+                conns: n,
+                rate_unit: "messages",
+                op: "message",
+                time_limit: limit + Duration::from_secs(60),
+                loadgen_cpu: 1,
+            }
+        }
+        "bulk" => Scenario {
+            name,
+            title: format!("bulk: {} through 1 connection", fmt_bytes(cfg.bulk_bytes as f64)),
+            args: vec![
+                "bulk".into(),
+                "--bytes".into(),
+                cfg.bulk_bytes.to_string(),
+                "--seconds".into(),
+                "120".into(),
+            ],
+            conns: 1,
+            rate_unit: "MiB",
+            op: "MiB",
+            time_limit: Duration::from_secs(180),
+            loadgen_cpu: 1,
+        },
+        "accept" => Scenario {
+            name,
+            title: "accept: connect, one 64 B round trip, close; 32 at a time".into(),
+            args: timed(&["accept", "--workers", "32", "--size", "64"]),
+            conns: 33,
+            rate_unit: "connections",
+            op: "connection",
+            time_limit: limit,
+            loadgen_cpu: 1,
+        },
+        "idle" => Scenario {
+            name,
+            title: format!("idle: {} connections open, then ping-pong", cfg.idle_conns),
+            args: {
+                let mut v = timed(&["idle", "--conns", &cfg.idle_conns.to_string()]);
+                v.push("--wait-stdin".into());
+                v
+            },
+            conns: cfg.idle_conns + 1,
+            rate_unit: "round trips",
+            op: "round trip",
+            time_limit: limit + Duration::from_secs(180),
+            loadgen_cpu: 1,
+        },
+        _ => unreachable!(),
+    }
+}
+
+fn na_reason(server: &str, sc: &Scenario) -> Option<String> {
+    (server == "braid-select" && sc.conns + 16 > FD_SETSIZE).then(|| {
+        format!("select(2) watches only descriptors below FD_SETSIZE ({FD_SETSIZE}); needs {}", sc.conns)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes.
+
+fn pinned(cfg: &Config, cpu: u32, exe: &str) -> Command {
+    let path = cfg.bin.join(exe);
+    if cfg.taskset {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(cpu.to_string()).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+/// Sends every line of `r` to the returned channel until EOF.
+fn lines_of(r: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+struct Server {
+    child: Child,
+    pid: u32,
+    addr: String,
+    /// Kept so the reader threads go on draining the server's output.
+    _output: (Receiver<String>, Receiver<String>),
+}
+
+impl Server {
+    fn start(cfg: &Config, name: &str) -> Result<Server, String> {
+        let mut cmd = match name {
+            "tokio" => pinned(cfg, 0, "echo_tokio"),
+            "mio" => pinned(cfg, 0, "echo_mio"),
+            _ => {
+                let mut c = pinned(cfg, 0, "braid");
+                c.args(["echo", "--interface", "127.0.0.1", "--reactor", &name["braid-".len()..]]);
+                c
+            }
+        };
+        cmd.args(["--port", "0"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("starting {name}: {e}"))?;
+        let pid = child.id();
+        // Both streams are read to the end by threads, so the server never blocks on a pipe.
+        let out = lines_of(child.stdout.take().expect("stdout"));
+        let err = lines_of(child.stderr.take().expect("stderr"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = String::new();
+        while Instant::now() < deadline {
+            let mut addr = None;
+            for rx in [&out, &err] {
+                while let Ok(line) = rx.try_recv() {
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        addr = Some(rest.split_whitespace().next().unwrap_or("").to_string());
+                    }
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+            }
+            if let Some(addr) = addr {
+                return Ok(Server { child, pid, addr, _output: (out, err) });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("{name} exited ({status}): {}", seen.trim()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(format!("{name} did not say where it listens within 10 s: {}", seen.trim()))
+    }
+
+    /// Server CPU time so far (utime + stime of all its threads), in ns.
+    fn cpu_ns(&self, clk_tck: f64) -> Result<f64, String> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .map_err(|e| format!("reading /proc/{}/stat: {e}", self.pid))?;
+        // Fields after the ")" that closes the command name: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+        Ok((ticks(11) + ticks(12)) / clk_tck * 1e9)
+    }
+
+    /// VmRSS in bytes.
+    fn rss(&self) -> Result<f64, String> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .map_err(|e| format!("reading /proc/{}/status: {e}", self.pid))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|kb| kb * 1024.0)
+            .ok_or_else(|| "no VmRSS".to_string())
+    }
+
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// SIGTERM, then SIGKILL if it is still there after 3 s. Errors if it had already died.
+    fn stop(mut self) -> Result<(), String> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(format!("server died during the run ({status})"));
+        }
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Ok(())
+    }
+}
+
+/// What the server looked like when the load generator printed a `MARK`.
+struct Mark {
+    cpu_ns: f64,
+    rss: f64,
+}
+
+fn run_one(cfg: &Config, server_name: &str, sc: &Scenario) -> Result<Sample, String> {
+    let server = Server::start(cfg, server_name)?;
+    let result = drive_loadgen(cfg, &server, sc);
+    let stopped = server.stop();
+    let sample = result?;
+    stopped?;
+    Ok(sample)
+}
+
+fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample, String> {
+    let mut cmd = pinned(cfg, sc.loadgen_cpu, "loadgen");
+    cmd.args(&sc.args).args(["--addr", &server.addr]);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| format!("starting loadgen: {e}"))?;
+    let mut stdin: Option<ChildStdin> = child.stdin.take();
+    let out = lines_of(child.stdout.take().expect("stdout"));
+    let err = lines_of(child.stderr.take().expect("stderr"));
+    let deadline = Instant::now() + sc.time_limit;
+    let mut marks: BTreeMap<String, Mark> = BTreeMap::new();
+    let mut result: Option<BTreeMap<String, String>> = None;
+    let mut error: Option<String> = None;
+    loop {
+        let line = match out.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("loadgen still running after {:?}", sc.time_limit));
+            }
+        };
+        if let Some(name) = line.strip_prefix("MARK ") {
+            let cpu_ns = server.cpu_ns(cfg.clk_tck)?;
+            let mut rss = server.rss()?;
+            if name == "ready" {
+                // Every idle connection made a round trip, so the server has accepted it; wait
+                // until its descriptors say so too, then let the memory settle for a moment.
+                let want = sc.conns - 1;
+                let until = Instant::now() + Duration::from_secs(20);
+                while server.open_fds() < want && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                rss = server.rss()?;
+                if let Some(mut s) = stdin.take() {
+                    let _ = s.write_all(b"go\n");
+                }
+            }
+            marks.insert(name.to_string(), Mark { cpu_ns, rss });
+        } else if let Some(fields) = line.strip_prefix("RESULT ") {
+            result = Some(
+                fields
+                    .split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+        } else if let Some(e) = line.strip_prefix("ERROR ") {
+            error = Some(e.to_string());
+        }
+    }
+    let status = child.wait().map_err(|e| format!("waiting for loadgen: {e}"))?;
+    let stderr: Vec<String> = err.try_iter().collect();
+    if let Some(e) = error {
+        return Err(format!("loadgen: {e}"));
+    }
+    if !status.success() {
+        return Err(format!("loadgen exited with {status}: {}", stderr.join(" | ")));
+    }
+    let r = result.ok_or("loadgen printed no RESULT")?;
+    let num = |k: &str| r.get(k).and_then(|v| v.parse::<f64>().ok());
+    let ops = num("ops").ok_or("RESULT without ops")?;
+    if ops <= 0.0 {
+        return Err("no operations completed".into());
+    }
+    let mark = |n: &str| marks.get(n).ok_or(format!("loadgen printed no MARK {n}"));
+    let (from, to) = if sc.name == "idle" { ("pingpong", "end") } else { ("start", "end") };
+    let cpu = mark(to)?.cpu_ns - mark(from)?.cpu_ns;
+    let mut sample = Sample {
+        ops,
+        rate: num("rate").unwrap_or(f64::NAN),
+        cpu_per_op_ns: cpu / ops,
+        extra: BTreeMap::new(),
+    };
+    for key in ["p50_us", "p99_us", "gbps", "errors", "port_busy"] {
+        if let Some(v) = num(key) {
+            sample.extra.insert(key, v);
+        }
+    }
+    if sc.name == "idle" {
+        let conns = num("conns").unwrap_or(f64::NAN);
+        sample.extra.insert("rss_per_conn", (mark("ready")?.rss - mark("start")?.rss) / conns);
+        sample
+            .extra
+            .insert("establish_cpu_us", (mark("ready")?.cpu_ns - mark("start")?.cpu_ns) / conns / 1e3);
+    }
+    Ok(sample)
+}
+
+/// Runs the timer benchmark (bench/src/bin/timers.rs) if it is built, and returns its markdown.
+fn run_timers(cfg: &Config) -> Option<String> {
+    if !cfg.bin.join("timers").exists() {
+        eprintln!("bench-all: no timers binary; leaving the Timers section as a placeholder");
+        return None;
+    }
+    eprintln!("bench-all: running the timer benchmark");
+    let mut cmd = pinned(cfg, 0, "timers");
+    if let Some(r) = cfg.timer_rounds {
+        cmd.args(["--rounds", &r.to_string()]);
+    }
+    match cmd.stderr(Stdio::inherit()).output() {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.find("## Timers").map(|i| text[i..].trim_end().to_string() + "\n")
+        }
+        Ok(o) => {
+            eprintln!("bench-all: timers failed ({})", o.status);
+            None
+        }
+        Err(e) => {
+            eprintln!("bench-all: timers: {e}");
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report.
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r.is_nan() {
+        "—".into()
+    } else if r >= 1e6 {
+        format!("{:.2} M", r / 1e6)
+    } else if r >= 1e4 {
+        format!("{:.1} k", r / 1e3)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+fn fmt_ns(ns: f64) -> String {
+    if ns.is_nan() {
+        "—".into()
+    } else if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e4 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+fn fmt_bytes(b: f64) -> String {
+    if b.is_nan() {
+        "—".into()
+    } else if b.abs() >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.0} GiB", b / (1u64 << 30) as f64)
+    } else if b.abs() >= 1024.0 * 1024.0 {
+        format!("{:.0} MiB", b / (1u64 << 20) as f64)
+    } else if b.abs() >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_nan() || b.is_nan() || b == 0.0 {
+        "—".into()
+    } else {
+        format!("{:.2}", a / b)
+    }
+}
+
+/// Medians of one cell: rate, CPU per op and each extra figure.
+fn medians(samples: &[Sample]) -> Sample {
+    let mut m = Sample {
+        ops: median(samples.iter().map(|s| s.ops).collect()),
+        rate: median(samples.iter().map(|s| s.rate).collect()),
+        cpu_per_op_ns: median(samples.iter().map(|s| s.cpu_per_op_ns).collect()),
+        extra: BTreeMap::new(),
+    };
+    if let Some(first) = samples.first() {
+        for k in first.extra.keys() {
+            m.extra.insert(k, median(samples.iter().map(|s| *s.extra.get(k).unwrap_or(&f64::NAN)).collect()));
+        }
+    }
+    m
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(cmd).args(args).output().ok()?;
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn locked_version(root: &Path, krate: &str) -> String {
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap_or_default();
+    let needle = format!("name = \"{krate}\"\nversion = \"");
+    lock.find(&needle)
+        .and_then(|i| lock[i + needle.len()..].split('"').next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn render(
+    cfg: &Config,
+    scenarios: &[Scenario],
+    results: &[Vec<Cell>],
+    timers: Option<&str>,
+    echo_seconds: f64,
+    nofile: Option<u64>,
+) -> String {
+    let mut s = String::new();
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(|| "?".into());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args = if args.is_empty() { String::new() } else { format!(" -- {}", args.join(" ")) };
+    let nproc = cfg.nproc;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let rustc = command_output("rustc", &["-V"]).unwrap_or_else(|| "rustc ?".into());
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ =
+        writeln!(s, "_Generated by `bench-all` on {date}; do not edit by hand, run the command again._\n");
+    let _ = writeln!(s, "Command:\n\n```sh\ncargo build --release --workspace\ncargo run --release -p braid-bench --bin bench-all{args}\n```\n");
+    let _ = writeln!(
+        s,
+        "Machine: {nproc} CPUs (nproc), {}, Linux {}; {rustc}; tokio {}, mio {}; RLIMIT_NOFILE {}. \
+         Date: {date}. Echo scenarios took {echo_seconds:.0} s; load average before {}, after {} \
+         (the machine is shared: other work running at the same time adds noise).\n",
+        cpu_model(),
+        kernel.trim(),
+        locked_version(&cfg.root, "tokio"),
+        locked_version(&cfg.root, "mio"),
+        nofile.map_or("unlimited".to_string(), |n| n.to_string()),
+        cfg.loadavg_before,
+        loadavg(),
+    );
+    let pinning = if cfg.taskset {
+        "each server pinned to CPU 0 and the load generator to CPU 1 with `taskset`"
+    } else {
+        "**no CPU pinning: `taskset` was not found**"
+    };
+    let _ = writeln!(
+        s,
+        "## Echo\n\nServers: `echo_tokio` (tokio current_thread, a task per connection, 64 KiB buffer, \
+         `write_all`), `echo_mio` (hand-written edge-triggered mio loop, one shared 64 KiB buffer), and the \
+         `braid echo` command on each backend. The load generator (`loadgen`) is one thread on mio and checks \
+         every echoed byte. All on 127.0.0.1; {pinning}; a fresh server for every measurement; servers \
+         alternate within each repetition; {} repetition(s), medians shown. Timed scenarios run {} s.\n",
+        cfg.reps, cfg.seconds
+    );
+    let _ = writeln!(
+        s,
+        "**Server CPU per operation** is utime+stime from /proc/PID/stat between the load generator's start \
+         and end marks, divided by the operations it counted (the clock tick is {:.0} ms, so short runs are \
+         coarse). With two cores the load generator is often the bottleneck, so this, not throughput, is the \
+         figure that counts. Idle: the server's VmRSS growth from before the first idle connection to when \
+         all are open (each made one 64 B round trip first), divided by the connections; then a ping-pong \
+         runs with them open and its server CPU per round trip shows whether the backend's cost grows \
+         with idle descriptors.\n",
+        1000.0 / cfg.clk_tck
+    );
+
+    let _ = writeln!(
+        s,
+        "`pingpong` wakes the server once per round trip from the other CPU; on a virtual machine such a \
+         cross-CPU wakeup can cost tens of µs that are charged to the woken process, the same for every \
+         server, which then dominates its CPU per round trip. `pingpong-1cpu` runs the load generator on the \
+         server's CPU, so the figure is the server's own per-wakeup cost (read, dispatch, write, poll).\n"
+    );
+
+    // Medians table.
+    let _ = write!(s, "| scenario | figure |");
+    for server in &cfg.servers {
+        let _ = write!(s, " {server} |");
+    }
+    let _ = write!(s, "\n|---|---|");
+    for _ in &cfg.servers {
+        let _ = write!(s, "---:|");
+    }
+    s.push('\n');
+    let mut notes: Vec<String> = Vec::new();
+    for (sc, cells) in scenarios.iter().zip(results) {
+        let meds: Vec<Option<Sample>> = cells
+            .iter()
+            .map(|c| match c {
+                Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
+                _ => None,
+            })
+            .collect();
+        let mut rows: Vec<Row> = Vec::new();
+        if sc.name == "idle" {
+            rows.push((
+                "server RSS per idle connection".into(),
+                Box::new(|m| fmt_bytes(m.extra["rss_per_conn"])),
+            ));
+            rows.push((
+                "server CPU to open one (accept + 1 round trip)".into(),
+                Box::new(|m| fmt_ns(m.extra["establish_cpu_us"] * 1e3)),
+            ));
+            rows.push(("ping-pong with them open: round trips/s".into(), Box::new(|m| fmt_rate(m.rate))));
+            rows.push(("… server CPU per round trip".into(), Box::new(|m| fmt_ns(m.cpu_per_op_ns))));
+            rows.push(("… p50 / p99 latency".into(), Box::new(p50_p99)));
+        } else {
+            let unit = format!("{}/s", sc.rate_unit);
+            rows.push((unit, Box::new(|m| fmt_rate(m.rate))));
+            if sc.name == "bulk" {
+                rows.push(("GB/s".into(), Box::new(|m| format!("{:.2}", m.extra["gbps"]))));
+            }
+            rows.push((
+                format!("**server CPU per {}**", sc.op),
+                Box::new(|m| format!("**{}**", fmt_ns(m.cpu_per_op_ns))),
+            ));
+            if sc.name.starts_with("pingpong") {
+                rows.push(("p50 / p99 latency".into(), Box::new(p50_p99)));
+            }
+        }
+        for (i, (figure, f)) in rows.iter().enumerate() {
+            let label = if i == 0 { sc.title.as_str() } else { "" };
+            let _ = write!(s, "| {label} | {figure} |");
+            for (cell, m) in cells.iter().zip(&meds) {
+                let text = match (cell, m) {
+                    (_, Some(m)) => f(m),
+                    (Cell::NotApplicable(why), _) => {
+                        if i == 0 && !notes.contains(why) {
+                            notes.push(why.clone());
+                        }
+                        "n/a".into()
+                    }
+                    (Cell::Failed(e), _) => {
+                        if i == 0 {
+                            notes.push(format!("{}: {e}", sc.name));
+                        }
+                        "FAILED".into()
+                    }
+                    _ => "—".into(),
+                };
+                let _ = write!(s, " {text} |");
+            }
+            s.push('\n');
+        }
+    }
+    s.push('\n');
+    for n in &notes {
+        let _ = writeln!(s, "- n/a or FAILED: {n}");
+    }
+    if !notes.is_empty() {
+        s.push('\n');
+    }
+
+    // Ratios.
+    let idx = |name: &str| cfg.servers.iter().position(|n| *n == name);
+    let braids: Vec<usize> =
+        cfg.servers.iter().enumerate().filter(|(_, n)| n.starts_with("braid")).map(|(i, _)| i).collect();
+    if !braids.is_empty() {
+        let _ = writeln!(
+            s,
+            "### braid against tokio and mio\n\nRatios of medians, braid ÷ peer. CPU per operation (lower is better) is \
+             the figure that counts; throughput (higher is better) beside it. Idle rows compare RSS per idle \
+             connection and server CPU per ping-pong round trip with them open.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| scenario | braid backend | CPU/op ÷ tokio | CPU/op ÷ mio | throughput ÷ tokio | throughput ÷ mio |\n|---|---|---:|---:|---:|---:|"
+        );
+        for (sc, cells) in scenarios.iter().zip(results) {
+            let med = |i: Option<usize>| -> Option<Sample> {
+                match cells.get(i?)? {
+                    Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
+                    _ => None,
+                }
+            };
+            let (tokio, mio) = (med(idx("tokio")), med(idx("mio")));
+            for &b in &braids {
+                let backend = &cfg.servers[b]["braid-".len()..];
+                let Some(m) = med(Some(b)) else {
+                    let _ = writeln!(s, "| {} | {backend} | n/a | n/a | n/a | n/a |", sc.name);
+                    continue;
+                };
+                let r = |peer: &Option<Sample>, f: &dyn Fn(&Sample) -> f64| {
+                    peer.as_ref().map_or("—".into(), |p| ratio(f(&m), f(p)))
+                };
+                let cpu = |x: &Sample| x.cpu_per_op_ns;
+                let rate = |x: &Sample| x.rate;
+                let _ = writeln!(
+                    s,
+                    "| {} | {backend} | **{}** | **{}** | {} | {} |",
+                    sc.name,
+                    r(&tokio, &cpu),
+                    r(&mio, &cpu),
+                    r(&tokio, &rate),
+                    r(&mio, &rate)
+                );
+                if sc.name == "idle" {
+                    let rss = |x: &Sample| x.extra["rss_per_conn"];
+                    let _ = writeln!(
+                        s,
+                        "| idle RSS/conn | {backend} | {} | {} | | |",
+                        r(&tokio, &rss),
+                        r(&mio, &rss)
+                    );
+                }
+            }
+        }
+        s.push('\n');
+    }
+
+    // Every repetition, for judging the noise.
+    let _ =
+        writeln!(s, "<details><summary>Every repetition (throughput; server CPU per operation)</summary>\n");
+    for (sc, cells) in scenarios.iter().zip(results) {
+        let _ = writeln!(s, "- {}:", sc.name);
+        for (server, cell) in cfg.servers.iter().zip(cells) {
+            if let Cell::Samples(v) = cell {
+                let reps: Vec<String> =
+                    v.iter().map(|x| format!("{} ; {}", fmt_rate(x.rate), fmt_ns(x.cpu_per_op_ns))).collect();
+                let _ = writeln!(s, "  - {server}: {}", reps.join(" · "));
+            }
+        }
+    }
+    let _ = writeln!(s, "\n</details>\n");
+
+    match timers {
+        Some(section) => {
+            let _ = writeln!(s, "{}", section.trim_end());
+            let _ = writeln!(s, "\n_(Run by `bench-all` in the same session; the timer benchmark is in-process, pinned to CPU 0.)_");
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "## Timers\n\n_Not run: the timer benchmark (bench/src/bin/timers.rs) was not built or was \
+                 skipped (`--no-timers`). `bench-all` runs it and puts its section here when it exists._"
+            );
+        }
+    }
+    s
+}
+
+/// A row of the medians table: its label and how to show one server's medians.
+type Row = (String, Box<dyn Fn(&Sample) -> String>);
+
+fn p50_p99(m: &Sample) -> String {
+    format!(
+        "{:.1} / {:.1} µs",
+        m.extra.get("p50_us").copied().unwrap_or(f64::NAN),
+        m.extra.get("p99_us").copied().unwrap_or(f64::NAN)
+    )
+}
