@@ -36,6 +36,54 @@
 //! assert!(done.called());
 //! ```
 //!
+//! # Unit-testing a protocol that uses time
+//!
+//! A protocol that sends a heartbeat every second, written against
+//! `Rc<dyn ReactorTime>`, is tested with a [`testing::Clock`](crate::testing::Clock)
+//! and a [`testing::StringTransport`](crate::testing::StringTransport): no
+//! reactor, no socket, no waiting.
+//!
+//! ```
+//! use std::rc::Rc;
+//! use std::time::Duration;
+//! use braid::task::LoopingCall;
+//! use braid::testing::{Clock, StringTransport};
+//! use braid::{Error, Failure, Protocol, ReactorTime, Transport};
+//!
+//! struct Heartbeat {
+//!     clock: Rc<dyn ReactorTime>,
+//!     beat: Option<LoopingCall>,
+//! }
+//!
+//! impl Protocol for Heartbeat {
+//!     fn connection_made(&mut self, transport: Transport) {
+//!         let beat = LoopingCall::new(self.clock.clone(), move || transport.write(b"PING\n"));
+//!         let _ = beat.start(Duration::from_secs(1), false);
+//!         self.beat = Some(beat);
+//!     }
+//!     fn data_received(&mut self, _data: &[u8]) {}
+//!     fn connection_lost(&mut self, _reason: Failure) {
+//!         if let Some(beat) = self.beat.take() {
+//!             let _ = beat.stop();
+//!         }
+//!     }
+//! }
+//!
+//! let clock = Clock::new();
+//! let mut proto = Heartbeat { clock: clock.clone().into(), beat: None };
+//! let tr = StringTransport::new();
+//! tr.connect(&mut proto);
+//! assert!(tr.value().is_empty());
+//! clock.advance(Duration::from_secs(1));
+//! assert_eq!(tr.take(), b"PING\n");
+//! clock.advance(Duration::from_secs(2));
+//! assert_eq!(tr.take(), b"PING\n", "one beat per advance: missed beats are skipped");
+//! tr.lose(&mut proto, Failure::new(Error::ConnectionDone));
+//! clock.advance(Duration::from_secs(5));
+//! assert!(tr.value().is_empty(), "no beats after the connection is lost");
+//! assert!(clock.get_delayed_calls().is_empty());
+//! ```
+//!
 //! # Sleeping in async code
 //!
 //! ```

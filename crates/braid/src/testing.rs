@@ -1,5 +1,17 @@
 //! Test doubles: drive time and connections by hand, with no sockets and
 //! no waiting. Used by braid's own tests and meant for yours.
+//!
+//! - [`Clock`]: deterministic time; `advance` runs what is due.
+//! - [`StringTransport`]: a transport that records writes, closes and
+//!   producer calls; feed a protocol bytes with `feed`.
+//! - [`MemoryReactor`]: records `listen_tcp`/`connect_tcp` so factories
+//!   can be driven by hand; keeps time with its own `Clock`.
+//!
+//! `Clock` and `MemoryReactor` implement [`ReactorTime`], so they go
+//! wherever a clock does (`LoopingCall::new(clock.clone(), ..)`,
+//! `Deferred::add_timeout(&clock, ..)`, `ReconnectingClientFactory`).
+//! See [`task`](crate::task) for a protocol unit test using a clock and a
+//! `StringTransport` together.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;

@@ -102,10 +102,45 @@
 //! dropped logs "Unhandled error in Deferred" with `tracing::error!`. Add
 //! an errback (or [`log_error`]) to every chain that can fail.
 //!
-//! # Awaiting
+//! # async/await
 //!
 //! `Deferred<T>` is a [`Future`](std::future::Future) with output
-//! `Result<T, Failure>`; awaiting takes the final result.
+//! `Result<T, Failure>`; awaiting takes the final result (so `?` works).
+//! [`Reactor::spawn`](crate::Reactor::spawn) (or [`ensure_deferred`]) runs
+//! a future on the reactor thread and gives a Deferred for its result, so
+//! the two styles mix freely: futures await Deferreds, callbacks return
+//! the Deferreds of spawned futures. The future must end in
+//! `Result<T, Failure>`: `Ok` fires the Deferred, `Err` errbacks it, a
+//! panic errbacks it with [`Error::Panicked`](crate::Error::Panicked).
+//! Cancelling the Deferred drops the future.
+//!
+//! ```
+//! use std::time::Duration;
+//! use braid::{task, Backend, Deferred, Failure, Reactor};
+//!
+//! let reactor = Reactor::new(Backend::Poll).unwrap();
+//!
+//! // Callback style: a Deferred some other code will fire.
+//! let greeting: Deferred<String> = task::defer_later(&reactor, Duration::from_millis(2), || {
+//!     Ok(String::from("hello"))
+//! });
+//!
+//! // Async style, awaiting it, then a timer, then stopping the reactor.
+//! let r = reactor.clone();
+//! let done: Deferred<usize> = reactor.spawn(async move {
+//!     let text = greeting.await?;
+//!     task::sleep(&r, Duration::from_millis(1)).await?;
+//!     let n: usize = "42".parse()?; // any error converts into a Failure
+//!     r.stop()?;
+//!     Ok(text.len() + n)
+//! });
+//!
+//! reactor.run_without_signal_handlers().unwrap();
+//! done.add_callback(|n| {
+//!     assert_eq!(n, 47);
+//!     Ok(n)
+//! });
+//! ```
 //!
 //! # Threads
 //!
@@ -126,8 +161,29 @@
 //!
 //! # Timeouts
 //!
-//! `add_timeout(reactor, delay)` needs the reactor and is not here yet; its
-//! place is marked next to [`Deferred::cancel`] in `defer/deferred.rs`.
+//! [`add_timeout`](Deferred::add_timeout) cancels a Deferred that has not
+//! fired by a deadline and turns the cancellation into
+//! [`Error::TimedOut`](crate::Error::TimedOut). It takes any clock: the
+//! reactor, or [`testing::Clock`](crate::testing::Clock) in tests.
+//!
+//! ```
+//! use std::time::Duration;
+//! use braid::testing::Clock;
+//! use braid::{Deferred, Error};
+//!
+//! let clock = Clock::new();
+//! let reply: Deferred<String> = Deferred::new();
+//! reply.add_timeout(&clock, Duration::from_secs(30));
+//! clock.advance(Duration::from_secs(30));
+//! reply.add_errback(|failure| {
+//!     assert!(matches!(failure.braid_error(), Some(Error::TimedOut)));
+//!     Ok(String::from("no reply"))
+//! });
+//! ```
+//!
+//! For repeating calls, delays, cooperative iteration and small programs,
+//! see [`task`](crate::task); for unit-testing protocols without sockets,
+//! [`testing`](crate::testing).
 
 use std::fmt;
 
