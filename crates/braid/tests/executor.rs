@@ -384,3 +384,45 @@ reactor_test! {
         assert!(!logs.contains("Unhandled error"), "{logs}");
     }
 }
+
+/// Wakes itself and returns Pending `n` times (a cooperative yield).
+struct YieldTimes(u32);
+
+impl Future for YieldTimes {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 == 0 {
+            return Poll::Ready(());
+        }
+        self.0 -= 1;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+reactor_test! {
+    /// A future that wakes itself is polled again on a later iteration,
+    /// not in a loop inside the wake: timers keep running meanwhile.
+    fn self_wake_yields_to_the_loop(r) {
+        let ticks = Rc::new(Cell::new(0u32));
+        let t = ticks.clone();
+        let lc = task::LoopingCall::new(r.clone(), move || t.set(t.get() + 1));
+        lc.start(Duration::ZERO, true).unwrap();
+        let start_iter = r.iterations();
+        let rr = r.clone();
+        let d = r.spawn(async move {
+            YieldTimes(20).await;
+            Ok(rr.iterations())
+        });
+        assert!(!d.called(), "the first poll yields");
+        let got = collect_then_stop(&r, &d);
+        run_reactor(&r);
+        lc.stop().unwrap();
+        let end_iter = match *got.borrow() {
+            Some(Ok(n)) => n,
+            ref other => panic!("{other:?}"),
+        };
+        assert!(end_iter - start_iter >= 20, "one poll per iteration at most");
+        assert!(ticks.get() >= 20, "the zero-interval loop ran alongside: {}", ticks.get());
+    }
+}

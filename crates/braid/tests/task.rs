@@ -385,6 +385,36 @@ fn misuse_is_an_error() {
 }
 
 #[test]
+fn restart_from_inside_the_function() {
+    // The function stops its loop and starts it again: the first run's
+    // Deferred fires, and the new run starts once the function returns.
+    let clock = Clock::new();
+    let slot: Rc<RefCell<Option<LoopingCall>>> = Rc::new(RefCell::new(None));
+    let firsts: Log<Deferred<()>> = log();
+    let n = Rc::new(Cell::new(0));
+    let (s, f, c) = (slot.clone(), firsts.clone(), n.clone());
+    let lc = LoopingCall::new(clock.clone(), move || {
+        c.set(c.get() + 1);
+        if c.get() == 1 {
+            let me = s.borrow().clone().unwrap();
+            me.stop().unwrap();
+            f.borrow_mut().push(me.start(secs(1.0), true).unwrap());
+        }
+    });
+    *slot.borrow_mut() = Some(lc.clone());
+    let first = lc.start(secs(1.0), true).unwrap();
+    assert_eq!(*collect(&first).borrow(), Some(Ok(())), "the first run is over");
+    assert_eq!(n.get(), 1);
+    clock.advance(Duration::ZERO); // the restarted run's immediate call
+    assert_eq!(n.get(), 2);
+    clock.advance(secs(1.0));
+    assert_eq!(n.get(), 3);
+    lc.stop().unwrap();
+    assert!(firsts.borrow()[0].called());
+    slot.borrow_mut().take();
+}
+
+#[test]
 fn reset_restarts_the_phase_from_now() {
     // 12
     let clock = Clock::new();
