@@ -388,7 +388,9 @@ impl FileDescriptor for Connection {
     fn do_read(&self) -> Result<(), Failure> {
         let mut buf = self.reactor.take_read_buffer();
         let result = self
-            .with_sock(|sock| rustix::net::recv(sock, &mut buf[..READ_CHUNK], RecvFlags::empty()).map(|(n, _)| n))
+            .with_sock(|sock| {
+                rustix::net::recv(sock, &mut buf[..READ_CHUNK], RecvFlags::empty()).map(|(n, _)| n)
+            })
             .unwrap_or(Err(Errno::BADF));
         let outcome = match result {
             Ok(0) => Err(Failure::new(Error::ConnectionDone)),
