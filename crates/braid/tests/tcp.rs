@@ -1162,3 +1162,31 @@ reactor_test! {
         assert!(logs.contains("bug after abort"), "the panic was logged: {logs}");
     }
 }
+
+reactor_test! {
+    /// connect_tcp's bind address sets the client's local address; the
+    /// server sees that port as the peer.
+    fn connect_with_bind_address(r) {
+        let seen = Rc::new(RefCell::new(None));
+        let (s, rr) = (seen.clone(), r.clone());
+        let port = r.listen_tcp("127.0.0.1:0", move || {
+            let (s, rr) = (s.clone(), rr.clone());
+            Rec {
+                on_made: Some(Box::new(move |t| {
+                    *s.borrow_mut() = t.peer_addr();
+                    t.lose_connection();
+                    let _ = rr.stop();
+                })),
+                ..Default::default()
+            }
+        }, 50).unwrap();
+        // A free local port to bind the client to.
+        let local: SocketAddr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), Rec::default, None, Some(local));
+        run_reactor(&r);
+        assert_eq!(*seen.borrow(), Some(local));
+    }
+}
