@@ -777,7 +777,8 @@ fn render(
          server's CPU, so the figure is the server's own per-wakeup cost (read, dispatch, write, poll). \
          `accept` closes each connection with SO_LINGER 0 (RST): with a normal close, the client's ephemeral \
          ports held in TIME_WAIT cap loopback at about 14k connections/s on this kernel, and runs flip \
-         between that cap and uncapped.\n"
+         between that cap and uncapped. select(2) takes part in `pipeline-1000`, whose ~1,010 descriptors \
+         all stay below FD_SETSIZE (1024), but not in `idle`.\n"
     );
 
     // Medians table.
