@@ -1190,3 +1190,87 @@ reactor_test! {
         assert_eq!(*seen.borrow(), Some(local));
     }
 }
+
+reactor_test! {
+    /// Writes made inside data_received keep their order whatever mix of
+    /// small, owned and large writes; a reply larger than the socket buffer
+    /// still arrives whole.
+    fn writes_inside_data_received_keep_order(r) {
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let b2 = big.clone();
+        let port = r.listen_tcp("127.0.0.1:0", move || {
+            let b = b2.clone();
+            Rec {
+                on_data: Some(Box::new(move |t, _| {
+                    t.write(b"<");
+                    t.write_vec(b.clone());
+                    t.write(b"|");
+                    t.write_sequence(&[b"x", b"y"]);
+                    t.write(b">");
+                    t.lose_connection();
+                })),
+                ..Default::default()
+            }
+        }, 50).unwrap();
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (d, rr) = (data.clone(), r.clone());
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || Rec {
+            data: d.clone(),
+            on_made: Some(Box::new(|t| t.write(b"go"))),
+            on_lost: stop_on_lost(&rr),
+            ..Default::default()
+        }, None, None);
+        run_reactor(&r);
+        let mut want = b"<".to_vec();
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"|xy>");
+        assert!(*data.borrow() == want, "got {} bytes, want {}", data.borrow().len(), want.len());
+    }
+}
+
+reactor_test! {
+    /// A protocol that writes and then panics in data_received: its
+    /// unsent bytes die with it and never reach another connection.
+    fn panicking_writer_leaks_nothing_to_others(r) {
+        let port = r.listen_tcp("127.0.0.1:0", || Rec {
+            on_data: Some(Box::new(|t, d| {
+                if d.starts_with(b"boom") {
+                    t.write(b"SECRET");
+                    panic!("protocol bug");
+                }
+                t.write(d);
+            })),
+            ..Default::default()
+        }, 50).unwrap();
+        let addr = port.local_addr();
+        let remote = r.remote();
+        let got = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            // Whatever happens here, let the reactor go when done.
+            struct StopOnDrop(braid::Remote);
+            impl Drop for StopOnDrop {
+                fn drop(&mut self) {
+                    let _ = self.0.call_from_thread(|r| {
+                        let _ = r.stop();
+                    });
+                }
+            }
+            let _stop = StopOnDrop(remote);
+            let mut bad = std::net::TcpStream::connect(addr).unwrap();
+            bad.write_all(b"boom").unwrap();
+            let mut sink = Vec::new();
+            bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = bad.read_to_end(&mut sink);
+            let mut good = std::net::TcpStream::connect(addr).unwrap();
+            good.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            good.write_all(b"ok").unwrap();
+            let mut buf = [0u8; 2];
+            good.read_exact(&mut buf).unwrap();
+            (sink, buf)
+        });
+        let ((), _logs) = common::capture_logs(|| run_reactor(&r));
+        let (bad_got, good_got) = got.join().unwrap();
+        assert!(!bad_got.windows(6).any(|w| w == b"SECRET"), "unsent bytes of a panicked protocol went out");
+        assert_eq!(&good_got, b"ok");
+    }
+}

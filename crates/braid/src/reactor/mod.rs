@@ -101,6 +101,10 @@ pub(crate) struct Inner {
     /// One read buffer shared by every connection of this reactor, so an
     /// idle connection holds no buffer of its own.
     read_buf: Cell<Vec<u8>>,
+    /// Where a connection's writes made inside its own `data_received`
+    /// gather until it returns; usually sent at once, so most connections
+    /// never need a write buffer of their own.
+    write_stage: RefCell<Vec<u8>>,
     /// Per-reactor state of higher layers (the future executor, ...), one
     /// value per type, so those layers need no field here.
     extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
@@ -204,6 +208,7 @@ impl Reactor {
                 flushes: RefCell::new(Vec::new()),
                 spare_flushes: Cell::new(Vec::new()),
                 read_buf: Cell::new(Vec::new()),
+                write_stage: RefCell::new(Vec::new()),
                 extensions: RefCell::new(HashMap::new()),
             }),
         })
@@ -582,6 +587,11 @@ impl Reactor {
             buf.resize(READ_CHUNK, 0);
         }
         buf
+    }
+
+    /// The shared write staging buffer (see `write_stage`).
+    pub(crate) fn write_stage(&self) -> std::cell::RefMut<'_, Vec<u8>> {
+        self.inner.write_stage.borrow_mut()
     }
 
     /// Returns the buffer lent by `take_read_buffer`.

@@ -423,6 +423,8 @@ impl FileDescriptor for Connection {
     }
 
     fn do_read(&self) -> Result<(), Failure> {
+        // Left over only if a protocol panicked mid-read: never send it.
+        self.reactor.write_stage().clear();
         let mut buf = self.reactor.take_read_buffer();
         let result = self
             .with_sock(|sock| {
@@ -439,6 +441,7 @@ impl FileDescriptor for Connection {
                         p.data_received(&buf[..n]);
                     }
                 }
+                self.flush_stage();
                 if self.flags.get(FLUSH_QUEUED) {
                     self.flush();
                 }
@@ -510,6 +513,12 @@ impl TransportOps for Connection {
         if self.closing() || self.flags.get(WRITE_CLOSED) || data.is_empty() {
             return;
         }
+        if self.flags.get(IN_READ) && self.buffered_len() == 0 {
+            // Sent when data_received returns; see `flush_stage`.
+            self.reactor.write_stage().extend_from_slice(data);
+            self.flags.set(FLUSH_QUEUED, true);
+            return;
+        }
         self.out_mut().push(data);
         self.after_write();
     }
@@ -518,6 +527,7 @@ impl TransportOps for Connection {
         if self.closing() || self.flags.get(WRITE_CLOSED) || data.is_empty() {
             return;
         }
+        self.unstage();
         self.out_mut().push_vec(data);
         self.after_write();
     }
@@ -526,6 +536,7 @@ impl TransportOps for Connection {
         if self.closing() || self.flags.get(WRITE_CLOSED) {
             return;
         }
+        self.unstage();
         {
             let mut out = self.out_mut();
             for d in data {
@@ -648,6 +659,59 @@ impl Connection {
         let r = sock.as_ref().map(f);
         self.sock.set(sock);
         r
+    }
+
+    /// Moves staged writes into the connection's own buffer, keeping their
+    /// order ahead of a write that cannot be staged.
+    fn unstage(&self) {
+        if self.flags.get(IN_READ) {
+            let mut stage = self.reactor.write_stage();
+            if !stage.is_empty() {
+                self.out_mut().push(&stage);
+                stage.clear();
+                drop(stage);
+                self.after_write();
+            }
+        }
+    }
+
+    /// Sends what the protocol wrote during data_received straight from the
+    /// shared stage; whatever the kernel does not take now is copied into
+    /// the connection's own buffer, to go out when the socket is writable.
+    fn flush_stage(&self) {
+        let mut stage = self.reactor.write_stage();
+        if stage.is_empty() {
+            return;
+        }
+        if self.closing() {
+            stage.clear();
+            return;
+        }
+        let sent = self.with_sock(|sock| loop {
+            match rustix::net::send(sock, &stage, SendFlags::NOSIGNAL) {
+                Err(Errno::INTR) => continue,
+                other => break other,
+            }
+        });
+        let rest = match sent {
+            Some(Ok(n)) => n,
+            Some(Err(Errno::AGAIN)) => 0,
+            // Errors surface from the normal flush, which retries the send.
+            _ => 0,
+        };
+        let unsent = rest < stage.len();
+        if unsent {
+            self.out_mut().push(&stage[rest..]);
+        }
+        stage.clear();
+        if stage.capacity() > 4 * READ_CHUNK {
+            // One huge response should not pin its memory for good.
+            *stage = Vec::new();
+        }
+        drop(stage);
+        if unsent {
+            self.after_write();
+        }
     }
 
     /// The write buffer, created on first use.
