@@ -493,3 +493,54 @@ pub(crate) fn many_descriptors<P: Poller>(mut p: P, wanted: usize) {
     }
     assert_eq!(seen.values().filter(|&&r| r).count(), pipes);
 }
+
+/// One `#[test]` per shared check, for a backend whose poller `$new` builds.
+macro_rules! shared_tests {
+    ($new:expr) => {
+        #[test]
+        fn not_readable_before_write() {
+            $crate::backend::conformance::not_readable_before_write($new);
+        }
+        #[test]
+        fn readable_after_write() {
+            $crate::backend::conformance::readable_after_write($new);
+        }
+        #[test]
+        fn reports_only_ready_descriptors() {
+            $crate::backend::conformance::reports_only_ready_descriptors($new);
+        }
+        #[test]
+        fn write_end_is_writable() {
+            $crate::backend::conformance::write_end_is_writable($new);
+        }
+        #[test]
+        fn writable_follows_buffer_space() {
+            $crate::backend::conformance::writable_follows_buffer_space($new);
+        }
+        #[test]
+        fn modify_interest() {
+            $crate::backend::conformance::modify_interest($new);
+        }
+        #[test]
+        fn remove_stops_events() {
+            $crate::backend::conformance::remove_stops_events($new);
+        }
+        #[test]
+        fn zero_timeout_returns_promptly() {
+            $crate::backend::conformance::zero_timeout_returns_promptly($new);
+        }
+        #[test]
+        fn timeout_is_honoured() {
+            $crate::backend::conformance::timeout_is_honoured($new);
+        }
+        #[test]
+        fn no_timeout_blocks_until_ready() {
+            $crate::backend::conformance::no_timeout_blocks_until_ready($new);
+        }
+        #[test]
+        fn negative_fd_is_invalid_input() {
+            $crate::backend::conformance::negative_fd_is_invalid_input($new);
+        }
+    };
+}
+pub(crate) use shared_tests;

@@ -163,64 +163,11 @@ mod tests {
         EpollPoller::new().expect("epoll_create1")
     }
 
-    #[test]
-    fn not_readable_before_write() {
-        c::not_readable_before_write(new());
-    }
-
-    #[test]
-    fn readable_after_write() {
-        c::readable_after_write(new());
-    }
-
-    #[test]
-    fn reports_only_ready_descriptors() {
-        c::reports_only_ready_descriptors(new());
-    }
-
-    #[test]
-    fn write_end_is_writable() {
-        c::write_end_is_writable(new());
-    }
-
-    #[test]
-    fn writable_follows_buffer_space() {
-        c::writable_follows_buffer_space(new());
-    }
-
-    #[test]
-    fn modify_interest() {
-        c::modify_interest(new());
-    }
-
-    #[test]
-    fn remove_stops_events() {
-        c::remove_stops_events(new());
-    }
-
-    #[test]
-    fn zero_timeout_returns_promptly() {
-        c::zero_timeout_returns_promptly(new());
-    }
-
-    #[test]
-    fn timeout_is_honoured() {
-        c::timeout_is_honoured(new());
-    }
-
-    #[test]
-    fn no_timeout_blocks_until_ready() {
-        c::no_timeout_blocks_until_ready(new());
-    }
+    c::shared_tests!(new());
 
     #[test]
     fn hangup_when_writer_closes() {
         c::hangup_when_writer_closes(new(), true);
-    }
-
-    #[test]
-    fn negative_fd_is_invalid_input() {
-        c::negative_fd_is_invalid_input(new());
     }
 
     #[test]
