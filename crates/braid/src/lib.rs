@@ -22,6 +22,7 @@ pub mod error;
 pub mod protocol;
 pub mod protocols;
 pub mod reactor;
+pub mod resolver;
 mod sys;
 pub mod task;
 pub mod tcp;

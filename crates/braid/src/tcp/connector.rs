@@ -6,7 +6,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
 
@@ -241,18 +241,16 @@ impl Attempt {
             self.connect_to(SocketAddr::new(ip, port));
             return;
         }
-        let lookup_host = host.clone();
-        let resolved = c.inner.reactor.defer_to_thread(move || {
-            (lookup_host.as_str(), port).to_socket_addrs().map(|it| it.collect::<Vec<_>>())
-        });
+        let resolved = c.inner.reactor.resolver().resolve(&c.inner.reactor, &host, port);
         let me = self.clone();
         resolved.add_both(move |result| {
-            match result {
-                Ok(addrs) if !addrs.is_empty() => me.connect_to(addrs[0]),
-                Ok(_) => {
+            match result.as_deref().map(<[SocketAddr]>::first) {
+                Ok(Some(addr)) => me.connect_to(*addr),
+                // A custom resolver may answer with nothing at all.
+                Ok(None) => {
                     me.fail(Failure::new(Error::DnsLookupFailed { host, reason: "no addresses".into() }))
                 }
-                Err(f) => me.fail(Failure::new(Error::DnsLookupFailed { host, reason: f.to_string() })),
+                Err(f) => me.fail(f.clone()),
             }
             Ok(Vec::new())
         });
