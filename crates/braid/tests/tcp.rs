@@ -1274,3 +1274,45 @@ reactor_test! {
         assert_eq!(&good_got, b"ok");
     }
 }
+
+reactor_test! {
+    /// A large write from inside data_received to a slow reader: the part
+    /// the kernel takes goes out at once, the rest is buffered, and
+    /// everything arrives intact and in order, followed by the small write
+    /// made after it.
+    fn large_write_inside_data_received_to_slow_reader(r) {
+        let big: Vec<u8> = (0..4_000_000u32).map(|i| (i % 241) as u8).collect();
+        let b2 = big.clone();
+        let port = r.listen_tcp("127.0.0.1:0", move || {
+            let b = b2.clone();
+            Rec {
+                on_data: Some(Box::new(move |t, _| {
+                    t.write(&b);
+                    t.write(b"end");
+                    t.lose_connection();
+                })),
+                ..Default::default()
+            }
+        }, 50).unwrap();
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let (d, rr, rr2) = (data.clone(), r.clone(), r.clone());
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || {
+            let rr2 = rr2.clone();
+            Rec {
+                data: d.clone(),
+                on_made: Some(Box::new(|t| t.write(b"go"))),
+                on_data: Some(Box::new(move |t, _| {
+                    t.pause_producing();
+                    let t = t.clone();
+                    rr2.call_later(Duration::from_micros(300), move || t.resume_producing());
+                })),
+                on_lost: stop_on_lost(&rr),
+                ..Default::default()
+            }
+        }, None, None);
+        run_reactor(&r);
+        let mut want = big;
+        want.extend_from_slice(b"end");
+        assert!(*data.borrow() == want, "got {} bytes, want {}", data.borrow().len(), want.len());
+    }
+}

@@ -24,6 +24,9 @@ use crate::transport::{Producer, Transport, TransportOps, DEFAULT_HIGH_WATER};
 /// Small writes are copied into the tail chunk up to this size; an owned
 /// buffer at least this large is queued as its own chunk, without a copy.
 const CHUNK: usize = 16 * 1024;
+/// A write made inside data_received at least this large, with nothing
+/// queued ahead of it, is sent at once instead of being copied to the stage.
+const DIRECT_WRITE: usize = 8 * 1024;
 /// How many chunks one `writev` sends at most.
 const MAX_IOV: usize = 64;
 /// A drained buffer keeps its allocation up to this size for reuse.
@@ -514,8 +517,19 @@ impl TransportOps for Connection {
             return;
         }
         if self.flags.get(IN_READ) && self.buffered_len() == 0 {
-            // Sent when data_received returns; see `flush_stage`.
-            self.reactor.write_stage().extend_from_slice(data);
+            let mut stage = self.reactor.write_stage();
+            let mut sent = 0;
+            if stage.is_empty() && data.len() >= DIRECT_WRITE {
+                // Large, and nothing queued ahead of it: send it now rather
+                // than copy it. A failure is left for the flush after
+                // data_received to find, so the connection is never closed
+                // from inside the protocol's own call.
+                sent = self
+                    .with_sock(|sock| rustix::net::send(sock, data, SendFlags::NOSIGNAL).unwrap_or(0))
+                    .unwrap_or(0);
+            }
+            // The rest is sent when data_received returns; see `flush_stage`.
+            stage.extend_from_slice(&data[sent..]);
             self.flags.set(FLUSH_QUEUED, true);
             return;
         }
