@@ -188,11 +188,10 @@ impl Poller for SelectPoller {
         sets.ready_read = sets.want_read;
         sets.ready_write = sets.want_write;
         // SAFETY: `nfds <= FD_SETSIZE`, so select looks at no bit outside the
-        // sets. The
-        // two set pointers come from exclusive borrows of our boxed sets,
-        // valid for the call; the except set is null (not wanted); `tv_ptr`
-        // is null (wait forever) or points at `tv`, which outlives the call.
-        // select keeps none of these pointers.
+        // sets. The two set pointers come from exclusive borrows of our boxed
+        // sets, valid for the call; the except set is null (not wanted);
+        // `tv_ptr` is null (wait forever) or points at `tv`, which outlives
+        // the call. select keeps none of these pointers.
         let n = unsafe {
             libc::select(nfds, &mut sets.ready_read, &mut sets.ready_write, ptr::null_mut(), tv_ptr)
         };
