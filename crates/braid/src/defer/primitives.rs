@@ -75,18 +75,7 @@ impl DeferredSemaphore {
             st.tokens -= 1;
             return Deferred::succeed(());
         }
-        let weak = Rc::downgrade(&self.state);
-        let d = Deferred::with_canceller(move |d: &Deferred<()>| {
-            if let Some(state) = weak.upgrade() {
-                let removed: VecDeque<Deferred<()>> = {
-                    let mut st = state.borrow_mut();
-                    let (gone, kept) = std::mem::take(&mut st.waiting).into_iter().partition(|w| w.ptr_eq(d));
-                    st.waiting = kept;
-                    gone
-                };
-                drop(removed);
-            }
-        });
+        let d = waiter(&self.state, |st| &mut st.waiting);
         st.waiting.push_back(d.clone());
         d
     }
@@ -344,19 +333,31 @@ impl<T: 'static> DeferredQueue<T> {
         if st.backlog.is_some_and(|backlog| st.waiting.len() >= backlog) {
             return Err(DeferError::QueueUnderflow);
         }
-        let weak = Rc::downgrade(&self.state);
-        let d = Deferred::with_canceller(move |d: &Deferred<T>| {
-            if let Some(state) = weak.upgrade() {
-                let removed: VecDeque<Deferred<T>> = {
-                    let mut st = state.borrow_mut();
-                    let (gone, kept) = std::mem::take(&mut st.waiting).into_iter().partition(|w| w.ptr_eq(d));
-                    st.waiting = kept;
-                    gone
-                };
-                drop(removed);
-            }
-        });
+        let d = waiter(&self.state, |st| &mut st.waiting);
         st.waiting.push_back(d.clone());
         Ok(d)
     }
+}
+
+/// A Deferred for a waiter queued in `waiting(state)`: cancelling it while
+/// it waits takes it out of the queue, so cancelled waiters never pile up.
+/// The removed Deferreds are dropped after the borrow ends, since dropping
+/// one may run code that touches the state again.
+fn waiter<S: 'static, T: 'static>(
+    state: &Rc<RefCell<S>>,
+    waiting: fn(&mut S) -> &mut VecDeque<Deferred<T>>,
+) -> Deferred<T> {
+    let weak = Rc::downgrade(state);
+    Deferred::with_canceller(move |d: &Deferred<T>| {
+        if let Some(state) = weak.upgrade() {
+            let removed: VecDeque<Deferred<T>> = {
+                let mut st = state.borrow_mut();
+                let queue = waiting(&mut st);
+                let (gone, kept) = std::mem::take(queue).into_iter().partition(|w| w.ptr_eq(d));
+                *queue = kept;
+                gone
+            };
+            drop(removed);
+        }
+    })
 }
