@@ -18,18 +18,7 @@ use std::time::Duration;
 
 use braid::defer::ensure_deferred;
 use braid::{task, Deferred, Error, Failure, Reactor};
-use common::{capture_logs, run_reactor};
-
-/// Records the final result of a Deferred (failures as text) and handles it.
-fn collect<T: 'static>(d: &Deferred<T>) -> Rc<RefCell<Option<Result<T, String>>>> {
-    let out = Rc::new(RefCell::new(None));
-    let o = out.clone();
-    let _sink: Deferred<()> = d.then(move |r| {
-        *o.borrow_mut() = Some(r.map_err(|f| f.to_string()));
-        Ok(())
-    });
-    out
-}
+use common::{capture_logs, collect, run_reactor};
 
 /// Like `collect`, and stops the reactor once the result is in.
 fn collect_then_stop<T: 'static>(r: &Reactor, d: &Deferred<T>) -> Rc<RefCell<Option<Result<T, String>>>> {

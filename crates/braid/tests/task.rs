@@ -28,7 +28,7 @@ use braid::task::{
 };
 use braid::testing::{Clock, MemoryReactor};
 use braid::{Error, Failure, ReactorTime};
-use common::run_reactor;
+use common::{collect, run_reactor};
 use proptest::prelude::*;
 
 type Log<T> = Rc<RefCell<Vec<T>>>;
@@ -39,17 +39,6 @@ fn log<T>() -> Log<T> {
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
-}
-
-/// Records the final result of a Deferred (failures as text).
-fn collect<T: 'static>(d: &Deferred<T>) -> Rc<RefCell<Option<Result<T, String>>>> {
-    let out = Rc::new(RefCell::new(None));
-    let o = out.clone();
-    let _sink: Deferred<()> = d.then(move |r| {
-        *o.borrow_mut() = Some(r.map_err(|f| f.to_string()));
-        Ok(())
-    });
-    out
 }
 
 fn task_error(f: &Failure) -> Option<TaskError> {

@@ -133,3 +133,17 @@ pub fn set_fd_limit(want: u64) -> u64 {
     let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(want.min(max)), maximum: lim.maximum });
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
+
+/// Records the final result of a Deferred (failures as text) and handles
+/// it, so a test can look at it after the reactor ran.
+pub fn collect<T: 'static>(
+    d: &braid::Deferred<T>,
+) -> std::rc::Rc<std::cell::RefCell<Option<Result<T, String>>>> {
+    let out = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let o = out.clone();
+    let _sink: braid::Deferred<()> = d.then(move |r| {
+        *o.borrow_mut() = Some(r.map_err(|f| f.to_string()));
+        Ok(())
+    });
+    out
+}
