@@ -136,6 +136,21 @@ impl<F: FnMut() -> Rec> ClientFactory for Client<F> {
     }
 }
 
+/// A server whose connections record what happens to them and stop the
+/// reactor when lost.
+fn recording_server(r: &Reactor) -> (Events, braid::ListeningPort) {
+    let log = events();
+    let (l, rr) = (log.clone(), r.clone());
+    let port = r
+        .listen_tcp(
+            "127.0.0.1:0",
+            move || Rec { log: l.clone(), on_lost: stop_on_lost(&rr), ..Default::default() },
+            50,
+        )
+        .unwrap();
+    (log, port)
+}
+
 fn stop_on_lost(r: &Reactor) -> LostHook {
     let r = r.clone();
     Some(Box::new(move |_| {
@@ -328,13 +343,7 @@ reactor_test! {
     /// Without half-close support, the peer's FIN closes the connection
     /// with ConnectionDone.
     fn fin_closes_plain_protocol(r) {
-        let server_log = events();
-        let (sl, rr) = (server_log.clone(), r.clone());
-        let port = r.listen_tcp("127.0.0.1:0", move || Rec {
-            log: sl.clone(),
-            on_lost: stop_on_lost(&rr),
-            ..Default::default()
-        }, 50).unwrap();
+        let (server_log, port) = recording_server(&r);
         r.connect_tcp("127.0.0.1", port.local_addr().port(), || Rec {
             on_made: Some(Box::new(|t| t.lose_write_connection())),
             half: true,
@@ -350,13 +359,7 @@ reactor_test! {
     /// ConnectionAborted (from the loop, not inside the call), the peer
     /// ConnectionLost.
     fn abort_versus_lose(r) {
-        let server_log = events();
-        let (sl, rr) = (server_log.clone(), r.clone());
-        let port = r.listen_tcp("127.0.0.1:0", move || Rec {
-            log: sl.clone(),
-            on_lost: stop_on_lost(&rr),
-            ..Default::default()
-        }, 50).unwrap();
+        let (server_log, port) = recording_server(&r);
         let client_log = events();
         let cl = client_log.clone();
         r.connect_tcp("127.0.0.1", port.local_addr().port(), move || {
