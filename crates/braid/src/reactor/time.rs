@@ -1,10 +1,13 @@
 //! Time: `call_later` and the `DelayedCall` handle it returns.
 //!
-//! Each scheduled call is one allocation that holds the closure and the
-//! call's state; the queue and every `DelayedCall` handle share it. The
-//! reactor and the deterministic `testing::Clock` both keep a [`Timers`],
-//! differing only in where "now" comes from, so a `DelayedCall` behaves the
-//! same whichever scheduled it.
+//! A scheduled call costs no allocation of its own: its state sits in the
+//! timer queue's slab entry, and its closure in a pool for its closure type
+//! (`closure_pool`). A `DelayedCall` names the entry and is counted in it,
+//! so the entry (and with it the call's fate: pending, called, cancelled)
+//! lasts as long as the call is pending or any handle remains, and an id is
+//! never reused under a handle. The reactor and the deterministic
+//! `testing::Clock` both keep a [`Timers`], differing only in where "now"
+//! comes from, so a `DelayedCall` behaves the same whichever scheduled it.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -12,9 +15,10 @@ use std::rc::{Rc, Weak};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use super::closure_pool::{ClosurePools, ClosureRef};
 use super::guard::{self, CallbackResult};
-use super::timer_queue::{TimerKey, TimerQueue};
-use crate::error::{Error, Failure};
+use super::timer_queue::{TimerId, TimerQueue};
+use crate::error::Error;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CallState {
@@ -23,43 +27,16 @@ enum CallState {
     Cancelled,
 }
 
-/// The shared part of one scheduled call.
-trait CallNode {
-    fn state(&self) -> &Cell<CallState>;
-    fn key(&self) -> &Cell<TimerKey>;
-    /// Runs the closure (once); later calls do nothing.
-    fn fire(&self) -> Result<(), Failure>;
-    /// Drops the closure, freeing what it captured.
-    fn discard(&self);
+/// What the queue keeps for one call.
+struct Call {
+    closure: ClosureRef,
+    /// Live `DelayedCall` handles.
+    handles: u32,
+    state: CallState,
 }
 
-struct Node<F> {
-    state: Cell<CallState>,
-    key: Cell<TimerKey>,
-    f: Cell<Option<F>>,
-}
-
-impl<F, R> CallNode for Node<F>
-where
-    F: FnOnce() -> R,
-    R: CallbackResult,
-{
-    fn state(&self) -> &Cell<CallState> {
-        &self.state
-    }
-    fn key(&self) -> &Cell<TimerKey> {
-        &self.key
-    }
-    fn fire(&self) -> Result<(), Failure> {
-        match self.f.take() {
-            Some(f) => f().into_result(),
-            None => Ok(()),
-        }
-    }
-    fn discard(&self) {
-        drop(self.f.take());
-    }
-}
+/// How many upcoming calls `run_due` warms at a time.
+const WARM_AHEAD: usize = 32;
 
 /// Where a timer set reads the current time.
 pub(crate) enum TimeSource {
@@ -77,7 +54,8 @@ fn origin() -> Instant {
 
 /// A queue of delayed calls and the clock that says when they are due.
 pub(crate) struct Timers {
-    queue: RefCell<TimerQueue<Rc<dyn CallNode>>>,
+    queue: RefCell<TimerQueue<Call>>,
+    closures: ClosurePools,
     source: TimeSource,
 }
 
@@ -92,7 +70,7 @@ impl Timers {
         if matches!(source, TimeSource::Monotonic) {
             origin();
         }
-        Rc::new(Timers { queue: RefCell::new(TimerQueue::new()), source })
+        Rc::new(Timers { queue: RefCell::new(TimerQueue::new()), closures: ClosurePools::new(), source })
     }
 
     /// Now, in nanoseconds since the origin.
@@ -123,19 +101,15 @@ impl Timers {
         R: CallbackResult + 'static,
     {
         let deadline = self.now_ns().saturating_add(saturating_nanos(delay));
-        let node: Rc<dyn CallNode> = Rc::new(Node {
-            state: Cell::new(CallState::Pending),
-            key: Cell::new(TimerKey { index: 0, generation: 0 }),
-            f: Cell::new(Some(f)),
-        });
-        let key = self.queue.borrow_mut().insert(deadline, node.clone());
-        node.key().set(key);
-        DelayedCall { node, timers: Rc::downgrade(self) }
+        let closure = self.closures.insert(f);
+        let call = Call { closure, handles: 1, state: CallState::Pending };
+        let id = self.queue.borrow_mut().insert(deadline, call);
+        DelayedCall { timers: Rc::downgrade(self), id }
     }
 
     /// The time until the earliest pending call, `None` if there is none.
     pub fn timeout(&self) -> Option<Duration> {
-        let next = self.queue.borrow().next_deadline()?;
+        let next = self.queue.borrow_mut().next_deadline()?;
         Some(Duration::from_nanos(next.saturating_sub(self.now_ns())))
     }
 
@@ -146,53 +120,105 @@ impl Timers {
         let now = self.now_ns();
         let limit = self.queue.borrow().next_seq();
         let mut ran = 0;
+        let mut until_warm = 0;
         loop {
-            let popped = self.queue.borrow_mut().pop_due(now, limit);
-            let Some((_, node)) = popped else { break };
-            node.state().set(CallState::Called);
+            if until_warm == 0 {
+                self.warm_ahead(WARM_AHEAD);
+                until_warm = WARM_AHEAD / 2;
+            }
+            until_warm -= 1;
+            let closure = {
+                let mut queue = self.queue.borrow_mut();
+                let Some(id) = queue.pop_due(now, limit) else { break };
+                let call = queue.get_mut(id).expect("timers: a popped call has an entry");
+                call.state = CallState::Called;
+                let closure = call.closure;
+                if call.handles == 0 {
+                    queue.release(id);
+                }
+                closure
+            };
             ran += 1;
-            guard::run_logged(|| "in a delayed call".to_string(), || node.fire());
+            guard::run_logged(|| "in a delayed call".to_string(), || self.closures.call(closure));
         }
         ran
+    }
+
+    /// Touches the entries and closures of the next calls due, so that a
+    /// burst of firing finds them in the cache.
+    fn warm_ahead(&self, n: usize) {
+        let queue = self.queue.borrow();
+        for call in queue.upcoming(n) {
+            self.closures.touch(call.closure);
+        }
     }
 
     /// Handles to every pending call.
     pub fn pending(self: &Rc<Self>) -> Vec<DelayedCall> {
         let weak = Rc::downgrade(self);
-        self.queue
-            .borrow()
-            .iter()
-            .map(|(_, _, node)| DelayedCall { node: node.clone(), timers: weak.clone() })
+        let mut queue = self.queue.borrow_mut();
+        let ids: Vec<TimerId> = queue.pending().map(|(id, _)| id).collect();
+        ids.into_iter()
+            .map(|id| {
+                if let Some(call) = queue.get_mut(id) {
+                    call.handles += 1;
+                }
+                DelayedCall { timers: weak.clone(), id }
+            })
             .collect()
+    }
+
+    fn state(&self, id: TimerId) -> CallState {
+        self.queue.borrow_mut().get_mut(id).map_or(CallState::Cancelled, |call| call.state)
     }
 }
 
 /// A handle to a call scheduled with `call_later`: cancel it, move it, ask
 /// about it. Clones refer to the same call.
-#[derive(Clone)]
+///
+/// Once the reactor (or `Clock`) that scheduled the call is gone, the call
+/// will never run: the handle then reports it as cancelled.
 pub struct DelayedCall {
-    node: Rc<dyn CallNode>,
     timers: Weak<Timers>,
+    id: TimerId,
 }
 
 impl DelayedCall {
+    /// The timer set, if it still exists, with this call's state.
+    fn lookup(&self) -> Option<(Rc<Timers>, CallState)> {
+        let timers = self.timers.upgrade()?;
+        let state = timers.state(self.id);
+        Some((timers, state))
+    }
+
     fn check_pending(&self) -> Result<Rc<Timers>, Error> {
-        match self.node.state().get() {
-            CallState::Called => Err(Error::AlreadyCalled),
-            CallState::Cancelled => Err(Error::AlreadyCancelled),
-            // A reactor that is gone will never run the call: treat it as
-            // cancelled rather than pretending it can still be moved.
-            CallState::Pending => self.timers.upgrade().ok_or(Error::AlreadyCancelled),
+        match self.lookup() {
+            Some((timers, CallState::Pending)) => Ok(timers),
+            Some((_, CallState::Called)) => Err(Error::AlreadyCalled),
+            _ => Err(Error::AlreadyCancelled),
         }
     }
 
     /// Unschedules the call. Fails with `AlreadyCalled` or `AlreadyCancelled`.
     /// The closure is dropped at once, freeing what it captured.
     pub fn cancel(&self) -> Result<(), Error> {
-        let timers = self.check_pending()?;
-        timers.queue.borrow_mut().remove(self.node.key().get());
-        self.node.state().set(CallState::Cancelled);
-        self.node.discard();
+        let timers = self.timers.upgrade().ok_or(Error::AlreadyCancelled)?;
+        let closure = {
+            let mut queue = timers.queue.borrow_mut();
+            let call = queue.get_mut(self.id).ok_or(Error::AlreadyCancelled)?;
+            match call.state {
+                CallState::Called => return Err(Error::AlreadyCalled),
+                CallState::Cancelled => return Err(Error::AlreadyCancelled),
+                CallState::Pending => {}
+            }
+            call.state = CallState::Cancelled;
+            let closure = call.closure;
+            queue.cancel(self.id);
+            closure
+        };
+        // Outside the queue's borrow: dropping the closure may drop other
+        // handles, which update the queue.
+        timers.closures.discard(closure);
         Ok(())
     }
 
@@ -200,7 +226,7 @@ impl DelayedCall {
     pub fn reset(&self, delay: Duration) -> Result<(), Error> {
         let timers = self.check_pending()?;
         let deadline = timers.now_ns().saturating_add(saturating_nanos(delay));
-        timers.queue.borrow_mut().reschedule(self.node.key().get(), deadline);
+        timers.queue.borrow_mut().reschedule(self.id, deadline);
         Ok(())
     }
 
@@ -208,41 +234,69 @@ impl DelayedCall {
     pub fn delay(&self, by: Duration) -> Result<(), Error> {
         let timers = self.check_pending()?;
         let mut queue = timers.queue.borrow_mut();
-        let key = self.node.key().get();
-        if let Some(current) = queue.deadline(key) {
-            queue.reschedule(key, current.saturating_add(saturating_nanos(by)));
+        if let Some(current) = queue.deadline(self.id) {
+            queue.reschedule(self.id, current.saturating_add(saturating_nanos(by)));
         }
         Ok(())
     }
 
     /// True until the call has run or been cancelled.
     pub fn active(&self) -> bool {
-        self.node.state().get() == CallState::Pending && self.timers.strong_count() > 0
+        matches!(self.lookup(), Some((_, CallState::Pending)))
     }
 
     /// True once the call has run.
     pub fn called(&self) -> bool {
-        self.node.state().get() == CallState::Called
+        matches!(self.lookup(), Some((_, CallState::Called)))
     }
 
-    /// True once the call has been cancelled.
+    /// True once the call has been cancelled (or can no longer run, its
+    /// reactor being gone).
     pub fn cancelled(&self) -> bool {
-        self.node.state().get() == CallState::Cancelled
+        matches!(self.lookup(), None | Some((_, CallState::Cancelled)))
     }
 
     /// When the call is due, in the seconds of `Reactor::seconds()`; `None`
     /// once it has run or been cancelled.
     pub fn time(&self) -> Option<f64> {
         let timers = self.check_pending().ok()?;
-        let deadline = timers.queue.borrow().deadline(self.node.key().get())?;
+        let deadline = timers.queue.borrow().deadline(self.id)?;
         Some(deadline as f64 / 1e9)
+    }
+}
+
+impl Clone for DelayedCall {
+    fn clone(&self) -> Self {
+        if let Some(timers) = self.timers.upgrade() {
+            if let Some(call) = timers.queue.borrow_mut().get_mut(self.id) {
+                call.handles += 1;
+            }
+        }
+        DelayedCall { timers: self.timers.clone(), id: self.id }
+    }
+}
+
+impl Drop for DelayedCall {
+    fn drop(&mut self) {
+        let Some(timers) = self.timers.upgrade() else { return };
+        // The queue is never borrowed while user code runs, so this borrow
+        // succeeds; if it ever did not, keeping the entry is the safe choice.
+        let Ok(mut queue) = timers.queue.try_borrow_mut() else {
+            debug_assert!(false, "DelayedCall dropped while the timer queue is borrowed");
+            return;
+        };
+        let Some(call) = queue.get_mut(self.id) else { return };
+        call.handles -= 1;
+        if call.handles == 0 && call.state != CallState::Pending {
+            queue.release(self.id);
+        }
     }
 }
 
 impl PartialEq for DelayedCall {
     /// A delayed call equals only itself (and its clones).
     fn eq(&self, other: &Self) -> bool {
-        Rc::ptr_eq(&self.node, &other.node)
+        self.id == other.id && Weak::ptr_eq(&self.timers, &other.timers)
     }
 }
 
@@ -250,16 +304,19 @@ impl Eq for DelayedCall {}
 
 impl fmt::Debug for DelayedCall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.node.state().get();
         let mut d = f.debug_struct("DelayedCall");
-        d.field("id", &(Rc::as_ptr(&self.node) as *const ()));
-        if let (CallState::Pending, Some(timers)) = (state, self.timers.upgrade()) {
-            if let Some(deadline) = timers.queue.borrow().deadline(self.node.key().get()) {
-                let left = deadline.saturating_sub(timers.now_ns()) as f64 / 1e9;
-                d.field("due_in_seconds", &left);
+        d.field("id", &self.id);
+        match self.lookup() {
+            Some((timers, state)) => {
+                if let Some(deadline) = timers.queue.borrow().deadline(self.id) {
+                    let left = deadline.saturating_sub(timers.now_ns()) as f64 / 1e9;
+                    d.field("due_in_seconds", &left);
+                }
+                d.field("state", &state)
             }
+            None => d.field("state", &CallState::Cancelled),
         }
-        d.field("state", &state).finish()
+        .finish()
     }
 }
 
@@ -273,4 +330,112 @@ pub trait ReactorTime {
     fn schedule(&self, delay: Duration, f: Box<dyn FnOnce()>) -> DelayedCall;
     /// Every pending call.
     fn pending_calls(&self) -> Vec<DelayedCall>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manual() -> Rc<Timers> {
+        Timers::new(TimeSource::Manual(Cell::new(0)))
+    }
+
+    /// Slab entries in use: pending calls plus finished ones with handles.
+    fn entries(timers: &Timers) -> usize {
+        timers.queue.borrow().allocated()
+    }
+
+    #[test]
+    fn every_handle_sees_the_fate_of_the_call() {
+        let timers = manual();
+        let ran = Rc::new(Cell::new(0));
+        let r = ran.clone();
+        let a = timers.call_later(Duration::from_secs(1), move || r.set(r.get() + 1));
+        let b = a.clone();
+        let listed = timers.pending().pop().unwrap();
+        assert!(a == b && b == listed);
+        timers.advance(Duration::from_secs(1));
+        assert_eq!(timers.run_due(), 1);
+        assert_eq!(ran.get(), 1);
+        drop(a);
+        assert!(b.called() && listed.called() && !b.active() && !b.cancelled());
+        assert!(matches!(listed.cancel(), Err(Error::AlreadyCalled)));
+
+        let c = timers.call_later(Duration::from_secs(1), || ());
+        let d = timers.pending().pop().unwrap();
+        d.cancel().unwrap();
+        assert!(c.cancelled() && !c.called(), "a cancel through one handle shows in the others");
+        assert!(matches!(c.cancel(), Err(Error::AlreadyCancelled)));
+        assert!(c != b, "a finished call's id is not reused while a handle names it");
+    }
+
+    #[test]
+    fn entries_are_freed_with_the_last_handle() {
+        let timers = manual();
+        // Fire and forget: the entry goes as soon as the call has run.
+        drop(timers.call_later(Duration::ZERO, || ()));
+        assert_eq!(entries(&timers), 1);
+        timers.run_due();
+        assert_eq!(entries(&timers), 0);
+        // Held handles keep a finished entry, and only until the last goes.
+        let a = timers.call_later(Duration::ZERO, || ());
+        let b = a.clone();
+        a.cancel().unwrap();
+        assert_eq!(entries(&timers), 1);
+        drop(a);
+        assert_eq!(entries(&timers), 1);
+        drop(b);
+        assert_eq!(entries(&timers), 0);
+        // Many handles, all dropped, nothing left.
+        let calls: Vec<_> = (0..10_000).map(|i| timers.call_later(Duration::from_millis(i), || ())).collect();
+        timers.advance(Duration::from_millis(5_000));
+        timers.run_due();
+        drop(calls);
+        assert_eq!(entries(&timers), 4_999, "calls due after 5 s are still pending");
+        timers.advance(Duration::from_secs(10));
+        timers.run_due();
+        assert_eq!(entries(&timers), 0);
+    }
+
+    #[test]
+    fn a_handle_outliving_its_timers_reports_cancelled() {
+        let timers = manual();
+        let dc = timers.call_later(Duration::from_secs(1), || ());
+        let copy = dc.clone();
+        drop(timers);
+        assert!(dc.cancelled() && !dc.active() && !dc.called());
+        assert!(matches!(dc.cancel(), Err(Error::AlreadyCancelled)));
+        assert!(matches!(dc.reset(Duration::ZERO), Err(Error::AlreadyCancelled)));
+        assert_eq!(dc.time(), None);
+        assert!(dc == copy);
+        assert!(format!("{dc:?}").contains("Cancelled"));
+    }
+
+    #[test]
+    fn closures_may_drop_and_cancel_handles_while_running() {
+        let timers = manual();
+        let victim =
+            timers.call_later(Duration::from_secs(2), || -> () { panic!("cancelled, must not run") });
+        let held = Rc::new(RefCell::new(Some(victim.clone())));
+        let h = held.clone();
+        let t = timers.clone();
+        timers.call_later(Duration::from_secs(1), move || {
+            // Cancel another due call, drop a handle and schedule a new
+            // closure type, all from inside a callback.
+            h.borrow().as_ref().unwrap().cancel().unwrap();
+            h.borrow_mut().take();
+            t.call_later(Duration::ZERO, || ());
+        });
+        // A closure owning a handle: cancelling it drops the handle inside
+        // the cancel.
+        let inner = timers.call_later(Duration::from_secs(5), || ());
+        let owner = timers.call_later(Duration::from_secs(5), move || drop(inner));
+        owner.cancel().unwrap();
+        timers.advance(Duration::from_secs(3));
+        assert_eq!(timers.run_due(), 1, "the victim was cancelled before its turn");
+        assert!(victim.cancelled());
+        assert_eq!(timers.run_due(), 1, "the call scheduled inside runs next pass");
+        drop(victim);
+        assert_eq!(timers.pending().len(), 1);
+    }
 }

@@ -6,51 +6,51 @@
 //!
 //! # Design
 //!
-//! A hierarchical timing wheel in front of a sorted "due" run:
+//! Entries live in a slab and are named by their index ([`TimerId`]). The
+//! queue orders *items*, small copies of `(deadline, seq, index)`:
 //!
-//! * Time is cut into ticks of 2^16 ns (65.5 µs). The wheel has 8 levels of
-//!   64 slots; a slot at level `l` spans 64^l ticks, so the levels together
-//!   cover every `u64` deadline. An entry lives at the level of the highest
-//!   6-bit digit in which its tick differs from the wheel's origin tick
-//!   (`origin`), in the slot named by that digit. Everything at level `l` is
-//!   therefore earlier than everything at level `l + 1`, and within a level
-//!   the slots are in time order.
-//! * A slot is a vector of `(deadline, seq, index)` items. Schedule is a
-//!   push, cancel a swap-remove. Only the *front* slot (the first occupied
-//!   slot of the lowest occupied level, found with `trailing_zeros`, which
-//!   holds the wheel's earliest entry) is kept as an indexed 4-ary min-heap,
-//!   so `next_deadline` is exact and O(1); a slot is heapified when it
-//!   becomes the front, at most once per stay.
-//! * Entries whose tick is below `bound` are due now or soon. They sit either
-//!   in `run`, a sorted vector filled with whole level-0 slots as time
-//!   reaches them (one `sort_unstable` per slot; firing is then a cursor
-//!   walk), or in `late`, an indexed heap for entries scheduled into the
-//!   past or the current tick (a callback rescheduling "now", say).
-//! * `pop_due` moves the origin forward to the caller's `now`, cascading the
-//!   slots it enters into lower levels (an entry moves at most once per
-//!   level over its life).
+//! * Time is cut into ticks of 2^16 ns (65.5 µs). A hierarchical wheel of 8
+//!   levels of 64 slots holds the items not yet due; a slot at level `l`
+//!   spans 64^l ticks, so the levels cover every `u64` deadline. An item
+//!   lives at the level of the highest 6-bit digit in which its tick differs
+//!   from the wheel's origin tick, in the slot named by that digit, so
+//!   everything at level `l` is earlier than everything at level `l + 1`.
+//! * A slot is a plain vector (schedule is a push). Only the *front* slot,
+//!   which holds the earliest items, is kept in 4-ary heap order, so
+//!   `next_deadline` is exact.
+//! * Items whose tick has been reached sit in `run`, a sorted vector filled
+//!   a whole level-0 slot at a time (one `sort_unstable` per slot; firing
+//!   is a cursor walk), or in `late`, a heap for items scheduled into the
+//!   past or the current tick.
 //!
-//! Every entry has a stable index into `slab` (an intrusive free list links
-//! the vacant ones) recording where its item sits, so cancel and reschedule
-//! find it at once: O(1) in a plain slot, O(log k) in a heap of k items.
-//! Nothing is removed lazily: a cancelled entry leaves its slot at once and
-//! its slab index is reused at once, with a new generation so stale keys are
-//! recognised. (Cancelling an entry already in the sorted run blanks its run
-//! cell; the run only holds entries whose tick has been reached and is
-//! consumed as they fire, so blanks cannot accumulate beyond it.)
+//! **Cancelling is lazy.** The entry records the sequence number of the
+//! item that stands for it (`queued`); cancel just clears that, turning the
+//! item into a tombstone, which costs one write to the entry and touches no
+//! container. (Finding and unlinking the item at once would cost one or
+//! two cache misses per cancel at a random place in a large queue: the
+//! profile of the eager version spent most of its cancel time there.)
+//! Tombstones are dropped when they reach the front: firing reads the
+//! entry anyway, and `next_deadline` pops stale heads. So that they never
+//! pile up, a sweep removes them all once they outnumber twice the pending
+//! entries (plus a floor), which keeps memory within a constant factor of
+//! what is pending and costs O(1) amortized per cancel.
 //!
-//! Measured against a plain indexed 4-ary heap at 1,000,000 pending timers
-//! with random deadlines, the wheel is as fast to schedule, a little slower
-//! to cancel in scheduling order, faster to cancel in random order, and
-//! about twice as fast to fire a dense burst (no sift-down through a big
-//! heap per pop). See BENCHMARKS.md, "Timers".
+//! **Postponing is lazy too.** Moving an entry later only rewrites its
+//! deadline; the old item surfaces at its old time and is put back at the
+//! new one. Network timeouts are reset on every message and almost always
+//! later, so a reset is usually a couple of stores. Moving earlier adds a
+//! new item and leaves the old one as a tombstone.
+//!
+//! A slab entry stays allocated after it has fired or been cancelled until
+//! the owner calls [`TimerQueue::release`], so an owner can keep per-entry
+//! state (the reactor keeps the call's fate for its handles) and ids are
+//! never reused under it. Because sequence numbers are never reused, a
+//! tombstone can never be mistaken for a later entry in the same slot.
 
-/// Identifies one entry; stale keys (popped or removed) are detected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct TimerKey {
-    pub(crate) index: u32,
-    pub(crate) generation: u32,
-}
+use std::cmp::Ordering;
+
+/// Names an entry of a [`TimerQueue`] until it is released.
+pub(crate) type TimerId = u32;
 
 /// log2 of the tick length in nanoseconds (65.536 µs).
 const TICK_SHIFT: u32 = 16;
@@ -62,18 +62,21 @@ const LEVELS: usize = (64 - TICK_SHIFT).div_ceil(LEVEL_BITS) as usize;
 const MAX_TICK: u64 = u64::MAX >> TICK_SHIFT;
 const ARITY: usize = 4;
 
-/// `Entry::place` values other than a wheel slot number.
-const LATE: u32 = u32::MAX - 2;
-const RUN: u32 = u32::MAX - 1;
-const VACANT: u32 = u32::MAX;
-/// "No index": end of the free list, or a cancelled cell of the run.
+/// The place of an item that goes to the `late` heap rather than a slot.
+const LATE: u32 = u32::MAX;
+/// End of the free list.
 const NONE: u32 = u32::MAX;
+/// `Entry::queued` of an entry that is not pending.
+const DONE: u64 = u64::MAX;
 
 /// Vectors larger than this (in items) are released rather than kept for
-/// reuse once emptied, and shrink when they fall below a quarter full.
+/// reuse once emptied.
 const KEEP_CAPACITY: usize = 1024;
-/// A slab at least this long is released when the queue becomes empty.
+/// A slab at least this long is released when the queue holds nothing.
 const RESET_SLAB_LEN: usize = 4096;
+/// Tombstones are swept once there are more than twice the pending entries
+/// plus this many.
+const SWEEP_FLOOR: usize = 1024;
 
 #[derive(Clone, Copy, Debug)]
 struct Item {
@@ -92,41 +95,66 @@ impl Item {
 }
 
 struct Entry<T> {
-    /// Position in the container named by `place`; for the run, the
-    /// position plus `run_base`; for a vacant slot, the next free index.
-    pos: u32,
-    generation: u32,
-    /// A wheel slot (`level * SLOTS + slot`), `LATE`, `RUN` or `VACANT`.
-    place: u32,
+    /// When the entry is due (its latest schedule).
+    deadline: u64,
+    /// Its order among equal deadlines (its latest schedule).
+    seq: u64,
+    /// The sequence number of the item that stands for it in a container,
+    /// or `DONE`. Behind `(deadline, seq)` after a lazy postpone.
+    queued: u64,
+    /// For a vacant entry, the next free index.
+    next_free: u32,
+    /// `None` while vacant.
     value: Option<T>,
+}
+
+/// What an item found in a container means now.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Status {
+    /// Its entry is gone, done, or has a newer item elsewhere.
+    Stale,
+    /// Its entry was moved later: put it back at the entry's deadline.
+    Postponed,
+    Live,
+}
+
+#[inline]
+fn status<T>(slab: &[Entry<T>], item: &Item) -> Status {
+    match slab.get(item.index as usize) {
+        Some(entry) if entry.queued == item.seq => {
+            if entry.seq == item.seq {
+                Status::Live
+            } else {
+                Status::Postponed
+            }
+        }
+        _ => Status::Stale,
+    }
 }
 
 pub(crate) struct TimerQueue<T> {
     slab: Vec<Entry<T>>,
     free: u32,
-    len: usize,
+    /// Slab entries holding a value (pending or waiting for `release`).
+    allocated: usize,
+    /// Pending entries.
+    live: usize,
+    /// Tombstones still in containers.
+    stale: usize,
     seq: u64,
-    /// Generation given to brand-new slab slots; raised when the slab is
-    /// released so that keys from before stay stale.
-    generation_floor: u32,
-    /// Highest generation any key has carried.
-    max_generation: u32,
     slots: Vec<Vec<Item>>,
     /// Per level, which slots hold items.
     occupied: [u64; LEVELS],
     /// Per level, which slots are kept in heap order. Only the front slot
-    /// (the first occupied slot of the lowest occupied level, where the
-    /// wheel's earliest entry is) has to be; the others are plain vectors
-    /// until they become the front.
+    /// (the first occupied slot of the lowest occupied level) has to be.
     ordered: [u64; LEVELS],
-    /// The wheel's origin tick: every wheel entry has a tick `>= bound >=
+    /// The wheel's origin tick: every wheel item has a tick `>= bound >=
     /// origin`, placed relative to `origin`.
     origin: u64,
-    /// Ticks below this are due: their entries are in `run` or `late`.
+    /// Ticks below this are due: their items are in `run` or `late`.
     bound: u64,
     run: Vec<Item>,
     run_head: usize,
-    run_base: u32,
     late: Vec<Item>,
 }
 
@@ -141,10 +169,10 @@ impl<T> TimerQueue<T> {
         TimerQueue {
             slab: Vec::new(),
             free: NONE,
-            len: 0,
+            allocated: 0,
+            live: 0,
+            stale: 0,
             seq: 0,
-            generation_floor: 0,
-            max_generation: 0,
             slots: (0..LEVELS * SLOTS).map(|_| Vec::new()).collect(),
             occupied: [0; LEVELS],
             ordered: [0; LEVELS],
@@ -152,86 +180,119 @@ impl<T> TimerQueue<T> {
             bound: 0,
             run: Vec::new(),
             run_head: 0,
-            run_base: 0,
             late: Vec::new(),
         }
     }
 
-    /// An empty queue with room for `capacity` entries in its slab.
-    #[allow(dead_code)]
-    pub fn with_capacity(capacity: usize) -> Self {
-        let mut q = Self::new();
-        q.slab.reserve(capacity);
-        q
-    }
-
     /// Adds an entry due at `deadline`; takes the next sequence number.
-    pub fn insert(&mut self, deadline: u64, value: T) -> TimerKey {
+    pub fn insert(&mut self, deadline: u64, value: T) -> TimerId {
         let seq = self.take_seq();
-        let index = self.alloc(value);
-        let place = self.place_for(deadline);
-        self.push(place, Item { deadline, seq, index });
-        TimerKey { index, generation: self.slab[index as usize].generation }
+        let index = self.alloc(deadline, seq, value);
+        self.live += 1;
+        self.push(Item { deadline, seq, index });
+        index
     }
 
-    /// Removes a pending entry; `None` if the key is stale.
-    pub fn remove(&mut self, key: TimerKey) -> Option<T> {
-        let (place, pos) = self.locate(key)?;
-        self.unlink(place, pos);
-        Some(self.release(key.index))
+    /// Unschedules a pending entry; false if it is not pending. The entry
+    /// stays allocated until released.
+    pub fn cancel(&mut self, id: TimerId) -> bool {
+        let Some(entry) = self.pending_entry(id) else {
+            return false;
+        };
+        entry.queued = DONE;
+        self.live -= 1;
+        self.stale += 1;
+        self.maybe_sweep();
+        true
     }
 
     /// Moves a pending entry to `deadline` and gives it a fresh sequence
-    /// number; false if the key is stale.
-    pub fn reschedule(&mut self, key: TimerKey, deadline: u64) -> bool {
-        let Some((place, pos)) = self.locate(key) else {
+    /// number; false if it is not pending.
+    pub fn reschedule(&mut self, id: TimerId, deadline: u64) -> bool {
+        let Some(current) = self.pending_entry(id).map(|e| e.deadline) else {
             return false;
         };
         let seq = self.take_seq();
-        let new_place = self.place_for(deadline);
-        let item = Item { deadline, seq, index: key.index };
-        if new_place == place && place != RUN {
-            // Same container: update in place and restore the heap order.
-            let (heap, ordered) = if place == LATE {
-                (&mut self.late, true)
-            } else {
-                let (level, slot) = split(place);
-                let ordered = self.ordered[level] & (1 << slot) != 0;
-                (&mut self.slots[place as usize], ordered)
-            };
-            let old = std::mem::replace(&mut heap[pos as usize], item);
-            if !ordered {
-                // A plain vector: nothing to restore.
-            } else if item.key() < old.key() {
-                sift_up(heap, &mut self.slab, pos as usize);
-            } else {
-                sift_down(heap, &mut self.slab, pos as usize);
-            }
-        } else {
-            self.unlink(place, pos);
-            self.push(new_place, item);
+        let entry = &mut self.slab[id as usize];
+        entry.deadline = deadline;
+        entry.seq = seq;
+        if deadline < current {
+            // Earlier than the item in the queue: it must be replaced.
+            entry.queued = seq;
+            self.stale += 1;
+            self.push(Item { deadline, seq, index: id });
+            self.maybe_sweep();
         }
+        // Later (or equal: the new sequence number sorts after the old):
+        // the item surfaces first and is then moved.
         true
     }
 
     /// The deadline of a pending entry.
-    pub fn deadline(&self, key: TimerKey) -> Option<u64> {
-        let (place, pos) = self.locate(key)?;
-        Some(self.item_at(place, pos).deadline)
+    pub fn deadline(&self, id: TimerId) -> Option<u64> {
+        let entry = self.slab.get(id as usize)?;
+        (entry.value.is_some() && entry.queued != DONE).then_some(entry.deadline)
     }
 
-    /// The earliest deadline, if any entry is pending.
-    pub fn next_deadline(&self) -> Option<u64> {
-        if let Some(item) = self.due_top().map(|(item, _)| item) {
-            return Some(item.deadline);
+    /// The value of an allocated entry (pending, or fired/cancelled and not
+    /// yet released).
+    pub fn get_mut(&mut self, id: TimerId) -> Option<&mut T> {
+        self.slab.get_mut(id as usize)?.value.as_mut()
+    }
+
+    /// Frees an entry (cancelling it first if it is still pending) and
+    /// returns its value; its id may then be reused.
+    pub fn release(&mut self, id: TimerId) -> Option<T> {
+        self.cancel(id);
+        let entry = self.slab.get_mut(id as usize)?;
+        let value = entry.value.take()?;
+        entry.next_free = self.free;
+        self.free = id;
+        self.allocated -= 1;
+        if self.allocated == 0 {
+            self.reset();
         }
-        // Nothing due: the earliest entry is the top of the first occupied
-        // slot of the lowest occupied level.
-        self.occupied.iter().enumerate().find(|(_, &bits)| bits != 0).map(|(level, &bits)| {
-            let slot = bits.trailing_zeros() as usize;
+        Some(value)
+    }
+
+    /// The earliest deadline, if any entry is pending. Drops stale items and
+    /// moves postponed ones it meets at the front.
+    pub fn next_deadline(&mut self) -> Option<u64> {
+        loop {
+            if let Some((item, from_run)) = self.due_top() {
+                match status(&self.slab, &item) {
+                    Status::Live => return Some(item.deadline),
+                    Status::Stale => self.drop_stale_due(from_run),
+                    Status::Postponed => {
+                        self.drop_due_top(from_run);
+                        self.requeue(item.index);
+                    }
+                }
+                continue;
+            }
+            // Nothing due: the earliest item is the top of the front slot.
+            let level = self.occupied.iter().position(|&bits| bits != 0)?;
+            let slot = self.occupied[level].trailing_zeros() as usize;
             debug_assert!(self.ordered[level] & (1 << slot) != 0);
-            self.slots[level * SLOTS + slot][0].deadline
-        })
+            let id = level * SLOTS + slot;
+            let top = self.slots[id][0];
+            let status = status(&self.slab, &top);
+            if status == Status::Live {
+                return Some(top.deadline);
+            }
+            heap_pop(&mut self.slots[id]);
+            if self.slots[id].is_empty() {
+                self.occupied[level] &= !(1 << slot);
+                self.ordered[level] &= !(1 << slot);
+                self.slots[id] = recycle(std::mem::take(&mut self.slots[id]));
+            }
+            if status == Status::Stale {
+                self.stale -= 1;
+            } else {
+                self.requeue(top.index);
+            }
+            self.order_front();
+        }
     }
 
     /// The sequence number the next insert/reschedule will take.
@@ -239,81 +300,70 @@ impl<T> TimerQueue<T> {
         self.seq
     }
 
-    /// Pops the earliest entry if its deadline is `<= now` and its sequence
-    /// number is `< seq_limit` (entries added during a firing pass wait for
-    /// the next pass).
-    pub fn pop_due(&mut self, now: u64, seq_limit: u64) -> Option<(TimerKey, T)> {
+    /// Takes the earliest pending entry out of the queue if its deadline is
+    /// `<= now` and its sequence number is `< seq_limit` (entries added
+    /// during a firing pass wait for the next pass). The entry stays
+    /// allocated until released.
+    pub fn pop_due(&mut self, now: u64, seq_limit: u64) -> Option<TimerId> {
         let now_tick = now >> TICK_SHIFT;
         if now_tick >= self.bound {
             self.advance(now_tick);
             self.order_front();
         }
-        let (item, from_run) = self.due_top()?;
-        if item.deadline > now || item.seq >= seq_limit {
-            return None;
+        loop {
+            let (item, from_run) = self.due_top()?;
+            match status(&self.slab, &item) {
+                Status::Stale => self.drop_stale_due(from_run),
+                Status::Postponed => {
+                    self.drop_due_top(from_run);
+                    self.requeue(item.index);
+                }
+                Status::Live => {
+                    if item.deadline > now || item.seq >= seq_limit {
+                        return None;
+                    }
+                    self.drop_due_top(from_run);
+                    self.slab[item.index as usize].queued = DONE;
+                    self.live -= 1;
+                    return Some(item.index);
+                }
+            }
         }
-        if from_run {
-            self.run_head += 1;
-            self.skip_blanks();
-        } else {
-            heap_remove(&mut self.late, &mut self.slab, 0);
-        }
-        let key = TimerKey { index: item.index, generation: self.slab[item.index as usize].generation };
-        Some((key, self.release(item.index)))
     }
 
-    #[allow(dead_code)]
+    /// The values of the next `n` items in the run (those `pop_due` will
+    /// most likely return next), live or not, for warming caches: firing
+    /// walks the run in deadline order, which is a random order over the
+    /// slab, and looking the entries up in one tight pass lets the memory
+    /// loads overlap instead of stalling one at a time.
+    pub fn upcoming(&self, n: usize) -> impl Iterator<Item = &T> + '_ {
+        let end = self.run.len().min(self.run_head + n);
+        self.run[self.run_head..end]
+            .iter()
+            .filter_map(|item| self.slab.get(item.index as usize)?.value.as_ref())
+    }
+
+    /// How many entries are pending.
     pub fn len(&self) -> usize {
-        self.len
+        self.live
+    }
+
+    /// How many entries are allocated (pending, or done and not released).
+    #[allow(dead_code)]
+    pub fn allocated(&self) -> usize {
+        self.allocated
     }
 
     #[allow(dead_code)]
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.live == 0
     }
 
-    /// Every pending entry, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (TimerKey, u64, &T)> + '_ {
-        self.slab.iter().enumerate().filter_map(move |(index, entry)| {
-            let value = entry.value.as_ref()?;
-            let key = TimerKey { index: index as u32, generation: entry.generation };
-            Some((key, self.item_at(entry.place, entry.pos).deadline, value))
+    /// Every pending entry with its deadline, in no particular order.
+    pub fn pending(&self) -> impl Iterator<Item = (TimerId, u64)> + '_ {
+        self.slab.iter().enumerate().filter_map(|(index, entry)| {
+            (entry.value.is_some() && entry.queued != DONE).then_some((index as TimerId, entry.deadline))
         })
-    }
-
-    /// Removes every entry; their keys become stale.
-    #[allow(dead_code)]
-    pub fn clear(&mut self) {
-        drop(self.drain());
-    }
-
-    /// Removes every entry and returns them with their keys and deadlines,
-    /// in no particular order. The keys are stale afterwards.
-    #[allow(dead_code)]
-    pub fn drain(&mut self) -> std::vec::IntoIter<(TimerKey, u64, T)> {
-        let mut out = Vec::with_capacity(self.len);
-        for index in 0..self.slab.len() {
-            if self.len == 0 {
-                // The last release may have let go of the slab.
-                break;
-            }
-            let entry = &self.slab[index];
-            if entry.place == VACANT {
-                continue;
-            }
-            let key = TimerKey { index: index as u32, generation: entry.generation };
-            let deadline = self.item_at(entry.place, entry.pos).deadline;
-            out.push((key, deadline, self.release(index as u32)));
-        }
-        for slot in &mut self.slots {
-            *slot = Vec::new();
-        }
-        self.occupied = [0; LEVELS];
-        self.ordered = [0; LEVELS];
-        self.run = Vec::new();
-        self.run_head = 0;
-        self.late = Vec::new();
-        out.into_iter()
     }
 
     // ----- internals -----
@@ -324,75 +374,63 @@ impl<T> TimerQueue<T> {
         seq
     }
 
-    fn alloc(&mut self, value: T) -> u32 {
-        self.len += 1;
+    fn pending_entry(&mut self, id: TimerId) -> Option<&mut Entry<T>> {
+        self.slab.get_mut(id as usize).filter(|e| e.value.is_some() && e.queued != DONE)
+    }
+
+    fn alloc(&mut self, deadline: u64, seq: u64, value: T) -> u32 {
+        self.allocated += 1;
         if self.free != NONE {
             let index = self.free;
             let entry = &mut self.slab[index as usize];
-            self.free = entry.pos;
-            entry.value = Some(value);
+            self.free = entry.next_free;
+            *entry = Entry { deadline, seq, queued: seq, next_free: NONE, value: Some(value) };
             return index;
         }
         let index = u32::try_from(self.slab.len())
             .ok()
             .filter(|&i| i != NONE)
             .expect("timer queue: more than 2^32 - 1 entries");
-        self.slab.push(Entry {
-            pos: 0,
-            generation: self.generation_floor,
-            place: VACANT,
-            value: Some(value),
-        });
+        self.slab.push(Entry { deadline, seq, queued: seq, next_free: NONE, value: Some(value) });
         index
     }
 
-    /// Frees a slab slot whose item has already been unlinked.
-    fn release(&mut self, index: u32) -> T {
+    /// Nothing is allocated, so every item left is a tombstone: clear the
+    /// containers, and give a large slab's memory back.
+    fn reset(&mut self) {
+        for level in 0..LEVELS {
+            let mut bits = self.occupied[level];
+            while bits != 0 {
+                let slot = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let items = &mut self.slots[level * SLOTS + slot];
+                items.clear();
+                *items = recycle(std::mem::take(items));
+            }
+        }
+        self.occupied = [0; LEVELS];
+        self.ordered = [0; LEVELS];
+        self.run.clear();
+        self.run_head = 0;
+        self.run = recycle(std::mem::take(&mut self.run));
+        self.late.clear();
+        self.late = recycle(std::mem::take(&mut self.late));
+        self.stale = 0;
+        if self.slab.len() >= RESET_SLAB_LEN {
+            self.slab = Vec::new();
+            self.free = NONE;
+        }
+    }
+
+    /// Puts a postponed entry's item back at the entry's deadline.
+    fn requeue(&mut self, index: u32) {
         let entry = &mut self.slab[index as usize];
-        entry.place = VACANT;
-        self.max_generation = self.max_generation.max(entry.generation);
-        // With its generations exhausted a slot is retired rather than let
-        // an old key match a new entry.
-        if let Some(generation) = entry.generation.checked_add(1) {
-            entry.generation = generation;
-            entry.pos = self.free;
-            self.free = index;
-        }
-        let value = entry.value.take().expect("timer queue: occupied slot without a value");
-        self.len -= 1;
-        if self.len == 0 {
-            self.release_slab();
-        }
-        value
+        entry.queued = entry.seq;
+        let item = Item { deadline: entry.deadline, seq: entry.seq, index };
+        self.push(item);
     }
 
-    /// After a burst, gives the slab's memory back once the queue is empty.
-    fn release_slab(&mut self) {
-        if self.slab.len() < RESET_SLAB_LEN {
-            return;
-        }
-        let Some(floor) = self.max_generation.checked_add(1) else {
-            return;
-        };
-        self.generation_floor = floor;
-        self.slab = Vec::new();
-        self.free = NONE;
-    }
-
-    fn locate(&self, key: TimerKey) -> Option<(u32, u32)> {
-        let entry = self.slab.get(key.index as usize)?;
-        (entry.generation == key.generation && entry.place != VACANT).then_some((entry.place, entry.pos))
-    }
-
-    fn item_at(&self, place: u32, pos: u32) -> &Item {
-        match place {
-            RUN => &self.run[pos.wrapping_sub(self.run_base) as usize],
-            LATE => &self.late[pos as usize],
-            slot => &self.slots[slot as usize][pos as usize],
-        }
-    }
-
-    /// Where an entry due at `deadline` belongs now.
+    /// Where an item due at `deadline` belongs now: `LATE` or a wheel slot.
     #[inline]
     fn place_for(&self, deadline: u64) -> u32 {
         let tick = deadline >> TICK_SHIFT;
@@ -407,9 +445,10 @@ impl<T> TimerQueue<T> {
         level * SLOTS as u32 + slot as u32
     }
 
-    /// Puts an item into `LATE` or a wheel slot.
+    /// Puts an item where it belongs, keeping the front in heap order.
     #[inline]
-    fn push(&mut self, place: u32, item: Item) {
+    fn push(&mut self, item: Item) {
+        let place = self.place_for(item.deadline);
         self.push_quiet(place, item);
         if place != LATE && self.slots[place as usize].len() == 1 {
             // A slot filled up from empty: it may be the new front.
@@ -417,25 +456,23 @@ impl<T> TimerQueue<T> {
         }
     }
 
-    /// `push` without keeping the front in order (for bulk moves, which
-    /// call `order_front` when done).
+    /// `push` to a known place without checking the front (for bulk moves,
+    /// which call `order_front` when done).
     #[inline]
     fn push_quiet(&mut self, place: u32, item: Item) {
-        let (heap, ordered) = if place == LATE {
-            (&mut self.late, true)
-        } else {
-            let (level, slot) = split(place);
-            self.occupied[level] |= 1 << slot;
-            let ordered = self.ordered[level] & (1 << slot) != 0;
-            (&mut self.slots[place as usize], ordered)
-        };
-        self.slab[item.index as usize].place = place;
-        let pos = heap.len();
-        heap.push(item);
-        if ordered {
-            sift_up(heap, &mut self.slab, pos);
-        } else {
-            self.slab[item.index as usize].pos = pos as u32;
+        if place == LATE {
+            self.late.push(item);
+            let at = self.late.len() - 1;
+            sift_up(&mut self.late, at);
+            return;
+        }
+        let (level, slot) = split(place);
+        self.occupied[level] |= 1 << slot;
+        let items = &mut self.slots[place as usize];
+        items.push(item);
+        if self.ordered[level] & (1 << slot) != 0 {
+            let at = items.len() - 1;
+            sift_up(items, at);
         }
     }
 
@@ -449,40 +486,11 @@ impl<T> TimerQueue<T> {
             return;
         }
         self.ordered[level] |= 1 << slot;
-        heapify(&mut self.slots[level * SLOTS + slot as usize], &mut self.slab);
+        heapify(&mut self.slots[level * SLOTS + slot as usize]);
     }
 
-    /// Takes an item out of its container (the slab slot stays occupied).
-    fn unlink(&mut self, place: u32, pos: u32) {
-        match place {
-            RUN => {
-                let at = pos.wrapping_sub(self.run_base) as usize;
-                self.run[at].index = NONE;
-                if at == self.run_head {
-                    self.skip_blanks();
-                }
-            }
-            LATE => {
-                heap_remove(&mut self.late, &mut self.slab, pos as usize);
-            }
-            place => {
-                let (level, slot) = split(place);
-                let heap = &mut self.slots[place as usize];
-                if self.ordered[level] & (1 << slot) != 0 {
-                    heap_remove(heap, &mut self.slab, pos as usize);
-                } else {
-                    vec_remove(heap, &mut self.slab, pos as usize);
-                }
-                if heap.is_empty() {
-                    self.occupied[level] &= !(1 << slot);
-                    self.ordered[level] &= !(1 << slot);
-                    self.order_front();
-                }
-            }
-        }
-    }
-
-    /// The earliest due entry and whether it is the head of the run.
+    /// The earliest item that is due (in `run` or `late`), stale or not,
+    /// and whether it is the head of the run.
     #[inline]
     fn due_top(&self) -> Option<(Item, bool)> {
         match (self.run.get(self.run_head), self.late.first()) {
@@ -495,22 +503,60 @@ impl<T> TimerQueue<T> {
         }
     }
 
-    /// Moves the run's head past cancelled cells; empties it when consumed.
-    fn skip_blanks(&mut self) {
-        while self.run_head < self.run.len() && self.run[self.run_head].index == NONE {
+    fn drop_due_top(&mut self, from_run: bool) {
+        if from_run {
             self.run_head += 1;
-        }
-        if self.run_head == self.run.len() {
-            self.run_base = self.run_base.wrapping_add(self.run.len() as u32);
-            self.run_head = 0;
-            self.run.clear();
-            if self.run.capacity() > KEEP_CAPACITY {
-                self.run = Vec::new();
+            if self.run_head == self.run.len() {
+                self.run_head = 0;
+                self.run.clear();
+                self.run = recycle(std::mem::take(&mut self.run));
             }
+        } else {
+            heap_pop(&mut self.late);
         }
     }
 
-    /// Makes every entry with a tick `<= now_tick` due.
+    fn drop_stale_due(&mut self, from_run: bool) {
+        self.drop_due_top(from_run);
+        self.stale -= 1;
+    }
+
+    fn maybe_sweep(&mut self) {
+        if self.stale > 2 * self.live + SWEEP_FLOOR {
+            self.sweep();
+        }
+    }
+
+    /// Removes every tombstone from every container.
+    fn sweep(&mut self) {
+        let slab = &self.slab;
+        let keep = |item: &Item| status(slab, item) != Status::Stale;
+        for level in 0..LEVELS {
+            let mut bits = self.occupied[level];
+            while bits != 0 {
+                let slot = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let items = &mut self.slots[level * SLOTS + slot];
+                items.retain(keep);
+                if items.is_empty() {
+                    self.occupied[level] &= !(1 << slot);
+                    self.ordered[level] &= !(1 << slot);
+                    *items = recycle(std::mem::take(items));
+                } else if self.ordered[level] & (1 << slot) != 0 {
+                    heapify(items);
+                }
+            }
+        }
+        self.late.retain(keep);
+        heapify(&mut self.late);
+        self.run.drain(..self.run_head);
+        self.run_head = 0;
+        self.run.retain(keep);
+        self.stale = 0;
+        self.order_front();
+    }
+
+    /// Makes every item with a tick `<= now_tick` due.
     fn advance(&mut self, now_tick: u64) {
         while let Some(level) = self.occupied.iter().position(|&bits| bits != 0) {
             let slot = self.occupied[level].trailing_zeros() as u64;
@@ -520,7 +566,7 @@ impl<T> TimerQueue<T> {
             if start > now_tick {
                 break;
             }
-            // Nothing is pending before `start`: jump there. That enters
+            // Nothing is queued before `start`: jump there. That enters
             // this slot, which cascades down to level 0.
             self.set_origin(start);
             self.drain_origin_slot();
@@ -537,8 +583,9 @@ impl<T> TimerQueue<T> {
     }
 
     /// Moves the origin forward to `origin`, which must not be later than
-    /// any wheel entry. Slots the origin enters are cascaded to lower
-    /// levels, highest first.
+    /// any wheel item. Slots the origin enters are cascaded to lower
+    /// levels, highest first. Tombstones move along unexamined: looking up
+    /// their entries would cost more than carrying them.
     fn set_origin(&mut self, origin: u64) {
         debug_assert!(origin >= self.bound);
         self.origin = origin;
@@ -574,26 +621,17 @@ impl<T> TimerQueue<T> {
         let mut items = std::mem::take(&mut self.slots[slot]);
         items.sort_unstable_by_key(Item::key);
         if self.run_head > 0 && self.run_head * 2 >= self.run.len() {
-            // Drop the consumed prefix; positions are relative to
-            // `run_base`, so the cells that move keep their `pos`.
+            // Drop the consumed prefix before it grows.
             self.run.drain(..self.run_head);
-            self.run_base = self.run_base.wrapping_add(self.run_head as u32);
             self.run_head = 0;
-        }
-        let first = self.run_base.wrapping_add(self.run.len() as u32);
-        for (i, item) in items.iter().enumerate() {
-            let entry = &mut self.slab[item.index as usize];
-            entry.place = RUN;
-            entry.pos = first.wrapping_add(i as u32);
         }
         if self.run.is_empty() {
             std::mem::swap(&mut self.run, &mut items);
-            self.slots[slot] = recycle(items);
         } else {
             self.run.extend_from_slice(&items);
             items.clear();
-            self.slots[slot] = recycle(items);
         }
+        self.slots[slot] = recycle(items);
     }
 }
 
@@ -615,30 +653,27 @@ fn recycle(items: Vec<Item>) -> Vec<Item> {
 
 #[inline]
 fn less(a: &Item, b: &Item) -> bool {
-    a.key() < b.key()
+    a.key().cmp(&b.key()) == Ordering::Less
 }
 
-/// Moves `heap[pos]` up to its place, recording positions in the slab.
+/// Moves `heap[pos]` up to its place.
 #[inline]
-fn sift_up<T>(heap: &mut [Item], slab: &mut [Entry<T>], mut pos: usize) {
+fn sift_up(heap: &mut [Item], mut pos: usize) {
     let item = heap[pos];
     while pos > 0 {
         let parent = (pos - 1) / ARITY;
-        let above = heap[parent];
-        if !less(&item, &above) {
+        if !less(&item, &heap[parent]) {
             break;
         }
-        heap[pos] = above;
-        slab[above.index as usize].pos = pos as u32;
+        heap[pos] = heap[parent];
         pos = parent;
     }
     heap[pos] = item;
-    slab[item.index as usize].pos = pos as u32;
 }
 
-/// Moves `heap[pos]` down to its place, recording positions in the slab.
+/// Moves `heap[pos]` down to its place.
 #[inline]
-fn sift_down<T>(heap: &mut [Item], slab: &mut [Entry<T>], mut pos: usize) {
+fn sift_down(heap: &mut [Item], mut pos: usize) {
     let item = heap[pos];
     let len = heap.len();
     loop {
@@ -656,53 +691,27 @@ fn sift_down<T>(heap: &mut [Item], slab: &mut [Entry<T>], mut pos: usize) {
             break;
         }
         heap[pos] = heap[best];
-        slab[heap[pos].index as usize].pos = pos as u32;
         pos = best;
     }
     heap[pos] = item;
-    slab[item.index as usize].pos = pos as u32;
 }
 
 /// Puts a whole vector into heap order.
-fn heapify<T>(heap: &mut [Item], slab: &mut [Entry<T>]) {
+fn heapify(heap: &mut [Item]) {
     if heap.len() > 1 {
         for pos in (0..=(heap.len() - 2) / ARITY).rev() {
-            sift_down(heap, slab, pos);
+            sift_down(heap, pos);
         }
     }
 }
 
-/// Removes `items[pos]` from an unordered slot, keeping slab positions.
-fn vec_remove<T>(items: &mut Vec<Item>, slab: &mut [Entry<T>], pos: usize) {
-    // Overwrite rather than `swap_remove`: the removed item is never read,
-    // so a cancel costs stores, not a load, at a random position.
-    let last = items.pop().expect("timer queue: removing from an empty slot");
-    if pos < items.len() {
-        items[pos] = last;
-        slab[last.index as usize].pos = pos as u32;
+/// Removes the top of a heap.
+fn heap_pop(heap: &mut Vec<Item>) {
+    let last = heap.pop().expect("timer queue: pop from an empty heap");
+    if !heap.is_empty() {
+        heap[0] = last;
+        sift_down(heap, 0);
     }
-    shrink(items);
-}
-
-/// Lets go of most of a vector's spare room once it is a quarter full.
-fn shrink(items: &mut Vec<Item>) {
-    if items.capacity() > KEEP_CAPACITY && items.len() < items.capacity() / 4 {
-        items.shrink_to(items.capacity() / 2);
-    }
-}
-
-/// Removes `heap[pos]`, keeping the heap order and slab positions.
-fn heap_remove<T>(heap: &mut Vec<Item>, slab: &mut [Entry<T>], pos: usize) -> Item {
-    let item = heap.swap_remove(pos);
-    if pos < heap.len() {
-        if less(&heap[pos], &item) {
-            sift_up(heap, slab, pos);
-        } else {
-            sift_down(heap, slab, pos);
-        }
-    }
-    shrink(heap);
-    item
 }
 
 #[cfg(test)]
@@ -715,38 +724,66 @@ mod tests {
     const SEC: u64 = 1_000_000_000;
 
     impl<T> TimerQueue<T> {
+        /// Every item in every container, with where it is.
+        fn all_items(&self) -> Vec<(Option<u32>, Item)> {
+            let mut out = Vec::new();
+            for (id, items) in self.slots.iter().enumerate() {
+                out.extend(items.iter().map(|&item| (Some(id as u32), item)));
+            }
+            out.extend(self.late.iter().map(|&item| (None, item)));
+            out.extend(self.run[self.run_head..].iter().map(|&item| (None, item)));
+            out
+        }
+
         /// Checks every structural invariant; panics on the first broken one.
         fn check(&self) {
-            let live = self.slab.iter().filter(|m| m.place != VACANT).count();
-            assert_eq!(live, self.len, "len");
-            assert_eq!(self.slab.iter().filter(|e| e.value.is_some()).count(), self.len);
-            for (index, entry) in self.slab.iter().enumerate() {
-                if entry.place != VACANT {
-                    let item = self.item_at(entry.place, entry.pos);
-                    assert_eq!(item.index as usize, index, "entry points at its item");
-                }
-            }
+            let allocated = self.slab.iter().filter(|e| e.value.is_some()).count();
+            assert_eq!(allocated, self.allocated, "allocated");
+            let pending = self.slab.iter().filter(|e| e.value.is_some() && e.queued != DONE).count();
+            assert_eq!(pending, self.live, "live");
             // Free list: every entry on it is vacant, no cycles.
             let mut free = self.free;
             let mut seen = 0;
             while free != NONE {
-                assert_eq!(self.slab[free as usize].place, VACANT);
-                free = self.slab[free as usize].pos;
+                assert!(self.slab[free as usize].value.is_none());
+                free = self.slab[free as usize].next_free;
                 seen += 1;
                 assert!(seen <= self.slab.len(), "free list cycle");
             }
+            assert_eq!(seen, self.slab.len() - allocated, "every vacant entry is on the free list");
             assert!(self.origin <= self.bound && self.bound <= MAX_TICK + 1);
+
+            // Each pending entry has exactly one item, never later than it.
+            let items = self.all_items();
+            let mut stale = 0;
+            let mut found = vec![0; self.slab.len()];
+            for &(_, item) in &items {
+                match status(&self.slab, &item) {
+                    Status::Stale => stale += 1,
+                    _ => {
+                        found[item.index as usize] += 1;
+                        let entry = &self.slab[item.index as usize];
+                        assert!(item.deadline <= entry.deadline && item.seq <= entry.seq);
+                        assert!(entry.value.is_some());
+                    }
+                }
+            }
+            assert_eq!(stale, self.stale, "tombstone count");
+            for (index, entry) in self.slab.iter().enumerate() {
+                let expected = usize::from(entry.value.is_some() && entry.queued != DONE);
+                assert_eq!(found[index], expected, "entry {index} has one item");
+            }
+            assert!(self.stale <= 2 * self.live + SWEEP_FLOOR, "tombstones bounded");
+
             let front = self
                 .occupied
                 .iter()
                 .position(|&bits| bits != 0)
                 .map(|level| (level, self.occupied[level].trailing_zeros()));
-            let mut total = 0;
             for level in 0..LEVELS {
                 assert_eq!(self.ordered[level] & !self.occupied[level], 0);
                 for slot in 0..SLOTS as u32 {
                     let items = &self.slots[level * SLOTS + slot as usize];
-                    total += items.len();
                     let bit = 1u64 << slot;
                     assert_eq!(self.occupied[level] & bit != 0, !items.is_empty());
                     if self.ordered[level] & bit != 0 {
@@ -756,38 +793,22 @@ mod tests {
                         assert!(self.ordered[level] & bit != 0, "front slot in heap order");
                     }
                     let place = (level * SLOTS) as u32 + slot;
-                    for (pos, item) in items.iter().enumerate() {
+                    for item in items {
                         assert!(item.deadline >> TICK_SHIFT >= self.bound);
                         assert_eq!(self.place_for(item.deadline), place, "placement");
-                        let entry = &self.slab[item.index as usize];
-                        assert_eq!((entry.place, entry.pos as usize), (place, pos));
                     }
                 }
             }
             assert_heap(&self.late);
-            for (pos, item) in self.late.iter().enumerate() {
+            for item in &self.late {
                 assert!(item.deadline >> TICK_SHIFT < self.bound);
-                let entry = &self.slab[item.index as usize];
-                assert_eq!((entry.place, entry.pos as usize), (LATE, pos));
-            }
-            total += self.late.len();
-            if let Some(head) = self.run.get(self.run_head) {
-                assert_ne!(head.index, NONE, "run head is live");
             }
             let mut last: Option<u128> = None;
-            for (at, item) in self.run.iter().enumerate().skip(self.run_head) {
-                if item.index == NONE {
-                    continue;
-                }
-                total += 1;
+            for item in &self.run[self.run_head..] {
                 assert!(item.deadline >> TICK_SHIFT < self.bound);
                 assert!(last < Some(item.key()), "run sorted");
                 last = Some(item.key());
-                let entry = &self.slab[item.index as usize];
-                assert_eq!(entry.place, RUN);
-                assert_eq!(entry.pos, self.run_base.wrapping_add(at as u32));
             }
-            assert_eq!(total, self.len, "every entry is in exactly one container");
         }
     }
 
@@ -797,11 +818,11 @@ mod tests {
         }
     }
 
-    /// Pops everything due at `now`, checking as it goes.
+    /// Pops everything due at `now` (releasing it), checking as it goes.
     fn pop_all(q: &mut TimerQueue<u64>, now: u64) -> Vec<u64> {
         let mut out = Vec::new();
-        while let Some((_, v)) = q.pop_due(now, u64::MAX) {
-            out.push(v);
+        while let Some(id) = q.pop_due(now, u64::MAX) {
+            out.push(q.release(id).unwrap());
         }
         q.check();
         out
@@ -815,7 +836,7 @@ mod tests {
         assert_eq!(q.next_deadline(), None);
         assert_eq!(q.next_seq(), 0);
         assert!(q.pop_due(u64::MAX, u64::MAX).is_none());
-        assert_eq!(q.iter().count(), 0);
+        assert_eq!(q.pending().count(), 0);
         q.check();
     }
 
@@ -878,6 +899,31 @@ mod tests {
     }
 
     #[test]
+    fn postponed_entries_surface_at_their_new_time() {
+        let mut q = TimerQueue::new();
+        let a = q.insert(10 * MS, 1);
+        q.insert(15 * MS, 2);
+        // Later: no new item, only the entry changes.
+        assert!(q.reschedule(a, 20 * MS));
+        assert_eq!(q.stale, 0);
+        assert_eq!(q.deadline(a), Some(20 * MS));
+        q.check();
+        // The old item is met at the front and moved.
+        assert_eq!(q.next_deadline(), Some(15 * MS));
+        q.check();
+        assert!(pop_all(&mut q, 12 * MS).is_empty());
+        assert_eq!(pop_all(&mut q, 19 * MS), vec![2]);
+        // Postponed again, then brought earlier than the item: replaced.
+        assert!(q.reschedule(a, 30 * MS));
+        assert!(q.reschedule(a, 25 * MS));
+        assert_eq!(q.stale, 1);
+        q.check();
+        assert!(pop_all(&mut q, 24 * MS).is_empty());
+        assert_eq!(pop_all(&mut q, 25 * MS), vec![1]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
     fn pop_due_waits_for_the_deadline() {
         let mut q = TimerQueue::new();
         q.insert(SEC + 5, 1);
@@ -905,7 +951,8 @@ mod tests {
         assert!(q.pop_due(10, limit).is_none());
         assert_eq!(q.len(), 3);
         let limit = q.next_seq();
-        let popped: Vec<_> = std::iter::from_fn(|| q.pop_due(10, limit).map(|(_, v)| v)).collect();
+        let popped: Vec<_> =
+            std::iter::from_fn(|| q.pop_due(10, limit).and_then(|id| q.release(id))).collect();
         assert_eq!(popped, vec![3, 1, 2]);
     }
 
@@ -916,42 +963,43 @@ mod tests {
         q.insert(now - MS, 1);
         q.insert(now, 2);
         let limit = q.next_seq();
-        let (_, v) = q.pop_due(now, limit).unwrap();
-        assert_eq!(v, 1);
+        let id = q.pop_due(now, limit).unwrap();
+        assert_eq!(q.release(id), Some(1));
         q.insert(now, 3); // "call_later(0)" from inside the callback
-        let (_, v) = q.pop_due(now, limit).unwrap();
-        assert_eq!(v, 2);
+        let id = q.pop_due(now, limit).unwrap();
+        assert_eq!(q.release(id), Some(2));
         assert!(q.pop_due(now, limit).is_none());
         assert_eq!(q.next_deadline(), Some(now));
-        let (_, v) = q.pop_due(now, q.next_seq()).unwrap();
-        assert_eq!(v, 3);
+        let id = q.pop_due(now, q.next_seq()).unwrap();
+        assert_eq!(q.release(id), Some(3));
         q.check();
     }
 
     #[test]
-    fn stale_keys_are_rejected() {
+    fn done_entries_stay_until_released() {
         let mut q = TimerQueue::new();
         let a = q.insert(10, 1);
-        assert_eq!(q.remove(a), Some(1));
-        assert_eq!(q.remove(a), None);
+        assert!(q.cancel(a));
+        assert!(!q.cancel(a));
         assert!(!q.reschedule(a, 20));
         assert_eq!(q.deadline(a), None);
-        // The slot is reused for the next entry, with a new generation.
+        assert_eq!(q.get_mut(a), Some(&mut 1), "the value outlives the cancel");
+        // Not reused while allocated.
         let b = q.insert(30, 2);
-        assert_eq!(b.index, a.index);
-        assert_ne!(b.generation, a.generation);
-        assert_eq!(q.remove(a), None);
-        assert!(!q.reschedule(a, 40));
-        assert_eq!(q.deadline(b), Some(30));
-        // Popped keys are stale too.
-        let (key, v) = q.pop_due(30, u64::MAX).unwrap();
-        assert_eq!((key, v), (b, 2));
-        assert_eq!(q.remove(b), None);
+        assert_ne!(a, b);
+        let id = q.pop_due(30, u64::MAX).unwrap();
+        assert_eq!(id, b);
+        assert!(!q.cancel(b), "a popped entry is not pending");
         assert_eq!(q.deadline(b), None);
-        // Keys that never existed.
-        let bogus = TimerKey { index: 12345, generation: 0 };
-        assert_eq!(q.remove(bogus), None);
-        assert!(!q.reschedule(bogus, 1));
+        q.check();
+        assert_eq!(q.release(a), Some(1));
+        assert_eq!(q.release(a), None);
+        assert_eq!(q.release(b), Some(2));
+        // Released ids are reused.
+        let c = q.insert(40, 3);
+        assert!(c == a || c == b);
+        assert_eq!(q.release(c), Some(3), "releasing a pending entry cancels it");
+        assert!(q.is_empty());
         q.check();
     }
 
@@ -982,10 +1030,17 @@ mod tests {
         let mut rng = fastrand_like(0x5eed);
         let mut q = TimerQueue::new();
         let mut model = BTreeMap::new();
+        let mut ids = Vec::new();
         for i in 0..5000u64 {
             let d = rng() % (20 * SEC);
-            q.insert(d, i);
+            ids.push(q.insert(d, i));
             model.insert((d, i), i);
+        }
+        // Some cancelled, some postponed, to leave tombstones about.
+        for i in (0..5000).step_by(7) {
+            let key = model.iter().find(|(_, &v)| v == i).map(|(&k, _)| k).unwrap();
+            model.remove(&key);
+            assert!(q.cancel(ids[i as usize]));
         }
         let mut now = 0;
         while !model.is_empty() {
@@ -995,7 +1050,8 @@ mod tests {
                     break;
                 }
                 model.pop_first();
-                assert_eq!(q.pop_due(now, u64::MAX).map(|(_, v)| v), Some(i));
+                let id = q.pop_due(now, u64::MAX).expect("due");
+                assert_eq!(q.get_mut(id).copied(), Some(i));
             }
             assert!(q.pop_due(now, u64::MAX).is_none());
             assert_eq!(q.next_deadline(), model.keys().next().map(|&(d, _)| d));
@@ -1006,20 +1062,24 @@ mod tests {
     #[test]
     fn cancelling_due_entries() {
         let mut q = TimerQueue::new();
-        let keys: Vec<_> = (0..10).map(|i| q.insert(SEC + i, i)).collect();
+        let ids: Vec<_> = (0..10).map(|i| q.insert(SEC + i, i)).collect();
         // Make them due (they move into the run) without popping all.
-        assert_eq!(q.pop_due(SEC, u64::MAX).map(|(_, v)| v), Some(0));
+        let first = q.pop_due(SEC, u64::MAX).unwrap();
+        assert_eq!(q.release(first), Some(0));
         q.check();
-        assert_eq!(q.remove(keys[1]), Some(1)); // the run's head
-        assert_eq!(q.remove(keys[5]), Some(5)); // the middle
-        assert_eq!(q.remove(keys[9]), Some(9)); // the end
+        assert!(q.cancel(ids[1])); // the run's head
+        assert!(q.cancel(ids[5])); // the middle
+        assert!(q.cancel(ids[9])); // the end
         q.check();
         assert_eq!(q.next_deadline(), Some(SEC + 2));
-        assert!(q.reschedule(keys[2], SEC + 7)); // leaves the run for `late`
+        assert!(q.reschedule(ids[2], SEC + 7)); // postponed within the run
         q.check();
         let late = q.insert(SEC + 3, 100);
         q.check();
-        assert_eq!(q.remove(late), Some(100));
+        assert!(q.cancel(late));
+        for id in [ids[1], ids[5], ids[9], late] {
+            q.release(id);
+        }
         assert_eq!(pop_all(&mut q, SEC + 100), vec![3, 4, 6, 7, 2, 8]);
     }
 
@@ -1029,9 +1089,9 @@ mod tests {
         let mut q = TimerQueue::new();
         let n = 100_000;
         let deadlines: Vec<u64> = (0..n).map(|_| rng() % (10 * SEC)).collect();
-        let keys: Vec<_> = deadlines.iter().enumerate().map(|(i, &d)| q.insert(d, i as u64)).collect();
-        for key in keys.iter().step_by(2) {
-            assert!(q.remove(*key).is_some());
+        let ids: Vec<_> = deadlines.iter().enumerate().map(|(i, &d)| q.insert(d, i as u64)).collect();
+        for &id in ids.iter().step_by(2) {
+            assert!(q.release(id).is_some());
         }
         q.check();
         assert_eq!(q.len(), n / 2);
@@ -1047,67 +1107,38 @@ mod tests {
     }
 
     #[test]
-    fn memory_is_reused_and_released() {
+    fn tombstones_never_pile_up() {
         let mut q = TimerQueue::new();
-        // Steady insert/cancel churn does not grow anything.
-        let keep: Vec<_> = (0..100).map(|i| q.insert(i * SEC, i)).collect();
-        for round in 0..10_000u64 {
-            let k = q.insert((round % 977) * MS, round);
-            assert_eq!(q.remove(k), Some(round));
+        // A few long-lived entries and a storm of short-lived ones that are
+        // all cancelled: the sweep keeps the containers small.
+        let keep: Vec<_> = (0..10).map(|i| q.insert((i + 1) * 3600 * SEC, i)).collect();
+        for round in 0..100_000u64 {
+            let id = q.insert(60 * SEC + round, round);
+            q.release(id);
+            // Earlier reschedules leave a tombstone each, too.
+            q.reschedule(keep[(round % 10) as usize], 3600 * SEC - round);
+            assert!(q.stale <= 2 * q.len() + SWEEP_FLOOR);
         }
-        assert_eq!(q.slab.len(), 101);
-        assert!(q.slots.iter().all(|s| s.capacity() <= KEEP_CAPACITY));
-        for k in keep {
-            q.remove(k);
-        }
-        // A burst, then everything cancelled: memory goes back.
-        let keys: Vec<_> = (0..200_000u64).map(|i| q.insert(5 * SEC + i, i)).collect();
-        let old = keys[7];
-        for k in keys {
-            q.remove(k);
+        q.check();
+        let items = q.all_items().len();
+        assert!(items <= 3 * q.len() + SWEEP_FLOOR + 1, "{items} items for {} pending", q.len());
+        assert_eq!(q.slab.len(), 11, "ids are reused");
+    }
+
+    #[test]
+    fn memory_is_released_when_empty() {
+        let mut q = TimerQueue::new();
+        let ids: Vec<_> = (0..200_000u64).map(|i| q.insert(5 * SEC + i, i)).collect();
+        for id in ids {
+            q.release(id);
         }
         q.check();
         assert_eq!(q.slab.capacity(), 0);
         assert!(q.slots.iter().all(|s| s.capacity() <= KEEP_CAPACITY));
-        // Keys from before the release stay stale.
-        let fresh: Vec<_> = (0..10).map(|i| q.insert(i, i)).collect();
-        assert!(fresh.iter().all(|k| k.generation > old.generation));
-        assert_eq!(q.remove(old), None);
-        q.check();
-    }
-
-    #[test]
-    fn exhausted_generations_retire_the_slot() {
-        let mut q = TimerQueue::new();
-        let a = q.insert(1, 1);
-        q.slab[a.index as usize].generation = u32::MAX;
-        let a = TimerKey { generation: u32::MAX, ..a };
-        assert_eq!(q.remove(a), Some(1));
-        let b = q.insert(1, 2);
-        assert_ne!(b.index, a.index, "retired slot is not reused");
-        assert_eq!(q.remove(a), None);
-        q.check();
-    }
-
-    #[test]
-    fn iter_drain_and_clear() {
-        let mut q = TimerQueue::new();
-        let keys: Vec<_> = (0..50u64).map(|i| q.insert(i * 37 * MS, i)).collect();
-        pop_all(&mut q, 100 * MS); // 0, 1, 2 fire; some move around
-        let mut seen: Vec<_> = q.iter().map(|(k, d, &v)| (k, d, v)).collect();
-        seen.sort_by_key(|&(_, _, v)| v);
-        let expected: Vec<_> = (3..50u64).map(|i| (keys[i as usize], i * 37 * MS, i)).collect();
-        assert_eq!(seen, expected);
-        let mut drained: Vec<_> = q.drain().collect();
-        drained.sort_by_key(|&(_, _, v)| v);
-        assert_eq!(drained, expected);
-        assert!(q.is_empty());
-        assert_eq!(q.remove(keys[10]), None);
-        q.check();
-        let k = q.insert(5, 1);
-        q.clear();
-        assert_eq!(q.remove(k), None);
-        assert!(q.pop_due(u64::MAX, u64::MAX).is_none());
+        assert_eq!(q.all_items().len(), 0);
+        let id = q.insert(1, 1);
+        assert_eq!(pop_all(&mut q, 1), vec![1]);
+        let _ = id;
         q.check();
     }
 
@@ -1142,12 +1173,14 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Insert(When),
-        Remove(usize),
+        Cancel(usize),
+        Release(usize),
         Reschedule(usize, When),
         /// Advance time by the amount (or step back), then pop with the
         /// chosen limit until `None`.
         Pop(i64, Limit),
         PopOne(Limit),
+        NextDeadline,
     }
 
     #[derive(Clone, Copy, Debug)]
@@ -1176,11 +1209,12 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         let limit =
             prop_oneof![Just(Limit::Unlimited), Just(Limit::PassStart), (0u64..400).prop_map(Limit::Seq),];
+        let pick = || any::<prop::sample::Index>().prop_map(|i| i.index(usize::MAX));
         prop_oneof![
             8 => when().prop_map(Op::Insert),
-            3 => any::<prop::sample::Index>().prop_map(|i| Op::Remove(i.index(usize::MAX))),
-            3 => (any::<prop::sample::Index>(), when())
-                .prop_map(|(i, w)| Op::Reschedule(i.index(usize::MAX), w)),
+            3 => pick().prop_map(Op::Cancel),
+            2 => pick().prop_map(Op::Release),
+            4 => (pick(), when()).prop_map(|(i, w)| Op::Reschedule(i, w)),
             3 => (prop_oneof![
                     0i64..(1 << 17),
                     0i64..(1 << 24),
@@ -1189,59 +1223,71 @@ mod tests {
                     Just(i64::MAX),
                 ], limit.clone()).prop_map(|(step, l)| Op::Pop(step, l)),
             1 => limit.prop_map(Op::PopOne),
+            1 => Just(Op::NextDeadline),
         ]
     }
 
     /// Runs `ops` against the queue and a `BTreeMap` model side by side.
+    /// Like the reactor, the test releases an entry only once it is done
+    /// with its id, and never uses the id afterwards.
     fn run_model(ops: &[Op]) {
         let mut q = TimerQueue::<usize>::new();
-        // (deadline, seq) -> id, and per id: its key and (deadline, seq)
-        // while pending.
+        // (deadline, seq) -> name, and per name: its id while allocated,
+        // and (deadline, seq) while pending.
         let mut model: BTreeMap<(u64, u64), usize> = BTreeMap::new();
-        let mut keys: Vec<TimerKey> = Vec::new();
+        let mut ids: Vec<Option<TimerId>> = Vec::new();
         let mut pending: HashMap<usize, (u64, u64)> = HashMap::new();
         let mut now: u64 = 0;
         let mut seq: u64 = 0;
+        let limit_of = |limit: Limit, seq: u64| match limit {
+            Limit::Unlimited => u64::MAX,
+            Limit::PassStart => seq,
+            Limit::Seq(s) => s,
+        };
         for op in ops {
             match *op {
                 Op::Insert(when) => {
                     let d = when.resolve(now);
-                    let id = keys.len();
-                    keys.push(q.insert(d, id));
-                    model.insert((d, seq), id);
-                    pending.insert(id, (d, seq));
+                    let name = ids.len();
+                    ids.push(Some(q.insert(d, name)));
+                    model.insert((d, seq), name);
+                    pending.insert(name, (d, seq));
                     seq += 1;
                 }
-                Op::Remove(i) => {
-                    if keys.is_empty() {
+                Op::Cancel(i) | Op::Release(i) => {
+                    if ids.is_empty() {
                         continue;
                     }
-                    let id = i % keys.len();
-                    let got = q.remove(keys[id]);
-                    match pending.remove(&id) {
-                        Some(k) => {
-                            model.remove(&k);
-                            assert_eq!(got, Some(id));
-                        }
-                        None => assert_eq!(got, None, "stale key removed something"),
+                    let name = i % ids.len();
+                    let Some(id) = ids[name] else { continue };
+                    let was_pending = pending.remove(&name).inspect(|k| {
+                        model.remove(k);
+                    });
+                    if let Op::Cancel(_) = op {
+                        assert_eq!(q.cancel(id), was_pending.is_some());
+                        assert_eq!(q.get_mut(id).copied(), Some(name));
+                    } else {
+                        assert_eq!(q.release(id), Some(name));
+                        ids[name] = None;
                     }
                 }
                 Op::Reschedule(i, when) => {
-                    if keys.is_empty() {
+                    if ids.is_empty() {
                         continue;
                     }
-                    let id = i % keys.len();
+                    let name = i % ids.len();
+                    let Some(id) = ids[name] else { continue };
                     let d = when.resolve(now);
-                    let ok = q.reschedule(keys[id], d);
-                    match pending.get_mut(&id) {
+                    let ok = q.reschedule(id, d);
+                    match pending.get_mut(&name) {
                         Some(k) => {
                             assert!(ok);
                             model.remove(k);
                             *k = (d, seq);
-                            model.insert((d, seq), id);
+                            model.insert((d, seq), name);
                             seq += 1;
                         }
-                        None => assert!(!ok, "stale key rescheduled"),
+                        None => assert!(!ok, "a done entry rescheduled"),
                     }
                 }
                 Op::Pop(step, limit) => {
@@ -1250,57 +1296,51 @@ mod tests {
                     } else {
                         now.saturating_add(step as u64)
                     };
-                    let limit = match limit {
-                        Limit::Unlimited => u64::MAX,
-                        Limit::PassStart => seq,
-                        Limit::Seq(s) => s,
-                    };
+                    let limit = limit_of(limit, seq);
                     loop {
                         let expected = model
                             .first_key_value()
                             .filter(|(&(d, s), _)| d <= now && s < limit)
-                            .map(|(_, &id)| id);
+                            .map(|(_, &name)| name);
                         let got = q.pop_due(now, limit);
-                        assert_eq!(got.as_ref().map(|&(_, v)| v), expected);
-                        let Some((key, id)) = got else { break };
-                        assert_eq!(key, keys[id]);
-                        model.remove(&pending.remove(&id).unwrap());
+                        assert_eq!(got, expected.and_then(|name| ids[name]));
+                        let Some(name) = expected else { break };
+                        model.remove(&pending.remove(&name).unwrap());
                     }
                 }
                 Op::PopOne(limit) => {
-                    let limit = match limit {
-                        Limit::Unlimited => u64::MAX,
-                        Limit::PassStart => seq,
-                        Limit::Seq(s) => s,
-                    };
+                    let limit = limit_of(limit, seq);
                     let expected = model
                         .first_key_value()
                         .filter(|(&(d, s), _)| d <= now && s < limit)
-                        .map(|(_, &id)| id);
-                    let got = q.pop_due(now, limit).map(|(_, v)| v);
-                    assert_eq!(got, expected);
-                    if let Some(id) = got {
-                        model.remove(&pending.remove(&id).unwrap());
+                        .map(|(_, &name)| name);
+                    let got = q.pop_due(now, limit);
+                    assert_eq!(got, expected.and_then(|name| ids[name]));
+                    if let Some(name) = expected {
+                        model.remove(&pending.remove(&name).unwrap());
                     }
+                }
+                Op::NextDeadline => {
+                    assert_eq!(q.next_deadline(), model.keys().next().map(|&(d, _)| d));
                 }
             }
             assert_eq!(q.len(), model.len());
             assert_eq!(q.next_seq(), seq);
-            assert_eq!(q.next_deadline(), model.keys().next().map(|&(d, _)| d));
             q.check();
         }
-        for (&id, &(d, _)) in &pending {
-            assert_eq!(q.deadline(keys[id]), Some(d));
+        assert_eq!(q.next_deadline(), model.keys().next().map(|&(d, _)| d));
+        for (&name, &(d, _)) in &pending {
+            assert_eq!(q.deadline(ids[name].unwrap()), Some(d));
         }
-        let mut listed: Vec<_> = q.iter().map(|(k, d, &id)| (id, k, d)).collect();
-        listed.sort_unstable_by_key(|&(id, _, _)| id);
-        let mut expected: Vec<_> = pending.iter().map(|(&id, &(d, _))| (id, keys[id], d)).collect();
-        expected.sort_unstable_by_key(|&(id, _, _)| id);
+        let mut listed: Vec<_> = q.pending().collect();
+        listed.sort_unstable();
+        let mut expected: Vec<_> = pending.iter().map(|(&name, &(d, _))| (ids[name].unwrap(), d)).collect();
+        expected.sort_unstable();
         assert_eq!(listed, expected);
         // Drain the rest in order.
         let mut rest = Vec::new();
-        while let Some((_, id)) = q.pop_due(u64::MAX, u64::MAX) {
-            rest.push(id);
+        while let Some(id) = q.pop_due(u64::MAX, u64::MAX) {
+            rest.push(*q.get_mut(id).unwrap());
         }
         assert_eq!(rest, model.values().copied().collect::<Vec<_>>());
         q.check();

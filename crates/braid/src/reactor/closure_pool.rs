@@ -1,0 +1,279 @@
+//! Pending closures, stored by type.
+//!
+//! `call_later` takes any `FnOnce`. Boxing each one would cost a heap
+//! allocation and a free per call, a large share of a schedule+cancel.
+//! Instead every closure *type* gets its own slab, a `Pool<F>` found by
+//! `TypeId`: a closure is moved into a vector slot, and the slot is reused
+//! once the closure has run or been dropped. Only calling it goes through
+//! a `dyn` call (on the pool). There are as many pools as call sites that
+//! schedule, a small fixed number in any program.
+
+use std::any::{Any, TypeId};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::guard::CallbackResult;
+use crate::error::Failure;
+
+/// A closure the reactor can run later.
+pub(crate) trait Callback: 'static {
+    fn invoke(self) -> Result<(), Failure>;
+}
+
+impl<F, R> Callback for F
+where
+    F: FnOnce() -> R + 'static,
+    R: CallbackResult,
+{
+    fn invoke(self) -> Result<(), Failure> {
+        self().into_result()
+    }
+}
+
+/// A pool with its closure type erased.
+trait ErasedPool {
+    /// Takes the closure out of `slot` and runs it.
+    fn call(&self, slot: u32) -> Result<(), Failure>;
+    /// Takes the closure out of `slot` and drops it.
+    fn discard(&self, slot: u32);
+    /// Reads the slot, to bring it into the cache before it is needed.
+    fn touch(&self, slot: u32);
+    fn as_any(&self) -> &dyn Any;
+}
+
+enum Slot<F> {
+    Full(F),
+    /// Vacant; the next vacant slot, or `NONE`.
+    Free(u32),
+}
+
+const NONE: u32 = u32::MAX;
+/// A pool this large lets go of its memory once it is empty.
+const RELEASE_LEN: usize = 4096;
+
+struct Slots<F> {
+    items: Vec<Slot<F>>,
+    free: u32,
+    len: usize,
+}
+
+struct Pool<F> {
+    slots: RefCell<Slots<F>>,
+}
+
+impl<F: Callback> Pool<F> {
+    fn new() -> Self {
+        Pool { slots: RefCell::new(Slots { items: Vec::new(), free: NONE, len: 0 }) }
+    }
+
+    fn insert(&self, f: F) -> u32 {
+        let mut s = self.slots.borrow_mut();
+        s.len += 1;
+        if s.free != NONE {
+            let slot = s.free;
+            let item = &mut s.items[slot as usize];
+            let Slot::Free(next) = *item else { unreachable!("closure pool: free list names a full slot") };
+            *item = Slot::Full(f);
+            s.free = next;
+            return slot;
+        }
+        let slot = u32::try_from(s.items.len())
+            .ok()
+            .filter(|&i| i != NONE)
+            .expect("closure pool: more than 2^32 - 1 pending closures");
+        s.items.push(Slot::Full(f));
+        slot
+    }
+
+    /// Takes the closure out. The borrow ends before the caller runs or
+    /// drops it, since either may schedule or cancel calls.
+    fn take(&self, slot: u32) -> Option<F> {
+        let mut s = self.slots.borrow_mut();
+        let free = s.free;
+        let item = s.items.get_mut(slot as usize)?;
+        let Slot::Full(f) = std::mem::replace(item, Slot::Free(free)) else {
+            *item = Slot::Free(free);
+            return None;
+        };
+        s.free = slot;
+        s.len -= 1;
+        if s.len == 0 && s.items.len() >= RELEASE_LEN {
+            s.items = Vec::new();
+            s.free = NONE;
+        }
+        Some(f)
+    }
+}
+
+impl<F: Callback> ErasedPool for Pool<F> {
+    fn call(&self, slot: u32) -> Result<(), Failure> {
+        match self.take(slot) {
+            Some(f) => f.invoke(),
+            None => Ok(()),
+        }
+    }
+
+    fn discard(&self, slot: u32) {
+        drop(self.take(slot));
+    }
+
+    fn touch(&self, slot: u32) {
+        let s = self.slots.borrow();
+        std::hint::black_box(matches!(s.items.get(slot as usize), Some(Slot::Full(_))));
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Where a pending closure is: which pool, which slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClosureRef {
+    pool: u32,
+    slot: u32,
+}
+
+/// Every pool of one timer set.
+pub(crate) struct ClosurePools {
+    pools: RefCell<Vec<Rc<dyn ErasedPool>>>,
+    by_type: RefCell<HashMap<TypeId, u32>>,
+    /// The last type looked up: a call site usually schedules many times.
+    last: Cell<(TypeId, u32)>,
+}
+
+impl ClosurePools {
+    pub fn new() -> Self {
+        ClosurePools {
+            pools: RefCell::new(Vec::new()),
+            by_type: RefCell::new(HashMap::new()),
+            last: Cell::new((TypeId::of::<()>(), NONE)),
+        }
+    }
+
+    /// Stores `f` until it is called or discarded.
+    pub fn insert<F: Callback>(&self, f: F) -> ClosureRef {
+        let pool = self.pool_for::<F>();
+        let pools = self.pools.borrow();
+        let typed = pools[pool as usize]
+            .as_any()
+            .downcast_ref::<Pool<F>>()
+            .expect("closure pool: registered under another type");
+        ClosureRef { pool, slot: typed.insert(f) }
+    }
+
+    /// Runs the closure (once; later calls do nothing).
+    pub fn call(&self, at: ClosureRef) -> Result<(), Failure> {
+        self.pool(at).call(at.slot)
+    }
+
+    /// Drops the closure without running it, freeing what it captured.
+    pub fn discard(&self, at: ClosureRef) {
+        self.pool(at).discard(at.slot)
+    }
+
+    /// Brings the closure's slot into the cache (see `TimerQueue::upcoming`).
+    pub fn touch(&self, at: ClosureRef) {
+        if let Some(pool) = self.pools.borrow().get(at.pool as usize) {
+            pool.touch(at.slot);
+        }
+    }
+
+    /// The pool, held by its own reference so that the closure may create
+    /// new pools while it runs or drops.
+    fn pool(&self, at: ClosureRef) -> Rc<dyn ErasedPool> {
+        self.pools.borrow()[at.pool as usize].clone()
+    }
+
+    fn pool_for<F: Callback>(&self) -> u32 {
+        let ty = TypeId::of::<F>();
+        let (last_ty, last) = self.last.get();
+        if last_ty == ty && last != NONE {
+            return last;
+        }
+        let pool = *self.by_type.borrow_mut().entry(ty).or_insert_with(|| {
+            let mut pools = self.pools.borrow_mut();
+            pools.push(Rc::new(Pool::<F>::new()));
+            (pools.len() - 1) as u32
+        });
+        self.last.set((ty, pool));
+        pool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closures_run_once_and_slots_are_reused() {
+        let pools = ClosurePools::new();
+        let hits = Rc::new(Cell::new(0));
+        let make = |n: i32| {
+            let hits = hits.clone();
+            move || hits.set(hits.get() + n)
+        };
+        let a = pools.insert(make(1));
+        let b = pools.insert(make(10));
+        assert_eq!(a.pool, b.pool, "one pool per closure type");
+        assert_ne!(a.slot, b.slot);
+        pools.call(a).unwrap();
+        pools.call(a).unwrap();
+        assert_eq!(hits.get(), 1, "a closure runs at most once");
+        let c = pools.insert(make(100));
+        assert_eq!(c.slot, a.slot, "a freed slot is reused");
+        pools.discard(b);
+        pools.call(b).unwrap();
+        pools.call(c).unwrap();
+        assert_eq!(hits.get(), 101);
+        assert_eq!(Rc::strong_count(&hits), 1, "every capture was dropped");
+    }
+
+    #[test]
+    fn different_types_get_different_pools() {
+        let pools = ClosurePools::new();
+        let a = pools.insert(|| ());
+        let b =
+            pools.insert(|| -> Result<(), crate::error::Error> { Err(crate::error::Error::AlreadyCalled) });
+        let c = pools.insert(Box::new(|| ()) as Box<dyn FnOnce()>);
+        assert!(a.pool != b.pool && b.pool != c.pool && a.pool != c.pool);
+        assert!(pools.call(a).is_ok());
+        assert!(pools.call(b).is_err(), "the closure's error comes back");
+        assert!(pools.call(c).is_ok());
+    }
+
+    #[test]
+    fn a_closure_may_schedule_into_the_pools_while_running_or_dropping() {
+        let pools = Rc::new(ClosurePools::new());
+        struct OnDrop(Rc<ClosurePools>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                // A new closure type, so a new pool, from inside a drop.
+                self.0.insert(|| Ok::<(), crate::error::Error>(()));
+            }
+        }
+        let guard = OnDrop(pools.clone());
+        let inner = pools.clone();
+        let run = pools.insert(move || {
+            inner.insert(|| ());
+        });
+        let dropped = pools.insert(move || drop(guard));
+        pools.call(run).unwrap();
+        pools.discard(dropped);
+        assert_eq!(pools.pools.borrow().len(), 4);
+    }
+
+    #[test]
+    fn an_emptied_large_pool_lets_go_of_its_memory() {
+        let make = |i: u64| move || assert!(i < u64::MAX);
+        let pool = Pool::new();
+        let slots: Vec<_> = (0..RELEASE_LEN as u64).map(|i| pool.insert(make(i))).collect();
+        assert!(pool.slots.borrow().items.capacity() >= RELEASE_LEN);
+        for slot in slots {
+            assert!(pool.take(slot).is_some());
+        }
+        assert_eq!(pool.slots.borrow().items.capacity(), 0);
+        assert!(pool.take(0).is_none(), "a stale slot is harmless");
+    }
+}
