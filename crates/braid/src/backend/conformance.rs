@@ -308,6 +308,21 @@ pub(crate) fn timeout_is_honoured<P: Poller>(mut p: P) {
     assert!(took < Duration::from_secs(5), "overslept: {took:?}");
 }
 
+/// A timeout with a fraction of a millisecond is never cut short (rounded
+/// down), whatever precision the backend has.
+pub(crate) fn fractional_timeout_is_not_cut_short<P: Poller>(mut p: P) {
+    let (r, _w) = pipe();
+    p.update(raw(&r), NONE, READ).unwrap();
+    for asked in [Duration::from_micros(300), Duration::from_micros(1_700)] {
+        let start = Instant::now();
+        let events = poll_once(&mut p, Some(asked));
+        let took = start.elapsed();
+        assert!(events.is_empty(), "{events:?}");
+        assert!(took >= asked, "asked for {asked:?}, returned after {took:?}");
+        assert!(took < Duration::from_secs(5), "overslept: {took:?}");
+    }
+}
+
 /// `None` blocks until something is ready, however long that takes.
 pub(crate) fn no_timeout_blocks_until_ready<P: Poller>(mut p: P) {
     let (r, w) = pipe();
@@ -532,6 +547,10 @@ macro_rules! shared_tests {
         #[test]
         fn timeout_is_honoured() {
             $crate::backend::conformance::timeout_is_honoured($new);
+        }
+        #[test]
+        fn fractional_timeout_is_not_cut_short() {
+            $crate::backend::conformance::fractional_timeout_is_not_cut_short($new);
         }
         #[test]
         fn no_timeout_blocks_until_ready() {

@@ -32,12 +32,63 @@ pub(crate) struct EpollPoller {
     epoll: OwnedFd,
     /// Reused by every wait; `len() == 0` between waits.
     events: Vec<epoll::Event>,
+    /// Whether `epoll_pwait2` (Linux 5.11+, nanosecond timeouts) is
+    /// available; cleared the first time the kernel refuses it.
+    precise: bool,
 }
+
+// `wait_precise` hands rustix's event buffer to the kernel directly.
+const _: () = assert!(std::mem::size_of::<epoll::Event>() == std::mem::size_of::<libc::epoll_event>());
 
 impl EpollPoller {
     pub fn new() -> io::Result<Self> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-        Ok(EpollPoller { epoll, events: Vec::with_capacity(INITIAL_EVENTS) })
+        Ok(EpollPoller { epoll, events: Vec::with_capacity(INITIAL_EVENTS), precise: true })
+    }
+
+    /// Waits with a nanosecond timeout through `epoll_pwait2`, so a timer
+    /// 200 µs away is not slept past by most of a millisecond. `None` if the
+    /// kernel does not have it (older than 5.11, or a seccomp filter refuses
+    /// it): the caller then falls back to `epoll_pwait`'s milliseconds.
+    fn wait_precise(&mut self, timeout: Duration) -> Option<io::Result<usize>> {
+        if !self.precise {
+            return None;
+        }
+        let ts = super::timeout_timespec(Some(timeout))?;
+        let max = self.events.capacity().min(libc::c_int::MAX as usize) as libc::c_int;
+        // SAFETY: the event pointer and `max` describe the spare capacity of
+        // `self.events` (empty, so all of it), borrowed exclusively for the
+        // call; `epoll::Event` has the kernel's `epoll_event` layout (checked
+        // above). `ts` lives on this frame for the call, the signal mask is
+        // null (unchanged) and its size argument is then ignored. The kernel
+        // keeps none of the pointers.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_epoll_pwait2,
+                self.epoll.as_raw_fd(),
+                self.events.as_mut_ptr().cast::<libc::epoll_event>(),
+                max,
+                &ts as *const libc::timespec,
+                std::ptr::null::<libc::sigset_t>(),
+                0usize,
+            )
+        };
+        if rc >= 0 {
+            let n = (rc as usize).min(self.events.capacity());
+            // SAFETY: the kernel filled the first `n` entries (it never
+            // returns more than `max`), and `epoll::Event` is plain data.
+            unsafe { self.events.set_len(n) };
+            return Some(Ok(n));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => Some(Ok(0)),
+            Some(libc::ENOSYS) | Some(libc::EPERM) => {
+                self.precise = false;
+                None
+            }
+            _ => Some(Err(err)),
+        }
     }
 
     /// One `epoll_ctl` call on a raw descriptor number.
@@ -113,15 +164,21 @@ impl Poller for EpollPoller {
     }
 
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
-        let ms = timeout_ms(timeout);
-        let timespec = (ms >= 0)
-            .then(|| Timespec { tv_sec: i64::from(ms / 1000), tv_nsec: i64::from(ms % 1000) * 1_000_000 });
-
         self.events.clear();
-        let n = match epoll::wait(self.epoll.as_fd(), spare_capacity(&mut self.events), timespec.as_ref()) {
-            Ok(n) => n,
-            Err(rustix::io::Errno::INTR) => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let n = match timeout.and_then(|t| self.wait_precise(t)) {
+            Some(result) => result?,
+            None => {
+                let ms = timeout_ms(timeout);
+                let timespec = (ms >= 0).then(|| Timespec {
+                    tv_sec: i64::from(ms / 1000),
+                    tv_nsec: i64::from(ms % 1000) * 1_000_000,
+                });
+                match epoll::wait(self.epoll.as_fd(), spare_capacity(&mut self.events), timespec.as_ref()) {
+                    Ok(n) => n,
+                    Err(rustix::io::Errno::INTR) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                }
+            }
         };
 
         events.reserve(n);
@@ -187,6 +244,20 @@ mod tests {
     }
 
     #[test]
+    fn millisecond_fallback_still_works() {
+        // As on a kernel without epoll_pwait2.
+        let mut p = new();
+        p.precise = false;
+        c::fractional_timeout_is_not_cut_short(p);
+        let mut p = new();
+        p.precise = false;
+        c::readable_after_write(p);
+        let mut p = new();
+        p.precise = false;
+        c::zero_timeout_returns_promptly(p);
+    }
+
+    #[test]
     fn epoll_fd_is_cloexec() {
         let p = new();
         let flags = rustix::io::fcntl_getfd(&p.epoll).unwrap();
@@ -198,8 +269,8 @@ mod tests {
         // Park the epoll descriptor on a high number nobody else takes while
         // the guard is held, so "closed" cannot be confused with "reused".
         let _numbers = c::fd_numbers();
-        let EpollPoller { epoll, events } = new();
-        let p = EpollPoller { epoll: c::dup_at_least(&epoll, c::HIGH_FD), events };
+        let EpollPoller { epoll, events, precise } = new();
+        let p = EpollPoller { epoll: c::dup_at_least(&epoll, c::HIGH_FD), events, precise };
         drop(epoll);
         let fd = p.epoll.as_raw_fd();
         let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();

@@ -187,6 +187,36 @@ impl Poller for AnyPoller {
     }
 }
 
+/// The longest wait passed to the kernel in one call, in seconds (about 68
+/// years): longer waits, say for a timer 2^64 ns away, are clamped, and the
+/// reactor simply waits again.
+const MAX_WAIT_SECS: u64 = i32::MAX as u64;
+
+/// Converts a wait timeout to a `timespec` for the waits that take one
+/// (epoll_pwait2, ppoll), keeping sub-millisecond precision so that a timer
+/// 200 µs away is not slept past by most of a millisecond. `None` waits
+/// forever.
+pub(crate) fn timeout_timespec(timeout: Option<Duration>) -> Option<libc::timespec> {
+    timeout.map(|d| {
+        if d.as_secs() >= MAX_WAIT_SECS {
+            libc::timespec { tv_sec: MAX_WAIT_SECS as libc::time_t, tv_nsec: 0 }
+        } else {
+            libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as libc::c_long }
+        }
+    })
+}
+
+/// Converts a wait timeout to a `timeval` for select, rounding up to whole
+/// microseconds and clamping like [`timeout_timespec`].
+pub(crate) fn timeout_timeval(timeout: Option<Duration>) -> Option<libc::timeval> {
+    timeout.map(|d| {
+        let micros = d.as_nanos().div_ceil(1_000);
+        let secs = (micros / 1_000_000).min(u128::from(MAX_WAIT_SECS));
+        let usec = if secs == u128::from(MAX_WAIT_SECS) { 0 } else { micros % 1_000_000 };
+        libc::timeval { tv_sec: secs as libc::time_t, tv_usec: usec as libc::suseconds_t }
+    })
+}
+
 /// Converts a wait timeout to whole milliseconds for poll/epoll/select,
 /// rounding up (so a timer 0.3 ms away does not turn into a busy 0 ms wait)
 /// and clamping to the largest value an `int` of milliseconds holds
@@ -204,6 +234,27 @@ pub(crate) fn timeout_ms(timeout: Option<Duration>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn precise_timeouts_keep_sub_millisecond_waits_and_clamp() {
+        assert!(timeout_timespec(None).is_none());
+        let ts = timeout_timespec(Some(Duration::from_nanos(1_500_000_250))).unwrap();
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (1, 500_000_250));
+        let ts = timeout_timespec(Some(Duration::from_nanos(u64::MAX))).unwrap();
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (i64::from(i32::MAX), 0));
+        let ts = timeout_timespec(Some(Duration::MAX)).unwrap();
+        assert_eq!(ts.tv_sec, i64::from(i32::MAX));
+
+        assert!(timeout_timeval(None).is_none());
+        let tv = timeout_timeval(Some(Duration::from_nanos(200_001))).unwrap();
+        assert_eq!((tv.tv_sec, tv.tv_usec), (0, 201), "rounded up to whole microseconds");
+        let tv = timeout_timeval(Some(Duration::from_micros(2_000_300))).unwrap();
+        assert_eq!((tv.tv_sec, tv.tv_usec), (2, 300));
+        let tv = timeout_timeval(Some(Duration::MAX)).unwrap();
+        assert_eq!((tv.tv_sec, tv.tv_usec), (i64::from(i32::MAX), 0));
+        let tv = timeout_timeval(Some(Duration::ZERO)).unwrap();
+        assert_eq!((tv.tv_sec, tv.tv_usec), (0, 0));
+    }
 
     #[test]
     fn timeout_rounds_up_and_clamps() {

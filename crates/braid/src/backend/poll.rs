@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use super::{timeout_ms, Event, Interest, Poller};
+use super::{Event, Interest, Poller};
 
 /// Marks a descriptor number with no entry in `fds`.
 const NO_SLOT: u32 = u32::MAX;
@@ -109,13 +109,7 @@ impl Poller for PollPoller {
     }
 
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
-        let ms = timeout_ms(timeout);
-        // SAFETY: the pointer and length describe the initialised `pollfd`s
-        // of `self.fds`, which is borrowed exclusively for the call; the
-        // kernel writes only their `revents` fields and keeps no pointer. An
-        // empty Vec gives a dangling but aligned pointer with length 0, which
-        // the kernel does not dereference.
-        let n = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
+        let n = wait(&mut self.fds, timeout);
         if n < 0 {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
@@ -156,6 +150,28 @@ impl Poller for PollPoller {
         }
         Ok(())
     }
+}
+
+/// One wait. On Linux, ppoll takes the timeout with nanosecond precision.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn wait(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> libc::c_int {
+    let ts = super::timeout_timespec(timeout);
+    let ts_ptr: *const libc::timespec = ts.as_ref().map_or(std::ptr::null(), |ts| ts as *const _);
+    // SAFETY: the pointer and length describe the initialised `pollfd`s of
+    // `fds`, borrowed exclusively for the call; the kernel writes only their
+    // `revents` fields and keeps no pointer. An empty slice gives a dangling
+    // but aligned pointer with length 0, which the kernel does not
+    // dereference. `ts_ptr` is null (wait forever) or points at `ts`, which
+    // outlives the call; the signal mask is null (unchanged).
+    unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) }
+}
+
+/// One wait, with the timeout in whole milliseconds (rounded up).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn wait(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> libc::c_int {
+    let ms = super::timeout_ms(timeout);
+    // SAFETY: as for the Linux version; `ms` is a plain integer.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::os::fd::RawFd;
 use std::ptr;
 use std::time::Duration;
 
-use super::{timeout_ms, Event, Interest, Poller};
+use super::{timeout_timeval, Event, Interest, Poller};
 
 pub(crate) const FD_SETSIZE: usize = libc::FD_SETSIZE;
 
@@ -174,12 +174,8 @@ impl Poller for SelectPoller {
     }
 
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
-        let ms = timeout_ms(timeout);
-        let mut tv = libc::timeval {
-            tv_sec: (ms.max(0) / 1000) as libc::time_t,
-            tv_usec: (ms.max(0) % 1000 * 1000) as libc::suseconds_t,
-        };
-        let tv_ptr: *mut libc::timeval = if ms < 0 { ptr::null_mut() } else { &mut tv };
+        let mut tv = timeout_timeval(timeout);
+        let tv_ptr: *mut libc::timeval = tv.as_mut().map_or(ptr::null_mut(), |tv| tv as *mut _);
 
         // Always true (only `InRange` descriptors are registered); clamped
         // anyway so the bound below holds locally.

@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use super::guard::CallbackResult;
 use crate::error::Failure;
+use crate::sys::prefetch::prefetch_read;
 
 /// A closure the reactor can run later.
 pub(crate) trait Callback: 'static {
@@ -37,8 +38,8 @@ trait ErasedPool {
     fn call(&self, slot: u32) -> Result<(), Failure>;
     /// Takes the closure out of `slot` and drops it.
     fn discard(&self, slot: u32);
-    /// Reads the slot, to bring it into the cache before it is needed.
-    fn touch(&self, slot: u32);
+    /// Hints the CPU to fetch the slot before it is needed.
+    fn prefetch(&self, slot: u32);
     fn as_any(&self) -> &dyn Any;
 }
 
@@ -118,9 +119,8 @@ impl<F: Callback> ErasedPool for Pool<F> {
         drop(self.take(slot));
     }
 
-    fn touch(&self, slot: u32) {
-        let s = self.slots.borrow();
-        std::hint::black_box(matches!(s.items.get(slot as usize), Some(Slot::Full(_))));
+    fn prefetch(&self, slot: u32) {
+        prefetch_read(self.slots.borrow().items.as_ptr().wrapping_add(slot as usize));
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -173,10 +173,10 @@ impl ClosurePools {
         self.pool(at).discard(at.slot)
     }
 
-    /// Brings the closure's slot into the cache (see `TimerQueue::upcoming`).
-    pub fn touch(&self, at: ClosureRef) {
+    /// Hints the CPU to fetch the closure (see `TimerQueue::prefetch_upcoming`).
+    pub fn prefetch(&self, at: ClosureRef) {
         if let Some(pool) = self.pools.borrow().get(at.pool as usize) {
-            pool.touch(at.slot);
+            pool.prefetch(at.slot);
         }
     }
 

@@ -35,8 +35,13 @@ struct Call {
     state: CallState,
 }
 
-/// How many upcoming calls `run_due` warms at a time.
-const WARM_AHEAD: usize = 32;
+/// How many times one `run_due` pass may read the clock again to take calls
+/// that fell due while it ran, and for how long in all.
+const MAX_CATCH_UPS: u32 = 16;
+const CATCH_UP_FOR: u64 = 1_000_000;
+
+/// How far ahead of the call it is running `run_due` prefetches.
+const PREFETCH_AHEAD: usize = 16;
 
 /// Where a timer set reads the current time.
 pub(crate) enum TimeSource {
@@ -116,41 +121,54 @@ impl Timers {
     /// Runs every call due now, in deadline order (ties in scheduling
     /// order). Calls scheduled while this runs wait for the next pass, even
     /// if they are already due. Returns how many ran.
+    ///
+    /// In a burst, calls scheduled earlier keep falling due while the pass
+    /// runs: it then reads the clock again and takes those too (a few
+    /// times, for at most [`CATCH_UP_FOR`]), rather than paying a whole
+    /// reactor iteration, poll included, per handful of calls.
     pub fn run_due(&self) -> usize {
-        let now = self.now_ns();
+        let start = self.now_ns();
+        let mut now = start;
         let limit = self.queue.borrow().next_seq();
         let mut ran = 0;
-        let mut until_warm = 0;
+        let mut ran_before_refresh = 0;
+        let mut refreshes = 0;
         loop {
-            if until_warm == 0 {
-                self.warm_ahead(WARM_AHEAD);
-                until_warm = WARM_AHEAD / 2;
-            }
-            until_warm -= 1;
-            let closure = {
+            let popped = {
                 let mut queue = self.queue.borrow_mut();
-                let Some(id) = queue.pop_due(now, limit) else { break };
-                let call = queue.get_mut(id).expect("timers: a popped call has an entry");
-                call.state = CallState::Called;
-                let closure = call.closure;
-                if call.handles == 0 {
-                    queue.release(id);
+                // Firing goes in deadline order, a random order over the
+                // memory of the calls: fetch the entry a few calls ahead,
+                // and the closure of one whose entry has already arrived.
+                queue.prefetch_upcoming(2 * PREFETCH_AHEAD);
+                if let Some(call) = queue.upcoming(PREFETCH_AHEAD) {
+                    self.closures.prefetch(call.closure);
                 }
-                closure
+                queue.pop_due(now, limit).map(|id| {
+                    let call = queue.get_mut(id).expect("timers: a popped call has an entry");
+                    call.state = CallState::Called;
+                    let closure = call.closure;
+                    if call.handles == 0 {
+                        queue.release(id);
+                    }
+                    closure
+                })
+            };
+            let Some(closure) = popped else {
+                if ran > ran_before_refresh && refreshes < MAX_CATCH_UPS {
+                    let later = self.now_ns();
+                    if later > now && later - start < CATCH_UP_FOR {
+                        now = later;
+                        ran_before_refresh = ran;
+                        refreshes += 1;
+                        continue;
+                    }
+                }
+                break;
             };
             ran += 1;
             guard::run_logged(|| "in a delayed call".to_string(), || self.closures.call(closure));
         }
         ran
-    }
-
-    /// Touches the entries and closures of the next calls due, so that a
-    /// burst of firing finds them in the cache.
-    fn warm_ahead(&self, n: usize) {
-        let queue = self.queue.borrow();
-        for call in queue.upcoming(n) {
-            self.closures.touch(call.closure);
-        }
     }
 
     /// Handles to every pending call.
@@ -395,6 +413,32 @@ mod tests {
         timers.advance(Duration::from_secs(10));
         timers.run_due();
         assert_eq!(entries(&timers), 0);
+    }
+
+    #[test]
+    fn a_pass_takes_calls_that_fall_due_while_it_runs() {
+        let timers = manual();
+        let order = Rc::new(RefCell::new(Vec::new()));
+        let (o, t) = (order.clone(), timers.clone());
+        timers.call_later(Duration::from_secs(1), move || {
+            o.borrow_mut().push("first");
+            // Time passes while this callback runs (less than the catch-up
+            // bound)...
+            t.advance(Duration::from_micros(500));
+            // ...and a call scheduled now still waits for the next pass.
+            let o = o.clone();
+            t.call_later(Duration::ZERO, move || o.borrow_mut().push("scheduled inside"));
+        });
+        let o = order.clone();
+        timers
+            .call_later(Duration::from_micros(1_000_400), move || o.borrow_mut().push("fell due meanwhile"));
+        let o = order.clone();
+        timers.call_later(Duration::from_micros(1_000_600), move || o.borrow_mut().push("not due yet"));
+        timers.advance(Duration::from_secs(1));
+        assert_eq!(timers.run_due(), 2);
+        assert_eq!(*order.borrow(), ["first", "fell due meanwhile"]);
+        assert_eq!(timers.run_due(), 1);
+        assert_eq!(order.borrow().last(), Some(&"scheduled inside"));
     }
 
     #[test]

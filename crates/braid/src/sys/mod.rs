@@ -1,6 +1,7 @@
 //! Operating-system plumbing the reactor needs besides polling: the wake-up
-//! descriptor and process signal handlers. Like `backend/`, this is a place
+//! descriptor, process signal handlers, a cache prefetch hint. Like `backend/`, this is a place
 //! where `unsafe` may live.
 
+pub(crate) mod prefetch;
 pub(crate) mod signal;
 pub(crate) mod waker;
