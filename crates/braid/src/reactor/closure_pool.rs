@@ -43,20 +43,16 @@ trait ErasedPool {
     fn as_any(&self) -> &dyn Any;
 }
 
-enum Slot<F> {
-    Full(F),
-    /// Vacant; the next vacant slot, or `NONE`.
-    Free(u32),
-}
-
 const NONE: u32 = u32::MAX;
 /// A pool this large lets go of its memory once it is empty.
 const RELEASE_LEN: usize = 4096;
 
+/// `Option<F>` rather than an enum with a free-list link, so that a closure
+/// capturing a reference-counted pointer takes 8 bytes, not 16; the free
+/// slots are kept on a separate stack.
 struct Slots<F> {
-    items: Vec<Slot<F>>,
-    free: u32,
-    len: usize,
+    items: Vec<Option<F>>,
+    free: Vec<u32>,
 }
 
 struct Pool<F> {
@@ -65,25 +61,20 @@ struct Pool<F> {
 
 impl<F: Callback> Pool<F> {
     fn new() -> Self {
-        Pool { slots: RefCell::new(Slots { items: Vec::new(), free: NONE, len: 0 }) }
+        Pool { slots: RefCell::new(Slots { items: Vec::new(), free: Vec::new() }) }
     }
 
     fn insert(&self, f: F) -> u32 {
         let mut s = self.slots.borrow_mut();
-        s.len += 1;
-        if s.free != NONE {
-            let slot = s.free;
-            let item = &mut s.items[slot as usize];
-            let Slot::Free(next) = *item else { unreachable!("closure pool: free list names a full slot") };
-            *item = Slot::Full(f);
-            s.free = next;
+        if let Some(slot) = s.free.pop() {
+            s.items[slot as usize] = Some(f);
             return slot;
         }
         let slot = u32::try_from(s.items.len())
             .ok()
             .filter(|&i| i != NONE)
             .expect("closure pool: more than 2^32 - 1 pending closures");
-        s.items.push(Slot::Full(f));
+        s.items.push(Some(f));
         slot
     }
 
@@ -91,17 +82,11 @@ impl<F: Callback> Pool<F> {
     /// drops it, since either may schedule or cancel calls.
     fn take(&self, slot: u32) -> Option<F> {
         let mut s = self.slots.borrow_mut();
-        let free = s.free;
-        let item = s.items.get_mut(slot as usize)?;
-        let Slot::Full(f) = std::mem::replace(item, Slot::Free(free)) else {
-            *item = Slot::Free(free);
-            return None;
-        };
-        s.free = slot;
-        s.len -= 1;
-        if s.len == 0 && s.items.len() >= RELEASE_LEN {
+        let f = s.items.get_mut(slot as usize)?.take()?;
+        s.free.push(slot);
+        if s.free.len() == s.items.len() && s.items.len() >= RELEASE_LEN {
             s.items = Vec::new();
-            s.free = NONE;
+            s.free = Vec::new();
         }
         Some(f)
     }
@@ -129,7 +114,7 @@ impl<F: Callback> ErasedPool for Pool<F> {
 }
 
 /// Where a pending closure is: which pool, which slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ClosureRef {
     pool: u32,
     slot: u32,

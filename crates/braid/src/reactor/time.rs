@@ -11,6 +11,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
+use std::num::NonZeroU32;
 use std::rc::{Rc, Weak};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -27,12 +28,65 @@ enum CallState {
     Cancelled,
 }
 
-/// What the queue keeps for one call.
+/// What the queue keeps for one call: 12 bytes, so that with the queue's
+/// own fields a slab entry fits in 40.
 struct Call {
     closure: ClosureRef,
-    /// Live `DelayedCall` handles.
-    handles: u32,
-    state: CallState,
+    /// The state in the top two bits (never zero, which lets `Option<Call>`
+    /// take no extra room), the number of live `DelayedCall` handles below.
+    bits: NonZeroU32,
+}
+
+const STATE_SHIFT: u32 = 30;
+const HANDLES: u32 = (1 << STATE_SHIFT) - 1;
+
+impl Call {
+    fn new(closure: ClosureRef) -> Call {
+        Call { closure, bits: Call::pack(CallState::Pending, 1) }
+    }
+
+    fn pack(state: CallState, handles: u32) -> NonZeroU32 {
+        let tag = match state {
+            CallState::Pending => 1,
+            CallState::Called => 2,
+            CallState::Cancelled => 3,
+        };
+        NonZeroU32::new(tag << STATE_SHIFT | handles).expect("the state tag is never zero")
+    }
+
+    fn state(&self) -> CallState {
+        match self.bits.get() >> STATE_SHIFT {
+            1 => CallState::Pending,
+            2 => CallState::Called,
+            _ => CallState::Cancelled,
+        }
+    }
+
+    fn handles(&self) -> u32 {
+        self.bits.get() & HANDLES
+    }
+
+    fn set_state(&mut self, state: CallState) {
+        self.bits = Call::pack(state, self.handles());
+    }
+
+    fn add_handle(&mut self) {
+        // Past 2^30 - 1 handles the count sticks, and the entry is simply
+        // never freed: better than wrapping around into a use after free.
+        if self.handles() < HANDLES {
+            self.bits = Call::pack(self.state(), self.handles() + 1);
+        }
+    }
+
+    /// Forgets one handle; true if that was the last one.
+    fn drop_handle(&mut self) -> bool {
+        let handles = self.handles();
+        if handles == HANDLES {
+            return false;
+        }
+        self.bits = Call::pack(self.state(), handles.saturating_sub(1));
+        handles <= 1
+    }
 }
 
 /// How many times one `run_due` pass may read the clock again to take calls
@@ -107,7 +161,7 @@ impl Timers {
     {
         let deadline = self.now_ns().saturating_add(saturating_nanos(delay));
         let closure = self.closures.insert(f);
-        let call = Call { closure, handles: 1, state: CallState::Pending };
+        let call = Call::new(closure);
         let id = self.queue.borrow_mut().insert(deadline, call);
         DelayedCall { timers: Rc::downgrade(self), id }
     }
@@ -145,9 +199,9 @@ impl Timers {
                 }
                 queue.pop_due(now, limit).map(|id| {
                     let call = queue.get_mut(id).expect("timers: a popped call has an entry");
-                    call.state = CallState::Called;
+                    call.set_state(CallState::Called);
                     let closure = call.closure;
-                    if call.handles == 0 {
+                    if call.handles() == 0 {
                         queue.release(id);
                     }
                     closure
@@ -179,7 +233,7 @@ impl Timers {
         ids.into_iter()
             .map(|id| {
                 if let Some(call) = queue.get_mut(id) {
-                    call.handles += 1;
+                    call.add_handle();
                 }
                 DelayedCall { timers: weak.clone(), id }
             })
@@ -187,7 +241,7 @@ impl Timers {
     }
 
     fn state(&self, id: TimerId) -> CallState {
-        self.queue.borrow_mut().get_mut(id).map_or(CallState::Cancelled, |call| call.state)
+        self.queue.borrow_mut().get_mut(id).map_or(CallState::Cancelled, |call| call.state())
     }
 }
 
@@ -224,12 +278,12 @@ impl DelayedCall {
         let closure = {
             let mut queue = timers.queue.borrow_mut();
             let call = queue.get_mut(self.id).ok_or(Error::AlreadyCancelled)?;
-            match call.state {
+            match call.state() {
                 CallState::Called => return Err(Error::AlreadyCalled),
                 CallState::Cancelled => return Err(Error::AlreadyCancelled),
                 CallState::Pending => {}
             }
-            call.state = CallState::Cancelled;
+            call.set_state(CallState::Cancelled);
             let closure = call.closure;
             queue.cancel(self.id);
             closure
@@ -287,7 +341,7 @@ impl Clone for DelayedCall {
     fn clone(&self) -> Self {
         if let Some(timers) = self.timers.upgrade() {
             if let Some(call) = timers.queue.borrow_mut().get_mut(self.id) {
-                call.handles += 1;
+                call.add_handle();
             }
         }
         DelayedCall { timers: self.timers.clone(), id: self.id }
@@ -304,8 +358,7 @@ impl Drop for DelayedCall {
             return;
         };
         let Some(call) = queue.get_mut(self.id) else { return };
-        call.handles -= 1;
-        if call.handles == 0 && call.state != CallState::Pending {
+        if call.drop_handle() && call.state() != CallState::Pending {
             queue.release(self.id);
         }
     }
@@ -361,6 +414,28 @@ mod tests {
     /// Slab entries in use: pending calls plus finished ones with handles.
     fn entries(timers: &Timers) -> usize {
         timers.queue.borrow().allocated()
+    }
+
+    #[test]
+    fn call_packs_state_and_handles() {
+        assert_eq!(std::mem::size_of::<Option<Call>>(), 12);
+        let mut call = Call::new(ClosureRef::default());
+        assert_eq!((call.state(), call.handles()), (CallState::Pending, 1));
+        call.add_handle();
+        call.set_state(CallState::Called);
+        assert_eq!((call.state(), call.handles()), (CallState::Called, 2));
+        assert!(!call.drop_handle());
+        assert!(call.drop_handle());
+        assert_eq!((call.state(), call.handles()), (CallState::Called, 0));
+        call.set_state(CallState::Cancelled);
+        assert_eq!(call.state(), CallState::Cancelled);
+        // A count that reaches the limit sticks there rather than wrap.
+        call.bits = Call::pack(CallState::Pending, HANDLES - 1);
+        call.add_handle();
+        call.add_handle();
+        assert_eq!(call.handles(), HANDLES);
+        assert!(!call.drop_handle());
+        assert_eq!((call.state(), call.handles()), (CallState::Pending, HANDLES));
     }
 
     #[test]
