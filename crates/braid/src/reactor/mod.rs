@@ -188,7 +188,7 @@ impl Reactor {
                 fd_limit,
                 events_buf: Cell::new(Vec::with_capacity(256)),
                 fds: RefCell::new(FdTable::default()),
-                timers: Timers::new(TimeSource::Monotonic),
+                timers: Timers::new(TimeSource::monotonic()),
                 state: Cell::new(State::NotStarted),
                 looping: Cell::new(false),
                 iterating: Cell::new(false),

@@ -14,7 +14,7 @@ use std::fmt;
 use std::num::NonZeroU32;
 use std::rc::{Rc, Weak};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::closure_pool::{ClosurePools, ClosureRef};
 use super::guard::{self, CallbackResult};
@@ -99,16 +99,26 @@ const PREFETCH_AHEAD: usize = 16;
 
 /// Where a timer set reads the current time.
 pub(crate) enum TimeSource {
-    /// The monotonic clock, counted from a process-wide origin so every
-    /// reactor in the process agrees on `seconds()`.
-    Monotonic,
+    /// The monotonic clock, counted from a process-wide origin (copied
+    /// here) so every reactor in the process agrees on `seconds()`.
+    Monotonic(u64),
     /// Time that moves only when told to (`testing::Clock`), in nanoseconds.
     Manual(Cell<u64>),
 }
 
-fn origin() -> Instant {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    *ORIGIN.get_or_init(Instant::now)
+/// The monotonic clock (what `Instant` reads on Linux) in nanoseconds, read
+/// directly: a third cheaper than `Instant::elapsed`, and `call_later`
+/// reads it every time.
+#[inline]
+fn monotonic_ns() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+}
+
+/// The process-wide origin of `seconds()`, in `monotonic_ns` units.
+fn origin_ns() -> u64 {
+    static ORIGIN: OnceLock<u64> = OnceLock::new();
+    *ORIGIN.get_or_init(monotonic_ns)
 }
 
 /// A queue of delayed calls and the clock that says when they are due.
@@ -124,11 +134,15 @@ fn saturating_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+impl TimeSource {
+    /// The monotonic clock, from the process-wide origin.
+    pub fn monotonic() -> TimeSource {
+        TimeSource::Monotonic(origin_ns())
+    }
+}
+
 impl Timers {
     pub fn new(source: TimeSource) -> Rc<Timers> {
-        if matches!(source, TimeSource::Monotonic) {
-            origin();
-        }
         Rc::new(Timers { queue: RefCell::new(TimerQueue::new()), closures: ClosurePools::new(), source })
     }
 
@@ -136,7 +150,7 @@ impl Timers {
     #[inline]
     pub fn now_ns(&self) -> u64 {
         match &self.source {
-            TimeSource::Monotonic => saturating_nanos(origin().elapsed()),
+            TimeSource::Monotonic(origin) => monotonic_ns().saturating_sub(*origin),
             TimeSource::Manual(now) => now.get(),
         }
     }
