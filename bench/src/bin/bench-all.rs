@@ -945,6 +945,10 @@ fn render(
             );
         }
     }
+    // The hand-written account of what was changed and what it bought.
+    if let Ok(changes) = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/CHANGES.md")) {
+        let _ = writeln!(s, "\n{}", changes.trim_end());
+    }
     s
 }
 
