@@ -32,15 +32,15 @@ where
     }
 }
 
-/// A pool with its closure type erased.
-trait ErasedPool {
+/// A pool with its closure type erased. `Any` as a supertrait lets a pool be
+/// viewed as `dyn Any` (to get its type back) without a call.
+trait ErasedPool: Any {
     /// Takes the closure out of `slot` and runs it.
     fn call(&self, slot: u32) -> Result<(), Failure>;
     /// Takes the closure out of `slot` and drops it.
     fn discard(&self, slot: u32);
     /// Hints the CPU to fetch the slot before it is needed.
     fn prefetch(&self, slot: u32);
-    fn as_any(&self) -> &dyn Any;
 }
 
 const NONE: u32 = u32::MAX;
@@ -107,10 +107,6 @@ impl<F: Callback> ErasedPool for Pool<F> {
     fn prefetch(&self, slot: u32) {
         prefetch_read(self.slots.borrow().items.as_ptr().wrapping_add(slot as usize));
     }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 /// Where a pending closure is: which pool, which slot.
@@ -141,10 +137,8 @@ impl ClosurePools {
     pub fn insert<F: Callback>(&self, f: F) -> ClosureRef {
         let pool = self.pool_for::<F>();
         let pools = self.pools.borrow();
-        let typed = pools[pool as usize]
-            .as_any()
-            .downcast_ref::<Pool<F>>()
-            .expect("closure pool: registered under another type");
+        let any: &dyn Any = &*pools[pool as usize];
+        let typed = any.downcast_ref::<Pool<F>>().expect("closure pool: registered under another type");
         ClosureRef { pool, slot: typed.insert(f) }
     }
 
