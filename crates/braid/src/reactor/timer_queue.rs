@@ -409,27 +409,10 @@ impl<T> TimerQueue<T> {
         index
     }
 
-    /// Nothing is allocated, so every item left is a tombstone: clear the
-    /// containers, and give a large slab's memory back.
+    /// Nothing is allocated, so every item left is a tombstone: drop them
+    /// all, and give a large slab's memory back.
     fn reset(&mut self) {
-        for level in 0..LEVELS {
-            let mut bits = self.occupied[level];
-            while bits != 0 {
-                let slot = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let items = &mut self.slots[level * SLOTS + slot];
-                items.clear();
-                *items = recycle(std::mem::take(items));
-            }
-        }
-        self.occupied = [0; LEVELS];
-        self.ordered = [0; LEVELS];
-        self.run.clear();
-        self.run_head = 0;
-        self.run = recycle(std::mem::take(&mut self.run));
-        self.late.clear();
-        self.late = recycle(std::mem::take(&mut self.late));
-        self.stale = 0;
+        self.sweep(false);
         if self.slab.len() >= RESET_SLAB_LEN {
             self.slab = Vec::new();
             self.free = NONE;
@@ -537,14 +520,15 @@ impl<T> TimerQueue<T> {
 
     fn maybe_sweep(&mut self) {
         if self.stale > 2 * self.live + SWEEP_FLOOR {
-            self.sweep();
+            self.sweep(true);
         }
     }
 
-    /// Removes every tombstone from every container.
-    fn sweep(&mut self) {
+    /// Removes every tombstone from every container (with `keep_live`
+    /// false, every item), letting go of the room of emptied containers.
+    fn sweep(&mut self, keep_live: bool) {
         let slab = &self.slab;
-        let keep = |item: &Item| status(slab, item) != Status::Stale;
+        let keep = |item: &Item| keep_live && status(slab, item) != Status::Stale;
         for level in 0..LEVELS {
             let mut bits = self.occupied[level];
             while bits != 0 {
@@ -566,6 +550,11 @@ impl<T> TimerQueue<T> {
         self.run.drain(..self.run_head);
         self.run_head = 0;
         self.run.retain(keep);
+        for items in [&mut self.late, &mut self.run] {
+            if items.is_empty() {
+                *items = recycle(std::mem::take(items));
+            }
+        }
         self.stale = 0;
         self.order_front();
     }
