@@ -1230,6 +1230,32 @@ mod tests {
         ]
     }
 
+    fn seq_limit(limit: Limit, seq: u64) -> u64 {
+        match limit {
+            Limit::Unlimited => u64::MAX,
+            Limit::PassStart => seq,
+            Limit::Seq(s) => s,
+        }
+    }
+
+    /// Pops once from the queue and the model, checking they agree; true if
+    /// something was due.
+    fn pop_one(
+        q: &mut TimerQueue<usize>,
+        model: &mut BTreeMap<(u64, u64), usize>,
+        pending: &mut HashMap<usize, (u64, u64)>,
+        ids: &[Option<TimerId>],
+        now: u64,
+        limit: u64,
+    ) -> bool {
+        let expected =
+            model.first_key_value().filter(|(&(d, s), _)| d <= now && s < limit).map(|(_, &name)| name);
+        assert_eq!(q.pop_due(now, limit), expected.and_then(|name| ids[name]));
+        let Some(name) = expected else { return false };
+        model.remove(&pending.remove(&name).unwrap());
+        true
+    }
+
     /// Runs `ops` against the queue and a `BTreeMap` model side by side.
     /// Like the reactor, the test releases an entry only once it is done
     /// with its id, and never uses the id afterwards.
@@ -1242,11 +1268,6 @@ mod tests {
         let mut pending: HashMap<usize, (u64, u64)> = HashMap::new();
         let mut now: u64 = 0;
         let mut seq: u64 = 0;
-        let limit_of = |limit: Limit, seq: u64| match limit {
-            Limit::Unlimited => u64::MAX,
-            Limit::PassStart => seq,
-            Limit::Seq(s) => s,
-        };
         for op in ops {
             match *op {
                 Op::Insert(when) => {
@@ -1299,29 +1320,11 @@ mod tests {
                     } else {
                         now.saturating_add(step as u64)
                     };
-                    let limit = limit_of(limit, seq);
-                    loop {
-                        let expected = model
-                            .first_key_value()
-                            .filter(|(&(d, s), _)| d <= now && s < limit)
-                            .map(|(_, &name)| name);
-                        let got = q.pop_due(now, limit);
-                        assert_eq!(got, expected.and_then(|name| ids[name]));
-                        let Some(name) = expected else { break };
-                        model.remove(&pending.remove(&name).unwrap());
-                    }
+                    let limit = seq_limit(limit, seq);
+                    while pop_one(&mut q, &mut model, &mut pending, &ids, now, limit) {}
                 }
                 Op::PopOne(limit) => {
-                    let limit = limit_of(limit, seq);
-                    let expected = model
-                        .first_key_value()
-                        .filter(|(&(d, s), _)| d <= now && s < limit)
-                        .map(|(_, &name)| name);
-                    let got = q.pop_due(now, limit);
-                    assert_eq!(got, expected.and_then(|name| ids[name]));
-                    if let Some(name) = expected {
-                        model.remove(&pending.remove(&name).unwrap());
-                    }
+                    pop_one(&mut q, &mut model, &mut pending, &ids, now, seq_limit(limit, seq));
                 }
                 Op::NextDeadline => {
                     assert_eq!(q.next_deadline(), model.keys().next().map(|&(d, _)| d));
