@@ -18,6 +18,7 @@
 //! ```text
 //! cargo run --release -p braid-bench --bin timers [-- --write] [--rounds N]
 //! cargo run --release -p braid-bench --bin timers -- --only braid-fire   # one phase, for profiling
+//! cargo run --release -p braid-bench --bin timers -- --only braid-schedule   # schedule + in-order cancel
 //! ```
 
 use std::cell::Cell;
@@ -89,6 +90,12 @@ impl Workload {
 // ---------------------------------------------------------------- braid --
 
 fn braid_churn(w: &Workload) -> Churn {
+    braid_churn_with(w, true)
+}
+
+/// The churn phase; `random` false skips the random-order cancel (the
+/// `braid-schedule` profiling phase: just the headline schedule+cancel).
+fn braid_churn_with(w: &Workload, random: bool) -> Churn {
     let reactor = braid::Reactor::new(braid::Backend::Epoll).expect("reactor");
     let fired = Rc::new(Cell::new(0u64));
     let start = Instant::now();
@@ -109,8 +116,10 @@ fn braid_churn(w: &Workload) -> Churn {
     let cancel_in_order = per_op(start.elapsed(), SCHEDULE / 2);
 
     let start = Instant::now();
-    for &i in &w.random_half {
-        calls[i].cancel().expect("cancel");
+    if random {
+        for &i in &w.random_half {
+            calls[i].cancel().expect("cancel");
+        }
     }
     let cancel_random = per_op(start.elapsed(), w.random_half.len());
     assert_eq!(fired.get(), 0);
@@ -399,8 +408,12 @@ fn main() {
         for round in 0..rounds {
             let w = Workload::new(0x7133_0000 + round as u64);
             match phase.as_str() {
-                "braid-churn" | "tokio-churn" => {
-                    let c = if phase == "braid-churn" { braid_churn(&w) } else { tokio_churn(&rt, &w) };
+                "braid-churn" | "tokio-churn" | "braid-schedule" => {
+                    let c = match phase.as_str() {
+                        "braid-churn" => braid_churn(&w),
+                        "braid-schedule" => braid_churn_with(&w, false),
+                        _ => tokio_churn(&rt, &w),
+                    };
                     println!(
                         "{phase}: schedule {:.0} ns, cancel in order {:.0} ns, cancel random {:.0} ns",
                         c.schedule, c.cancel_in_order, c.cancel_random
@@ -416,7 +429,9 @@ fn main() {
                     );
                 }
                 _ => {
-                    eprintln!("--only takes braid-churn, tokio-churn, braid-fire or tokio-fire");
+                    eprintln!(
+                        "--only takes braid-churn, braid-schedule, tokio-churn, braid-fire or tokio-fire"
+                    );
                     std::process::exit(2);
                 }
             }

@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use super::guard::CallbackResult;
 use crate::error::Failure;
+use crate::sys::huge_pages;
 use crate::sys::prefetch::prefetch_read;
 
 /// A closure the reactor can run later.
@@ -74,7 +75,7 @@ impl<F: Callback> Pool<F> {
             .ok()
             .filter(|&i| i != NONE)
             .expect("closure pool: more than 2^32 - 1 pending closures");
-        s.items.push(Some(f));
+        huge_pages::push(&mut s.items, Some(f));
         slot
     }
 

@@ -28,6 +28,7 @@ use crate::error::{Error, Failure};
 use crate::sys::signal::SignalGuard;
 use crate::sys::waker::Waker;
 
+mod clock;
 mod closure_pool;
 mod events;
 mod fdset;

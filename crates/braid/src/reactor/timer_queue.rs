@@ -49,6 +49,7 @@
 
 use std::cmp::Ordering;
 
+use crate::sys::huge_pages;
 use crate::sys::prefetch::prefetch_read;
 
 /// Names an entry of a [`TimerQueue`] until it is released.
@@ -405,7 +406,10 @@ impl<T> TimerQueue<T> {
             .ok()
             .filter(|&i| i != NONE)
             .expect("timer queue: more than 2^32 - 1 entries");
-        self.slab.push(Entry { deadline, seq, queued: seq, next_free: NONE, value: Some(value) });
+        huge_pages::push(
+            &mut self.slab,
+            Entry { deadline, seq, queued: seq, next_free: NONE, value: Some(value) },
+        );
         index
     }
 

@@ -2,6 +2,8 @@
 //! descriptor, process signal handlers, a cache prefetch hint. Like `backend/`, this is a place
 //! where `unsafe` may live.
 
+pub(crate) mod huge_pages;
 pub(crate) mod prefetch;
 pub(crate) mod signal;
+pub(crate) mod tsc;
 pub(crate) mod waker;
