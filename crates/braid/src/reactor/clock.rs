@@ -201,8 +201,12 @@ mod tests {
             // 1 µs); a preemption only makes `after` later.
             assert!(now <= after + 100_000, "deadline clock {now} far ahead of {after}");
             checked += 1;
-            if checked % 50_000 == 0 {
-                std::thread::sleep(Duration::from_micros(if checked % 100_000 == 0 { 5_000 } else { 250 }));
+            if checked.is_multiple_of(50_000) {
+                std::thread::sleep(Duration::from_micros(if checked.is_multiple_of(100_000) {
+                    5_000
+                } else {
+                    250
+                }));
             }
         }
         if tsc::usable() {
