@@ -9,9 +9,8 @@
 //! schedule, a small fixed number in any program.
 
 use std::any::{Any, TypeId};
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
 
 use super::guard::CallbackResult;
 use crate::error::Failure;
@@ -117,9 +116,60 @@ pub(crate) struct ClosureRef {
     slot: u32,
 }
 
+/// The pools of one timer set, in the order they were created.
+///
+/// Pools are only ever added, and never move once made (each is boxed, in
+/// chunks that are never reallocated), so a pool can be used through a
+/// plain reference tied to `&self`: no `RefCell` borrow or reference count
+/// per call, and a closure may create new pools while its own pool is
+/// running or dropping it.
+struct PoolList {
+    /// Chunk `k` holds `FIRST_CHUNK << k` pools.
+    chunks: [OnceCell<Box<[OnceCell<Box<dyn ErasedPool>>]>>; CHUNKS],
+    len: Cell<u32>,
+}
+
+const FIRST_CHUNK: usize = 8;
+/// Room for about 2^27 closure types, far more than any program has.
+const CHUNKS: usize = 24;
+
+impl PoolList {
+    fn new() -> Self {
+        PoolList { chunks: std::array::from_fn(|_| OnceCell::new()), len: Cell::new(0) }
+    }
+
+    /// The chunk and the place in it of pool `index`.
+    #[inline]
+    fn locate(index: u32) -> (usize, usize) {
+        let k = (index as usize / FIRST_CHUNK + 1).ilog2() as usize;
+        (k, index as usize - FIRST_CHUNK * ((1 << k) - 1))
+    }
+
+    #[inline]
+    fn get(&self, index: u32) -> Option<&dyn ErasedPool> {
+        let (k, at) = Self::locate(index);
+        Some(&**self.chunks.get(k)?.get()?.get(at)?.get()?)
+    }
+
+    fn push(&self, pool: Box<dyn ErasedPool>) -> u32 {
+        let index = self.len.get();
+        let (k, at) = Self::locate(index);
+        let chunk = self
+            .chunks
+            .get(k)
+            .expect("closure pools: more closure types than any program has")
+            .get_or_init(|| (0..FIRST_CHUNK << k).map(|_| OnceCell::new()).collect());
+        if chunk[at].set(pool).is_err() {
+            unreachable!("closure pools: a pool slot was filled twice");
+        }
+        self.len.set(index + 1);
+        index
+    }
+}
+
 /// Every pool of one timer set.
 pub(crate) struct ClosurePools {
-    pools: RefCell<Vec<Rc<dyn ErasedPool>>>,
+    pools: PoolList,
     by_type: RefCell<HashMap<TypeId, u32>>,
     /// The last type looked up: a call site usually schedules many times.
     last: Cell<(TypeId, u32)>,
@@ -128,7 +178,7 @@ pub(crate) struct ClosurePools {
 impl ClosurePools {
     pub fn new() -> Self {
         ClosurePools {
-            pools: RefCell::new(Vec::new()),
+            pools: PoolList::new(),
             by_type: RefCell::new(HashMap::new()),
             last: Cell::new((TypeId::of::<()>(), NONE)),
         }
@@ -137,33 +187,31 @@ impl ClosurePools {
     /// Stores `f` until it is called or discarded.
     pub fn insert<F: Callback>(&self, f: F) -> ClosureRef {
         let pool = self.pool_for::<F>();
-        let pools = self.pools.borrow();
-        let any: &dyn Any = &*pools[pool as usize];
+        let any: &dyn Any = self.pools.get(pool).expect("closure pools: a looked-up pool exists");
         let typed = any.downcast_ref::<Pool<F>>().expect("closure pool: registered under another type");
         ClosureRef { pool, slot: typed.insert(f) }
     }
 
     /// Runs the closure (once; later calls do nothing).
     pub fn call(&self, at: ClosureRef) -> Result<(), Failure> {
-        self.pool(at).call(at.slot)
+        match self.pools.get(at.pool) {
+            Some(pool) => pool.call(at.slot),
+            None => Ok(()),
+        }
     }
 
     /// Drops the closure without running it, freeing what it captured.
     pub fn discard(&self, at: ClosureRef) {
-        self.pool(at).discard(at.slot)
+        if let Some(pool) = self.pools.get(at.pool) {
+            pool.discard(at.slot);
+        }
     }
 
     /// Hints the CPU to fetch the closure (see `TimerQueue::prefetch_upcoming`).
     pub fn prefetch(&self, at: ClosureRef) {
-        if let Some(pool) = self.pools.borrow().get(at.pool as usize) {
+        if let Some(pool) = self.pools.get(at.pool) {
             pool.prefetch(at.slot);
         }
-    }
-
-    /// The pool, held by its own reference so that the closure may create
-    /// new pools while it runs or drops.
-    fn pool(&self, at: ClosureRef) -> Rc<dyn ErasedPool> {
-        self.pools.borrow()[at.pool as usize].clone()
     }
 
     fn pool_for<F: Callback>(&self) -> u32 {
@@ -172,11 +220,15 @@ impl ClosurePools {
         if last_ty == ty && last != NONE {
             return last;
         }
-        let pool = *self.by_type.borrow_mut().entry(ty).or_insert_with(|| {
-            let mut pools = self.pools.borrow_mut();
-            pools.push(Rc::new(Pool::<F>::new()));
-            (pools.len() - 1) as u32
-        });
+        let known = self.by_type.borrow().get(&ty).copied();
+        let pool = match known {
+            Some(pool) => pool,
+            None => {
+                let pool = self.pools.push(Box::new(Pool::<F>::new()));
+                self.by_type.borrow_mut().insert(ty, pool);
+                pool
+            }
+        };
         self.last.set((ty, pool));
         pool
     }
@@ -185,6 +237,7 @@ impl ClosurePools {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::rc::Rc;
 
     #[test]
     fn closures_run_once_and_slots_are_reused() {
@@ -241,7 +294,25 @@ mod tests {
         let dropped = pools.insert(move || drop(guard));
         pools.call(run).unwrap();
         pools.discard(dropped);
-        assert_eq!(pools.pools.borrow().len(), 4);
+        assert_eq!(pools.pools.len.get(), 4);
+    }
+
+    #[test]
+    fn pools_are_found_across_chunks() {
+        let list = PoolList::new();
+        let count = FIRST_CHUNK * 15 + 3; // into the fifth chunk
+        for i in 0..count {
+            assert_eq!(list.push(Box::new(Pool::<fn()>::new())), i as u32);
+        }
+        assert_eq!(PoolList::locate(0), (0, 0));
+        assert_eq!(PoolList::locate(FIRST_CHUNK as u32 - 1), (0, FIRST_CHUNK - 1));
+        assert_eq!(PoolList::locate(FIRST_CHUNK as u32), (1, 0));
+        assert_eq!(PoolList::locate(3 * FIRST_CHUNK as u32), (2, 0));
+        for i in 0..count as u32 {
+            assert!(list.get(i).is_some(), "pool {i}");
+        }
+        assert!(list.get(count as u32).is_none());
+        assert!(list.get(u32::MAX).is_none(), "far out of range is simply absent");
     }
 
     #[test]

@@ -294,16 +294,18 @@ impl DelayedCall {
         let timers = self.timers.upgrade().ok_or(Error::AlreadyCancelled)?;
         let closure = {
             let mut queue = timers.queue.borrow_mut();
-            let call = queue.get_mut(self.id).ok_or(Error::AlreadyCancelled)?;
-            match call.state() {
-                CallState::Called => return Err(Error::AlreadyCalled),
-                CallState::Cancelled => return Err(Error::AlreadyCancelled),
-                CallState::Pending => {}
+            match queue.cancel(self.id) {
+                Some(call) => {
+                    call.set_state(CallState::Cancelled);
+                    call.closure
+                }
+                None => {
+                    return Err(match queue.get_mut(self.id).map(|call| call.state()) {
+                        Some(CallState::Called) => Error::AlreadyCalled,
+                        _ => Error::AlreadyCancelled,
+                    })
+                }
             }
-            call.set_state(CallState::Cancelled);
-            let closure = call.closure;
-            queue.cancel(self.id);
-            closure
         };
         // Outside the queue's borrow: dropping the closure may drop other
         // handles, which update the queue.

@@ -199,17 +199,15 @@ impl<T> TimerQueue<T> {
         index
     }
 
-    /// Unschedules a pending entry; false if it is not pending. The entry
-    /// stays allocated until released.
-    pub fn cancel(&mut self, id: TimerId) -> bool {
-        let Some(entry) = self.pending_entry(id) else {
-            return false;
-        };
+    /// Unschedules a pending entry and returns its value; `None` if it is
+    /// not pending. The entry stays allocated until released.
+    pub fn cancel(&mut self, id: TimerId) -> Option<&mut T> {
+        let entry = self.pending_entry(id)?;
         entry.queued = DONE;
         self.live -= 1;
         self.stale += 1;
         self.maybe_sweep();
-        true
+        self.slab[id as usize].value.as_mut()
     }
 
     /// Moves a pending entry to `deadline` and gives it a fresh sequence
@@ -986,8 +984,8 @@ mod tests {
     fn done_entries_stay_until_released() {
         let mut q = TimerQueue::new();
         let a = q.insert(10, 1);
-        assert!(q.cancel(a));
-        assert!(!q.cancel(a));
+        assert!(q.cancel(a).is_some());
+        assert!(q.cancel(a).is_none());
         assert!(!q.reschedule(a, 20));
         assert_eq!(q.deadline(a), None);
         assert_eq!(q.get_mut(a), Some(&mut 1), "the value outlives the cancel");
@@ -996,7 +994,7 @@ mod tests {
         assert_ne!(a, b);
         let id = q.pop_due(30, u64::MAX).unwrap();
         assert_eq!(id, b);
-        assert!(!q.cancel(b), "a popped entry is not pending");
+        assert!(q.cancel(b).is_none(), "a popped entry is not pending");
         assert_eq!(q.deadline(b), None);
         q.check();
         assert_eq!(q.release(a), Some(1));
@@ -1047,7 +1045,7 @@ mod tests {
         for i in (0..5000).step_by(7) {
             let key = model.iter().find(|(_, &v)| v == i).map(|(&k, _)| k).unwrap();
             model.remove(&key);
-            assert!(q.cancel(ids[i as usize]));
+            assert!(q.cancel(ids[i as usize]).is_some());
         }
         let mut now = 0;
         while !model.is_empty() {
@@ -1074,16 +1072,16 @@ mod tests {
         let first = q.pop_due(SEC, u64::MAX).unwrap();
         assert_eq!(q.release(first), Some(0));
         q.check();
-        assert!(q.cancel(ids[1])); // the run's head
-        assert!(q.cancel(ids[5])); // the middle
-        assert!(q.cancel(ids[9])); // the end
+        assert!(q.cancel(ids[1]).is_some()); // the run's head
+        assert!(q.cancel(ids[5]).is_some()); // the middle
+        assert!(q.cancel(ids[9]).is_some()); // the end
         q.check();
         assert_eq!(q.next_deadline(), Some(SEC + 2));
         assert!(q.reschedule(ids[2], SEC + 7)); // postponed within the run
         q.check();
         let late = q.insert(SEC + 3, 100);
         q.check();
-        assert!(q.cancel(late));
+        assert!(q.cancel(late).is_some());
         for id in [ids[1], ids[5], ids[9], late] {
             q.release(id);
         }
@@ -1292,7 +1290,7 @@ mod tests {
                         model.remove(k);
                     });
                     if let Op::Cancel(_) = op {
-                        assert_eq!(q.cancel(id), was_pending.is_some());
+                        assert_eq!(q.cancel(id).is_some(), was_pending.is_some());
                         assert_eq!(q.get_mut(id).copied(), Some(name));
                     } else {
                         assert_eq!(q.release(id), Some(name));
