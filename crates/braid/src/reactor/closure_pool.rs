@@ -125,9 +125,12 @@ pub(crate) struct ClosureRef {
 /// running or dropping it.
 struct PoolList {
     /// Chunk `k` holds `FIRST_CHUNK << k` pools.
-    chunks: [OnceCell<Box<[OnceCell<Box<dyn ErasedPool>>]>>; CHUNKS],
+    chunks: [OnceCell<Chunk>; CHUNKS],
     len: Cell<u32>,
 }
+
+/// A run of pool places, each filled once.
+type Chunk = Box<[OnceCell<Box<dyn ErasedPool>>]>;
 
 const FIRST_CHUNK: usize = 8;
 /// Room for about 2^27 closure types, far more than any program has.
