@@ -51,3 +51,35 @@ fn advise_huge<T>(v: &mut Vec<T>) {
         let _ = rustix::mm::madvise(first as *mut _, end - first, rustix::mm::Advice::LinuxHugepage);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_past_the_threshold_keeps_every_element_in_order() {
+        let mut v: Vec<u64> = Vec::new();
+        let count = 3 * HUGE_FROM / size_of::<u64>();
+        let mut grown_large = 0;
+        for i in 0..count as u64 {
+            let before = v.capacity();
+            push(&mut v, i * 7);
+            if v.capacity() != before && before * size_of::<u64>() * 2 >= HUGE_FROM {
+                assert_eq!(v.capacity(), before * 2, "a large vector doubles");
+                grown_large += 1;
+            }
+        }
+        assert!(grown_large >= 2, "the huge-page path was taken");
+        assert_eq!(v.len(), count);
+        assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64 * 7));
+    }
+
+    #[test]
+    fn zero_sized_elements_never_take_the_huge_path() {
+        let mut v: Vec<()> = Vec::new();
+        for _ in 0..1000 {
+            push(&mut v, ());
+        }
+        assert_eq!(v.len(), 1000);
+    }
+}
