@@ -41,6 +41,15 @@ struct Churn {
     schedule: f64,
     cancel_in_order: f64,
     cancel_random: f64,
+    /// Minor page faults taken while scheduling, per 1,000 timers.
+    faults_per_k: f64,
+}
+
+/// This thread's minor page faults so far (field 10 of /proc/thread-self/stat).
+fn minor_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+    let after_name = &stat[stat.rfind(')').expect("stat format") + 2..];
+    after_name.split_whitespace().nth(7).and_then(|n| n.parse().ok()).expect("stat format")
 }
 
 /// Results of the firing phase.
@@ -98,6 +107,7 @@ fn braid_churn(w: &Workload) -> Churn {
 fn braid_churn_with(w: &Workload, random: bool) -> Churn {
     let reactor = braid::Reactor::new(braid::Backend::Epoll).expect("reactor");
     let fired = Rc::new(Cell::new(0u64));
+    let faults = minor_faults();
     let start = Instant::now();
     let calls: Vec<braid::reactor::DelayedCall> = w
         .delays
@@ -108,6 +118,7 @@ fn braid_churn_with(w: &Workload, random: bool) -> Churn {
         })
         .collect();
     let schedule = per_op(start.elapsed(), SCHEDULE);
+    let faults_per_k = (minor_faults() - faults) as f64 * 1000.0 / SCHEDULE as f64;
 
     let start = Instant::now();
     for call in calls.iter().step_by(2) {
@@ -123,7 +134,7 @@ fn braid_churn_with(w: &Workload, random: bool) -> Churn {
     }
     let cancel_random = per_op(start.elapsed(), w.random_half.len());
     assert_eq!(fired.get(), 0);
-    Churn { schedule, cancel_in_order, cancel_random }
+    Churn { schedule, cancel_in_order, cancel_random, faults_per_k }
 }
 
 struct FireState {
@@ -192,9 +203,11 @@ fn tokio_runtime() -> tokio::runtime::Runtime {
 fn tokio_churn(rt: &tokio::runtime::Runtime, w: &Workload) -> Churn {
     rt.block_on(async {
         let mut queue = tokio_util::time::DelayQueue::new();
+        let faults = minor_faults();
         let start = Instant::now();
         let keys: Vec<_> = w.delays.iter().enumerate().map(|(i, &delay)| queue.insert(i, delay)).collect();
         let schedule = per_op(start.elapsed(), SCHEDULE);
+        let faults_per_k = (minor_faults() - faults) as f64 * 1000.0 / SCHEDULE as f64;
 
         let start = Instant::now();
         for key in keys.iter().step_by(2) {
@@ -208,7 +221,7 @@ fn tokio_churn(rt: &tokio::runtime::Runtime, w: &Workload) -> Churn {
         }
         let cancel_random = per_op(start.elapsed(), w.random_half.len());
         assert!(queue.is_empty());
-        Churn { schedule, cancel_in_order, cancel_random }
+        Churn { schedule, cancel_in_order, cancel_random, faults_per_k }
     })
 }
 
@@ -415,8 +428,8 @@ fn main() {
                         _ => tokio_churn(&rt, &w),
                     };
                     println!(
-                        "{phase}: schedule {:.0} ns, cancel in order {:.0} ns, cancel random {:.0} ns",
-                        c.schedule, c.cancel_in_order, c.cancel_random
+                        "{phase}: schedule {:.0} ns, cancel in order {:.0} ns, cancel random {:.0} ns, {:.1} page faults per 1k",
+                        c.schedule, c.cancel_in_order, c.cancel_random, c.faults_per_k
                     );
                 }
                 "braid-fire" | "tokio-fire" => {
@@ -455,7 +468,18 @@ fn main() {
             fire.1.push(tokio_fire(&rt, &w));
             fire.0.push(braid_fire(&w));
         }
-        eprintln!("round {}/{rounds} done ({:.1} s)", round + 1, started.elapsed().as_secs_f64());
+        let (b, t) = (churn.0.last().expect("a round"), churn.1.last().expect("a round"));
+        eprintln!(
+            "round {}/{rounds} done ({:.1} s): schedule + cancel: braid {:.0} + {:.0} ns ({:.1} faults/1k), tokio {:.0} + {:.0} ns ({:.1} faults/1k)",
+            round + 1,
+            started.elapsed().as_secs_f64(),
+            b.schedule,
+            b.cancel_in_order,
+            b.faults_per_k,
+            t.schedule,
+            t.cancel_in_order,
+            t.faults_per_k
+        );
     }
 
     let med_c = |v: &[Churn], f: fn(&Churn) -> f64| median(v.iter().map(f).collect());

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use super::guard::CallbackResult;
 use crate::error::Failure;
-use crate::sys::huge_pages;
+use crate::sys::big_vec::BigVec;
 use crate::sys::prefetch::prefetch_read;
 
 /// A closure the reactor can run later.
@@ -51,7 +51,7 @@ const RELEASE_LEN: usize = 4096;
 /// capturing a reference-counted pointer takes 8 bytes, not 16; the free
 /// slots are kept on a separate stack.
 struct Slots<F> {
-    items: Vec<Option<F>>,
+    items: BigVec<Option<F>>,
     free: Vec<u32>,
 }
 
@@ -61,7 +61,7 @@ struct Pool<F> {
 
 impl<F: Callback> Pool<F> {
     fn new() -> Self {
-        Pool { slots: RefCell::new(Slots { items: Vec::new(), free: Vec::new() }) }
+        Pool { slots: RefCell::new(Slots { items: BigVec::new(), free: Vec::new() }) }
     }
 
     fn insert(&self, f: F) -> u32 {
@@ -74,7 +74,7 @@ impl<F: Callback> Pool<F> {
             .ok()
             .filter(|&i| i != NONE)
             .expect("closure pool: more than 2^32 - 1 pending closures");
-        huge_pages::push(&mut s.items, Some(f));
+        s.items.push(Some(f));
         slot
     }
 
@@ -85,7 +85,7 @@ impl<F: Callback> Pool<F> {
         let f = s.items.get_mut(slot as usize)?.take()?;
         s.free.push(slot);
         if s.free.len() == s.items.len() && s.items.len() >= RELEASE_LEN {
-            s.items = Vec::new();
+            s.items = BigVec::new();
             s.free = Vec::new();
         }
         Some(f)

@@ -49,7 +49,7 @@
 
 use std::cmp::Ordering;
 
-use crate::sys::huge_pages;
+use crate::sys::big_vec::BigVec;
 use crate::sys::prefetch::prefetch_read;
 
 /// Names an entry of a [`TimerQueue`] until it is released.
@@ -139,7 +139,7 @@ fn status<T>(slab: &[Entry<T>], item: &Item) -> Status {
 }
 
 pub(crate) struct TimerQueue<T> {
-    slab: Vec<Entry<T>>,
+    slab: BigVec<Entry<T>>,
     free: u32,
     /// Slab entries holding a value (pending or waiting for `release`).
     allocated: usize,
@@ -148,7 +148,7 @@ pub(crate) struct TimerQueue<T> {
     /// Tombstones still in containers.
     stale: usize,
     seq: u64,
-    slots: Vec<Vec<Item>>,
+    slots: Vec<BigVec<Item>>,
     /// Per level, which slots hold items.
     occupied: [u64; LEVELS],
     /// Per level, which slots are kept in heap order. Only the front slot
@@ -159,9 +159,9 @@ pub(crate) struct TimerQueue<T> {
     origin: u64,
     /// Ticks below this are due: their items are in `run` or `late`.
     bound: u64,
-    run: Vec<Item>,
+    run: BigVec<Item>,
     run_head: usize,
-    late: Vec<Item>,
+    late: BigVec<Item>,
 }
 
 impl<T> Default for TimerQueue<T> {
@@ -173,20 +173,20 @@ impl<T> Default for TimerQueue<T> {
 impl<T> TimerQueue<T> {
     pub fn new() -> Self {
         TimerQueue {
-            slab: Vec::new(),
+            slab: BigVec::new(),
             free: NONE,
             allocated: 0,
             live: 0,
             stale: 0,
             seq: 0,
-            slots: (0..LEVELS * SLOTS).map(|_| Vec::new()).collect(),
+            slots: (0..LEVELS * SLOTS).map(|_| BigVec::new()).collect(),
             occupied: [0; LEVELS],
             ordered: [0; LEVELS],
             origin: 0,
             bound: 0,
-            run: Vec::new(),
+            run: BigVec::new(),
             run_head: 0,
-            late: Vec::new(),
+            late: BigVec::new(),
         }
     }
 
@@ -404,10 +404,7 @@ impl<T> TimerQueue<T> {
             .ok()
             .filter(|&i| i != NONE)
             .expect("timer queue: more than 2^32 - 1 entries");
-        huge_pages::push(
-            &mut self.slab,
-            Entry { deadline, seq, queued: seq, next_free: NONE, value: Some(value) },
-        );
+        self.slab.push(Entry { deadline, seq, queued: seq, next_free: NONE, value: Some(value) });
         index
     }
 
@@ -416,7 +413,7 @@ impl<T> TimerQueue<T> {
     fn reset(&mut self) {
         self.sweep(false);
         if self.slab.len() >= RESET_SLAB_LEN {
-            self.slab = Vec::new();
+            self.slab = BigVec::new();
             self.free = NONE;
         }
     }
@@ -552,7 +549,7 @@ impl<T> TimerQueue<T> {
         }
         self.late.retain(keep);
         heapify(&mut self.late);
-        self.run.drain(..self.run_head);
+        self.run.remove_front(self.run_head);
         self.run_head = 0;
         self.run.retain(keep);
         for items in [&mut self.late, &mut self.run] {
@@ -607,11 +604,12 @@ impl<T> TimerQueue<T> {
             self.ordered[level] &= !(1 << slot);
             let id = level * SLOTS + slot as usize;
             let mut items = std::mem::take(&mut self.slots[id]);
-            for item in items.drain(..) {
+            for &item in items.iter() {
                 let place = self.place_for(item.deadline);
                 debug_assert!((place as usize) < level * SLOTS);
                 self.push_quiet(place, item);
             }
+            items.clear();
             self.slots[id] = recycle(items);
         }
     }
@@ -630,7 +628,7 @@ impl<T> TimerQueue<T> {
         items.sort_unstable_by_key(Item::key);
         if self.run_head > 0 && self.run_head * 2 >= self.run.len() {
             // Drop the consumed prefix before it grows.
-            self.run.drain(..self.run_head);
+            self.run.remove_front(self.run_head);
             self.run_head = 0;
         }
         if self.run.is_empty() {
@@ -650,10 +648,10 @@ fn split(place: u32) -> (usize, u32) {
 }
 
 /// Keeps an emptied vector's buffer for reuse unless it is large.
-fn recycle(items: Vec<Item>) -> Vec<Item> {
+fn recycle(items: BigVec<Item>) -> BigVec<Item> {
     debug_assert!(items.is_empty());
     if items.capacity() > KEEP_CAPACITY {
-        Vec::new()
+        BigVec::new()
     } else {
         items
     }
@@ -714,7 +712,7 @@ fn heapify(heap: &mut [Item]) {
 }
 
 /// Removes the top of a heap.
-fn heap_pop(heap: &mut Vec<Item>) {
+fn heap_pop(heap: &mut BigVec<Item>) {
     let last = heap.pop().expect("timer queue: pop from an empty heap");
     if !heap.is_empty() {
         heap[0] = last;

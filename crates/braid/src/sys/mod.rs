@@ -1,8 +1,8 @@
 //! Operating-system plumbing the reactor needs besides polling: the wake-up
-//! descriptor, process signal handlers, a cache prefetch hint. Like `backend/`, this is a place
+//! descriptor, process signal handlers, a cache prefetch hint, the time-stamp counter, mapped vectors. Like `backend/`, this is a place
 //! where `unsafe` may live.
 
-pub(crate) mod huge_pages;
+pub(crate) mod big_vec;
 pub(crate) mod prefetch;
 pub(crate) mod signal;
 pub(crate) mod tsc;

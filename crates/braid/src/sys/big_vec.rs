@@ -1,0 +1,445 @@
+//! A vector for collections that may hold millions of small elements.
+//!
+//! A queue of a million timers writes tens of megabytes of fresh memory,
+//! and writing fresh memory (faulting pages in, zeroing them) was the
+//! largest cost of scheduling. A `Vec` makes it worse in two ways: each
+//! doubling copies everything into a new buffer, whose pages are faulted in
+//! again, so a vector grown to N bytes has touched about 2N; and what the
+//! allocator hands back depends on what the rest of the process freed
+//! before, so the same work took from 62 to 160 ns per timer from one run
+//! to the next.
+//!
+//! [`BigVec`] keeps small vectors on the heap, like `Vec`. From
+//! [`MAP_FROM`] bytes on (Linux), it owns an anonymous memory mapping:
+//!
+//! * it grows with `mremap`, which moves page-table entries, never the
+//!   data, so no element is copied and no page is faulted in twice;
+//! * the mapping is aligned to 2 MiB and asks for transparent huge pages
+//!   (`MADV_HUGEPAGE`), so the kernel can fault in 2 MiB at a time, and
+//!   when a move is needed, whole huge pages move with it.
+
+use std::alloc::{self, Layout};
+use std::marker::PhantomData;
+use std::mem::size_of;
+use std::ops::{Deref, DerefMut};
+use std::ptr::{self, NonNull};
+
+/// Capacities of at least this many bytes live in their own mapping. Below
+/// it, the heap's reuse of freed memory is worth more than remapping.
+#[cfg(target_os = "linux")]
+pub(crate) const MAP_FROM: usize = 256 << 10;
+#[cfg(not(target_os = "linux"))]
+pub(crate) const MAP_FROM: usize = usize::MAX;
+
+/// The huge page size the mappings are aligned to (x86-64 and arm64 with
+/// 4 KiB pages; elsewhere the alignment is merely harmless).
+const HUGE: usize = 2 << 20;
+const PAGE: usize = 4096;
+
+/// A growable array: `Vec`'s storage and the subset of its methods the
+/// timer queue and closure pools use.
+pub(crate) struct BigVec<T> {
+    ptr: NonNull<T>,
+    len: usize,
+    cap: usize,
+    /// Bytes mapped when the storage is a mapping; 0 when on the heap.
+    mapped: usize,
+    _owns: PhantomData<T>,
+}
+
+impl<T> Default for BigVec<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> BigVec<T> {
+    pub const fn new() -> Self {
+        let cap = if size_of::<T>() == 0 { usize::MAX } else { 0 };
+        BigVec { ptr: NonNull::dangling(), len: 0, cap, mapped: 0, _owns: PhantomData }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Whether the storage is its own mapping (for tests).
+    #[cfg(test)]
+    fn is_mapped(&self) -> bool {
+        self.mapped != 0
+    }
+
+    #[inline]
+    pub fn push(&mut self, x: T) {
+        if self.len == self.cap {
+            self.grow(self.len + 1);
+        }
+        // SAFETY: `len < cap`, so the slot is within the storage, and it
+        // holds no live element (elements are `..len`).
+        unsafe { self.ptr.as_ptr().add(self.len).write(x) };
+        self.len += 1;
+    }
+
+    pub fn pop(&mut self) -> Option<T> {
+        if self.len == 0 {
+            return None;
+        }
+        self.len -= 1;
+        // SAFETY: the element at the old `len - 1` was live; lowering `len`
+        // first hands its ownership to the caller exactly once.
+        Some(unsafe { self.ptr.as_ptr().add(self.len).read() })
+    }
+
+    /// Drops the elements from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        let tail = ptr::slice_from_raw_parts_mut(
+            // SAFETY: `len < self.len <= cap`: within the storage.
+            unsafe { self.ptr.as_ptr().add(len) },
+            self.len - len,
+        );
+        // Lowered first, so a panicking destructor leaks rather than
+        // double-drops.
+        self.len = len;
+        // SAFETY: the tail's elements were live and are no longer counted.
+        unsafe { ptr::drop_in_place(tail) };
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Keeps the elements for which `keep` is true, in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        let len = self.len;
+        // Elements leak rather than double-drop if `keep` panics.
+        self.len = 0;
+        let base = self.ptr.as_ptr();
+        let mut kept = 0;
+        for i in 0..len {
+            // SAFETY: `i < len`: a live element, each visited once; it is
+            // either moved down to `kept <= i` or dropped, never both.
+            unsafe {
+                let at = base.add(i);
+                if keep(&*at) {
+                    if kept != i {
+                        ptr::copy_nonoverlapping(at, base.add(kept), 1);
+                    }
+                    kept += 1;
+                } else {
+                    ptr::drop_in_place(at);
+                }
+            }
+        }
+        self.len = kept;
+    }
+
+    /// Drops the first `n` elements and moves the rest to the front.
+    pub fn remove_front(&mut self, n: usize) {
+        let n = n.min(self.len);
+        let base = self.ptr.as_ptr();
+        let rest = self.len - n;
+        self.len = 0;
+        // SAFETY: `..n` are live and dropped once; `n..n + rest` are live
+        // and moved (overlapping ranges allowed by `copy`) to `..rest`.
+        unsafe {
+            ptr::drop_in_place(ptr::slice_from_raw_parts_mut(base, n));
+            ptr::copy(base.add(n), base, rest);
+        }
+        self.len = rest;
+    }
+
+    pub fn extend_from_slice(&mut self, items: &[T])
+    where
+        T: Copy,
+    {
+        if self.cap - self.len < items.len() {
+            self.grow(self.len.checked_add(items.len()).expect("capacity overflow"));
+        }
+        // SAFETY: there is room for `items.len()` more; a `Copy` slice
+        // cannot overlap storage this vector owns exclusively.
+        unsafe {
+            ptr::copy_nonoverlapping(items.as_ptr(), self.ptr.as_ptr().add(self.len), items.len());
+        }
+        self.len += items.len();
+    }
+
+    /// Makes room for at least `min_cap` elements, at least doubling.
+    #[cold]
+    fn grow(&mut self, min_cap: usize) {
+        assert!(size_of::<T>() != 0, "capacity overflow");
+        let cap = min_cap.max(self.cap.saturating_mul(2)).max(8);
+        let bytes = cap.checked_mul(size_of::<T>()).filter(|&b| b <= isize::MAX as usize);
+        let bytes = bytes.expect("capacity overflow");
+        if bytes < MAP_FROM {
+            self.grow_on_heap(cap);
+        } else {
+            self.grow_mapped(bytes);
+        }
+    }
+
+    fn grow_on_heap(&mut self, cap: usize) {
+        debug_assert_eq!(self.mapped, 0);
+        let layout = Layout::array::<T>(cap).expect("capacity overflow");
+        let new = if self.cap == 0 {
+            // SAFETY: `layout` has a non-zero size (`cap >= 8`, `T` sized).
+            unsafe { alloc::alloc(layout) }
+        } else {
+            // SAFETY: the storage was allocated with `array::<T>(self.cap)`,
+            // and the new size is non-zero and was checked above.
+            unsafe {
+                alloc::realloc(self.ptr.as_ptr().cast(), Layout::array::<T>(self.cap).unwrap(), layout.size())
+            }
+        };
+        self.ptr = NonNull::new(new.cast()).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        self.cap = cap;
+    }
+
+    #[cfg(target_os = "linux")]
+    fn grow_mapped(&mut self, bytes: usize) {
+        let len = mapping_len(bytes);
+        let new = if self.mapped == 0 {
+            let new = map(len);
+            // SAFETY: the old storage holds `len` live elements, the new
+            // mapping is at least as large, and they are distinct memory.
+            unsafe { ptr::copy_nonoverlapping(self.ptr.as_ptr(), new.cast::<T>(), self.len) };
+            self.free_storage();
+            new
+        } else {
+            remap(self.ptr.as_ptr().cast(), self.mapped, len)
+        };
+        self.ptr = NonNull::new(new.cast()).expect("mmap returned null");
+        self.mapped = len;
+        self.cap = len / size_of::<T>();
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn grow_mapped(&mut self, _bytes: usize) {
+        unreachable!("MAP_FROM is usize::MAX off Linux")
+    }
+
+    /// Frees the storage (elements must already be dropped or moved).
+    fn free_storage(&mut self) {
+        if self.mapped != 0 {
+            #[cfg(target_os = "linux")]
+            unmap(self.ptr.as_ptr().cast(), self.mapped);
+        } else if self.cap != 0 && size_of::<T>() != 0 {
+            // SAFETY: heap storage allocated with this very layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr().cast(), Layout::array::<T>(self.cap).unwrap()) };
+        }
+        self.mapped = 0;
+    }
+}
+
+impl<T> Drop for BigVec<T> {
+    fn drop(&mut self) {
+        self.clear();
+        self.free_storage();
+    }
+}
+
+impl<T> Deref for BigVec<T> {
+    type Target = [T];
+    #[inline]
+    fn deref(&self) -> &[T] {
+        // SAFETY: `..len` are live, initialized elements in storage this
+        // vector owns; the pointer is non-null and aligned.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T> DerefMut for BigVec<T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<'a, T> IntoIterator for &'a BigVec<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for BigVec<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// The mapping size for `bytes`: whole pages, and whole huge pages once
+/// it spans one, so that no huge page is left half used at the end.
+fn mapping_len(bytes: usize) -> usize {
+    let unit = if bytes >= HUGE { HUGE } else { PAGE };
+    bytes.div_ceil(unit) * unit
+}
+
+/// A fresh read-write anonymous mapping of `len` bytes, aligned to `HUGE`
+/// and advised to use huge pages. Out of memory aborts, as `Vec` does.
+#[cfg(target_os = "linux")]
+fn map(len: usize) -> *mut u8 {
+    use rustix::mm::{MapFlags, ProtFlags};
+    let reserve = len + HUGE;
+    // SAFETY: a new private anonymous mapping at an address of the kernel's
+    // choosing: no existing memory is touched.
+    let base = unsafe {
+        rustix::mm::mmap_anonymous(
+            ptr::null_mut(),
+            reserve,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+        )
+    };
+    let Ok(base) = base else {
+        alloc::handle_alloc_error(Layout::from_size_align(len, PAGE).expect("mapping size"));
+    };
+    let base = base as usize;
+    let start = base.next_multiple_of(HUGE);
+    // SAFETY: the head and tail trimmed off lie inside the mapping just
+    // made, which nothing else refers to yet; `start..start + len` stays.
+    unsafe {
+        if start > base {
+            let _ = rustix::mm::munmap(base as *mut _, start - base);
+        }
+        let end = start + len;
+        if base + reserve > end {
+            let _ = rustix::mm::munmap(end as *mut _, base + reserve - end);
+        }
+        // A hint: without THP support it fails and changes nothing.
+        let _ = rustix::mm::madvise(start as *mut _, len, rustix::mm::Advice::LinuxHugepage);
+    }
+    start as *mut u8
+}
+
+/// Grows the mapping at `old` (`old_len` bytes) to `len` bytes, keeping its
+/// contents: in place when the addresses after it are free, otherwise by
+/// moving its pages to the start of a new aligned mapping.
+#[cfg(target_os = "linux")]
+fn remap(old: *mut u8, old_len: usize, len: usize) -> *mut u8 {
+    use rustix::mm::MremapFlags;
+    // SAFETY: `old..old + old_len` is a mapping this vector owns; growing
+    // in place only claims unmapped addresses after it (or fails).
+    if unsafe { rustix::mm::mremap(old.cast(), old_len, len, MremapFlags::empty()) }.is_ok() {
+        return old;
+    }
+    let new = map(len);
+    // SAFETY: `new..new + len` is a fresh mapping of ours, at least
+    // `old_len` long; MREMAP_FIXED replaces its first `old_len` bytes with
+    // the pages of `old`, which is then unmapped. Both are page aligned and
+    // nothing else refers to either.
+    let moved =
+        unsafe { rustix::mm::mremap_fixed(old.cast(), old_len, old_len, MremapFlags::MAYMOVE, new.cast()) };
+    match moved {
+        Ok(_) => new,
+        Err(_) => {
+            // Cannot happen with valid arguments; copy rather than fail.
+            // SAFETY: distinct mappings, both at least `old_len` long.
+            unsafe { ptr::copy_nonoverlapping(old, new, old_len) };
+            unmap(old, old_len);
+            new
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn unmap(at: *mut u8, len: usize) {
+    // SAFETY: a mapping made by `map` (and possibly moved by `remap`),
+    // owned by the vector being freed; its elements are already gone.
+    let _ = unsafe { rustix::mm::munmap(at.cast(), len) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    #[test]
+    fn growth_onto_a_mapping_and_remapping_keeps_every_element() {
+        let mut v: BigVec<u64> = BigVec::new();
+        let count = 4 * HUGE / size_of::<u64>() + 123;
+        let mut was_mapped_at = None;
+        for i in 0..count as u64 {
+            v.push(i * 7);
+            if was_mapped_at.is_none() && v.is_mapped() {
+                was_mapped_at = Some(v.len());
+            }
+        }
+        assert_eq!(v.len(), count);
+        assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64 * 7));
+        if cfg!(target_os = "linux") {
+            let at = was_mapped_at.expect("a large vector moves to a mapping");
+            assert!(at * size_of::<u64>() <= MAP_FROM, "moved at {at} elements");
+            assert_eq!(v.as_ptr() as usize % HUGE, 0, "the mapping is huge-page aligned");
+        }
+        assert_eq!(v.pop(), Some((count as u64 - 1) * 7));
+        v.truncate(10);
+        assert_eq!(&v[..], &(0..10).map(|i| i * 7).collect::<Vec<u64>>()[..]);
+    }
+
+    #[test]
+    fn elements_are_dropped_once_on_every_path() {
+        let token = Rc::new(());
+        let mut v = BigVec::new();
+        for _ in 0..MAP_FROM.min(1 << 20) / size_of::<Rc<()>>() + 10 {
+            v.push(token.clone());
+        }
+        let n = v.len();
+        assert_eq!(Rc::strong_count(&token), n + 1);
+        let mut i = 0;
+        v.retain(|_| {
+            i += 1;
+            i % 3 != 0
+        });
+        assert_eq!(Rc::strong_count(&token), v.len() + 1);
+        v.remove_front(5);
+        assert_eq!(Rc::strong_count(&token), v.len() + 1);
+        drop(v.pop());
+        assert_eq!(Rc::strong_count(&token), v.len() + 1);
+        drop(v);
+        assert_eq!(Rc::strong_count(&token), 1);
+    }
+
+    #[test]
+    fn retain_and_remove_front_keep_order() {
+        let mut v = BigVec::new();
+        v.extend_from_slice(&(0..100u32).collect::<Vec<_>>());
+        v.retain(|&x| x % 2 == 0);
+        v.remove_front(3);
+        assert_eq!(&v[..], &(6..100).step_by(2).collect::<Vec<u32>>()[..]);
+        v.remove_front(1000);
+        assert!(v.is_empty());
+        v.push(1);
+        assert_eq!(&v[..], &[1]);
+    }
+
+    #[test]
+    fn many_mapped_vectors_grow_side_by_side() {
+        // Interleaved growth makes in-place remapping fail, so the moving
+        // path runs too.
+        let mut vs: Vec<BigVec<u32>> = (0..4).map(|_| BigVec::new()).collect();
+        let per = 3 * MAP_FROM.min(1 << 20) / size_of::<u32>();
+        for i in 0..per as u32 {
+            for (k, v) in vs.iter_mut().enumerate() {
+                v.push(i ^ k as u32);
+            }
+        }
+        for (k, v) in vs.iter().enumerate() {
+            assert!(v.iter().enumerate().all(|(i, &x)| x == i as u32 ^ k as u32));
+        }
+    }
+
+    #[test]
+    fn zero_sized_elements_never_allocate() {
+        let mut v: BigVec<()> = BigVec::new();
+        for _ in 0..1000 {
+            v.push(());
+        }
+        assert_eq!(v.len(), 1000);
+        assert_eq!(v.capacity(), usize::MAX);
+    }
+}
