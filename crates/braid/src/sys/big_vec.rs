@@ -327,6 +327,8 @@ fn remap(old: *mut u8, old_len: usize, len: usize) -> *mut u8 {
     if unsafe { rustix::mm::mremap(old.cast(), old_len, len, MremapFlags::empty()) }.is_ok() {
         return old;
     }
+    #[cfg(test)]
+    tests::MOVES.with(|m| m.set(m.get() + 1));
     let new = map(len);
     // SAFETY: `new..new + len` is a fresh mapping of ours, at least
     // `old_len` long; MREMAP_FIXED replaces its first `old_len` bytes with
@@ -356,7 +358,13 @@ fn unmap(at: *mut u8, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
     use std::rc::Rc;
+
+    thread_local! {
+        /// Mappings this thread grew by moving them (not in place).
+        pub(super) static MOVES: Cell<usize> = const { Cell::new(0) };
+    }
 
     #[test]
     fn growth_onto_a_mapping_and_remapping_keeps_every_element() {
@@ -418,17 +426,61 @@ mod tests {
     }
 
     #[test]
+    fn a_mapping_that_cannot_grow_in_place_moves_with_its_contents() {
+        let mut v: BigVec<u32> = BigVec::new();
+        let mut i = 0u32;
+        while !v.is_mapped() {
+            if cfg!(not(target_os = "linux")) || i > (MAP_FROM / 4) as u32 * 2 {
+                return;
+            }
+            v.push(i);
+            i += 1;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use rustix::mm::{MapFlags, ProtFlags};
+            // Take the page right after the mapping, so it cannot grow there.
+            let end = v.as_ptr() as usize + v.mapped;
+            // SAFETY: FIXED_NOREPLACE only maps if nothing is mapped there;
+            // the page is ours until unmapped below.
+            let blocker = unsafe {
+                rustix::mm::mmap_anonymous(
+                    end as *mut _,
+                    PAGE,
+                    ProtFlags::empty(),
+                    MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE,
+                )
+            };
+            let moves = MOVES.with(Cell::get);
+            let cap = v.capacity();
+            while v.capacity() == cap {
+                v.push(i);
+                i += 1;
+            }
+            if blocker.is_ok() {
+                assert_eq!(MOVES.with(Cell::get), moves + 1, "the mapping moved");
+            }
+            assert!(v.iter().enumerate().all(|(k, &x)| x == k as u32), "contents survive the move");
+            v.push(7);
+            assert_eq!(v.last(), Some(&7));
+            if let Ok(page) = blocker {
+                // SAFETY: the page mapped above, used by nothing.
+                unsafe { rustix::mm::munmap(page, PAGE).expect("unmap the blocker") };
+            }
+        }
+    }
+
+    #[test]
     fn many_mapped_vectors_grow_side_by_side() {
-        // Interleaved growth makes in-place remapping fail, so the moving
-        // path runs too.
         let mut vs: Vec<BigVec<u32>> = (0..4).map(|_| BigVec::new()).collect();
-        let per = 3 * MAP_FROM.min(1 << 20) / size_of::<u32>();
+        let per = 3 * HUGE / size_of::<u32>();
         for i in 0..per as u32 {
             for (k, v) in vs.iter_mut().enumerate() {
                 v.push(i ^ k as u32);
             }
         }
         for (k, v) in vs.iter().enumerate() {
+            assert_eq!(v.len(), per);
             assert!(v.iter().enumerate().all(|(i, &x)| x == i as u32 ^ k as u32));
         }
     }
