@@ -173,18 +173,28 @@ impl<T> BigVec<T> {
         let cap = min_cap.max(self.cap.saturating_mul(2)).max(8);
         let bytes = cap.checked_mul(size_of::<T>()).filter(|&b| b <= isize::MAX as usize);
         let bytes = bytes.expect("capacity overflow");
-        if bytes < MAP_FROM {
+        // Where no mapping can be made (the process's mapping count or
+        // address-space limit reached), the heap serves instead.
+        if bytes < MAP_FROM || !self.grow_mapped(bytes) {
             self.grow_on_heap(cap);
-        } else {
-            self.grow_mapped(bytes);
         }
     }
 
     fn grow_on_heap(&mut self, cap: usize) {
-        debug_assert_eq!(self.mapped, 0);
         let layout = Layout::array::<T>(cap).expect("capacity overflow");
-        let new = if self.cap == 0 {
+        let new = if self.mapped != 0 {
+            // A mapping that could not grow moves to the heap.
             // SAFETY: `layout` has a non-zero size (`cap >= 8`, `T` sized).
+            let new = unsafe { alloc::alloc(layout) };
+            if !new.is_null() {
+                // SAFETY: the mapping holds `self.len` live elements; the
+                // new buffer has room for `cap >= self.len`; distinct memory.
+                unsafe { ptr::copy_nonoverlapping(self.ptr.as_ptr(), new.cast::<T>(), self.len) };
+                self.free_storage();
+            }
+            new
+        } else if self.cap == 0 {
+            // SAFETY: as above.
             unsafe { alloc::alloc(layout) }
         } else {
             // SAFETY: the storage was allocated with `array::<T>(self.cap)`,
@@ -197,27 +207,33 @@ impl<T> BigVec<T> {
         self.cap = cap;
     }
 
+    /// Moves or grows the storage into a mapping of at least `bytes`;
+    /// false, with nothing changed, if no mapping could be made.
     #[cfg(target_os = "linux")]
-    fn grow_mapped(&mut self, bytes: usize) {
+    fn grow_mapped(&mut self, bytes: usize) -> bool {
         let len = mapping_len(bytes);
         let new = if self.mapped == 0 {
-            let new = map(len);
-            // SAFETY: the old storage holds `len` live elements, the new
-            // mapping is at least as large, and they are distinct memory.
+            let Some(new) = map(len) else { return false };
+            // SAFETY: the heap storage holds `self.len` live elements, the
+            // mapping has room for more, and they are distinct memory.
             unsafe { ptr::copy_nonoverlapping(self.ptr.as_ptr(), new.cast::<T>(), self.len) };
             self.free_storage();
             new
         } else {
-            remap(self.ptr.as_ptr().cast(), self.mapped, len)
+            match remap(self.ptr.as_ptr().cast(), self.mapped, len) {
+                Some(new) => new,
+                None => return false,
+            }
         };
         self.ptr = NonNull::new(new.cast()).expect("mmap returned null");
         self.mapped = len;
         self.cap = len / size_of::<T>();
+        true
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn grow_mapped(&mut self, _bytes: usize) {
-        unreachable!("MAP_FROM is usize::MAX off Linux")
+    fn grow_mapped(&mut self, _bytes: usize) -> bool {
+        false
     }
 
     /// Frees the storage (elements must already be dropped or moved).
@@ -280,11 +296,15 @@ fn mapping_len(bytes: usize) -> usize {
 }
 
 /// A fresh read-write anonymous mapping of `len` bytes, aligned to `HUGE`
-/// and advised to use huge pages. Out of memory aborts, as `Vec` does.
+/// and advised to use huge pages; `None` if the kernel refuses one.
 #[cfg(target_os = "linux")]
-fn map(len: usize) -> *mut u8 {
+fn map(len: usize) -> Option<*mut u8> {
     use rustix::mm::{MapFlags, ProtFlags};
-    let reserve = len + HUGE;
+    #[cfg(test)]
+    if tests::REFUSE_MAPS.with(|r| r.get()) {
+        return None;
+    }
+    let reserve = len.checked_add(HUGE)?;
     // SAFETY: a new private anonymous mapping at an address of the kernel's
     // choosing: no existing memory is touched.
     let base = unsafe {
@@ -295,10 +315,7 @@ fn map(len: usize) -> *mut u8 {
             MapFlags::PRIVATE,
         )
     };
-    let Ok(base) = base else {
-        alloc::handle_alloc_error(Layout::from_size_align(len, PAGE).expect("mapping size"));
-    };
-    let base = base as usize;
+    let base = base.ok()? as usize;
     let start = base.next_multiple_of(HUGE);
     // SAFETY: the head and tail trimmed off lie inside the mapping just
     // made, which nothing else refers to yet; `start..start + len` stays.
@@ -313,39 +330,37 @@ fn map(len: usize) -> *mut u8 {
         // A hint: without THP support it fails and changes nothing.
         let _ = rustix::mm::madvise(start as *mut _, len, rustix::mm::Advice::LinuxHugepage);
     }
-    start as *mut u8
+    Some(start as *mut u8)
 }
 
 /// Grows the mapping at `old` (`old_len` bytes) to `len` bytes, keeping its
 /// contents: in place when the addresses after it are free, otherwise by
-/// moving its pages to the start of a new aligned mapping.
+/// moving its pages to the start of a new aligned mapping. `None`, with
+/// `old` untouched, if no new mapping can be made.
 #[cfg(target_os = "linux")]
-fn remap(old: *mut u8, old_len: usize, len: usize) -> *mut u8 {
+fn remap(old: *mut u8, old_len: usize, len: usize) -> Option<*mut u8> {
     use rustix::mm::MremapFlags;
     // SAFETY: `old..old + old_len` is a mapping this vector owns; growing
     // in place only claims unmapped addresses after it (or fails).
     if unsafe { rustix::mm::mremap(old.cast(), old_len, len, MremapFlags::empty()) }.is_ok() {
-        return old;
+        return Some(old);
     }
     #[cfg(test)]
     tests::MOVES.with(|m| m.set(m.get() + 1));
-    let new = map(len);
+    let new = map(len)?;
     // SAFETY: `new..new + len` is a fresh mapping of ours, at least
     // `old_len` long; MREMAP_FIXED replaces its first `old_len` bytes with
     // the pages of `old`, which is then unmapped. Both are page aligned and
     // nothing else refers to either.
     let moved =
         unsafe { rustix::mm::mremap_fixed(old.cast(), old_len, old_len, MremapFlags::MAYMOVE, new.cast()) };
-    match moved {
-        Ok(_) => new,
-        Err(_) => {
-            // Cannot happen with valid arguments; copy rather than fail.
-            // SAFETY: distinct mappings, both at least `old_len` long.
-            unsafe { ptr::copy_nonoverlapping(old, new, old_len) };
-            unmap(old, old_len);
-            new
-        }
+    if moved.is_err() {
+        // Cannot happen with valid arguments; copy rather than fail.
+        // SAFETY: distinct mappings, both at least `old_len` long.
+        unsafe { ptr::copy_nonoverlapping(old, new, old_len) };
+        unmap(old, old_len);
     }
+    Some(new)
 }
 
 #[cfg(target_os = "linux")]
@@ -364,6 +379,35 @@ mod tests {
     thread_local! {
         /// Mappings this thread grew by moving them (not in place).
         pub(super) static MOVES: Cell<usize> = const { Cell::new(0) };
+        /// Makes `map` fail on this thread, as when the process has run out
+        /// of mappings or address space.
+        pub(super) static REFUSE_MAPS: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Maps the page right after `v`'s mapping, so it cannot grow in place;
+    /// `None` if something is mapped there already (it cannot grow then
+    /// either).
+    #[cfg(target_os = "linux")]
+    fn block_after<T>(v: &BigVec<T>) -> Option<*mut std::ffi::c_void> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        let end = v.as_ptr() as usize + v.mapped;
+        // SAFETY: FIXED_NOREPLACE maps only if nothing is mapped there, so
+        // no existing memory is replaced; the page is ours until `unblock`.
+        unsafe {
+            rustix::mm::mmap_anonymous(
+                end as *mut _,
+                PAGE,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE,
+            )
+        }
+        .ok()
+    }
+
+    #[cfg(target_os = "linux")]
+    fn unblock(page: *mut std::ffi::c_void) {
+        // SAFETY: a page mapped by `block_after`, used by nothing.
+        unsafe { rustix::mm::munmap(page, PAGE).expect("unmap the blocker") };
     }
 
     #[test]
@@ -438,34 +482,21 @@ mod tests {
         }
         #[cfg(target_os = "linux")]
         {
-            use rustix::mm::{MapFlags, ProtFlags};
-            // Take the page right after the mapping, so it cannot grow there.
-            let end = v.as_ptr() as usize + v.mapped;
-            // SAFETY: FIXED_NOREPLACE only maps if nothing is mapped there;
-            // the page is ours until unmapped below.
-            let blocker = unsafe {
-                rustix::mm::mmap_anonymous(
-                    end as *mut _,
-                    PAGE,
-                    ProtFlags::empty(),
-                    MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE,
-                )
-            };
+            let blocker = block_after(&v);
             let moves = MOVES.with(Cell::get);
             let cap = v.capacity();
             while v.capacity() == cap {
                 v.push(i);
                 i += 1;
             }
-            if blocker.is_ok() {
+            if blocker.is_some() {
                 assert_eq!(MOVES.with(Cell::get), moves + 1, "the mapping moved");
             }
             assert!(v.iter().enumerate().all(|(k, &x)| x == k as u32), "contents survive the move");
             v.push(7);
             assert_eq!(v.last(), Some(&7));
-            if let Ok(page) = blocker {
-                // SAFETY: the page mapped above, used by nothing.
-                unsafe { rustix::mm::munmap(page, PAGE).expect("unmap the blocker") };
+            if let Some(page) = blocker {
+                unblock(page);
             }
         }
     }
@@ -483,6 +514,45 @@ mod tests {
             assert_eq!(v.len(), per);
             assert!(v.iter().enumerate().all(|(i, &x)| x == i as u32 ^ k as u32));
         }
+    }
+
+    #[test]
+    fn without_mappings_the_heap_serves_and_nothing_is_lost() {
+        let count = 3 * MAP_FROM.min(1 << 20) / size_of::<u64>();
+        // Refused from the start: the vector stays on the heap.
+        REFUSE_MAPS.with(|r| r.set(true));
+        let mut v: BigVec<u64> = BigVec::new();
+        for i in 0..count as u64 {
+            v.push(i);
+        }
+        assert!(!v.is_mapped());
+        // Allowed again: the next growth moves it to a mapping (on Linux).
+        REFUSE_MAPS.with(|r| r.set(false));
+        let cap = v.capacity();
+        let mut i = count as u64;
+        while v.capacity() == cap {
+            v.push(i);
+            i += 1;
+        }
+        assert_eq!(v.is_mapped(), cfg!(target_os = "linux"));
+        // Refused while mapped, with the page after the mapping taken so it
+        // cannot grow in place either: it moves back to the heap.
+        #[cfg(target_os = "linux")]
+        {
+            let blocker = block_after(&v);
+            REFUSE_MAPS.with(|r| r.set(true));
+            let cap = v.capacity();
+            while v.capacity() == cap {
+                v.push(i);
+                i += 1;
+            }
+            if let Some(page) = blocker {
+                assert!(!v.is_mapped(), "moved to the heap");
+                unblock(page);
+            }
+        }
+        REFUSE_MAPS.with(|r| r.set(false));
+        assert!(v.iter().enumerate().all(|(k, &x)| x == k as u64));
     }
 
     #[test]
