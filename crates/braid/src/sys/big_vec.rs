@@ -282,12 +282,6 @@ impl<'a, T> IntoIterator for &'a BigVec<T> {
     }
 }
 
-impl<T: std::fmt::Debug> std::fmt::Debug for BigVec<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
-    }
-}
-
 /// The mapping size for `bytes`: whole pages, and whole huge pages once
 /// it spans one, so that no huge page is left half used at the end.
 fn mapping_len(bytes: usize) -> usize {
