@@ -415,3 +415,56 @@ reactor_test! {
         assert!(used < Duration::from_millis(50), "idle reactor used {used:?} of CPU");
     }
 }
+
+reactor_test! {
+    /// A *before* trigger that returns an already-fired Deferred (as
+    /// `stop_listening()` on a stopped port does) must not start the
+    /// *during* phase ahead of the remaining *before* triggers, nor run the
+    /// later phases twice.
+    fn before_trigger_returning_fired_deferred_keeps_phase_order(r) {
+        let seen = log();
+        let s = seen.clone();
+        r.add_system_event_trigger(Phase::Before, "test", move || {
+            push(&s, "before 1");
+            Deferred::succeed(())
+        });
+        let s = seen.clone();
+        r.add_system_event_trigger(Phase::Before, "test", move || push(&s, "before 2"));
+        let s = seen.clone();
+        r.add_system_event_trigger(Phase::Before, "test", move || {
+            push(&s, "before 3");
+            Deferred::<()>::fail(Failure::msg("already failed"))
+        });
+        for phase in [Phase::During, Phase::After] {
+            let s = seen.clone();
+            r.add_system_event_trigger(phase, "test", move || push(&s, format!("{phase}")));
+        }
+        r.fire_system_event("test");
+        assert_eq!(*seen.borrow(), ["before 1", "before 2", "before 3", "during", "after"]);
+    }
+}
+
+reactor_test! {
+    /// A hold released while later *before* triggers are still pending, and
+    /// another released afterwards: the later phases start once, after both.
+    fn before_holds_released_during_and_after_the_before_phase(r) {
+        let seen = log();
+        let late: Deferred<()> = Deferred::new();
+        let s = seen.clone();
+        r.add_system_event_trigger(Phase::Before, "test", move || {
+            push(&s, "before 1");
+            Deferred::succeed(())
+        });
+        let (s, l) = (seen.clone(), late.clone());
+        r.add_system_event_trigger(Phase::Before, "test", move || {
+            push(&s, "before 2");
+            l
+        });
+        let s = seen.clone();
+        r.add_system_event_trigger(Phase::During, "test", move || push(&s, "during"));
+        r.fire_system_event("test");
+        assert_eq!(*seen.borrow(), ["before 1", "before 2"]);
+        late.callback(()).unwrap();
+        assert_eq!(*seen.borrow(), ["before 1", "before 2", "during"]);
+    }
+}

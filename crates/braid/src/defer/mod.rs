@@ -194,6 +194,7 @@ mod executor;
 mod future;
 mod list;
 mod primitives;
+mod reactor;
 
 pub(crate) use deferred::panic_failure as panic_to_failure;
 pub use deferred::{log_error, maybe_deferred, Deferred, Outcome};

@@ -2,14 +2,15 @@
 //! event such as "startup" and "shutdown".
 //!
 //! Triggers are consumed as they run, so firing an event runs each trigger
-//! once. A *before* trigger may return a Deferred; the *during* and *after*
-//! phases then wait until every such Deferred has fired.
+//! once. A *before* trigger may return something that holds the event (a
+//! Deferred, through [`Hold`]); the *during* and *after* phases then wait
+//! until every hold is released. The phases keep their order whatever a
+//! trigger returns, even a hold that is released at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 
-use crate::defer::Deferred;
 use crate::error::{Error, Failure};
 
 /// The phase of a system event a trigger runs in.
@@ -66,8 +67,9 @@ pub enum TriggerOutcome {
     Hold(Hold),
 }
 
-/// What a trigger callback may return: `()`, a `Result`, or a Deferred that
-/// holds the event's later phases until it fires.
+/// What a trigger callback may return: `()`, a `Result`, or something that
+/// holds the event's later phases until it is done (a Deferred: see
+/// `defer/`, which implements this trait for it).
 pub trait TriggerResult {
     /// Converts the return value.
     fn into_outcome(self) -> TriggerOutcome;
@@ -85,18 +87,13 @@ impl<E: Into<Failure>> TriggerResult for Result<(), E> {
     }
 }
 
-impl<T: 'static> TriggerResult for Deferred<T> {
-    fn into_outcome(self) -> TriggerOutcome {
-        TriggerOutcome::Hold(Hold(Box::new(move |resume| {
-            self.add_both(move |result| {
-                resume();
-                result
-            });
-        })))
-    }
-}
-
 impl Hold {
+    /// A hold that, given the event's continuation, calls it once the held
+    /// work is done (at once is allowed).
+    pub(crate) fn new(on_done: impl FnOnce(Resume) + 'static) -> Hold {
+        Hold(Box::new(on_done))
+    }
+
     /// Calls `resume` once the held work is done (maybe at once).
     pub(crate) fn on_done(self, resume: Resume) {
         (self.0)(resume)
@@ -110,13 +107,35 @@ struct EventTriggers {
     before: VecDeque<(u64, TriggerFn)>,
     during: VecDeque<(u64, TriggerFn)>,
     after: VecDeque<(u64, TriggerFn)>,
-    /// Before-phase Deferreds not yet fired in the current firing.
+    /// Holds from before-phase triggers not yet released in this firing.
     waiting: usize,
-    /// The phase being fired, if the event is firing.
-    firing: Option<Phase>,
+    /// Where the current firing is, if the event is firing.
+    firing: Option<Firing>,
+}
+
+/// How far one firing of an event has got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Firing {
+    /// The before triggers are still being run: a hold released now must
+    /// not start the later phases, the loop over the rest comes first.
+    RunningBefore,
+    /// Every before trigger has run; waiting for holds to be released.
+    BeforeDone,
+    /// The during and after phases have begun (the continuation runs once).
+    Continued,
 }
 
 impl EventTriggers {
+    /// True exactly once per firing: when the before phase is over and no
+    /// hold is left.
+    fn take_continuation(&mut self) -> bool {
+        if self.waiting == 0 && self.firing == Some(Firing::BeforeDone) {
+            self.firing = Some(Firing::Continued);
+            return true;
+        }
+        false
+    }
+
     fn phase(&mut self, phase: Phase) -> &mut VecDeque<(u64, TriggerFn)> {
         match phase {
             Phase::Before => &mut self.before,
@@ -159,16 +178,14 @@ impl Triggers {
         if e.firing.is_some() {
             return false;
         }
-        e.firing = Some(Phase::Before);
+        e.firing = Some(Firing::RunningBefore);
         e.waiting = 0;
         true
     }
 
     /// Pops the next trigger of `phase` for `event`.
     pub fn pop(&mut self, event: &str, phase: Phase) -> Option<TriggerFn> {
-        let e = self.events.get_mut(event)?;
-        e.firing = Some(phase);
-        e.phase(phase).pop_front().map(|(_, f)| f)
+        self.events.get_mut(event)?.phase(phase).pop_front().map(|(_, f)| f)
     }
 
     pub fn hold(&mut self, event: &str) {
@@ -177,20 +194,30 @@ impl Triggers {
         }
     }
 
-    /// One held Deferred fired; true if the event may now go on.
+    /// One hold was released; true if the event may now go on (the caller
+    /// then runs the continuation, and no later call returns true again).
     pub fn release(&mut self, event: &str) -> bool {
         match self.events.get_mut(event) {
             Some(e) => {
                 e.waiting = e.waiting.saturating_sub(1);
-                e.waiting == 0 && e.firing == Some(Phase::Before)
+                e.take_continuation()
             }
             None => false,
         }
     }
 
-    /// True if the before phase is over and nothing holds the event.
-    pub fn ready_to_continue(&self, event: &str) -> bool {
-        self.events.get(event).is_some_and(|e| e.waiting == 0 && e.firing == Some(Phase::Before))
+    /// Every before trigger has run: true if nothing holds the event, so the
+    /// caller runs the continuation now; otherwise the last release will.
+    pub fn before_done(&mut self, event: &str) -> bool {
+        match self.events.get_mut(event) {
+            Some(e) => {
+                if e.firing == Some(Firing::RunningBefore) {
+                    e.firing = Some(Firing::BeforeDone);
+                }
+                e.take_continuation()
+            }
+            None => false,
+        }
     }
 
     pub fn finish(&mut self, event: &str) {

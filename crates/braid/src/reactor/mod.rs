@@ -20,10 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use slab::Slab;
-
 use crate::backend::{AnyPoller, Backend, Event, Interest, Poller};
-use crate::defer::Deferred;
 use crate::error::{Error, Failure};
 use crate::sys::signal::SignalGuard;
 use crate::sys::waker::Waker;
@@ -39,7 +36,7 @@ mod time;
 #[allow(dead_code)]
 pub(crate) mod timer_queue;
 
-pub use events::{Phase, TriggerId, TriggerOutcome, TriggerResult};
+pub use events::{Hold, Phase, TriggerId, TriggerOutcome, TriggerResult};
 pub use fdset::{FileDescriptor, IntoDescriptor};
 pub use guard::CallbackResult;
 pub(crate) use guard::{catch as catch_panic, log_failure};
@@ -89,7 +86,6 @@ pub(crate) struct Inner {
     spare_calls: Cell<Vec<ThreadCall>>,
     pool: RefCell<Option<ThreadPool>>,
     pool_max: Cell<usize>,
-    thread_results: RefCell<Slab<Box<dyn Any>>>,
     install_signals: Cell<bool>,
     signals: RefCell<Option<SignalGuard>>,
     exit_signal: Cell<Option<i32>>,
@@ -201,7 +197,6 @@ impl Reactor {
                 spare_calls: Cell::new(Vec::new()),
                 pool: RefCell::new(None),
                 pool_max: Cell::new(DEFAULT_POOL_MAX),
-                thread_results: RefCell::new(Slab::new()),
                 install_signals: Cell::new(true),
                 signals: RefCell::new(None),
                 exit_signal: Cell::new(None),
@@ -402,8 +397,9 @@ impl Reactor {
                 }
             }
         }
-        // Set back to Before by `pop`; go on unless a Deferred holds us.
-        if self.inner.triggers.borrow().ready_to_continue(event) {
+        // Go on now unless a hold is still out; then its release goes on.
+        let go_on = self.inner.triggers.borrow_mut().before_done(event);
+        if go_on {
             self.continue_firing(event);
         }
     }
@@ -886,32 +882,6 @@ impl Reactor {
             p
         });
         pool.submit(Box::new(f));
-    }
-
-    /// Runs `f` on the thread pool and delivers its result to a Deferred on
-    /// the reactor thread. A panic in `f` becomes a failure.
-    pub fn defer_to_thread<T, E, F>(&self, f: F) -> Deferred<T>
-    where
-        T: Send + 'static,
-        E: Into<Failure> + Send + 'static,
-        F: FnOnce() -> Result<T, E> + Send + 'static,
-    {
-        let d = Deferred::<T>::new();
-        let id = self.inner.thread_results.borrow_mut().insert(Box::new(d.clone()));
-        let remote = self.remote();
-        self.call_in_thread(move || {
-            let result = guard::catch(|| f().map_err(Into::into));
-            let _ = remote.call_from_thread(move |reactor| {
-                let slot = reactor.inner.thread_results.borrow_mut().try_remove(id);
-                if let Some(d) = slot.and_then(|b| b.downcast::<Deferred<T>>().ok()) {
-                    let _ = match result {
-                        Ok(v) => d.callback(v),
-                        Err(e) => d.errback(e),
-                    };
-                }
-            });
-        });
-        d
     }
 
     /// Sets the maximum number of pool threads (Twisted's default is 10).

@@ -3,12 +3,11 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle, ThreadId};
 
-use super::guard::{catch, log_failure, panic_message};
+use super::guard::{log_failure, panic_message};
 use super::Reactor;
-use crate::defer::Deferred;
 use crate::error::{Error, Failure};
 use crate::sys::waker::Waker;
 
@@ -77,37 +76,6 @@ impl Remote {
             shared.waker.wake();
         }
         Ok(())
-    }
-
-    /// Runs `f` on the reactor thread and blocks this thread until the
-    /// Deferred it returns fires; returns that result. Use
-    /// `Deferred::succeed(v)` for a plain value. Called on the reactor's own
-    /// thread it would deadlock, so it fails with `WouldDeadlock`.
-    pub fn blocking_call_from_thread<T, F>(&self, f: F) -> Result<T, Failure>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Reactor) -> Deferred<T> + Send + 'static,
-    {
-        if self.is_in_io_thread() {
-            return Err(Failure::new(Error::WouldDeadlock));
-        }
-        let (tx, rx) = mpsc::sync_channel::<Result<T, Failure>>(1);
-        self.call_from_thread(move |reactor| match catch(|| Ok(f(reactor))) {
-            Ok(d) => {
-                // The result moves into a `Deferred<()>` that ends the chain
-                // with `Ok(())`: the value (or failure) goes to the waiting
-                // thread, and nothing is left behind to be reported as
-                // unhandled.
-                let _done: Deferred<()> = d.then(move |result| {
-                    let _ = tx.send(result);
-                    Ok(())
-                });
-            }
-            Err(failure) => {
-                let _ = tx.send(Err(failure));
-            }
-        })?;
-        rx.recv().unwrap_or_else(|_| Err(Failure::new(Error::ReactorGone)))
     }
 
     /// True when called on the reactor's thread (the I/O thread).
