@@ -89,7 +89,7 @@ impl fmt::Display for Error {
             Error::ReactorAlreadyRunning => f.write_str("reactor is already running"),
             Error::ReactorNotRestartable => f.write_str("reactor cannot be restarted after stop()"),
             Error::ReactorAlreadyInstalled => f.write_str("a reactor is already installed on this thread"),
-            Error::ReactorGone => f.write_str("the reactor has been dropped"),
+            Error::ReactorGone => f.write_str("the reactor has stopped for good or been dropped"),
             Error::WouldDeadlock => {
                 f.write_str("blocking_call_from_thread called from the reactor thread would deadlock")
             }

@@ -5,8 +5,11 @@
 //! vector indexed by fd number: descriptors are small dense integers, so a
 //! lookup per event is one bounds check and one load.
 
+use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::Rc;
+
+use crate::backend::Interest;
 
 use crate::error::Failure;
 
@@ -80,15 +83,52 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    pub fn interest(&self) -> crate::backend::Interest {
-        crate::backend::Interest { read: self.reader.is_some(), write: self.writer.is_some() }
+    pub fn interest(&self) -> Interest {
+        Interest { read: self.reader.is_some(), write: self.writer.is_some() }
+    }
+
+    fn role(&mut self, read: bool) -> &mut Option<Rc<dyn FileDescriptor>> {
+        if read {
+            &mut self.reader
+        } else {
+            &mut self.writer
+        }
     }
 }
 
-/// Per-fd watch state.
+/// Where one descriptor is registered, as reader and as writer.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Place {
+    reader: Option<RawFd>,
+    writer: Option<RawFd>,
+}
+
+impl Place {
+    pub fn get(&self, read: bool) -> Option<RawFd> {
+        if read {
+            self.reader
+        } else {
+            self.writer
+        }
+    }
+
+    fn set(&mut self, read: bool, fd: Option<RawFd>) {
+        if read {
+            self.reader = fd;
+        } else {
+            self.writer = fd;
+        }
+    }
+}
+
+/// Per-fd watch state, and where each descriptor is registered. Every
+/// operation on one descriptor is O(1) in the number of others: removing
+/// one looks its fd up by identity, so a descriptor that already closed
+/// its fd (its `fileno()` is -1) is never searched for.
 #[derive(Default)]
 pub(crate) struct FdTable {
     slots: Vec<Slot>,
+    places: HashMap<*const (), Place>,
 }
 
 impl FdTable {
@@ -96,7 +136,16 @@ impl FdTable {
         usize::try_from(fd).ok().and_then(|i| self.slots.get(i))
     }
 
-    pub fn slot_mut(&mut self, fd: RawFd) -> &mut Slot {
+    /// Where the descriptor `ptr` is registered.
+    pub fn place(&self, ptr: *const ()) -> Place {
+        self.places.get(&ptr).copied().unwrap_or_default()
+    }
+
+    pub fn interest(&self, fd: RawFd) -> Interest {
+        self.get(fd).map_or(Interest::NONE, Slot::interest)
+    }
+
+    fn slot_mut(&mut self, fd: RawFd) -> &mut Slot {
         let i = fd as usize;
         if i >= self.slots.len() {
             self.slots.resize_with(i + 1, Slot::default);
@@ -104,20 +153,64 @@ impl FdTable {
         &mut self.slots[i]
     }
 
-    /// Replaces the slot for `fd`.
-    pub fn set(&mut self, fd: RawFd, slot: Slot) {
-        *self.slot_mut(fd) = slot;
+    /// Makes `d` the reader (`read`) or writer of `fd` (`fd` >= 0). A
+    /// different descriptor in that role is displaced.
+    pub fn insert(&mut self, fd: RawFd, d: Rc<dyn FileDescriptor>, read: bool) {
+        let ptr = identity(&d);
+        let old = self.slot_mut(fd).role(read).replace(d);
+        if let Some(old) = old {
+            let old_ptr = identity(&old);
+            if old_ptr != ptr {
+                self.forget(old_ptr, read);
+            }
+        }
+        self.places.entry(ptr).or_default().set(read, Some(fd));
     }
 
-    /// Finds the fd where `ptr` is registered as reader (`read`) or writer.
-    pub fn find(&self, ptr: *const (), read: bool) -> Option<RawFd> {
-        self.slots
-            .iter()
-            .position(|s| {
-                let d = if read { &s.reader } else { &s.writer };
-                d.as_ref().is_some_and(|d| identity(d) == ptr)
-            })
-            .map(|i| i as RawFd)
+    /// Removes `ptr` from the roles asked for at `fd`; returns the fd's
+    /// interest before and after.
+    pub fn remove(&mut self, fd: RawFd, ptr: *const (), read: bool, write: bool) -> (Interest, Interest) {
+        let Some(slot) = usize::try_from(fd).ok().and_then(|i| self.slots.get_mut(i)) else {
+            return (Interest::NONE, Interest::NONE);
+        };
+        let before = slot.interest();
+        let mut removed = [false; 2];
+        for (i, role) in [true, false].into_iter().enumerate() {
+            let asked = if role { read } else { write };
+            let here = slot.role(role);
+            if asked && here.as_ref().is_some_and(|d| identity(d) == ptr) {
+                *here = None;
+                removed[i] = true;
+            }
+        }
+        let after = slot.interest();
+        for (i, role) in [true, false].into_iter().enumerate() {
+            if removed[i] {
+                self.forget(ptr, role);
+            }
+        }
+        (before, after)
+    }
+
+    fn forget(&mut self, ptr: *const (), read: bool) {
+        if let Some(place) = self.places.get_mut(&ptr) {
+            place.set(read, None);
+            if place.reader.is_none() && place.writer.is_none() {
+                self.places.remove(&ptr);
+            }
+        }
+    }
+
+    /// Empties the table; returns every watched fd with its slot.
+    pub fn take_all(&mut self) -> Vec<(RawFd, Slot)> {
+        self.places.clear();
+        let mut taken = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if slot.reader.is_some() || slot.writer.is_some() {
+                taken.push((i as RawFd, std::mem::take(slot)));
+            }
+        }
+        taken
     }
 
     pub fn readers(&self) -> Vec<Rc<dyn FileDescriptor>> {
@@ -127,14 +220,18 @@ impl FdTable {
     pub fn writers(&self) -> Vec<Rc<dyn FileDescriptor>> {
         self.slots.iter().filter_map(|s| s.writer.clone()).collect()
     }
+}
 
-    /// fds that have any watcher.
-    pub fn active_fds(&self) -> Vec<RawFd> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.reader.is_some() || s.writer.is_some())
-            .map(|(i, _)| i as RawFd)
-            .collect()
+/// Each descriptor in `slots` once (one may be both reader and writer).
+pub(crate) fn unique(slots: Vec<(RawFd, Slot)>) -> Vec<Rc<dyn FileDescriptor>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (_, slot) in slots {
+        for d in [slot.reader, slot.writer].into_iter().flatten() {
+            if seen.insert(identity(&d)) {
+                out.push(d);
+            }
+        }
     }
+    out
 }

@@ -16,7 +16,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +62,48 @@ pub enum State {
     Stopped,
 }
 
+/// The reactor's life cycle with the detail [`State`] leaves out: where a
+/// shutdown has got to. One value, so that "running" and "stopped" cannot
+/// both be written down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Life {
+    NotStarted,
+    Starting,
+    Running,
+    Stopping(Shutdown),
+    Stopped,
+}
+
+/// How far a stop has got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shutdown {
+    /// `stop()` was called: the shutdown event fires at the end of the next
+    /// timer pass, never inside `stop()` itself.
+    Pending,
+    /// The shutdown event is firing (its *before* phase may be held); the
+    /// reactor still counts as running.
+    Firing,
+    /// *During shutdown* has run: no longer running.
+    Done,
+}
+
+impl Life {
+    fn public(self) -> State {
+        match self {
+            Life::NotStarted => State::NotStarted,
+            Life::Starting => State::Starting,
+            Life::Running => State::Running,
+            Life::Stopping(_) => State::Stopping,
+            Life::Stopped => State::Stopped,
+        }
+    }
+
+    /// Twisted's `running`: from *during startup* until *during shutdown*.
+    fn running(self) -> bool {
+        matches!(self, Life::Running | Life::Stopping(Shutdown::Pending | Shutdown::Firing))
+    }
+}
+
 pub(crate) struct Inner {
     backend: Backend,
     poller: RefCell<AnyPoller>,
@@ -70,17 +111,12 @@ pub(crate) struct Inner {
     events_buf: Cell<Vec<Event>>,
     fds: RefCell<FdTable>,
     timers: Rc<Timers>,
-    state: Cell<State>,
-    /// `run()` is looping; cleared by `crash()`.
+    life: Cell<Life>,
+    /// A `run()` call is looping; cleared by `crash()` and by shutdown.
+    /// Independent of `in_pass`: `iterate()` runs passes without `run()`.
     looping: Cell<bool>,
     /// Inside an iteration: guards against re-entrant `run`/`iterate`.
-    iterating: Cell<bool>,
-    running: Cell<bool>,
-    /// `stop()` asked for the shutdown event; it fires at the end of the
-    /// next timer pass, never inside `stop()` itself.
-    shutdown_pending: Cell<bool>,
-    /// After a normal stop the reactor cannot be restarted.
-    started_before: Cell<bool>,
+    in_pass: Cell<bool>,
     triggers: RefCell<Triggers>,
     shared: Arc<Shared>,
     spare_calls: Cell<Vec<ThreadCall>>,
@@ -186,12 +222,9 @@ impl Reactor {
                 events_buf: Cell::new(Vec::with_capacity(256)),
                 fds: RefCell::new(FdTable::default()),
                 timers: Timers::new(TimeSource::monotonic()),
-                state: Cell::new(State::NotStarted),
+                life: Cell::new(Life::NotStarted),
                 looping: Cell::new(false),
-                iterating: Cell::new(false),
-                running: Cell::new(false),
-                shutdown_pending: Cell::new(false),
-                started_before: Cell::new(false),
+                in_pass: Cell::new(false),
                 triggers: RefCell::new(Triggers::default()),
                 shared: Arc::new(Shared::new(waker)),
                 spare_calls: Cell::new(Vec::new()),
@@ -211,6 +244,11 @@ impl Reactor {
         })
     }
 
+    /// A handle that does not keep the reactor alive.
+    pub(crate) fn weak(&self) -> WeakReactor {
+        WeakReactor(self.downgrade())
+    }
+
     fn downgrade(&self) -> Weak<Inner> {
         Rc::downgrade(&self.inner)
     }
@@ -226,12 +264,12 @@ impl Reactor {
 
     /// Where the reactor is in its life cycle.
     pub fn state(&self) -> State {
-        self.inner.state.get()
+        self.inner.life.get().public()
     }
 
     /// True from the *during startup* phase until *during shutdown*.
     pub fn running(&self) -> bool {
-        self.inner.running.get()
+        self.inner.life.get().running()
     }
 
     /// How many loop iterations have run (a diagnostic: an idle reactor's
@@ -266,14 +304,14 @@ impl Reactor {
 
     fn run_inner(&self) -> Result<(), Error> {
         let inner = &self.inner;
-        if inner.started_before.get() || inner.state.get() == State::Stopped {
+        if matches!(inner.life.get(), Life::Stopping(_) | Life::Stopped) {
             return Err(Error::ReactorNotRestartable);
         }
-        if inner.looping.get() || inner.iterating.get() {
+        if inner.looping.get() || inner.in_pass.get() {
             return Err(Error::ReactorAlreadyRunning);
         }
         inner.looping.set(true);
-        inner.state.set(State::Starting);
+        inner.life.set(Life::Starting);
         self.fire_system_event("startup");
         let result = self.main_loop();
         self.uninstall_signal_handlers();
@@ -286,7 +324,9 @@ impl Reactor {
             if let Err(e) = self.iterate_once(None) {
                 tracing::error!(target: "braid", "{e}; the reactor cannot go on");
                 inner.looping.set(false);
-                inner.running.set(false);
+                if inner.life.get().running() {
+                    inner.life.set(Life::Stopping(Shutdown::Done));
+                }
                 return Err(e);
             }
         }
@@ -298,11 +338,9 @@ impl Reactor {
     /// `ReactorNotRunning` if the reactor is not running or already stopping.
     pub fn stop(&self) -> Result<(), Error> {
         let inner = &self.inner;
-        match inner.state.get() {
-            State::Starting | State::Running => {
-                inner.state.set(State::Stopping);
-                inner.started_before.set(true);
-                inner.shutdown_pending.set(true);
+        match inner.life.get() {
+            Life::Starting | Life::Running => {
+                inner.life.set(Life::Stopping(Shutdown::Pending));
                 Ok(())
             }
             _ => Err(Error::ReactorNotRunning),
@@ -314,9 +352,11 @@ impl Reactor {
     pub fn crash(&self) {
         let inner = &self.inner;
         inner.looping.set(false);
-        inner.running.set(false);
-        if matches!(inner.state.get(), State::Starting | State::Running) {
-            inner.state.set(State::NotStarted);
+        match inner.life.get() {
+            Life::Starting | Life::Running => inner.life.set(Life::NotStarted),
+            // A stop under way stays a stop (no restart), but not running.
+            Life::Stopping(_) => inner.life.set(Life::Stopping(Shutdown::Done)),
+            Life::NotStarted | Life::Stopped => {}
         }
     }
 
@@ -324,7 +364,7 @@ impl Reactor {
     /// (less if a timer is due sooner; `None` waits for the next event).
     /// Must not be called from inside a reactor callback.
     pub fn iterate(&self, timeout: Option<Duration>) -> Result<(), Error> {
-        if self.inner.iterating.get() {
+        if self.inner.in_pass.get() {
             return Err(Error::ReactorAlreadyRunning);
         }
         self.iterate_once(timeout)
@@ -428,17 +468,19 @@ impl Reactor {
         }
         self.inner.triggers.borrow_mut().finish(event);
         if event == "shutdown" {
-            self.inner.state.set(State::Stopped);
+            self.inner.life.set(Life::Stopped);
+            // Stopped for good: calls queued from threads can never run now,
+            // so they are dropped, which fails anyone blocked on one.
+            self.inner.shared.close_queue();
         }
     }
 
     /// The built-in *during startup* step.
     fn really_start(&self) {
         let inner = &self.inner;
-        if inner.state.get() == State::Starting {
-            inner.state.set(State::Running);
+        if inner.life.get() == Life::Starting {
+            inner.life.set(Life::Running);
         }
-        inner.running.set(true);
         if inner.install_signals.get() && inner.looping.get() {
             self.install_signal_handlers();
         }
@@ -449,8 +491,7 @@ impl Reactor {
     fn begin_shutdown(&self) {
         let inner = &self.inner;
         inner.looping.set(false);
-        inner.running.set(false);
-        inner.started_before.set(true);
+        inner.life.set(Life::Stopping(Shutdown::Done));
         self.disconnect_all();
         self.stop_thread_pool();
     }
@@ -474,9 +515,9 @@ impl Reactor {
 
     fn iterate_once(&self, max_timeout: Option<Duration>) -> Result<(), Error> {
         let inner = &self.inner;
-        inner.iterating.set(true);
+        inner.in_pass.set(true);
         let result = self.iterate_guarded(max_timeout);
-        inner.iterating.set(false);
+        inner.in_pass.set(false);
         result
     }
 
@@ -484,7 +525,7 @@ impl Reactor {
         let inner = &self.inner;
         inner.iterations.set(inner.iterations.get() + 1);
         self.run_until_current();
-        if !inner.looping.get() && max_timeout.is_none() && inner.state.get() != State::NotStarted {
+        if !inner.looping.get() && max_timeout.is_none() && inner.life.get() != Life::NotStarted {
             // Stopped or crashed during this pass: do not block in poll.
             return Ok(());
         }
@@ -521,14 +562,18 @@ impl Reactor {
         }
         inner.spare_calls.set(calls);
         inner.timers.run_due();
-        if inner.shutdown_pending.replace(false) {
+        if inner.life.get() == Life::Stopping(Shutdown::Pending) {
+            inner.life.set(Life::Stopping(Shutdown::Firing));
             self.fire_system_event("shutdown");
         }
     }
 
     fn poll_timeout(&self, max_timeout: Option<Duration>) -> Option<Duration> {
         let inner = &self.inner;
-        if inner.shutdown_pending.get() || inner.shared.has_calls() || !inner.flushes.borrow().is_empty() {
+        if inner.life.get() == Life::Stopping(Shutdown::Pending)
+            || inner.shared.has_calls()
+            || !inner.flushes.borrow().is_empty()
+        {
             return Some(Duration::ZERO);
         }
         match (inner.timers.timeout(), max_timeout) {
@@ -717,15 +762,15 @@ impl Reactor {
     fn watch(&self, d: Rc<dyn FileDescriptor>, read: bool) -> Result<(), Error> {
         let fd = d.fileno();
         self.check_fd(fd)?;
-        let mut fds = self.inner.fds.borrow_mut();
-        let mut slot = fds.get(fd).cloned().unwrap_or_default();
-        let old = slot.interest();
-        if read {
-            slot.reader = Some(d);
-        } else {
-            slot.writer = Some(d);
+        let ptr = identity(&d);
+        // Watched in this role under another fd (its fd changed): move it.
+        let moved_from = self.inner.fds.borrow().place(ptr).get(read).filter(|&at| at != fd);
+        if let Some(at) = moved_from {
+            self.remove_at(at, ptr, read, !read);
         }
-        let new = slot.interest();
+        let mut fds = self.inner.fds.borrow_mut();
+        let old = fds.interest(fd);
+        let new = if read { Interest { read: true, ..old } } else { Interest { write: true, ..old } };
         if new != old {
             let direction = if read { "reading" } else { "writing" };
             self.inner
@@ -734,40 +779,25 @@ impl Reactor {
                 .update(fd, old, new)
                 .map_err(|e| Error::io(format!("watching fd {fd} for {direction}"), e))?;
         }
-        fds.set(fd, slot);
+        fds.insert(fd, d, read);
         Ok(())
     }
 
     /// Removes `ptr` as reader and/or writer of `fd`. Errors from the
     /// backend are ignored: the fd may already be closed.
     fn remove_at(&self, fd: RawFd, ptr: *const (), read: bool, write: bool) {
-        let mut fds = self.inner.fds.borrow_mut();
-        let Some(current) = fds.get(fd) else { return };
-        let mut slot = current.clone();
-        let old = slot.interest();
-        if read && slot.reader.as_ref().is_some_and(|r| identity(r) == ptr) {
-            slot.reader = None;
-        }
-        if write && slot.writer.as_ref().is_some_and(|w| identity(w) == ptr) {
-            slot.writer = None;
-        }
-        let new = slot.interest();
+        let (old, new) = self.inner.fds.borrow_mut().remove(fd, ptr, read, write);
         if new != old {
             let _ = self.inner.poller.borrow_mut().update(fd, old, new);
         }
-        fds.set(fd, slot);
     }
 
+    /// Found by identity, never by `fileno()`: a descriptor may already have
+    /// closed its fd, and a search of the table would cost O(open fds).
     fn unwatch<D: FileDescriptor + ?Sized>(&self, d: &Rc<D>, read: bool) {
         let ptr = identity(d);
-        let fd = d.fileno();
-        let at_fd = self.inner.fds.borrow().get(fd).is_some_and(|s| {
-            let cur = if read { &s.reader } else { &s.writer };
-            cur.as_ref().is_some_and(|c| identity(c) == ptr)
-        });
-        // A descriptor whose fd changed or went away is found by identity.
-        let fd = if at_fd { Some(fd) } else { self.inner.fds.borrow().find(ptr, read) };
-        if let Some(fd) = fd {
+        let at = self.inner.fds.borrow().place(ptr).get(read);
+        if let Some(fd) = at {
             self.remove_at(fd, ptr, read, !read);
         }
     }
@@ -797,23 +827,14 @@ impl Reactor {
     /// Stops watching every user descriptor and returns them (each once).
     /// The reactor's own descriptors (its waker) are not touched.
     pub fn remove_all(&self) -> Vec<Rc<dyn FileDescriptor>> {
-        let fds = self.inner.fds.borrow().active_fds();
-        let mut removed: Vec<Rc<dyn FileDescriptor>> = Vec::new();
-        for fd in fds {
-            let slot = {
-                let mut table = self.inner.fds.borrow_mut();
-                let Some(slot) = table.get(fd).cloned() else { continue };
-                table.set(fd, Slot::default());
-                slot
-            };
-            let _ = self.inner.poller.borrow_mut().update(fd, slot.interest(), Interest::NONE);
-            for d in [slot.reader, slot.writer].into_iter().flatten() {
-                if !removed.iter().any(|r| identity(r) == identity(&d)) {
-                    removed.push(d);
-                }
+        let taken = self.inner.fds.borrow_mut().take_all();
+        {
+            let mut poller = self.inner.poller.borrow_mut();
+            for (fd, slot) in &taken {
+                let _ = poller.update(*fd, slot.interest(), Interest::NONE);
             }
         }
-        removed
+        fdset::unique(taken)
     }
 
     /// The descriptors watched for reading.
@@ -860,7 +881,8 @@ impl Reactor {
     /// Queues `f` like [`Remote::call_from_thread`]; from the reactor thread
     /// itself the call still waits for the next iteration.
     pub fn call_from_thread(&self, f: impl FnOnce(&Reactor) + Send + 'static) {
-        // The reactor is alive (we hold it), so this cannot fail.
+        // Refused only once the reactor has stopped for good, when the call
+        // could never run anyway.
         let _ = self.remote().call_from_thread(f);
     }
 
@@ -935,11 +957,46 @@ impl ReactorTime for Reactor {
     }
 }
 
+/// The last handle is gone (and the reactor is not running, or it could
+/// not be): nothing can drive it again, so everything it holds is released
+/// here rather than leaked. Internal objects (connections, ports,
+/// connectors) hold the reactor weakly, so they do not keep it alive; a
+/// user's own object that holds a `Reactor` (a protocol, a pending call)
+/// does, until it is dropped.
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.shared.alive.store(false, Ordering::Release);
+        // Fail every thread blocked on a call that can never run now.
+        self.shared.close_queue();
+        // Each descriptor hears `connection_lost`, which is what closes a
+        // connection's socket and frees its protocol; the reactor cannot be
+        // reached from inside (its weak handles no longer upgrade).
+        for d in fdset::unique(self.fds.get_mut().take_all()) {
+            let prefix = d.log_prefix();
+            guard::run_logged(
+                || format!("in connection_lost of {prefix} as the reactor was dropped"),
+                || {
+                    d.connection_lost(Failure::new(Error::ConnectionLost).context("the reactor was dropped"));
+                    Ok(())
+                },
+            );
+        }
+        self.flushes.get_mut().clear();
         if let Some(mut pool) = self.pool.get_mut().take() {
             pool.stop();
         }
+    }
+}
+
+/// A reactor handle that does not keep the reactor alive: what the
+/// reactor's own objects (connections, ports, connectors) hold, so that
+/// they and the reactor never keep each other alive.
+#[derive(Clone)]
+pub(crate) struct WeakReactor(Weak<Inner>);
+
+impl WeakReactor {
+    /// The reactor, unless it has been dropped.
+    #[inline]
+    pub fn get(&self) -> Option<Reactor> {
+        Reactor::from_weak(&self.0)
     }
 }

@@ -15,22 +15,29 @@ pub(crate) type ThreadCall = Box<dyn FnOnce(&Reactor) + Send>;
 
 /// The part of a reactor that other threads may touch.
 pub(crate) struct Shared {
-    pub queue: Mutex<Vec<ThreadCall>>,
+    queue: Mutex<Queue>,
     /// Set when a wake-up is already on its way, so a burst of calls from
     /// threads costs one write to the waker rather than one each.
     pub notified: AtomicBool,
     pub waker: Waker,
-    pub alive: AtomicBool,
     pub thread: ThreadId,
+}
+
+/// Calls from threads waiting for the reactor. Once closed (the reactor
+/// stopped for good or was dropped) nothing more is queued: the check and
+/// the push happen under the same lock, so no call can slip in after the
+/// queue was drained and wait forever.
+struct Queue {
+    calls: Vec<ThreadCall>,
+    open: bool,
 }
 
 impl Shared {
     pub fn new(waker: Waker) -> Shared {
         Shared {
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue { calls: Vec::new(), open: true }),
             notified: AtomicBool::new(false),
             waker,
-            alive: AtomicBool::new(true),
             thread: thread::current().id(),
         }
     }
@@ -46,7 +53,19 @@ impl Shared {
             return;
         }
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::swap(&mut *queue, into);
+        std::mem::swap(&mut queue.calls, into);
+    }
+
+    /// Refuses further calls and drops the queued ones unrun (dropping a
+    /// call is what tells a thread blocked on it that no answer will come).
+    pub fn close_queue(&self) {
+        let calls = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.open = false;
+            std::mem::take(&mut queue.calls)
+        };
+        // Outside the lock: a call's captures may run arbitrary drops.
+        drop(calls);
     }
 
     /// True if calls were queued since the last `take_calls`.
@@ -65,13 +84,18 @@ pub struct Remote {
 impl Remote {
     /// Queues `f` to run on the reactor thread and wakes the reactor at
     /// once. Calls run in the order they were queued, on the iteration
-    /// after they arrive. Fails with `ReactorGone` once the reactor is dropped.
+    /// after they arrive. Fails with `ReactorGone` once the reactor has
+    /// stopped for good (after `stop()`) or been dropped: such a call could
+    /// never run.
     pub fn call_from_thread(&self, f: impl FnOnce(&Reactor) + Send + 'static) -> Result<(), Error> {
         let shared = &self.shared;
-        if !shared.alive.load(Ordering::Acquire) {
-            return Err(Error::ReactorGone);
+        {
+            let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if !queue.open {
+                return Err(Error::ReactorGone);
+            }
+            queue.calls.push(Box::new(f));
         }
-        shared.queue.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
         if !shared.notified.swap(true, Ordering::SeqCst) {
             shared.waker.wake();
         }
