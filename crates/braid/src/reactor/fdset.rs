@@ -235,3 +235,12 @@ pub(crate) fn unique(slots: Vec<(RawFd, Slot)>) -> Vec<Rc<dyn FileDescriptor>> {
     }
     out
 }
+
+/// The descriptors of `more` that are not in `already` (by identity).
+pub(crate) fn unique_besides(
+    already: &[Rc<dyn FileDescriptor>],
+    more: Vec<Rc<dyn FileDescriptor>>,
+) -> Vec<Rc<dyn FileDescriptor>> {
+    let seen: std::collections::HashSet<_> = already.iter().map(identity).collect();
+    more.into_iter().filter(|d| !seen.contains(&identity(d))).collect()
+}

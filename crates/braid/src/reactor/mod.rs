@@ -19,6 +19,8 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Duration;
 
+use slab::Slab;
+
 use crate::backend::{AnyPoller, Backend, Event, Interest, Poller};
 use crate::error::{Error, Failure};
 use crate::sys::signal::SignalGuard;
@@ -38,7 +40,7 @@ pub(crate) mod timer_queue;
 pub use events::{Hold, Phase, TriggerId, TriggerOutcome, TriggerResult};
 pub use fdset::{FileDescriptor, IntoDescriptor};
 pub use guard::CallbackResult;
-pub(crate) use guard::{catch as catch_panic, log_failure};
+pub(crate) use guard::{catch as catch_panic, log_failure, run_logged};
 pub use threads::Remote;
 pub use time::{DelayedCall, ReactorTime};
 pub(crate) use time::{TimeSource, Timers};
@@ -110,6 +112,9 @@ pub(crate) struct Inner {
     fd_limit: Option<usize>,
     events_buf: Cell<Vec<Event>>,
     fds: RefCell<FdTable>,
+    /// Descriptors the reactor owns whether or not they are watched now (a
+    /// listener backing off): told they are lost at shutdown or drop.
+    held: RefCell<Slab<Rc<dyn FileDescriptor>>>,
     timers: Rc<Timers>,
     life: Cell<Life>,
     /// A `run()` call is looping; cleared by `crash()` and by shutdown.
@@ -221,6 +226,7 @@ impl Reactor {
                 fd_limit,
                 events_buf: Cell::new(Vec::with_capacity(256)),
                 fds: RefCell::new(FdTable::default()),
+                held: RefCell::new(Slab::new()),
                 timers: Timers::new(TimeSource::monotonic()),
                 life: Cell::new(Life::NotStarted),
                 looping: Cell::new(false),
@@ -499,7 +505,10 @@ impl Reactor {
     /// Tells every registered descriptor it is lost. One descriptor failing
     /// does not stop the others.
     fn disconnect_all(&self) {
-        for d in self.remove_all() {
+        let mut all = self.remove_all();
+        let held: Vec<_> = self.inner.held.borrow().iter().map(|(_, d)| d.clone()).collect();
+        all.extend(fdset::unique_besides(&all, held));
+        for d in all {
             let prefix = d.log_prefix();
             guard::run_logged(
                 || format!("in connection_lost of {prefix} during shutdown"),
@@ -616,6 +625,18 @@ impl Reactor {
             // The map is keyed by the type id, so the downcast matches.
             Err(_) => unreachable!("extension map keyed by TypeId"),
         }
+    }
+
+    /// Keeps `d` alive in the reactor until [`Reactor::release`], watched or
+    /// not; it is told `connection_lost` at shutdown if still held.
+    pub(crate) fn hold(&self, d: Rc<dyn FileDescriptor>) -> usize {
+        self.inner.held.borrow_mut().insert(d)
+    }
+
+    /// Lets go of a descriptor kept by [`Reactor::hold`].
+    pub(crate) fn release(&self, key: usize) {
+        let released = self.inner.held.borrow_mut().try_remove(key);
+        drop(released);
     }
 
     /// Asks for `f.flush()` at the end of this pass.
@@ -970,7 +991,10 @@ impl Drop for Inner {
         // Each descriptor hears `connection_lost`, which is what closes a
         // connection's socket and frees its protocol; the reactor cannot be
         // reached from inside (its weak handles no longer upgrade).
-        for d in fdset::unique(self.fds.get_mut().take_all()) {
+        let mut all = fdset::unique(self.fds.get_mut().take_all());
+        let held: Vec<_> = self.held.get_mut().drain().collect();
+        all.extend(fdset::unique_besides(&all, held));
+        for d in all {
             let prefix = d.log_prefix();
             guard::run_logged(
                 || format!("in connection_lost of {prefix} as the reactor was dropped"),

@@ -18,7 +18,9 @@ use rustix::net::{RecvFlags, SendFlags};
 
 use crate::error::{Error, Failure};
 use crate::protocol::Protocol;
-use crate::reactor::{FileDescriptor, Flush, Reactor, READ_CHUNK};
+use crate::reactor::{
+    catch_panic, log_failure, run_logged, FileDescriptor, Flush, Reactor, WeakReactor, READ_CHUNK,
+};
 use crate::transport::{Producer, Transport, TransportOps, DEFAULT_HIGH_WATER};
 
 /// Small writes are copied into the tail chunk up to this size; an owned
@@ -141,63 +143,94 @@ impl OutBuf {
 
 type OnLost = Box<dyn FnOnce(Failure)>;
 
-const READING: u16 = 1; // registered with the reactor as a reader
-const WRITING: u16 = 1 << 1; // registered as a writer (the kernel buffer was full)
-const PAUSED: u16 = 1 << 2; // reading paused by pause_producing
-const READ_CLOSED: u16 = 1 << 3;
-const DISCONNECTING: u16 = 1 << 4;
-const ABORTING: u16 = 1 << 5;
-const WRITE_SHUTDOWN: u16 = 1 << 6; // lose_write_connection asked for
-const WRITE_CLOSED: u16 = 1 << 7;
-const LOST: u16 = 1 << 8;
-const FLUSH_QUEUED: u16 = 1 << 9;
-const STREAMING: u16 = 1 << 10; // the registered producer is a push producer
-const PRODUCER_PAUSED: u16 = 1 << 11;
-const IN_READ: u16 = 1 << 12; // inside do_read: writes are flushed when it ends
+/// How far the connection is from closed. One value, so that a connection
+/// cannot be both aborting and lost, say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Life {
+    Open,
+    /// `lose_connection`: send what is buffered (after any producer is
+    /// unregistered), then close.
+    Disconnecting,
+    /// `abort_connection`: drop the buffer and reset, from the loop.
+    Aborting,
+    /// Closed and the protocol told; nothing more happens.
+    Lost,
+}
+
+/// The write side, for half-close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriteSide {
+    Open,
+    /// `lose_write_connection`: shut down once the buffer is sent.
+    ShutdownAsked,
+    Closed,
+}
+
+bitflags::bitflags! {
+    /// What the connection is doing now; these vary independently.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    struct Io: u8 {
+        /// Registered with the reactor as a reader.
+        const READING = 1;
+        /// Registered as a writer (the kernel buffer was full).
+        const WRITING = 1 << 1;
+        /// Reading paused by `pause_producing`.
+        const PAUSED = 1 << 2;
+        /// The peer half-closed and the protocol kept the write side.
+        const READ_CLOSED = 1 << 3;
+        /// A flush is due at the end of the pass (or of `do_read`).
+        const FLUSH_QUEUED = 1 << 4;
+        /// Inside `do_read`: writes gather in the reactor's stage.
+        const IN_READ = 1 << 5;
+    }
+}
+
+/// A registered producer and how it is driven.
+struct Registered {
+    producer: Rc<dyn Producer>,
+    mode: Mode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Asked for more each time the buffer empties.
+    Pull,
+    /// Writes on its own; paused above the high-water mark.
+    Streaming,
+    /// A streaming producer we paused; resumed at the low-water mark.
+    StreamingPaused,
+}
 
 /// Marks a connection as inside `do_read` until dropped (also when the
 /// protocol panics, so the mark never sticks).
-struct ReadScope<'a>(&'a Flags);
+struct ReadScope<'a>(&'a Cell<Io>);
 
 impl<'a> ReadScope<'a> {
-    fn enter(flags: &'a Flags) -> Self {
-        flags.set(IN_READ, true);
-        ReadScope(flags)
+    fn enter(io: &'a Cell<Io>) -> Self {
+        io.set(io.get() | Io::IN_READ);
+        ReadScope(io)
     }
 }
 
 impl Drop for ReadScope<'_> {
     fn drop(&mut self) {
-        self.0.set(IN_READ, false);
-    }
-}
-
-/// A connection's state bits in one word (idle connections are many, so
-/// their size matters).
-#[derive(Default)]
-struct Flags(Cell<u16>);
-
-impl Flags {
-    #[inline]
-    fn get(&self, f: u16) -> bool {
-        self.0.get() & f != 0
-    }
-    #[inline]
-    fn set(&self, f: u16, on: bool) {
-        let v = self.0.get();
-        self.0.set(if on { v | f } else { v & !f });
-    }
-    #[inline]
-    fn replace(&self, f: u16, on: bool) -> bool {
-        let was = self.get(f);
-        self.set(f, on);
-        was
+        self.0.set(self.0.get() - Io::IN_READ);
     }
 }
 
 /// A connected TCP socket driven by the reactor.
+///
+/// Every call into user code (the protocol, a producer, the connector's
+/// notification) goes through one of the `call_*` helpers, which contain
+/// a panic: it is logged naming the call and the peer, and the connection
+/// is closed with the panic as its reason. The listener, the loop and every
+/// other connection go on. A protocol whose `connection_made` panicked is
+/// never called again; any other protocol still gets its one
+/// `connection_lost`.
 pub(crate) struct Connection {
-    reactor: Reactor,
+    /// Weak, so a reactor dropped with connections open is freed (and then
+    /// closes them) instead of being kept alive by them.
+    reactor: WeakReactor,
     me: Weak<Connection>,
     /// `None` once closed (`Option<OwnedFd>` is one word: the fd's niche).
     sock: Cell<Option<OwnedFd>>,
@@ -206,8 +239,11 @@ pub(crate) struct Connection {
     protocol: RefCell<Option<Box<dyn Protocol>>>,
     /// Created on the first write, so an idle connection owns no buffer.
     out: RefCell<Option<Box<OutBuf>>>,
-    flags: Flags,
-    producer: Cell<Option<Rc<dyn Producer>>>,
+    life: Cell<Life>,
+    write_side: Cell<WriteSide>,
+    io: Cell<Io>,
+    /// Boxed: producers are rare, and an idle connection should stay small.
+    producer: Cell<Option<Box<Registered>>>,
     high_water: Cell<u32>,
     low_water: Cell<u32>,
     /// Told after the protocol's `connection_lost` (a client's connector).
@@ -218,14 +254,16 @@ impl Connection {
     pub fn new(reactor: &Reactor, sock: OwnedFd, peer: Option<SocketAddr>) -> Rc<Connection> {
         let fd = sock.as_raw_fd();
         Rc::new_cyclic(|me| Connection {
-            reactor: reactor.clone(),
+            reactor: reactor.weak(),
             me: me.clone(),
             sock: Cell::new(Some(sock)),
             fd,
             peer,
             protocol: RefCell::new(None),
             out: RefCell::new(None),
-            flags: Flags::default(),
+            life: Cell::new(Life::Open),
+            write_side: Cell::new(WriteSide::Open),
+            io: Cell::new(Io::empty()),
             producer: Cell::new(None),
             high_water: Cell::new(DEFAULT_HIGH_WATER as u32),
             low_water: Cell::new(0),
@@ -241,51 +279,121 @@ impl Connection {
         self.me.upgrade()
     }
 
-    /// Starts reading and tells the protocol the connection is made.
-    pub fn start(self: &Rc<Self>, protocol: Box<dyn Protocol>) -> Result<(), Error> {
+    #[inline]
+    fn has(&self, f: Io) -> bool {
+        self.io.get().contains(f)
+    }
+
+    #[inline]
+    fn set_io(&self, f: Io, on: bool) {
+        let mut io = self.io.get();
+        io.set(f, on);
+        self.io.set(io);
+    }
+
+    /// Sets `f`; returns whether it was already set.
+    #[inline]
+    fn replace_io(&self, f: Io, on: bool) -> bool {
+        let was = self.has(f);
+        self.set_io(f, on);
+        was
+    }
+
+    /// Registers the socket for reading, then hands the protocol its
+    /// transport. If registering fails (select and an fd at or above
+    /// `FD_SETSIZE`), the protocol is handed back unused: it never gets
+    /// `connection_made`, so it must never get `connection_lost` either;
+    /// the socket closes when the connection is dropped.
+    pub fn start(self: &Rc<Self>, protocol: Box<dyn Protocol>) -> Result<(), (Error, Box<dyn Protocol>)> {
+        let Some(reactor) = self.reactor.get() else {
+            return Err((Error::ReactorGone, protocol));
+        };
+        if let Err(e) = reactor.add_reader(self.clone()) {
+            self.life.set(Life::Lost);
+            self.sock.take();
+            return Err((e, protocol));
+        }
+        self.set_io(Io::READING, true);
         *self.protocol.borrow_mut() = Some(protocol);
-        self.reactor.add_reader(self.clone())?;
-        self.flags.set(READING, true);
         let transport = Transport::new(self.clone());
-        if let Some(p) = self.protocol.borrow_mut().as_mut() {
-            p.connection_made(transport);
+        let made = catch_panic(|| {
+            if let Some(p) = self.protocol.borrow_mut().as_mut() {
+                p.connection_made(transport);
+            }
+            Ok(())
+        });
+        if let Err(failure) = made {
+            log_failure(&format!("in connection_made of {}", self.log_prefix()), &failure);
+            // Never made: no further calls, not even connection_lost.
+            drop(self.protocol.borrow_mut().take());
+            self.close(failure);
         }
         Ok(())
+    }
+
+    /// Runs one protocol callback, containing a panic (see the type's docs).
+    /// Returns false if it panicked (the connection is then closed).
+    fn call_protocol(&self, what: &str, f: impl FnOnce(&mut dyn Protocol)) -> bool {
+        let result = catch_panic(|| {
+            if let Some(p) = self.protocol.borrow_mut().as_mut() {
+                f(&mut **p);
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => true,
+            Err(failure) => {
+                log_failure(&format!("in {what} of {}", self.log_prefix()), &failure);
+                self.close(failure);
+                false
+            }
+        }
+    }
+
+    /// Runs one producer callback, containing a panic like `call_protocol`.
+    fn call_producer(&self, what: &str, p: &Rc<dyn Producer>, f: impl FnOnce(&dyn Producer)) -> bool {
+        match catch_panic(|| {
+            f(&**p);
+            Ok(())
+        }) {
+            Ok(()) => true,
+            Err(failure) => {
+                log_failure(&format!("in the producer's {what} on {}", self.log_prefix()), &failure);
+                self.close(failure);
+                false
+            }
+        }
     }
 
     fn queue_flush(&self) {
         // Inside our own do_read the flush happens when the protocol
         // returns, with the data still in cache; no need for the reactor's
         // end-of-pass list.
-        if !self.flags.replace(FLUSH_QUEUED, true) && !self.flags.get(IN_READ) {
-            if let Some(me) = self.rc() {
-                self.reactor.schedule_flush(me);
+        if !self.replace_io(Io::FLUSH_QUEUED, true) && !self.has(Io::IN_READ) {
+            if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
+                reactor.schedule_flush(me);
             }
         }
     }
 
     fn stop_reading(&self) {
-        if self.flags.replace(READING, false) {
-            if let Some(me) = self.rc() {
-                self.reactor.remove_reader(&me);
+        if self.replace_io(Io::READING, false) {
+            if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
+                reactor.remove_reader(&me);
             }
         }
     }
 
     fn start_reading(&self) {
-        if self.flags.get(READING)
-            || self.flags.get(PAUSED)
-            || self.flags.get(READ_CLOSED)
-            || self.flags.get(DISCONNECTING)
-        {
+        if self.has(Io::READING) || self.has(Io::PAUSED) || self.has(Io::READ_CLOSED) {
             return;
         }
-        if self.flags.get(LOST) {
+        if self.life.get() != Life::Open {
             return;
         }
-        if let Some(me) = self.rc() {
-            if self.reactor.add_reader(me).is_ok() {
-                self.flags.set(READING, true);
+        if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
+            if reactor.add_reader(me).is_ok() {
+                self.set_io(Io::READING, true);
             }
         }
     }
@@ -308,27 +416,28 @@ impl Connection {
             }
         };
         let left = self.buffered_len();
-        if self.flags.get(STREAMING)
-            && self.flags.get(PRODUCER_PAUSED)
-            && left <= self.low_water.get() as usize
-        {
-            self.flags.set(PRODUCER_PAUSED, false);
-            let producer = self.producer();
-            if let Some(p) = producer {
-                p.resume_producing();
+        if left <= self.low_water.get() as usize {
+            if let Some(p) = self.producer_in(Mode::StreamingPaused, Mode::Streaming) {
+                if !self.call_producer("resume_producing", &p, |p| p.resume_producing()) {
+                    return Ok(());
+                }
             }
         }
+        if self.life.get() == Life::Lost {
+            return Ok(());
+        }
         if !drained {
-            if !self.flags.get(WRITING) {
+            if !self.has(Io::WRITING) {
                 let me = self.rc().ok_or_else(|| Failure::new(Error::ConnectionLost))?;
-                self.reactor.add_writer(me).map_err(Failure::new)?;
-                self.flags.set(WRITING, true);
+                let reactor = self.reactor.get().ok_or_else(|| Failure::new(Error::ReactorGone))?;
+                reactor.add_writer(me).map_err(Failure::new)?;
+                self.set_io(Io::WRITING, true);
             }
             return Ok(());
         }
-        if self.flags.replace(WRITING, false) {
-            if let Some(me) = self.rc() {
-                self.reactor.remove_writer(&me);
+        if self.replace_io(Io::WRITING, false) {
+            if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
+                reactor.remove_writer(&me);
             }
         }
         self.drained()
@@ -336,77 +445,99 @@ impl Connection {
 
     /// Everything buffered is sent: feed a pull producer, or finish a close.
     fn drained(&self) -> Result<(), Failure> {
-        let producer = self.producer();
-        if let Some(p) = producer {
-            if !self.flags.get(STREAMING) {
-                p.resume_producing();
+        if let Some((p, mode)) = self.producer() {
+            if mode == Mode::Pull {
+                self.call_producer("resume_producing", &p, |p| p.resume_producing());
             }
             // Twisted: a close waits until the producer is unregistered.
             return Ok(());
         }
-        if self.flags.get(DISCONNECTING) {
+        if self.life.get() == Life::Disconnecting {
             if self.buffered_len() == 0 {
                 return Err(Failure::new(Error::ConnectionDone));
             }
             return Ok(());
         }
-        if self.flags.get(WRITE_SHUTDOWN) && !self.flags.get(WRITE_CLOSED) {
-            self.flags.set(WRITE_CLOSED, true);
+        if self.write_side.get() == WriteSide::ShutdownAsked {
+            self.write_side.set(WriteSide::Closed);
             self.with_sock(|sock| rustix::net::shutdown(sock, rustix::net::Shutdown::Write));
-            if let Some(p) = self.protocol.borrow_mut().as_mut() {
+            self.call_protocol("write_connection_lost", |p| {
                 if let Some(h) = p.as_half_closeable() {
                     h.write_connection_lost();
                 }
-            }
+            });
         }
         Ok(())
     }
 
-    /// Closes the socket and tells the protocol, exactly once.
+    /// Closes the socket and tells the protocol, exactly once. Each user
+    /// callback on the way (the producer's `stop_producing`, the protocol's
+    /// `connection_lost`, the connector's notification) is contained on
+    /// its own, so one panicking never skips the others.
     pub fn close(&self, reason: Failure) {
-        if self.flags.replace(LOST, true) {
+        let was = self.life.replace(Life::Lost);
+        if was == Life::Lost {
             return;
         }
-        if let Some(me) = self.rc() {
-            self.reactor.remove_reader(&me);
-            self.reactor.remove_writer(&me);
+        // Unregistered by identity, under the fd it was registered with:
+        // O(1), whatever `fileno()` says now.
+        if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
+            reactor.remove_reader(&me);
+            reactor.remove_writer(&me);
         }
-        self.flags.set(READING, false);
-        self.flags.set(WRITING, false);
+        self.set_io(Io::READING | Io::WRITING, false);
         if let Some(sock) = self.sock.take() {
-            if self.flags.get(ABORTING) {
+            if was == Life::Aborting {
                 // Linger 0: close sends RST and drops unsent data.
                 let _ = rustix::net::sockopt::set_socket_linger(&sock, Some(std::time::Duration::ZERO));
             }
             drop(sock);
         }
         *self.out.borrow_mut() = None;
-        let producer = self.producer.take();
-        if let Some(p) = producer {
-            p.stop_producing();
+        let prefix = self.log_prefix();
+        if let Some(registered) = self.producer.take() {
+            run_logged(
+                || format!("in the producer's stop_producing on {prefix}"),
+                || {
+                    registered.producer.stop_producing();
+                    Ok(())
+                },
+            );
         }
         let protocol = self.protocol.borrow_mut().take();
         if let Some(mut p) = protocol {
-            p.connection_lost(reason.clone());
+            let why = reason.clone();
+            run_logged(
+                || format!("in connection_lost of {prefix}"),
+                move || {
+                    p.connection_lost(why);
+                    Ok(())
+                },
+            );
         }
-        let on_lost = self.on_lost.take();
-        if let Some(f) = on_lost {
-            f(reason);
+        if let Some(f) = self.on_lost.take() {
+            run_logged(
+                || format!("in the connector's notification for {prefix}"),
+                move || {
+                    f(reason);
+                    Ok(())
+                },
+            );
         }
     }
 
     fn closing(&self) -> bool {
-        self.flags.get(LOST) || self.flags.get(ABORTING)
+        matches!(self.life.get(), Life::Lost | Life::Aborting)
     }
 }
 
 impl Flush for Connection {
     fn flush(&self) {
         // Already flushed since it was queued (after a read): nothing to do.
-        if !self.flags.replace(FLUSH_QUEUED, false) || self.flags.get(LOST) {
+        if !self.replace_io(Io::FLUSH_QUEUED, false) || self.life.get() == Life::Lost {
             return;
         }
-        if self.flags.get(ABORTING) {
+        if self.life.get() == Life::Aborting {
             self.close(Failure::new(Error::ConnectionAborted));
             return;
         }
@@ -418,7 +549,7 @@ impl Flush for Connection {
 
 impl FileDescriptor for Connection {
     fn fileno(&self) -> RawFd {
-        if self.flags.get(LOST) {
+        if self.life.get() == Life::Lost {
             -1
         } else {
             self.fd
@@ -426,9 +557,10 @@ impl FileDescriptor for Connection {
     }
 
     fn do_read(&self) -> Result<(), Failure> {
+        let Some(reactor) = self.reactor.get() else { return Ok(()) };
         // Left over only if a protocol panicked mid-read: never send it.
-        self.reactor.write_stage().clear();
-        let mut buf = self.reactor.take_read_buffer();
+        reactor.write_stage().clear();
+        let mut buf = reactor.take_read_buffer();
         let result = self
             .with_sock(|sock| {
                 rustix::net::recv(sock, &mut buf[..READ_CHUNK], RecvFlags::empty()).map(|(n, _)| n)
@@ -437,16 +569,17 @@ impl FileDescriptor for Connection {
         let outcome = match result {
             Ok(0) => Err(Failure::new(Error::ConnectionDone)),
             Ok(n) => {
-                {
-                    let _reading = ReadScope::enter(&self.flags);
-                    // Borrow released before any other call can reach the protocol.
-                    if let Some(p) = self.protocol.borrow_mut().as_mut() {
-                        p.data_received(&buf[..n]);
+                let delivered = {
+                    let _reading = ReadScope::enter(&self.io);
+                    self.call_protocol("data_received", |p| p.data_received(&buf[..n]))
+                };
+                if delivered {
+                    self.flush_stage(&reactor);
+                    if self.has(Io::FLUSH_QUEUED) {
+                        self.flush();
                     }
-                }
-                self.flush_stage();
-                if self.flags.get(FLUSH_QUEUED) {
-                    self.flush();
+                } else {
+                    reactor.write_stage().clear();
                 }
                 Ok(())
             }
@@ -454,12 +587,12 @@ impl FileDescriptor for Connection {
             Err(Errno::CONNRESET) => Err(Failure::new(Error::ConnectionLost)),
             Err(e) => Err(Failure::new(Error::io("reading from a TCP connection", e.into()))),
         };
-        self.reactor.return_read_buffer(buf);
+        reactor.return_read_buffer(buf);
         outcome
     }
 
     fn do_write(&self) -> Result<(), Failure> {
-        if self.flags.get(ABORTING) {
+        if self.life.get() == Life::Aborting {
             return Err(Failure::new(Error::ConnectionAborted));
         }
         self.send_buffered()
@@ -470,20 +603,19 @@ impl FileDescriptor for Connection {
     }
 
     fn half_closeable(&self) -> bool {
-        match self.protocol.try_borrow_mut() {
-            Ok(mut p) => p.as_mut().is_some_and(|p| p.as_half_closeable().is_some()),
-            Err(_) => false,
-        }
+        let Ok(mut p) = self.protocol.try_borrow_mut() else { return false };
+        let Some(p) = p.as_mut() else { return false };
+        catch_panic(|| Ok(p.as_half_closeable().is_some())).unwrap_or(false)
     }
 
     fn read_connection_lost(&self, _reason: Failure) {
-        self.flags.set(READING, false);
-        self.flags.set(READ_CLOSED, true);
-        if let Some(p) = self.protocol.borrow_mut().as_mut() {
+        self.set_io(Io::READING, false);
+        self.set_io(Io::READ_CLOSED, true);
+        self.call_protocol("read_connection_lost", |p| {
             if let Some(h) = p.as_half_closeable() {
                 h.read_connection_lost();
             }
-        }
+        });
     }
 
     fn log_prefix(&self) -> String {
@@ -513,11 +645,12 @@ impl TransportOps for Connection {
 
     #[inline]
     fn write(&self, data: &[u8]) {
-        if self.closing() || self.flags.get(WRITE_CLOSED) || data.is_empty() {
+        if self.closing() || self.write_side.get() == WriteSide::Closed || data.is_empty() {
             return;
         }
-        if self.flags.get(IN_READ) && self.buffered_len() == 0 {
-            let mut stage = self.reactor.write_stage();
+        if self.has(Io::IN_READ) && self.buffered_len() == 0 {
+            let Some(reactor) = self.reactor.get() else { return };
+            let mut stage = reactor.write_stage();
             let mut sent = 0;
             if stage.is_empty() && data.len() >= DIRECT_WRITE {
                 // Large, and nothing queued ahead of it: send it now rather
@@ -530,7 +663,7 @@ impl TransportOps for Connection {
             }
             // The rest is sent when data_received returns; see `flush_stage`.
             stage.extend_from_slice(&data[sent..]);
-            self.flags.set(FLUSH_QUEUED, true);
+            self.set_io(Io::FLUSH_QUEUED, true);
             return;
         }
         self.out_mut().push(data);
@@ -538,7 +671,7 @@ impl TransportOps for Connection {
     }
 
     fn write_vec(&self, data: Vec<u8>) {
-        if self.closing() || self.flags.get(WRITE_CLOSED) || data.is_empty() {
+        if self.closing() || self.write_side.get() == WriteSide::Closed || data.is_empty() {
             return;
         }
         self.unstage();
@@ -547,7 +680,7 @@ impl TransportOps for Connection {
     }
 
     fn write_sequence(&self, data: &[&[u8]]) {
-        if self.closing() || self.flags.get(WRITE_CLOSED) {
+        if self.closing() || self.write_side.get() == WriteSide::Closed {
             return;
         }
         self.unstage();
@@ -561,9 +694,10 @@ impl TransportOps for Connection {
     }
 
     fn lose_connection(&self) {
-        if self.closing() || self.flags.replace(DISCONNECTING, true) {
+        if self.life.get() != Life::Open {
             return;
         }
+        self.life.set(Life::Disconnecting);
         self.stop_reading();
         self.queue_flush();
     }
@@ -572,16 +706,17 @@ impl TransportOps for Connection {
         if self.closing() {
             return;
         }
-        self.flags.set(ABORTING, true);
+        self.life.set(Life::Aborting);
         self.stop_reading();
         *self.out.borrow_mut() = None;
         self.queue_flush();
     }
 
     fn lose_write_connection(&self) {
-        if self.closing() || self.flags.replace(WRITE_SHUTDOWN, true) {
+        if self.closing() || self.write_side.get() != WriteSide::Open {
             return;
         }
+        self.write_side.set(WriteSide::ShutdownAsked);
         self.queue_flush();
     }
 
@@ -606,12 +741,12 @@ impl TransportOps for Connection {
     }
 
     fn pause_producing(&self) {
-        self.flags.set(PAUSED, true);
+        self.set_io(Io::PAUSED, true);
         self.stop_reading();
     }
 
     fn resume_producing(&self) {
-        self.flags.set(PAUSED, false);
+        self.set_io(Io::PAUSED, false);
         self.start_reading();
     }
 
@@ -620,32 +755,30 @@ impl TransportOps for Connection {
     }
 
     fn register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
-        if self.has_producer() {
+        if self.producer().is_some() {
             return Err(Error::io(
                 "registering a producer",
                 std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a producer is already registered"),
             ));
         }
-        if self.flags.get(LOST) {
+        if self.life.get() == Life::Lost {
             // Twisted: a producer registered on a dead transport is stopped.
-            producer.stop_producing();
+            self.call_producer("stop_producing", &producer, |p| p.stop_producing());
             return Ok(());
         }
-        self.producer.set(Some(producer.clone()));
-        self.flags.set(STREAMING, streaming);
-        self.flags.set(PRODUCER_PAUSED, false);
+        let mode = if streaming { Mode::Streaming } else { Mode::Pull };
+        self.producer.set(Some(Box::new(Registered { producer: producer.clone(), mode })));
         if !streaming {
             // A pull producer is asked for its first chunk at once.
-            producer.resume_producing();
+            self.call_producer("resume_producing", &producer, |p| p.resume_producing());
         }
         Ok(())
     }
 
     fn unregister_producer(&self) {
         self.producer.take();
-        self.flags.set(PRODUCER_PAUSED, false);
         // A close that waited for the producer can go on now.
-        if !self.flags.get(LOST) && (self.flags.get(DISCONNECTING) || self.flags.get(WRITE_SHUTDOWN)) {
+        if self.life.get() == Life::Disconnecting || self.write_side.get() == WriteSide::ShutdownAsked {
             self.queue_flush();
         }
     }
@@ -661,7 +794,7 @@ impl TransportOps for Connection {
     }
 
     fn connected(&self) -> bool {
-        !self.flags.get(LOST) && !self.flags.get(DISCONNECTING) && !self.flags.get(ABORTING)
+        self.life.get() == Life::Open
     }
 }
 
@@ -678,22 +811,24 @@ impl Connection {
     /// Moves staged writes into the connection's own buffer, keeping their
     /// order ahead of a write that cannot be staged.
     fn unstage(&self) {
-        if self.flags.get(IN_READ) {
-            let mut stage = self.reactor.write_stage();
-            if !stage.is_empty() {
-                self.out_mut().push(&stage);
-                stage.clear();
-                drop(stage);
-                self.after_write();
-            }
+        if !self.has(Io::IN_READ) {
+            return;
+        }
+        let Some(reactor) = self.reactor.get() else { return };
+        let mut stage = reactor.write_stage();
+        if !stage.is_empty() {
+            self.out_mut().push(&stage);
+            stage.clear();
+            drop(stage);
+            self.after_write();
         }
     }
 
     /// Sends what the protocol wrote during data_received straight from the
     /// shared stage; whatever the kernel does not take now is copied into
     /// the connection's own buffer, to go out when the socket is writable.
-    fn flush_stage(&self) {
-        let mut stage = self.reactor.write_stage();
+    fn flush_stage(&self, reactor: &Reactor) {
+        let mut stage = reactor.write_stage();
         if stage.is_empty() {
             return;
         }
@@ -739,30 +874,35 @@ impl Connection {
         self.out.borrow().as_ref().map_or(0, |o| o.len())
     }
 
-    fn producer(&self) -> Option<Rc<dyn Producer>> {
-        let p = self.producer.take();
-        self.producer.set(p.clone());
-        p
+    /// The registered producer and its mode, if any.
+    #[inline]
+    fn producer(&self) -> Option<(Rc<dyn Producer>, Mode)> {
+        let registered = self.producer.take();
+        let found = registered.as_ref().map(|r| (r.producer.clone(), r.mode));
+        self.producer.set(registered);
+        found
     }
 
-    fn has_producer(&self) -> bool {
-        let p = self.producer.take();
-        let has = p.is_some();
-        self.producer.set(p);
-        has
+    /// If the producer is in mode `from`, switches it to `to` and returns it.
+    fn producer_in(&self, from: Mode, to: Mode) -> Option<Rc<dyn Producer>> {
+        let mut registered = self.producer.take();
+        let found = match registered.as_mut() {
+            Some(r) if r.mode == from => {
+                r.mode = to;
+                Some(r.producer.clone())
+            }
+            _ => None,
+        };
+        self.producer.set(registered);
+        found
     }
 
     #[inline]
     fn after_write(&self) {
         self.queue_flush();
-        if self.flags.get(STREAMING)
-            && !self.flags.get(PRODUCER_PAUSED)
-            && self.buffered_len() > self.high_water.get() as usize
-        {
-            self.flags.set(PRODUCER_PAUSED, true);
-            let producer = self.producer();
-            if let Some(p) = producer {
-                p.pause_producing();
+        if self.buffered_len() > self.high_water.get() as usize {
+            if let Some(p) = self.producer_in(Mode::Streaming, Mode::StreamingPaused) {
+                self.call_producer("pause_producing", &p, |p| p.pause_producing());
             }
         }
     }

@@ -307,8 +307,12 @@ impl Attempt {
         let inner = c.inner.clone();
         conn.set_on_lost(Box::new(move |reason| Connector { inner }.connection_lost(reason)));
         self.connector.borrow_mut().take();
-        if let Err(e) = conn.start(protocol) {
-            conn.close(Failure::new(e));
+        if let Err((e, protocol)) = conn.start(protocol) {
+            // Never made, so never told it was lost; the factory hears that
+            // the attempt failed instead.
+            drop(protocol);
+            *c.inner.connection.borrow_mut() = Weak::new();
+            c.connection_failed(Failure::new(e).context(format!("connecting to {addr}")));
         }
     }
 

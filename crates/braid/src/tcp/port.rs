@@ -13,6 +13,14 @@
 //!   re-opened.
 //! - ENFILE, ENOBUFS, ENOMEM, EMFILE without a reserve: the listener stops
 //!   reading and a back-off timer (10 ms, doubling to 1 s) turns it back on.
+//!
+//! A port lives in the reactor from `listen_tcp` until `stop_listening` (or
+//! shutdown), whether or not the caller keeps its `ListeningPort`: the
+//! reactor holds it even while it is not watched (backing off).
+//!
+//! A failure in user code for one connection (the factory's
+//! `build_protocol`, the protocol's `connection_made`) is logged with the
+//! peer's address and costs only that connection: the accept loop goes on.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -28,7 +36,7 @@ use super::connection::Connection;
 use crate::defer::Deferred;
 use crate::error::{Error, Failure};
 use crate::protocol::{Factory, SharedFactory};
-use crate::reactor::{DelayedCall, FileDescriptor, Reactor};
+use crate::reactor::{catch_panic, log_failure, DelayedCall, FileDescriptor, Reactor, WeakReactor};
 
 const INITIAL_ACCEPTS: usize = 100;
 const ACCEPT_GROWTH: usize = 20;
@@ -51,7 +59,9 @@ fn reserve_fd() {
 }
 
 pub(crate) struct Port {
-    reactor: Reactor,
+    reactor: WeakReactor,
+    /// This port's entry among the reactor's held descriptors.
+    held: Cell<Option<usize>>,
     me: Weak<Port>,
     sock: RefCell<Option<OwnedFd>>,
     fd: RawFd,
@@ -74,7 +84,8 @@ impl Port {
         reserve_fd();
         let fd = sock.as_raw_fd();
         let port = Rc::new_cyclic(|me| Port {
-            reactor: reactor.clone(),
+            reactor: reactor.weak(),
+            held: Cell::new(None),
             me: me.clone(),
             sock: RefCell::new(Some(sock)),
             fd,
@@ -88,8 +99,14 @@ impl Port {
         });
         reactor.add_reader(port.clone())?;
         port.reading.set(true);
-        port.factory.do_start();
-        tracing::debug!(target: "braid", "listening on {local}");
+        port.held.set(Some(reactor.hold(port.clone())));
+        if let Err(failure) = catch_panic(|| {
+            port.factory.do_start();
+            Ok(())
+        }) {
+            log_failure(&format!("in start_factory for {}", port.log_prefix()), &failure);
+        }
+        tracing::info!(target: "braid", "listening on {local} (TCP)");
         Ok(port)
     }
 
@@ -101,24 +118,32 @@ impl Port {
         self.listening.get()
     }
 
-    fn handle(&self, sock: OwnedFd, addr: Option<rustix::net::SocketAddrAny>) {
+    /// Builds a protocol for one accepted socket and starts it. Nothing
+    /// that goes wrong here reaches the accept loop.
+    fn handle(&self, reactor: &Reactor, sock: OwnedFd, addr: Option<rustix::net::SocketAddrAny>) {
         let peer = addr.and_then(|a| SocketAddr::try_from(a).ok());
         let built = match peer {
-            Some(peer) => crate::reactor::catch_panic(|| Ok(self.factory.build(peer))),
+            Some(peer) => catch_panic(|| Ok(self.factory.build(peer))),
             None => Ok(None),
         };
         let protocol = match built {
             Ok(Some(p)) => p,
             Ok(None) => return, // refused: dropping the socket closes it
             Err(failure) => {
-                crate::reactor::log_failure("in build_protocol", &failure);
+                let from = peer.map_or("an unknown peer".into(), |p| p.to_string());
+                log_failure(
+                    &format!("in build_protocol for the connection from {from} on {}", self.local),
+                    &failure,
+                );
                 return;
             }
         };
-        let conn = Connection::new(&self.reactor, sock, peer);
-        if let Err(e) = conn.start(protocol) {
-            tracing::error!(target: "braid", "dropping the connection from {}: {e}", peer.map_or("?".into(), |p| p.to_string()));
-            conn.close(Failure::new(e));
+        let conn = Connection::new(reactor, sock, peer);
+        if let Err((e, protocol)) = conn.start(protocol) {
+            let from = peer.map_or("?".into(), |p| p.to_string());
+            tracing::error!(target: "braid", "dropping the connection from {from} on {}: {e}", self.local);
+            // Never made, so never told it was lost.
+            drop(protocol);
         }
     }
 
@@ -128,8 +153,9 @@ impl Port {
         tracing::warn!(target: "braid", "could not accept on {}: {why}; pausing accepts for {delay:?}", self.local);
         self.backoff.set((delay * 2).min(BACKOFF_MAX));
         self.stop_reading();
+        let Some(reactor) = self.reactor.get() else { return };
         let me = self.me.clone();
-        let call = self.reactor.call_later(delay, move || {
+        let call = reactor.call_later(delay, move || {
             if let Some(port) = me.upgrade() {
                 port.backoff_call.borrow_mut().take();
                 if port.listening.get() {
@@ -171,8 +197,8 @@ impl Port {
 
     fn stop_reading(&self) {
         if self.reading.replace(false) {
-            if let Some(me) = self.me.upgrade() {
-                self.reactor.remove_reader(&me);
+            if let (Some(me), Some(reactor)) = (self.me.upgrade(), self.reactor.get()) {
+                reactor.remove_reader(&me);
             }
         }
     }
@@ -181,8 +207,8 @@ impl Port {
         if self.reading.get() {
             return;
         }
-        if let Some(me) = self.me.upgrade() {
-            if self.reactor.add_reader(me).is_ok() {
+        if let (Some(me), Some(reactor)) = (self.me.upgrade(), self.reactor.get()) {
+            if reactor.add_reader(me).is_ok() {
                 self.reading.set(true);
             }
         }
@@ -199,8 +225,12 @@ impl Port {
             let _ = call.cancel();
         }
         let d = Deferred::new();
+        let Some(reactor) = self.reactor.get() else {
+            let _ = self.close();
+            return Deferred::succeed(());
+        };
         let (d2, me) = (d.clone(), self.me.clone());
-        self.reactor.call_later(Duration::ZERO, move || {
+        reactor.call_later(Duration::ZERO, move || {
             let result = match me.upgrade() {
                 Some(port) => port.close(),
                 None => Ok(()),
@@ -218,8 +248,11 @@ impl Port {
         let Some(sock) = self.sock.borrow_mut().take() else { return Ok(()) };
         self.listening.set(false);
         drop(sock);
-        tracing::debug!(target: "braid", "stopped listening on {}", self.local);
-        crate::reactor::catch_panic(|| {
+        if let (Some(key), Some(reactor)) = (self.held.take(), self.reactor.get()) {
+            reactor.release(key);
+        }
+        tracing::info!(target: "braid", "stopped listening on {} (TCP)", self.local);
+        catch_panic(|| {
             self.factory.do_stop();
             Ok(())
         })
@@ -236,6 +269,7 @@ impl FileDescriptor for Port {
     }
 
     fn do_read(&self) -> Result<(), Failure> {
+        let Some(reactor) = self.reactor.get() else { return Ok(()) };
         let budget = self.accepts.get();
         let mut accepted = 0;
         let mut attempts = 0;
@@ -250,7 +284,7 @@ impl FileDescriptor for Port {
                 Ok((client, addr)) => {
                     accepted += 1;
                     self.backoff.set(BACKOFF_MIN);
-                    self.handle(client, addr);
+                    self.handle(&reactor, client, addr);
                     if !self.listening.get() {
                         break;
                     }
@@ -288,7 +322,7 @@ impl FileDescriptor for Port {
             let _ = call.cancel();
         }
         if let Err(f) = self.close() {
-            crate::reactor::log_failure("in stop_factory", &f);
+            log_failure(&format!("in stop_factory for {}", self.log_prefix()), &f);
         }
     }
 
