@@ -36,11 +36,21 @@ pub enum Error {
     /// A Deferred fired twice.
     DeferredAlreadyCalled,
     /// A backend name nobody knows; carries the valid names.
-    UnknownBackend { name: String, valid: &'static [&'static str] },
+    UnknownBackend {
+        /// The name that was asked for.
+        name: String,
+        /// The names this build knows.
+        valid: &'static [&'static str],
+    },
     /// A backend that cannot be built on this platform.
     BackendUnavailable(&'static str),
     /// `select` cannot watch descriptors at or above `FD_SETSIZE`.
-    DescriptorTooLarge { fd: i32, limit: usize },
+    DescriptorTooLarge {
+        /// The descriptor that was refused.
+        fd: i32,
+        /// The first descriptor number the backend cannot watch.
+        limit: usize,
+    },
     /// A negative descriptor number was handed to the reactor.
     BadDescriptor(i32),
     /// `remove_system_event_trigger` with an id that is not registered.
@@ -62,9 +72,19 @@ pub enum Error {
     /// The peer refused the connection (ECONNREFUSED).
     ConnectionRefused,
     /// A host name could not be resolved.
-    DnsLookupFailed { host: String, reason: String },
+    DnsLookupFailed {
+        /// The name that was looked up.
+        host: String,
+        /// Why the lookup failed, as the resolver said it.
+        reason: String,
+    },
     /// Binding or listening failed; names the address and the OS error.
-    CannotListen { addr: String, source: io::Error },
+    CannotListen {
+        /// The address that could not be bound or listened on.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
     /// `stop_connecting` on a connector that is not connecting.
     NotConnecting,
     /// `connect` on a connector that is already connecting or connected.
@@ -72,7 +92,12 @@ pub enum Error {
     /// A user callback panicked; carries the panic message.
     Panicked(String),
     /// An operating-system error with a short description of what was tried.
-    Io { context: Cow<'static, str>, source: io::Error },
+    Io {
+        /// What was being tried, e.g. "watching fd 7 for reading".
+        context: Cow<'static, str>,
+        /// The OS error.
+        source: io::Error,
+    },
 }
 
 impl Error {
