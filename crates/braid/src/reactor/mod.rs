@@ -7,8 +7,9 @@
 //! embedders may build independent reactors with [`Reactor::new`].
 //!
 //! One iteration: (1) run calls queued from other threads, (2) run due
-//! timers, (3) fire the shutdown event if `stop()` was called, (4) poll the
-//! backend until the next timer (or not at all if work is pending), (5)
+//! timers, (3) fire the shutdown event if `stop()` was called, (4) flush
+//! the transports that buffered writes during the pass, (5) poll the
+//! backend until the next timer (or not at all if work is pending), (6)
 //! dispatch readiness to descriptors, reads before writes.
 
 use std::any::{Any, TypeId};
