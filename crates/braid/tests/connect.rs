@@ -322,9 +322,11 @@ reactor_test! {
         install(&r, &[hang.addr, hang.addr]);
         let (mut client, log, failures) = Client::new(&r);
         client.stop_on_failure = false;
-        r.connect_tcp("somehost", 1, client, Some(Duration::from_millis(1500)), None);
+        // The second dial starts after ATTEMPT_DELAY (0.3 s), well before
+        // the deadline; the reactor runs on past it to catch a second report.
+        r.connect_tcp("somehost", 1, client, Some(Duration::from_secs(1)), None);
         let rr = r.clone();
-        r.call_later(Duration::from_secs(3), move || {
+        r.call_later(Duration::from_millis(1800), move || {
             let _ = rr.stop();
         });
         run_reactor(&r);
