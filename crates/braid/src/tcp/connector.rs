@@ -7,8 +7,9 @@
 //!
 //! Every resolved address is tried, in the resolver's order, staggered as
 //! Twisted's `HostnameEndpoint` does: the first dial starts at once; if it
-//! has not connected after [`ATTEMPT_DELAY`] the next one starts while the
-//! first keeps going, and a dial that fails starts the next one at once.
+//! has not connected after `ATTEMPT_DELAY` (0.3 s) the next one starts
+//! while the first keeps going, and a dial that fails starts the next one
+//! at once.
 //! The first dial to connect wins; every other one is cancelled (its socket
 //! closed, its writer registration removed). The connect timeout bounds the
 //! whole attempt, resolution included, and `stop_connecting` cancels every
