@@ -434,7 +434,7 @@ reactor_test! {
         let f = failed.clone();
         r.connect_tcp("127.0.0.1", addr.port(), Client { make: Rec::default, failed: f, stop: Some(r.clone()) }, None, None);
         run_reactor(&r);
-        assert_eq!(*failed.borrow(), ["connection was refused by the other side"]);
+        assert_eq!(*failed.borrow(), [format!("connection was refused by the other side (connecting to {addr})")]);
     }
 }
 
@@ -466,7 +466,7 @@ reactor_test! {
         r.connect_tcp("127.0.0.1", addr.port(), Client { make: Rec::default, failed: f, stop: Some(r.clone()) },
             Some(Duration::from_millis(300)), None);
         run_reactor(&r);
-        assert_eq!(*failed.borrow(), ["timed out (connecting)"]);
+        assert_eq!(*failed.borrow(), [format!("timed out (connecting to {addr})")]);
         drop(listener);
     }
 }
