@@ -36,7 +36,7 @@ use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use super::connection::Connection;
 use crate::error::{Error, Failure};
 use crate::protocol::ClientFactory;
-use crate::reactor::{DelayedCall, FileDescriptor, Reactor};
+use crate::reactor::{DelayedCall, FileDescriptor, Reactor, WeakReactor};
 use crate::transport::TransportOps;
 
 /// How long a dial may go unanswered before the next address is tried
@@ -51,7 +51,9 @@ enum State {
 }
 
 struct Inner {
-    reactor: Reactor,
+    /// Weak: a connector (and the connection that tells it when it ends)
+    /// must not keep the reactor alive.
+    reactor: WeakReactor,
     host: String,
     port: u16,
     timeout: Option<Duration>,
@@ -91,7 +93,7 @@ impl Connector {
     ) -> Connector {
         Connector {
             inner: Rc::new(Inner {
-                reactor: reactor.clone(),
+                reactor: reactor.weak(),
                 host: host.to_string(),
                 port,
                 timeout,
@@ -129,6 +131,7 @@ impl Connector {
         if inner.state.get() != State::Disconnected {
             return Err(Error::AlreadyConnecting);
         }
+        let Some(reactor) = inner.reactor.get() else { return Err(Error::ReactorGone) };
         inner.state.set(State::Connecting);
         let attempt = Rc::new(Attempt {
             connector: RefCell::new(Some(inner.clone())),
@@ -148,7 +151,7 @@ impl Connector {
             }
             Err(_) => {
                 let me = self.clone();
-                inner.reactor.call_later(Duration::ZERO, move || {
+                reactor.call_later(Duration::ZERO, move || {
                     let mut f = me.inner.factory.borrow_mut();
                     if !me.inner.factory_started.replace(true) {
                         f.start_factory();
@@ -159,7 +162,7 @@ impl Connector {
         }
         if let Some(t) = inner.timeout {
             let a = Rc::downgrade(&attempt);
-            let timer = inner.reactor.call_later(t, move || {
+            let timer = reactor.call_later(t, move || {
                 if let Some(a) = a.upgrade() {
                     let what = a.in_flight();
                     a.fail(Failure::new(Error::TimedOut).context(format!("connecting to {what}")));
@@ -168,7 +171,7 @@ impl Connector {
             *attempt.timer.borrow_mut() = Some(timer);
         }
         let a = attempt.clone();
-        inner.reactor.call_later(Duration::ZERO, move || a.begin());
+        reactor.call_later(Duration::ZERO, move || a.begin());
         Ok(())
     }
 
@@ -212,9 +215,9 @@ impl Connector {
         };
         if self.inner.factory.try_borrow_mut().is_ok() {
             deliver(self);
-        } else {
+        } else if let Some(reactor) = self.inner.reactor.get() {
             let me = self.clone();
-            self.inner.reactor.call_later(Duration::ZERO, move || deliver(&me));
+            reactor.call_later(Duration::ZERO, move || deliver(&me));
         }
     }
 
@@ -303,7 +306,8 @@ impl Attempt {
             self.start_next();
             return;
         }
-        let resolved = c.inner.reactor.resolver().resolve(&c.inner.reactor, &host, port);
+        let Some(reactor) = c.inner.reactor.get() else { return };
+        let resolved = reactor.resolver().resolve(&reactor, &host, port);
         let me = self.clone();
         resolved.add_both(move |result| {
             match result {
@@ -338,9 +342,10 @@ impl Attempt {
             };
             match self.dial(&c, addr) {
                 Ok(Started::Pending) => {
-                    if !self.queue.borrow().is_empty() {
+                    let reactor = c.inner.reactor.get();
+                    if let (false, Some(reactor)) = (self.queue.borrow().is_empty(), reactor) {
                         let a = Rc::downgrade(self);
-                        let timer = c.inner.reactor.call_later(ATTEMPT_DELAY, move || {
+                        let timer = reactor.call_later(ATTEMPT_DELAY, move || {
                             if let Some(a) = a.upgrade() {
                                 a.stagger.borrow_mut().take();
                                 a.start_next();
@@ -380,14 +385,17 @@ impl Attempt {
         if immediate {
             return Ok(Started::Connected(dial));
         }
-        c.inner.reactor.add_writer(dial.clone()).map_err(|e| Failure::new(e).context(what()))?;
+        let reactor = c.inner.reactor.get().ok_or_else(|| Failure::new(Error::ReactorGone))?;
+        reactor.add_writer(dial.clone()).map_err(|e| Failure::new(e).context(what()))?;
         self.dials.borrow_mut().push(dial);
         Ok(Started::Pending)
     }
 
     /// Stops watching a dial and closes its socket.
     fn cancel_dial(c: &Connector, dial: &Rc<Dial>) {
-        c.inner.reactor.remove_writer(dial);
+        if let Some(reactor) = c.inner.reactor.get() {
+            reactor.remove_writer(dial);
+        }
         dial.sock.borrow_mut().take();
     }
 
@@ -449,7 +457,8 @@ impl Attempt {
             }
             return;
         };
-        c.inner.reactor.remove_writer(dial);
+        let Some(reactor) = c.inner.reactor.get() else { return };
+        reactor.remove_writer(dial);
         let sock = dial.sock.borrow_mut().take();
         self.dials.borrow_mut().retain(|d| !Rc::ptr_eq(d, dial));
         self.cancel_all(&c);
@@ -464,7 +473,7 @@ impl Attempt {
             return;
         };
         c.inner.state.set(State::Connected);
-        let conn = Connection::new(&c.inner.reactor, sock, Some(addr));
+        let conn = Connection::new(&reactor, sock, Some(addr));
         *c.inner.connection.borrow_mut() = Rc::downgrade(&conn);
         let inner = c.inner.clone();
         conn.set_on_lost(Box::new(move |reason| Connector { inner }.connection_lost(reason)));
