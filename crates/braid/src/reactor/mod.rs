@@ -534,9 +534,13 @@ impl Reactor {
     fn iterate_guarded(&self, max_timeout: Option<Duration>) -> Result<(), Error> {
         let inner = &self.inner;
         inner.iterations.set(inner.iterations.get() + 1);
+        let in_run = inner.looping.get();
         self.run_until_current();
-        if !inner.looping.get() && max_timeout.is_none() && inner.life.get() != Life::NotStarted {
-            // Stopped or crashed during this pass: do not block in poll.
+        let left_run = in_run && !inner.looping.get();
+        let stopped = matches!(inner.life.get(), Life::Stopping(_) | Life::Stopped);
+        if left_run || (!in_run && max_timeout.is_none() && stopped) {
+            // Stopped or crashed during this pass (or nothing will ever
+            // wake a stopped reactor): do not block in poll.
             return Ok(());
         }
         self.run_flushes();
