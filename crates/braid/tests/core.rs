@@ -480,7 +480,9 @@ reactor_test! {
         r.call_later(Duration::ZERO, move || rr.crash());
         let started = Instant::now();
         r.run_without_signal_handlers().unwrap();
-        assert!(!far_fired.get(), "run() waited {:?} for the next timer after crash()", started.elapsed());
+        // A generous bound: the bug blocks until the 10 s timer's deadline.
+        assert!(started.elapsed() < Duration::from_secs(5), "run() waited {:?} after crash()", started.elapsed());
+        assert!(!far_fired.get());
         assert!(far.active());
         far.cancel().unwrap();
     }
