@@ -7,7 +7,10 @@
 //!                         target/BENCHMARKS-quick.md unless --out is given
 //!   --reps N              repetitions (3)            --seconds S   length of timed scenarios (3)
 //!   --bulk-bytes N        bytes through bulk (1 GiB) --idle-conns N idle connections (10000)
-//!   --scenarios a,b       only these (pingpong, pipeline-100, pipeline-1000, bulk, accept, idle)
+//!   --scenarios a,b       only these (pingpong, pingpong-1cpu, pipeline-100, pipeline-1000, bulk,
+//!                         accept, idle, short-idle)
+//!   --short-count N       short-idle: connections per measured run (5000)
+//!   --short-rounds N      short-idle: measured runs per phase in each repetition (5; quick: 3)
 //!   --servers a,b         only these (tokio, mio, braid-select, braid-poll, braid-epoll)
 //!   --no-timers           skip the timer benchmark    --no-build    do not run cargo build
 //!   --out PATH            where to write the report (default: BENCHMARKS.md at the repo root)
@@ -31,8 +34,8 @@ use std::time::{Duration, Instant};
 use braid_bench::{die, Args};
 
 const SERVER_NAMES: [&str; 5] = ["tokio", "mio", "braid-select", "braid-poll", "braid-epoll"];
-const SCENARIO_NAMES: [&str; 7] =
-    ["pingpong", "pingpong-1cpu", "pipeline-100", "pipeline-1000", "bulk", "accept", "idle"];
+const SCENARIO_NAMES: [&str; 8] =
+    ["pingpong", "pingpong-1cpu", "pipeline-100", "pipeline-1000", "bulk", "accept", "idle", "short-idle"];
 /// select(2) can only watch descriptors below FD_SETSIZE.
 const FD_SETSIZE: usize = 1024;
 
@@ -41,6 +44,8 @@ struct Config {
     seconds: f64,
     bulk_bytes: u64,
     idle_conns: usize,
+    short_count: u64,
+    short_rounds: usize,
     scenarios: Vec<&'static str>,
     servers: Vec<&'static str>,
     timers: bool,
@@ -116,6 +121,8 @@ fn main() {
         seconds: args.num("seconds", if quick { 1.0 } else { 3.0 }),
         bulk_bytes: args.num("bulk-bytes", if quick { 256 << 20 } else { 1 << 30 }),
         idle_conns: args.num("idle-conns", 10_000),
+        short_count: args.num("short-count", 5_000u64).max(1),
+        short_rounds: args.num("short-rounds", if quick { 3 } else { 5 }).clamp(1, 100),
         scenarios: pick("scenarios", &SCENARIO_NAMES),
         servers: pick("servers", &SERVER_NAMES),
         timers: !args.flag("no-timers"),
@@ -325,6 +332,37 @@ fn scenario(name: &'static str, cfg: &Config) -> Scenario {
             time_limit: limit + Duration::from_secs(180),
             loadgen_cpu: 1,
         },
+        "short-idle" => Scenario {
+            name,
+            title: format!(
+                "short-idle: accept, one 64 B round trip, close (RST), 32 at a time; none idle, then {} idle open",
+                cfg.idle_conns
+            ),
+            args: vec![
+                "short-idle".into(),
+                "--idle".into(),
+                cfg.idle_conns.to_string(),
+                "--count".into(),
+                cfg.short_count.to_string(),
+                "--rounds".into(),
+                cfg.short_rounds.to_string(),
+                "--seconds".into(),
+                secs.clone(),
+                "--workers".into(),
+                "32".into(),
+                "--size".into(),
+                "64".into(),
+            ],
+            conns: cfg.idle_conns + 33,
+            rate_unit: "connections",
+            op: "connection",
+            // Opening the idle connections (bounded by 120 s in the load generator), then
+            // 2 × (rounds + 1) runs, each bounded by `seconds` plus the drain limit.
+            time_limit: Duration::from_secs_f64(
+                180.0 + 2.0 * (cfg.short_rounds as f64 + 1.0) * (cfg.seconds + 10.0),
+            ),
+            loadgen_cpu: 1,
+        },
         _ => unreachable!(),
     }
 }
@@ -425,6 +463,17 @@ impl Server {
         Ok((ticks(11) + ticks(12)) / clk_tck * 1e9)
     }
 
+    /// Server CPU time so far in ns, exact: the sum of every thread's run time from
+    /// /proc/PID/task/*/schedstat. None if the kernel does not provide it.
+    fn exec_ns(&self) -> Option<f64> {
+        let mut total = 0.0;
+        for entry in std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()? {
+            let stat = std::fs::read_to_string(entry.ok()?.path().join("schedstat")).ok()?;
+            total += stat.split_whitespace().next()?.parse::<f64>().ok()?;
+        }
+        Some(total)
+    }
+
     /// VmRSS in bytes.
     fn rss(&self) -> Result<f64, String> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
@@ -466,6 +515,8 @@ impl Server {
 /// What the server looked like when the load generator printed a `MARK`.
 struct Mark {
     cpu_ns: f64,
+    /// [`Server::exec_ns`], where available.
+    exec_ns: Option<f64>,
     rss: f64,
 }
 
@@ -501,6 +552,7 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
             }
         };
         if let Some(name) = line.strip_prefix("MARK ") {
+            let exec_ns = server.exec_ns();
             let cpu_ns = server.cpu_ns(cfg.clk_tck)?;
             let mut rss = server.rss()?;
             if name == "ready" {
@@ -517,7 +569,7 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
                     let _ = s.write_all(b"go\n");
                 }
             }
-            marks.insert(name.to_string(), Mark { cpu_ns, rss });
+            marks.insert(name.to_string(), Mark { cpu_ns, exec_ns, rss });
         } else if let Some(fields) = line.strip_prefix("RESULT ") {
             result = Some(
                 fields
@@ -545,6 +597,9 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
         return Err("no operations completed".into());
     }
     let mark = |n: &str| marks.get(n).ok_or(format!("loadgen printed no MARK {n}"));
+    if sc.name == "short-idle" {
+        return short_idle_sample(&r, &marks);
+    }
     let (from, to) = if sc.name == "idle" { ("pingpong", "end") } else { ("start", "end") };
     let cpu = mark(to)?.cpu_ns - mark(from)?.cpu_ns;
     let mut sample = Sample {
@@ -564,6 +619,53 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
         sample
             .extra
             .insert("establish_cpu_us", (mark("ready")?.cpu_ns - mark("start")?.cpu_ns) / conns / 1e3);
+    }
+    Ok(sample)
+}
+
+/// The figures of one short-idle run: for each phase (none idle, then idle open) the medians over
+/// its measured runs of server CPU per connection and of connections per second. The CPU figure
+/// is phase 1's, the one the other tables compare; `idle_ratio` is phase 1's ÷ phase 0's.
+fn short_idle_sample(
+    r: &BTreeMap<String, String>,
+    marks: &BTreeMap<String, Mark>,
+) -> Result<Sample, String> {
+    let num = |k: &str| r.get(k).and_then(|v| v.parse::<f64>().ok());
+    let rounds = num("rounds").ok_or("RESULT without rounds")? as usize;
+    // Exact run time when every mark has it; else the tick-granular utime+stime.
+    let exact = marks.values().all(|m| m.exec_ns.is_some());
+    let cpu_at = |m: &Mark| if exact { m.exec_ns.unwrap_or(f64::NAN) } else { m.cpu_ns };
+    let phase = |p: usize| -> Result<(f64, f64), String> {
+        let (mut cpu, mut rate) = (Vec::new(), Vec::new());
+        for i in 0..rounds {
+            let ops = num(&format!("ops.{p}.{i}")).ok_or(format!("RESULT without ops.{p}.{i}"))?;
+            let secs = num(&format!("secs.{p}.{i}")).unwrap_or(f64::NAN);
+            let get = |n: String| marks.get(&n).ok_or(format!("loadgen printed no MARK {n}"));
+            let spent = cpu_at(get(format!("end.{p}.{i}"))?) - cpu_at(get(format!("start.{p}.{i}"))?);
+            if ops <= 0.0 {
+                return Err(format!("no connection completed in run {i} of phase {p}"));
+            }
+            cpu.push(spent / ops);
+            rate.push(ops / secs);
+        }
+        Ok((median(cpu), median(rate)))
+    };
+    let (cpu0, rate0) = phase(0)?;
+    let (cpu1, rate1) = phase(1)?;
+    let mut sample = Sample {
+        ops: num("ops").unwrap_or(f64::NAN),
+        rate: rate1,
+        cpu_per_op_ns: cpu1,
+        extra: BTreeMap::new(),
+    };
+    sample.extra.insert("none_cpu_ns", cpu0);
+    sample.extra.insert("none_rate", rate0);
+    sample.extra.insert("idle_ratio", cpu1 / cpu0);
+    sample.extra.insert("exact_cpu", if exact { 1.0 } else { 0.0 });
+    for key in ["errors", "port_busy", "establish_seconds"] {
+        if let Some(v) = num(key) {
+            sample.extra.insert(key, v);
+        }
     }
     Ok(sample)
 }
@@ -780,6 +882,27 @@ fn render(
          between that cap and uncapped. select(2) takes part in `pipeline-1000`, whose ~1,010 descriptors \
          all stay below FD_SETSIZE (1024), but not in `idle`.\n"
     );
+    if cfg.scenarios.contains(&"short-idle") {
+        let _ = writeln!(
+            s,
+            "`short-idle` asks whether a short connection costs more while many others are open: in one \
+             server process, {rounds} runs of up to {count} short connections (as in `accept`: connect, one \
+             64 B round trip, close with SO_LINGER 0, 32 at a time) with no other connection open, then \
+             {idle} idle connections are opened (each after one round trip) and held, and {rounds} more \
+             runs are made. Each run is bounded by {count} connections and {secs} s and preceded in its phase \
+             by an unmeasured warm-up; the server's CPU for a run is read exactly (the run time of its \
+             threads from /proc/PID/task/*/schedstat, not clock ticks), the figure for a phase is the median \
+             over its runs, and the ratio is the median over repetitions of (idle open ÷ none idle). The \
+             client resets each short connection because the echo servers close only after the client \
+             does, so a normal close would leave every client port in TIME_WAIT and run out of them \
+             (about 28k ephemeral ports here). select(2) cannot take part: the idle connections need \
+             descriptors above FD_SETSIZE.\n",
+            rounds = cfg.short_rounds,
+            count = cfg.short_count,
+            idle = cfg.idle_conns,
+            secs = cfg.seconds,
+        );
+    }
 
     // Medians table.
     let _ = write!(s, "| scenario | figure |");
@@ -801,7 +924,23 @@ fn render(
             })
             .collect();
         let mut rows: Vec<Row> = Vec::new();
-        if sc.name == "idle" {
+        if sc.name == "short-idle" {
+            let n = cfg.idle_conns;
+            rows.push(("none idle: connections/s".into(), Box::new(|m| fmt_rate(m.extra["none_rate"]))));
+            rows.push((
+                "**none idle: server CPU per connection**".into(),
+                Box::new(|m| format!("**{}**", fmt_ns(m.extra["none_cpu_ns"]))),
+            ));
+            rows.push((format!("{n} idle open: connections/s"), Box::new(|m| fmt_rate(m.rate))));
+            rows.push((
+                format!("**{n} idle open: server CPU per connection**"),
+                Box::new(|m| format!("**{}**", fmt_ns(m.cpu_per_op_ns))),
+            ));
+            rows.push((
+                "**CPU per connection, idle open ÷ none idle** (braid target ≤ 1.10)".into(),
+                Box::new(|m| format!("**{:.2}**", m.extra["idle_ratio"])),
+            ));
+        } else if sc.name == "idle" {
             rows.push((
                 "server RSS per idle connection".into(),
                 Box::new(|m| fmt_bytes(m.extra["rss_per_conn"])),
@@ -924,8 +1063,18 @@ fn render(
         let _ = writeln!(s, "- {}:", sc.name);
         for (server, cell) in cfg.servers.iter().zip(cells) {
             if let Cell::Samples(v) = cell {
-                let reps: Vec<String> =
-                    v.iter().map(|x| format!("{} ; {}", fmt_rate(x.rate), fmt_ns(x.cpu_per_op_ns))).collect();
+                let reps: Vec<String> = v
+                    .iter()
+                    .map(|x| {
+                        let one = format!("{} ; {}", fmt_rate(x.rate), fmt_ns(x.cpu_per_op_ns));
+                        match (x.extra.get("none_rate"), x.extra.get("none_cpu_ns")) {
+                            (Some(&rate), Some(&cpu)) => {
+                                format!("none idle {} ; {}, idle open {one}", fmt_rate(rate), fmt_ns(cpu))
+                            }
+                            _ => one,
+                        }
+                    })
+                    .collect();
                 let _ = writeln!(s, "  - {server}: {}", reps.join(" · "));
             }
         }
