@@ -10,7 +10,7 @@
 //!   --scenarios a,b       only these (pingpong, pingpong-1cpu, pipeline-100, pipeline-1000, bulk,
 //!                         accept, idle, short-idle)
 //!   --short-count N       short-idle: connections per measured run (5000)
-//!   --short-rounds N      short-idle: measured runs per phase in each repetition (5; quick: 3)
+//!   --short-rounds N      short-idle: measured runs per phase (5; quick: 3)
 //!   --servers a,b         only these (tokio, mio, braid-select, braid-poll, braid-epoll)
 //!   --no-timers           skip the timer benchmark    --no-build    do not run cargo build
 //!   --out PATH            where to write the report (default: BENCHMARKS.md at the repo root)
@@ -81,6 +81,9 @@ struct Sample {
     rate: f64,
     cpu_per_op_ns: f64,
     extra: BTreeMap<&'static str, f64>,
+    /// short-idle: server CPU per connection of each measured run, for each phase (none idle,
+    /// idle open, after they closed).
+    runs_cpu_ns: [Vec<f64>; 3],
 }
 
 enum Cell {
@@ -122,7 +125,7 @@ fn main() {
         bulk_bytes: args.num("bulk-bytes", if quick { 256 << 20 } else { 1 << 30 }),
         idle_conns: args.num("idle-conns", 10_000),
         short_count: args.num("short-count", 5_000u64).max(1),
-        short_rounds: args.num("short-rounds", if quick { 3 } else { 5 }).clamp(1, 100),
+        short_rounds: args.num("short-rounds", if quick { 3 } else { 5usize }).clamp(1, 100),
         scenarios: pick("scenarios", &SCENARIO_NAMES),
         servers: pick("servers", &SERVER_NAMES),
         timers: !args.flag("no-timers"),
@@ -346,6 +349,7 @@ fn scenario(name: &'static str, cfg: &Config) -> Scenario {
                 cfg.short_count.to_string(),
                 "--rounds".into(),
                 cfg.short_rounds.to_string(),
+                "--wait-stdin".into(),
                 "--seconds".into(),
                 secs.clone(),
                 "--workers".into(),
@@ -356,10 +360,11 @@ fn scenario(name: &'static str, cfg: &Config) -> Scenario {
             conns: cfg.idle_conns + 33,
             rate_unit: "connections",
             op: "connection",
-            // Opening the idle connections (bounded by 120 s in the load generator), then
-            // 2 × (rounds + 1) runs, each bounded by `seconds` plus the drain limit.
+            // Opening the idle connections (bounded by 120 s in the load generator), waiting
+            // for the server to drop them (20 s), and 3 × (rounds + 1) runs, each bounded by
+            // `seconds` plus the drain limit.
             time_limit: Duration::from_secs_f64(
-                180.0 + 2.0 * (cfg.short_rounds as f64 + 1.0) * (cfg.seconds + 10.0),
+                150.0 + 3.0 * (cfg.short_rounds as f64 + 1.0) * (cfg.seconds + 10.0),
             ),
             loadgen_cpu: 1,
         },
@@ -568,6 +573,17 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
                 if let Some(mut s) = stdin.take() {
                     let _ = s.write_all(b"go\n");
                 }
+            } else if name == "idle-closed" {
+                // The idle connections were reset: let the server close them all before the
+                // next measurement, so their closing is not counted in it.
+                let until = Instant::now() + Duration::from_secs(20);
+                while server.open_fds() > 64 && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if let Some(s) = stdin.as_mut() {
+                    let _ = s.write_all(b"go\n");
+                    let _ = s.flush();
+                }
             }
             marks.insert(name.to_string(), Mark { cpu_ns, exec_ns, rss });
         } else if let Some(fields) = line.strip_prefix("RESULT ") {
@@ -606,7 +622,7 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
         ops,
         rate: num("rate").unwrap_or(f64::NAN),
         cpu_per_op_ns: cpu / ops,
-        extra: BTreeMap::new(),
+        ..Sample::default()
     };
     for key in ["p50_us", "p99_us", "gbps", "errors", "port_busy"] {
         if let Some(v) = num(key) {
@@ -635,7 +651,7 @@ fn short_idle_sample(
     // Exact run time when every mark has it; else the tick-granular utime+stime.
     let exact = marks.values().all(|m| m.exec_ns.is_some());
     let cpu_at = |m: &Mark| if exact { m.exec_ns.unwrap_or(f64::NAN) } else { m.cpu_ns };
-    let phase = |p: usize| -> Result<(f64, f64), String> {
+    let phase = |p: usize| -> Result<(Vec<f64>, f64), String> {
         let (mut cpu, mut rate) = (Vec::new(), Vec::new());
         for i in 0..rounds {
             let ops = num(&format!("ops.{p}.{i}")).ok_or(format!("RESULT without ops.{p}.{i}"))?;
@@ -648,19 +664,24 @@ fn short_idle_sample(
             cpu.push(spent / ops);
             rate.push(ops / secs);
         }
-        Ok((median(cpu), median(rate)))
+        Ok((cpu, median(rate)))
     };
-    let (cpu0, rate0) = phase(0)?;
-    let (cpu1, rate1) = phase(1)?;
+    let (runs0, rate0) = phase(0)?;
+    let (runs1, rate1) = phase(1)?;
+    let (runs2, _) = phase(2)?;
+    let (cpu0, cpu1, cpu2) = (median(runs0.clone()), median(runs1.clone()), median(runs2.clone()));
     let mut sample = Sample {
         ops: num("ops").unwrap_or(f64::NAN),
         rate: rate1,
         cpu_per_op_ns: cpu1,
         extra: BTreeMap::new(),
+        runs_cpu_ns: [runs0, runs1, runs2],
     };
     sample.extra.insert("none_cpu_ns", cpu0);
     sample.extra.insert("none_rate", rate0);
     sample.extra.insert("idle_ratio", cpu1 / cpu0);
+    sample.extra.insert("after_cpu_ns", cpu2);
+    sample.extra.insert("after_ratio", cpu2 / cpu0);
     sample.extra.insert("exact_cpu", if exact { 1.0 } else { 0.0 });
     for key in ["errors", "port_busy", "establish_seconds"] {
         if let Some(v) = num(key) {
@@ -773,7 +794,7 @@ fn medians(samples: &[Sample]) -> Sample {
         ops: median(samples.iter().map(|s| s.ops).collect()),
         rate: median(samples.iter().map(|s| s.rate).collect()),
         cpu_per_op_ns: median(samples.iter().map(|s| s.cpu_per_op_ns).collect()),
-        extra: BTreeMap::new(),
+        ..Sample::default()
     };
     if let Some(first) = samples.first() {
         for k in first.extra.keys() {
@@ -885,18 +906,21 @@ fn render(
     if cfg.scenarios.contains(&"short-idle") {
         let _ = writeln!(
             s,
-            "`short-idle` asks whether a short connection costs more while many others are open: in one \
-             server process, {rounds} runs of up to {count} short connections (as in `accept`: connect, one \
-             64 B round trip, close with SO_LINGER 0, 32 at a time) with no other connection open, then \
-             {idle} idle connections are opened (each after one round trip) and held, and {rounds} more \
-             runs are made. Each run is bounded by {count} connections and {secs} s and preceded in its phase \
-             by an unmeasured warm-up; the server's CPU for a run is read exactly (the run time of its \
-             threads from /proc/PID/task/*/schedstat, not clock ticks), the figure for a phase is the median \
-             over its runs, and the ratio is the median over repetitions of (idle open ÷ none idle). The \
-             client resets each short connection because the echo servers close only after the client \
-             does, so a normal close would leave every client port in TIME_WAIT and run out of them \
-             (about 28k ephemeral ports here). select(2) cannot take part: the idle connections need \
-             descriptors above FD_SETSIZE.\n",
+            "`short-idle` asks whether a short connection costs more while many others are open. In one \
+             server process: {rounds} runs of up to {count} short connections (as in `accept`: connect, one \
+             64 B round trip, close with SO_LINGER 0, 32 at a time) with no other connection open; then \
+             {idle} idle connections are opened (each after one round trip) and held while {rounds} more \
+             runs are made; then they are reset, the runner waits until the server has closed them, and \
+             {rounds} more runs show whether the cost went back down. Each run is bounded by {count} \
+             connections and {secs} s, and each phase starts with an unmeasured warm-up of 500. The \
+             server's CPU for a run is read exactly (the run time of its threads from \
+             /proc/PID/task/*/schedstat, not clock ticks); a phase's figure is the median over its runs, \
+             and the ratios are medians over repetitions of the per-repetition ratio. The client resets \
+             each short connection because the echo servers close only after the client does: a normal \
+             close would leave each client port in TIME_WAIT, and there are about 28k ephemeral ports. \
+             select(2) cannot take part: the idle connections need descriptors above FD_SETSIZE. poll(2) \
+             reads every watched descriptor's state on each call, so its cost per wakeup grows with the \
+             idle connections whatever braid does.\n",
             rounds = cfg.short_rounds,
             count = cfg.short_count,
             idle = cfg.idle_conns,
@@ -939,6 +963,14 @@ fn render(
             rows.push((
                 "**CPU per connection, idle open ÷ none idle** (braid target ≤ 1.10)".into(),
                 Box::new(|m| format!("**{:.2}**", m.extra["idle_ratio"])),
+            ));
+            rows.push((
+                "after the idle ones closed: server CPU per connection".into(),
+                Box::new(|m| fmt_ns(m.extra["after_cpu_ns"])),
+            ));
+            rows.push((
+                "… ÷ none idle".into(),
+                Box::new(|m| format!("{:.2}", m.extra["after_ratio"])),
             ));
         } else if sc.name == "idle" {
             rows.push((
@@ -1069,7 +1101,15 @@ fn render(
                         let one = format!("{} ; {}", fmt_rate(x.rate), fmt_ns(x.cpu_per_op_ns));
                         match (x.extra.get("none_rate"), x.extra.get("none_cpu_ns")) {
                             (Some(&rate), Some(&cpu)) => {
-                                format!("none idle {} ; {}, idle open {one}", fmt_rate(rate), fmt_ns(cpu))
+                                let runs = |v: &[f64]| v.iter().map(|&c| fmt_ns(c)).collect::<Vec<_>>().join(" ");
+                                format!(
+                                    "none idle {} ; {} (runs {}), idle open {one} (runs {}), after (runs {})",
+                                    fmt_rate(rate),
+                                    fmt_ns(cpu),
+                                    runs(&x.runs_cpu_ns[0]),
+                                    runs(&x.runs_cpu_ns[1]),
+                                    runs(&x.runs_cpu_ns[2])
+                                )
                             }
                             _ => one,
                         }

@@ -14,14 +14,14 @@
 //!   idle       --conns (10000) connections opened (each makes one 64-byte round trip, so the
 //!              server has surely accepted it) and held; then a ping-pong on a new connection
 //!              while they stay open
-//!   short-idle the accept loop with no idle connection open, then with --idle (10000) idle ones
-//!              open (opened as in idle): per phase a warm-up and --rounds (5) runs of --count
-//!              (5000) connections, each run also ended by --seconds (3); marks `start.P.R` and
-//!              `end.P.R` around run R of phase P (0: none idle, 1: idle open), and `ops.P.R`,
-//!              `secs.P.R` in the result. The idle connections are closed with a reset at exit
+//!   short-idle the accept loop in three phases: with no other connection open, with --idle
+//!              (10000) idle ones open (opened as in idle), and after those were reset (then
+//!              --wait-stdin, else --hold S, 1). Per phase a warm-up and --rounds (5) runs of
+//!              --count (5000) connections, each run also ended by --seconds (3). Marks `start.P.R`
+//!              and `end.P.R` around run R of phase P (0, 1, 2), `ops.P.R`, `secs.P.R` in the result
 //! options: --seconds S (3; bulk: the time limit, 120), --max-ops N (bounds every load loop),
-//!          --wait-stdin (idle: after `MARK ready`, wait for a line on stdin), --hold S (idle: else
-//!          wait S seconds, 0), --connect-concurrency N (32)
+//!          --wait-stdin (idle: after `MARK ready`, wait for a line on stdin; short-idle: after
+//!          `MARK idle-closed`), --hold S (idle: else wait S seconds, 0), --connect-concurrency N (32)
 //! ```
 //!
 //! Output on stdout: `MARK NAME` lines at phase boundaries (`start`, `end`; idle also `ready` and
@@ -597,16 +597,19 @@ fn accept(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> 
     ])
 }
 
-/// Short connections with no idle connection open, then the same with `--idle` (10000) open.
-/// Each phase is a warm-up run and `--rounds` (5) measured runs of `--count` (5000) connections,
-/// each also ended by `--seconds` (3); the marks around measured run R of phase P are
-/// `start.P.R` and `end.P.R`, and the result gives `ops.P.R` and `secs.P.R`.
+/// Short connections in three phases: 0 with no other connection open, 1 with `--idle` (10000)
+/// idle connections open, 2 after those were reset (and, with `--wait-stdin`, a line on stdin
+/// was read, else `--hold` seconds, 1, passed, so the server has let them go). Each phase is a
+/// warm-up run and `--rounds` (5) measured runs of `--count` (5000) connections, each also ended
+/// by `--seconds` (3). Measured run R of phase P lies between the marks `start.P.R` and
+/// `end.P.R`, and the result gives `ops.P.R` and `secs.P.R`.
 fn short_idle(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> {
     let opts = ShortOpts::parse(args)?;
     let idle_n: usize = args.num("idle", 10_000);
     let count: u64 = args.num("count", 5_000u64).max(1);
     let rounds: usize = args.num("rounds", 5usize).clamp(1, 100);
     let limit = args.seconds("seconds", 3.0);
+    let hold = args.seconds("hold", 1.0);
     let concurrency = args.num("connect-concurrency", 32usize).max(1);
     let mut fields = vec![
         field("idle", idle_n),
@@ -619,13 +622,28 @@ fn short_idle(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<Strin
     let (mut ops, mut secs, mut errors, mut port_busy) = (0u64, 0.0f64, 0u64, 0u64);
     let mut idle_poll = Poll::new().map_err(io_err("epoll_create"))?;
     let mut idle_conns: Vec<Conn> = Vec::new();
-    for phase in 0..2 {
-        if phase == 1 && idle_n > 0 {
+    for phase in 0..3 {
+        if phase == 1 {
             mark("idle-start");
             let t = Instant::now();
             idle_conns = establish(&mut idle_poll, addr, idle_n, concurrency, pattern, Duration::from_secs(120))?;
             fields.push(field("establish_seconds", format!("{:.3}", t.elapsed().as_secs_f64())));
             mark("idle-open");
+        } else if phase == 2 {
+            check_idle(&mut idle_poll, &mut idle_conns)?;
+            // A reset, not a FIN, so these ports are not left in TIME_WAIT.
+            for c in &idle_conns {
+                rustix::net::sockopt::set_socket_linger(&c.s, Some(Duration::ZERO))
+                    .map_err(|e| format!("SO_LINGER: {e}"))?;
+            }
+            idle_conns.clear();
+            mark("idle-closed");
+            if args.flag("wait-stdin") {
+                let mut line = String::new();
+                io::stdin().lock().read_line(&mut line).map_err(io_err("stdin"))?;
+            } else {
+                std::thread::sleep(hold);
+            }
         }
         short_connections(addr, pattern, &opts, count.min(500), limit, &mut next_id, None)?; // warm-up
         for r in 0..rounds {
@@ -638,12 +656,6 @@ fn short_idle(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<Strin
             errors += run.errors;
             port_busy += run.port_busy;
         }
-    }
-    check_idle(&mut idle_poll, &mut idle_conns)?;
-    // A reset, not a FIN, so these ports are not left in TIME_WAIT for the next run.
-    for c in &idle_conns {
-        rustix::net::sockopt::set_socket_linger(&c.s, Some(Duration::ZERO))
-            .map_err(|e| format!("SO_LINGER: {e}"))?;
     }
     fields.extend([
         field("ops", ops),
