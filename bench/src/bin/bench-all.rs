@@ -618,12 +618,8 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
     }
     let (from, to) = if sc.name == "idle" { ("pingpong", "end") } else { ("start", "end") };
     let cpu = mark(to)?.cpu_ns - mark(from)?.cpu_ns;
-    let mut sample = Sample {
-        ops,
-        rate: num("rate").unwrap_or(f64::NAN),
-        cpu_per_op_ns: cpu / ops,
-        ..Sample::default()
-    };
+    let mut sample =
+        Sample { ops, rate: num("rate").unwrap_or(f64::NAN), cpu_per_op_ns: cpu / ops, ..Sample::default() };
     for key in ["p50_us", "p99_us", "gbps", "errors", "port_busy"] {
         if let Some(v) = num(key) {
             sample.extra.insert(key, v);
@@ -642,10 +638,7 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
 /// The figures of one short-idle run: for each phase (none idle, then idle open) the medians over
 /// its measured runs of server CPU per connection and of connections per second. The CPU figure
 /// is phase 1's, the one the other tables compare; `idle_ratio` is phase 1's ÷ phase 0's.
-fn short_idle_sample(
-    r: &BTreeMap<String, String>,
-    marks: &BTreeMap<String, Mark>,
-) -> Result<Sample, String> {
+fn short_idle_sample(r: &BTreeMap<String, String>, marks: &BTreeMap<String, Mark>) -> Result<Sample, String> {
     let num = |k: &str| r.get(k).and_then(|v| v.parse::<f64>().ok());
     let rounds = num("rounds").ok_or("RESULT without rounds")? as usize;
     // Exact run time when every mark has it; else the tick-granular utime+stime.
@@ -968,10 +961,7 @@ fn render(
                 "after the idle ones closed: server CPU per connection".into(),
                 Box::new(|m| fmt_ns(m.extra["after_cpu_ns"])),
             ));
-            rows.push((
-                "… ÷ none idle".into(),
-                Box::new(|m| format!("{:.2}", m.extra["after_ratio"])),
-            ));
+            rows.push(("… ÷ none idle".into(), Box::new(|m| format!("{:.2}", m.extra["after_ratio"]))));
         } else if sc.name == "idle" {
             rows.push((
                 "server RSS per idle connection".into(),
@@ -1101,7 +1091,8 @@ fn render(
                         let one = format!("{} ; {}", fmt_rate(x.rate), fmt_ns(x.cpu_per_op_ns));
                         match (x.extra.get("none_rate"), x.extra.get("none_cpu_ns")) {
                             (Some(&rate), Some(&cpu)) => {
-                                let runs = |v: &[f64]| v.iter().map(|&c| fmt_ns(c)).collect::<Vec<_>>().join(" ");
+                                let runs =
+                                    |v: &[f64]| v.iter().map(|&c| fmt_ns(c)).collect::<Vec<_>>().join(" ");
                                 format!(
                                     "none idle {} ; {} (runs {}), idle open {one} (runs {}), after (runs {})",
                                     fmt_rate(rate),

@@ -50,7 +50,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 fn main() {
     let args = Args::parse(&["wait-stdin"]);
     let Some(scenario) = args.positional().first().cloned() else {
-        braid_bench::die("usage: loadgen pingpong|pipeline|bulk|accept|idle|short-idle --addr HOST:PORT [options]")
+        braid_bench::die(
+            "usage: loadgen pingpong|pipeline|bulk|accept|idle|short-idle --addr HOST:PORT [options]",
+        )
     };
     let addr: SocketAddr = match args.get("addr").map(str::parse) {
         Some(Ok(a)) => a,
@@ -626,7 +628,8 @@ fn short_idle(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<Strin
         if phase == 1 {
             mark("idle-start");
             let t = Instant::now();
-            idle_conns = establish(&mut idle_poll, addr, idle_n, concurrency, pattern, Duration::from_secs(120))?;
+            idle_conns =
+                establish(&mut idle_poll, addr, idle_n, concurrency, pattern, Duration::from_secs(120))?;
             fields.push(field("establish_seconds", format!("{:.3}", t.elapsed().as_secs_f64())));
             mark("idle-open");
         } else if phase == 2 {
@@ -648,7 +651,8 @@ fn short_idle(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<Strin
         short_connections(addr, pattern, &opts, count.min(500), limit, &mut next_id, None)?; // warm-up
         for r in 0..rounds {
             let (from, to) = (format!("start.{phase}.{r}"), format!("end.{phase}.{r}"));
-            let run = short_connections(addr, pattern, &opts, count, limit, &mut next_id, Some((&from, &to)))?;
+            let run =
+                short_connections(addr, pattern, &opts, count, limit, &mut next_id, Some((&from, &to)))?;
             fields.push(field(&format!("ops.{phase}.{r}"), run.ops));
             fields.push(field(&format!("secs.{phase}.{r}"), format!("{:.4}", run.secs)));
             ops += run.ops;
