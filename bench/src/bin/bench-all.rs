@@ -1142,3 +1142,67 @@ fn p50_p99(m: &Sample) -> String {
         m.extra.get("p99_us").copied().unwrap_or(f64::NAN)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short-idle result of `rounds` runs per phase; run `r` of phase `p` took `cpu(p, r)` ns
+    /// of exact server CPU (and ten times that in tick time) for `ops` connections.
+    fn short_idle_run(
+        rounds: usize,
+        ops: f64,
+        cpu: impl Fn(usize, usize) -> f64,
+        exact: bool,
+    ) -> (BTreeMap<String, String>, BTreeMap<String, Mark>) {
+        let mut r = BTreeMap::new();
+        let mut marks = BTreeMap::new();
+        r.insert("rounds".to_string(), rounds.to_string());
+        let mut t = 1e9;
+        for p in 0..3 {
+            for i in 0..rounds {
+                r.insert(format!("ops.{p}.{i}"), ops.to_string());
+                r.insert(format!("secs.{p}.{i}"), "0.5".to_string());
+                let m = |t: f64| Mark { cpu_ns: t * 10.0, exec_ns: exact.then_some(t), rss: 0.0 };
+                marks.insert(format!("start.{p}.{i}"), m(t));
+                t += cpu(p, i);
+                marks.insert(format!("end.{p}.{i}"), m(t));
+                t += 12345.0; // CPU between runs is not counted
+            }
+        }
+        (r, marks)
+    }
+
+    #[test]
+    fn short_idle_sample_takes_each_phase_median_and_their_ratio() {
+        // Per connection: phase 0 runs 10, 30, 20 µs (median 20); phase 1 15, 50, 25 (25);
+        // phase 2 22 each.
+        let per = [[10.0, 30.0, 20.0], [15.0, 50.0, 25.0], [22.0, 22.0, 22.0]];
+        let (r, marks) = short_idle_run(3, 1000.0, |p, i| per[p][i] * 1e3 * 1000.0, true);
+        let s = short_idle_sample(&r, &marks).expect("sample");
+        assert!((s.extra["none_cpu_ns"] - 20e3).abs() < 1e-6, "{}", s.extra["none_cpu_ns"]);
+        assert!((s.cpu_per_op_ns - 25e3).abs() < 1e-6, "{}", s.cpu_per_op_ns);
+        assert!((s.extra["after_cpu_ns"] - 22e3).abs() < 1e-6);
+        assert!((s.extra["idle_ratio"] - 1.25).abs() < 1e-9);
+        assert!((s.extra["none_rate"] - 2000.0).abs() < 1e-9);
+        assert_eq!(s.extra["exact_cpu"], 1.0);
+        assert_eq!(s.runs_cpu_ns[1], vec![15e3, 50e3, 25e3]);
+    }
+
+    #[test]
+    fn short_idle_sample_falls_back_to_ticks_without_schedstat() {
+        let (r, marks) = short_idle_run(1, 100.0, |p, _| (p + 1) as f64 * 1e6, false);
+        let s = short_idle_sample(&r, &marks).expect("sample");
+        // Tick time is ten times the exact time in this fixture.
+        assert!((s.extra["none_cpu_ns"] - 1e5).abs() < 1e-6, "{}", s.extra["none_cpu_ns"]);
+        assert!((s.extra["idle_ratio"] - 2.0).abs() < 1e-9);
+        assert_eq!(s.extra["exact_cpu"], 0.0);
+    }
+
+    #[test]
+    fn short_idle_sample_fails_on_a_missing_mark() {
+        let (r, mut marks) = short_idle_run(2, 10.0, |_, _| 1e6, true);
+        marks.remove("end.1.1");
+        assert!(short_idle_sample(&r, &marks).is_err());
+    }
+}

@@ -723,3 +723,87 @@ fn idle(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> {
     fields.extend(result.fields());
     Ok(fields)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// An echo server on a thread: each connection, one at a time, is echoed until the peer
+    /// closes or resets it. Stops when `stop` is set, and after 60 s in any case.
+    fn echo_server() -> (SocketAddr, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut buf = [0u8; 4096];
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).expect("blocking");
+                        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        (addr, stop, handle)
+    }
+
+    fn opts() -> ShortOpts {
+        ShortOpts { workers: 4, size: 64, rst: true }
+    }
+
+    #[test]
+    fn short_connections_stop_at_the_count() {
+        let (addr, stop, handle) = echo_server();
+        let mut next_id = 0;
+        let run = short_connections(
+            addr,
+            &Pattern::new(),
+            &opts(),
+            37,
+            Duration::from_secs(30),
+            &mut next_id,
+            None,
+        )
+        .expect("run");
+        stop.store(true, Ordering::Relaxed);
+        handle.join().expect("server thread");
+        assert_eq!(run.ops, 37);
+        assert_eq!(next_id, 37, "exactly the counted connections were started");
+        assert_eq!(run.errors, 0);
+    }
+
+    #[test]
+    fn short_connections_stop_at_the_time_limit() {
+        let (addr, stop, handle) = echo_server();
+        let mut next_id = 0;
+        let t = Instant::now();
+        let run = short_connections(
+            addr,
+            &Pattern::new(),
+            &opts(),
+            u64::MAX,
+            Duration::from_millis(200),
+            &mut next_id,
+            None,
+        )
+        .expect("run");
+        let took = t.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        handle.join().expect("server thread");
+        assert!(run.ops > 0, "some connections completed");
+        assert!(took < Duration::from_secs(15), "the run ended by its time limit, took {took:?}");
+    }
+}
