@@ -33,10 +33,11 @@ use std::time::Duration;
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
-use super::connection::Connection;
 use crate::error::{Error, Failure};
 use crate::protocol::ClientFactory;
 use crate::reactor::{DelayedCall, FileDescriptor, Reactor, WeakReactor};
+use crate::stream::connection::Connection;
+use crate::stream::kind::Tcp;
 use crate::transport::TransportOps;
 
 /// How long a dial may go unanswered before the next address is tried
@@ -62,7 +63,7 @@ struct Inner {
     factory_started: Cell<bool>,
     state: Cell<State>,
     attempt: RefCell<Option<Rc<Attempt>>>,
-    connection: RefCell<Weak<Connection>>,
+    connection: RefCell<Weak<Connection<Tcp>>>,
 }
 
 /// A handle to an outgoing connection and its factory: stop an attempt,
@@ -473,7 +474,7 @@ impl Attempt {
             return;
         };
         c.inner.state.set(State::Connected);
-        let conn = Connection::new(&reactor, sock, Some(addr));
+        let conn = Connection::new(&reactor, Tcp, sock, Some(addr));
         *c.inner.connection.borrow_mut() = Rc::downgrade(&conn);
         let inner = c.inner.clone();
         conn.set_on_lost(Box::new(move |reason| Connector { inner }.connection_lost(reason)));
