@@ -199,3 +199,30 @@ reactor_test! {
         assert!(b > a);
     }
 }
+
+reactor_test! {
+    /// The "now" of a deadline lies between the seconds() readings around
+    /// the call_later, and neither seconds() nor deadlines ever decrease,
+    /// over many readings: long enough for the clock to learn the counter's
+    /// rate and re-anchor many times.
+    fn deadlines_lie_between_the_seconds_around_them(r) {
+        let until = Instant::now() + Duration::from_millis(300);
+        let (mut previous_seconds, mut previous_time) = (0.0, 0.0);
+        let mut checked = 0u64;
+        while Instant::now() < until || checked < 100_000 {
+            let before = r.seconds();
+            let dc = r.call_later(Duration::ZERO, || ());
+            let after = r.seconds();
+            let time = dc.time().unwrap();
+            dc.cancel().unwrap();
+            assert!(before <= time && time <= after, "deadline {time} not within [{before}, {after}]");
+            assert!(before >= previous_seconds && time >= previous_time, "time stepped back");
+            (previous_seconds, previous_time) = (after, time);
+            checked += 1;
+            if checked.is_multiple_of(20_000) {
+                // Idle gaps, so readings also extrapolate across them.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
