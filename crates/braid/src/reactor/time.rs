@@ -220,10 +220,18 @@ impl Timers {
         let call = Call::new(closure);
         let id = self.queue.borrow_mut().insert(deadline, call);
         if DEBUG.load(atomic::Ordering::Relaxed) {
-            let origin = Origin { closure: std::any::type_name::<F>(), stack: Backtrace::force_capture() };
-            self.origins.borrow_mut().insert(id, origin);
+            self.record_origin(id, std::any::type_name::<F>());
         }
         DelayedCall { timers: Rc::downgrade(self), id }
+    }
+
+    /// Records where call `id` was made (debug mode): out of line, so the
+    /// schedule itself stays small.
+    #[cold]
+    #[inline(never)]
+    fn record_origin(&self, id: TimerId, closure: &'static str) {
+        let origin = Origin { closure, stack: Backtrace::force_capture() };
+        self.origins.borrow_mut().insert(id, origin);
     }
 
     /// Forgets the origin of a released entry, whose id may be reused.
