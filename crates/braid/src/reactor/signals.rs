@@ -87,7 +87,7 @@ mod tests {
 
     use crate::backend::Backend;
     use crate::reactor::{Phase, Reactor};
-    use crate::sys::signal::{raise, sigchld_is_default, SignalGuard};
+    use crate::sys::signal::{errno, pretend_handler_running, raise, sigchld_is_default, SignalGuard};
     use crate::sys::waker::Waker;
 
     /// Signal dispositions are process-wide: one signal test at a time.
@@ -204,6 +204,46 @@ mod tests {
         drop(guard);
         assert!(sigchld_is_default());
         drop(reused);
+    }
+
+    #[test]
+    fn a_guard_closes_its_descriptor_only_after_running_handlers_return() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let waker = Waker::new().unwrap();
+        let guard = SignalGuard::install(waker.write_fd()).unwrap();
+        // A handler on another thread that has read the slot and not yet
+        // returned.
+        pretend_handler_running(true);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let dropper = std::thread::spawn(move || {
+            drop(guard);
+            done_tx.send(()).unwrap();
+        });
+        let waited = done_rx.recv_timeout(Duration::from_millis(100)).is_err();
+        // Before asserting: a count left up would hang every later guard.
+        pretend_handler_running(false);
+        assert!(
+            waited,
+            "the guard was dropped (its descriptor closed) while a handler could still write to it"
+        );
+        done_rx.recv_timeout(Duration::from_secs(20)).expect("the guard drops once the handler returned");
+        dropper.join().unwrap();
+        assert!(sigchld_is_default());
+    }
+
+    #[test]
+    fn the_handler_leaves_errno_as_it_found_it() {
+        use rustix::pipe::{pipe_with, PipeFlags};
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // A full pipe: the handler's write fails, setting errno (EAGAIN).
+        let (_read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).unwrap();
+        while rustix::io::write(&write, &[0u8; 4096]).is_ok() {}
+        let guard = SignalGuard::install(write.as_raw_fd()).unwrap();
+        errno::set(libc::EDOM);
+        raise(libc::SIGCHLD);
+        let after = errno::get();
+        assert_ne!(guard.take_pending() & 1 << libc::SIGCHLD, 0, "the handler ran");
+        assert_eq!(after, libc::EDOM, "the handler changed errno");
     }
 
     #[test]

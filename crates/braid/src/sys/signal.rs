@@ -75,9 +75,30 @@ extern "C" fn on_signal(signum: libc::c_int) {
 
 /// This thread's `errno`, which a handler must leave as it found it: the
 /// code it interrupted may be about to read it.
-mod errno {
+pub(crate) mod errno {
     #[cfg(any(target_os = "solaris", target_os = "illumos"))]
     use libc::___errno as location;
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "emscripten",
+        target_os = "hurd",
+        target_os = "redox",
+        target_os = "dragonfly",
+        target_os = "fuchsia",
+        target_os = "android",
+        target_os = "netbsd",
+        target_os = "openbsd",
+        target_os = "cygwin",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "tvos",
+        target_os = "watchos",
+        target_os = "visionos",
+        target_os = "freebsd",
+        target_os = "solaris",
+        target_os = "illumos"
+    )))]
+    compile_error!("braid's signal handler does not know where errno lives on this platform");
     #[cfg(any(
         target_os = "android",
         target_os = "netbsd",
@@ -104,12 +125,12 @@ mod errno {
     ))]
     use libc::__error as location;
 
-    pub(super) fn get() -> libc::c_int {
+    pub(crate) fn get() -> libc::c_int {
         // SAFETY: the function returns this thread's errno slot, always valid.
         unsafe { *location() }
     }
 
-    pub(super) fn set(value: libc::c_int) {
+    pub(crate) fn set(value: libc::c_int) {
         // SAFETY: as above.
         unsafe { *location() = value }
     }
@@ -251,6 +272,17 @@ impl Drop for SignalGuard {
         drop(saved);
         release(self.slot);
         // `self._fd` is closed after this, when no handler can reach it.
+    }
+}
+
+/// Counts a handler in or out as if one were running on another thread
+/// (for tests).
+#[cfg(test)]
+pub(crate) fn pretend_handler_running(running: bool) {
+    if running {
+        RUNNING.fetch_add(1, Ordering::SeqCst);
+    } else {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
