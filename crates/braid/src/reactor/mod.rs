@@ -125,6 +125,11 @@ pub(crate) struct Inner {
     in_pass: Cell<bool>,
     triggers: RefCell<Triggers>,
     shared: Arc<Shared>,
+    /// Per-reactor state of higher layers (the future executor, ...), one
+    /// value per type, so those layers need no field here. Declared after `shared` and
+    /// before `signals` on purpose: a test drops a probe in the window
+    /// between the waker closing and the signal guard going.
+    extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
     spare_calls: Cell<Vec<ThreadCall>>,
     pool: RefCell<Option<ThreadPool>>,
     pool_max: Cell<usize>,
@@ -145,9 +150,6 @@ pub(crate) struct Inner {
     /// gather until it returns; usually sent at once, so most connections
     /// never need a write buffer of their own.
     write_stage: RefCell<Vec<u8>>,
-    /// Per-reactor state of higher layers (the future executor, ...), one
-    /// value per type, so those layers need no field here.
-    extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
 }
 
 /// Work a transport batches until the end of the pass (internal).

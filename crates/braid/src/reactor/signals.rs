@@ -249,9 +249,10 @@ mod tests {
     #[test]
     fn a_reactor_dropped_with_handlers_installed_never_writes_to_its_old_fd() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        /// Dropped with the reactor, after its waker (a field before it)
-        /// and before its signal guard (a field after it): the window in
-        /// which the waker's number is closed but still in a slot.
+        /// Dropped with the reactor's extensions: after its waker (a field
+        /// before them) and before its signal guard (a field after them),
+        /// the window in which the waker's number is closed but a handler
+        /// may still run.
         struct Probe {
             number: RawFd,
             seen: Rc<Cell<Option<bool>>>,
@@ -270,7 +271,9 @@ mod tests {
             assert!(r.signal_handlers_installed());
             let seen = Rc::new(Cell::new(None));
             let number = r.inner.shared.waker.write_fd();
-            r.inner.thread_results.borrow_mut().insert(Box::new(Probe { number, seen: seen.clone() }));
+            #[derive(Default)]
+            struct ProbeSlot(std::cell::RefCell<Option<Probe>>);
+            r.extension::<ProbeSlot>().0.replace(Some(Probe { number, seen: seen.clone() }));
             drop(r);
             let empty = seen.get().expect("the probe ran while the reactor was dropped");
             assert!(
