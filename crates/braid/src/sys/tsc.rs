@@ -52,7 +52,7 @@ pub(crate) fn usable() -> bool {
         && NEXT_PROBE
             .compare_exchange(next, now.saturating_add(PROBE_EVERY), Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
-        && !clocksource_is_tsc()
+        && clocksource_is_tsc() == Some(false)
     {
         distrust("the kernel no longer keeps time with it");
     }
@@ -66,13 +66,16 @@ pub(crate) fn distrust(why: &str) {
     }
 }
 
-fn clocksource_is_tsc() -> bool {
+/// Whether the kernel keeps time with the counter; `None` if the file
+/// could not be read (say, the process is out of descriptors), which says
+/// nothing about the counter: the check is simply tried again later.
+fn clocksource_is_tsc() -> Option<bool> {
     let source = std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource");
-    source.as_deref().map(str::trim).ok() == Some("tsc")
+    source.ok().map(|s| s.trim() == "tsc")
 }
 
 fn probe() -> bool {
-    if !clocksource_is_tsc() {
+    if clocksource_is_tsc() != Some(true) {
         return false;
     }
     let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
