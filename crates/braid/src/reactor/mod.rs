@@ -790,12 +790,6 @@ impl Reactor {
     fn watch(&self, d: Rc<dyn FileDescriptor>, read: bool) -> Result<(), Error> {
         let fd = d.fileno();
         self.check_fd(fd)?;
-        let ptr = identity(&d);
-        // Watched in this role under another fd (its fd changed): move it.
-        let moved_from = self.inner.fds.borrow().place(ptr).get(read).filter(|&at| at != fd);
-        if let Some(at) = moved_from {
-            self.remove_at(at, ptr, read, !read);
-        }
         let mut fds = self.inner.fds.borrow_mut();
         let old = fds.interest(fd);
         let new = if read { Interest { read: true, ..old } } else { Interest { write: true, ..old } };
@@ -820,14 +814,29 @@ impl Reactor {
         }
     }
 
-    /// Found by identity, never by `fileno()`: a descriptor may already have
-    /// closed its fd, and a search of the table would cost O(open fds).
     fn unwatch<D: FileDescriptor + ?Sized>(&self, d: &Rc<D>, read: bool) {
         let ptr = identity(d);
-        let at = self.inner.fds.borrow().place(ptr).get(read);
+        let fd = d.fileno();
+        let at = {
+            let fds = self.inner.fds.borrow();
+            if fds.holds(fd, ptr, read) {
+                Some(fd)
+            } else {
+                // A descriptor whose fd changed or went away: searched for.
+                fds.find(ptr, read)
+            }
+        };
         if let Some(fd) = at {
             self.remove_at(fd, ptr, read, !read);
         }
+    }
+
+    /// Stops watching `d`, registered under `fd`, for reading and writing:
+    /// O(1) whatever `d.fileno()` says now. For the reactor's own
+    /// transports, which remember their fd and are removed after they
+    /// marked themselves closed.
+    pub(crate) fn forget_at<D: FileDescriptor + ?Sized>(&self, fd: RawFd, d: &Rc<D>) {
+        self.remove_at(fd, identity(d), true, true);
     }
 
     /// Watches `d` for readability: `d.do_read()` runs when its fd may be read.

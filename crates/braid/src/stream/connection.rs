@@ -478,11 +478,10 @@ impl<K: Kind> Connection<K> {
         if was == Life::Lost {
             return;
         }
-        // Unregistered by identity, under the fd it was registered with:
-        // O(1), whatever `fileno()` says now.
+        // Removed under the fd it was registered with: O(1), although
+        // `fileno()` already reports the connection closed.
         if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
-            reactor.remove_reader(&me);
-            reactor.remove_writer(&me);
+            reactor.forget_at(self.fd, &me);
         }
         self.set_io(Io::READING | Io::WRITING, false);
         if let Some(sock) = self.sock.take() {
