@@ -136,14 +136,19 @@ fn descriptor_exhaustion_does_not_spin() {
         for _ in 0..200 {
             socks.push(TcpStream::connect(("127.0.0.1", port)).unwrap());
         }
-        let (mut served, mut shed) = (0, 0);
+        let (mut served, mut shed) = (0, Vec::new());
         for s in socks.iter_mut() {
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            // May fail if the server already closed it; the read tells.
             let _ = s.write_all(b"?");
             let mut b = [0u8; 1];
             match s.read(&mut b) {
                 Ok(1) => served += 1,
-                _ => shed += 1,
+                // Closed by the server: EOF, or a reset if our byte arrived
+                // after the close.
+                Ok(0) => shed.push(s.local_addr().unwrap()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => shed.push(s.local_addr().unwrap()),
+                other => panic!("{backend}: a peer was neither served nor closed (hung in the backlog?): {other:?}"),
             }
         }
         drop(socks);
@@ -161,7 +166,17 @@ fn descriptor_exhaustion_does_not_spin() {
         let status = child.wait().unwrap();
         assert!(status.success(), "{backend}: child failed:\n{rest}");
         assert!(rest.contains("server done"), "{backend}: {rest}");
-        assert!(served > 0 && shed > 0, "{backend}: served={served} shed={shed}");
+        assert!(served > 0 && !shed.is_empty(), "{backend}: served={served} shed={}", shed.len());
+        // Every shed peer was closed by the EMFILE recovery (the reserve
+        // descriptor freed to accept and close it), not by some other path.
+        let recovered: Vec<&str> = rest.lines().filter(|l| l.contains("EMFILE recovery: closed connection from")).collect();
+        for addr in &shed {
+            let needle = format!("Some({addr})");
+            assert!(
+                recovered.iter().any(|l| l.contains(&needle)),
+                "{backend}: {addr} was closed, but not by the EMFILE recovery:\n{rest}"
+            );
+        }
     }
 }
 
@@ -178,7 +193,13 @@ fn exhausted_server() {
     let ((), logs) = capture_logs(|| common::run_reactor(&r));
     let (wall, cpu) = (started.elapsed(), cpu_time() - cpu_before);
     println!("wall={wall:?} cpu={cpu:?} iterations={}", r.iterations());
-    assert!(logs.contains("EMFILE recovery") || logs.contains("pausing accepts"), "{logs}");
+    // With the reserve descriptor in place, EMFILE is handled by shedding
+    // connections, never by the back-off meant for ENFILE and friends.
+    assert!(logs.contains("EMFILE recovery"), "{logs}");
+    assert!(!logs.contains("pausing accepts"), "EMFILE took the back-off path:\n{logs}");
+    for line in logs.lines().filter(|l| l.contains("EMFILE recovery")) {
+        println!("{line}");
+    }
     // A spinning loop burns a whole core for the whole run.
     assert!(cpu < wall.mul_f64(0.5) + Duration::from_millis(200), "cpu {cpu:?} over {wall:?}: the loop spun");
     assert!(r.iterations() < 20_000, "{} iterations: the loop spun", r.iterations());
