@@ -666,53 +666,138 @@ reactor_test! {
     }
 }
 
-/// A pull producer that writes `left` chunks, one per request.
+/// A pull producer that writes `left` chunks, one per request; then asks
+/// for the close while still registered, and unregisters only `hold` later.
 struct Chunks {
     t: Transport,
     left: Cell<usize>,
     asked: Rc<Cell<usize>>,
+    log: Events,
+    reactor: Reactor,
+    hold: Duration,
+    unregistered_at: Rc<Cell<Option<std::time::Instant>>>,
 }
 
 impl braid::Producer for Chunks {
     fn resume_producing(&self) {
         self.asked.set(self.asked.get() + 1);
-        if self.left.get() == 0 {
-            self.t.unregister_producer();
-            self.t.lose_connection();
+        if self.left.get() > 0 {
+            self.left.set(self.left.get() - 1);
+            self.t.write(&[b'p'; 10_000]);
             return;
         }
-        self.left.set(self.left.get() - 1);
-        self.t.write(&[b'p'; 10_000]);
+        if self.log.borrow().is_empty() {
+            self.log.borrow_mut().push("lose_connection".into());
+            self.t.lose_connection();
+            let (t, log, at) = (self.t.clone(), self.log.clone(), self.unregistered_at.clone());
+            self.reactor.call_later(self.hold, move || {
+                log.borrow_mut().push("unregister".into());
+                at.set(Some(std::time::Instant::now()));
+                t.unregister_producer();
+            });
+        }
     }
     fn stop_producing(&self) {}
 }
 
 reactor_test! {
-    /// A pull producer is asked for the next chunk whenever the buffer
-    /// drains; lose_connection with it registered waits for unregister.
+    /// §4.7.8: a pull producer is asked for the next chunk whenever the
+    /// buffer drains; lose_connection with it registered does not close
+    /// until unregister_producer, and then the close follows promptly.
     fn pull_producer(r) {
         let asked = Rc::new(Cell::new(0));
-        let a = asked.clone();
+        let log = events();
+        let unregistered_at = Rc::new(Cell::new(None));
+        let (a, l, u, rr) = (asked.clone(), log.clone(), unregistered_at.clone(), r.clone());
         let port = r.listen_tcp("127.0.0.1:0", move || {
-            let a = a.clone();
+            let (a, l, u, rr) = (a.clone(), l.clone(), u.clone(), rr.clone());
+            let l2 = l.clone();
             Rec {
                 on_made: Some(Box::new(move |t| {
-                    let producer = Rc::new(Chunks { t: t.clone(), left: Cell::new(50), asked: a.clone() });
+                    let producer = Rc::new(Chunks {
+                        t: t.clone(),
+                        left: Cell::new(50),
+                        asked: a.clone(),
+                        log: l.clone(),
+                        reactor: rr.clone(),
+                        hold: Duration::from_millis(300),
+                        unregistered_at: u.clone(),
+                    });
                     t.register_producer(producer, false).unwrap();
                 })),
+                on_lost: Some(Box::new(move |reason| l2.borrow_mut().push(format!("server lost: {reason}")))),
                 ..Default::default()
             }
         }, 50).unwrap();
         let data = Rc::new(RefCell::new(Vec::new()));
-        let (d, rr) = (data.clone(), r.clone());
-        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || Rec {
-            data: d.clone(),
-            on_lost: stop_on_lost(&rr),
-            ..Default::default()
+        let lost_at = Rc::new(Cell::new(None));
+        let (d, la, rr) = (data.clone(), lost_at.clone(), r.clone());
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || {
+            let (la, rr) = (la.clone(), rr.clone());
+            Rec {
+                data: d.clone(),
+                on_lost: Some(Box::new(move |_| {
+                    la.set(Some(std::time::Instant::now()));
+                    let _ = rr.stop();
+                })),
+                ..Default::default()
+            }
         }, None, None);
         run_reactor(&r);
         assert_eq!(data.borrow().len(), 500_000);
-        assert_eq!(asked.get(), 51);
+        assert!(asked.get() >= 51, "asked {} times", asked.get());
+        assert_eq!(*log.borrow(), ["lose_connection", "unregister", "server lost: connection was closed cleanly"]);
+        let (unregistered, lost) = (unregistered_at.get().unwrap(), lost_at.get().unwrap());
+        assert!(lost.duration_since(unregistered) < Duration::from_secs(5), "closed {:?} after unregister", lost.duration_since(unregistered));
+    }
+}
+
+reactor_test! {
+    /// §4.7.7: the peer disconnects after lose_connection was called with a
+    /// pull producer registered; unregister_producer afterwards (inside
+    /// connection_lost) does not make the dead transport a writer again.
+    fn unregister_producer_after_peer_disconnect(r) {
+        struct Dribble(Transport);
+        impl braid::Producer for Dribble {
+            fn resume_producing(&self) {
+                self.0.write(b"x");
+            }
+            fn stop_producing(&self) {}
+        }
+        // The server closes every connection at once.
+        let port = r.listen_tcp("127.0.0.1:0", || Rec {
+            on_made: Some(Box::new(|t| t.lose_connection())),
+            ..Default::default()
+        }, 50).unwrap();
+        let writers_after = Rc::new(RefCell::new(None));
+        let lost = events();
+        let (w, lo, rr) = (writers_after.clone(), lost.clone(), r.clone());
+        let transport = Rc::new(RefCell::new(None::<Transport>));
+        let tr = transport.clone();
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), move || {
+            let (w, lo, rr, tr, tr2) = (w.clone(), lo.clone(), rr.clone(), tr.clone(), tr.clone());
+            Rec {
+                on_made: Some(Box::new(move |t| {
+                    *tr.borrow_mut() = Some(t.clone());
+                    t.register_producer(Rc::new(Dribble(t.clone())), false).unwrap();
+                    t.lose_connection();
+                })),
+                on_lost: Some(Box::new(move |reason| {
+                    lo.borrow_mut().push(reason.to_string());
+                    tr2.borrow().as_ref().unwrap().unregister_producer();
+                    *w.borrow_mut() = Some(rr.get_writers().len());
+                    let _ = rr.stop();
+                })),
+                ..Default::default()
+            }
+        }, None, None);
+        run_reactor(&r);
+        assert_eq!(lost.borrow().len(), 1, "{:?}", lost.borrow());
+        assert_eq!(*writers_after.borrow(), Some(0), "a writer was registered after unregister_producer");
+        // Nor on a later pass.
+        r.iterate(Some(Duration::from_millis(20))).unwrap();
+        assert!(r.get_writers().is_empty());
+        drop(transport);
     }
 }
 
@@ -1028,9 +1113,11 @@ reactor_test! {
     }
 }
 
-/// Records pause/resume calls of a streaming producer.
+/// Records pause/resume calls of a producer, and how much the transport
+/// (if given) had buffered at each resume.
 struct Tap {
     log: Events,
+    t: Option<Transport>,
 }
 
 impl braid::Producer for Tap {
@@ -1038,7 +1125,10 @@ impl braid::Producer for Tap {
         self.log.borrow_mut().push("pause".into());
     }
     fn resume_producing(&self) {
-        self.log.borrow_mut().push("resume".into());
+        match &self.t {
+            Some(t) => self.log.borrow_mut().push(format!("resume with {} buffered", t.buffered())),
+            None => self.log.borrow_mut().push("resume".into()),
+        }
     }
     fn stop_producing(&self) {
         self.log.borrow_mut().push("stop".into());
@@ -1047,36 +1137,79 @@ impl braid::Producer for Tap {
 
 reactor_test! {
     /// §4.8.34: write_sequence past the high-water mark pauses a streaming
-    /// producer, resumed once the buffer drains; custom limits apply.
-    /// §4.8.35: a pull producer is never paused.
+    /// producer; it stays paused while the peer does not read, and is
+    /// resumed once the buffer drains (to the low-water mark, here 0);
+    /// custom limits apply. §4.8.35: a pull producer is never paused.
     fn streaming_and_pull_producers(r) {
+        // More than loopback's socket buffers hold, so the buffer only
+        // drains once the peer reads.
+        const BIG: usize = 32 * 1024 * 1024;
         let plog = events();
         let pull_log = events();
-        let (pl, ql, rr) = (plog.clone(), pull_log.clone(), r.clone());
+        let still_paused = Rc::new(RefCell::new(None));
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (pl, ql, sp, rr) = (plog.clone(), pull_log.clone(), still_paused.clone(), r.clone());
         let port = r.listen_tcp("127.0.0.1:0", move || {
-            let (pl, ql, rr) = (pl.clone(), ql.clone(), rr.clone());
+            let (pl, ql, sp, rr, go) = (pl.clone(), ql.clone(), sp.clone(), rr.clone(), go_tx.clone());
             Rec {
                 on_made: Some(Box::new(move |t| {
                     t.set_write_buffer_limits(1000, 0);
-                    t.register_producer(Rc::new(Tap { log: pl.clone() }), true).unwrap();
-                    t.write_sequence(&[&[1u8; 600], &[2u8; 600]]);
+                    t.register_producer(Rc::new(Tap { log: pl.clone(), t: Some(t.clone()) }), true).unwrap();
+                    t.write_sequence(&[&[1u8; 600], &[2u8; 600], &vec![3u8; BIG]]);
                     assert_eq!(*pl.borrow(), ["pause"], "paused as soon as the buffer passed the mark");
-                    t.unregister_producer();
-                    let q = Rc::new(Tap { log: ql.clone() });
-                    t.register_producer(q, false).unwrap();
-                    t.write(&[3u8; 5000]);
-                    let rr = rr.clone();
-                    rr.clone().call_later(Duration::from_millis(100), move || {
-                        let _ = rr.stop();
+                    let (t, pl, ql, sp, rr, go) = (t.clone(), pl.clone(), ql.clone(), sp.clone(), rr.clone(), go.clone());
+                    rr.clone().call_later(Duration::from_millis(200), move || {
+                        // The peer has not read yet: still paused.
+                        *sp.borrow_mut() = Some((pl.borrow().clone(), t.buffered()));
+                        go.send(()).unwrap();
+                        wait_for_resume(rr, t, pl, ql, 0);
                     });
                 })),
                 ..Default::default()
             }
         }, 50).unwrap();
-        let _client = std::net::TcpStream::connect(port.local_addr()).unwrap();
+        /// Polls (bounded) until the producer was resumed, then checks the
+        /// pull producer.
+        fn wait_for_resume(r: Reactor, t: Transport, pl: Events, ql: Events, n: u32) {
+            if pl.borrow().len() < 2 && n < 2_000 {
+                let r2 = r.clone();
+                r.call_later(Duration::from_millis(5), move || wait_for_resume(r2, t, pl, ql, n + 1));
+                return;
+            }
+            t.unregister_producer();
+            t.register_producer(Rc::new(Tap { log: ql.clone(), t: None }), false).unwrap();
+            t.write(&[4u8; 5000]);
+            let r2 = r.clone();
+            r.call_later(Duration::from_millis(100), move || {
+                t.unregister_producer();
+                t.lose_connection();
+                let _ = r2.stop();
+            });
+        }
+        let addr = port.local_addr();
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            go_rx.recv_timeout(common::WATCHDOG).expect("told to read");
+            s.set_read_timeout(Some(common::WATCHDOG)).unwrap();
+            let mut total = 0usize;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+            total
+        });
         run_reactor(&r);
+        let (before_reading, buffered) = still_paused.borrow_mut().take().expect("checked while the peer did not read");
+        assert_eq!(before_reading, ["pause"], "resumed before the buffer drained");
+        assert!(buffered > 1000, "{buffered} bytes buffered while the peer did not read");
+        assert_eq!(*plog.borrow(), ["pause", "resume with 0 buffered"], "resumed once drained");
         assert!(pull_log.borrow().iter().all(|e| e == "resume" || e == "stop"), "{:?}", pull_log.borrow());
         assert!(pull_log.borrow().iter().any(|e| e == "resume"));
+        assert_eq!(reader.join().unwrap(), 1200 + BIG + 5000, "everything arrived, then the close");
     }
 }
 
