@@ -1151,6 +1151,7 @@ reactor_test! {
         let (pl, ql, sp, rr) = (plog.clone(), pull_log.clone(), still_paused.clone(), r.clone());
         let port = r.listen_tcp("127.0.0.1:0", move || {
             let (pl, ql, sp, rr, go) = (pl.clone(), ql.clone(), sp.clone(), rr.clone(), go_tx.clone());
+            let on_lost = stop_on_lost(&rr);
             Rec {
                 on_made: Some(Box::new(move |t| {
                     t.set_write_buffer_limits(1000, 0);
@@ -1165,6 +1166,7 @@ reactor_test! {
                         wait_for_resume(rr, t, pl, ql, 0);
                     });
                 })),
+                on_lost,
                 ..Default::default()
             }
         }, 50).unwrap();
@@ -1179,11 +1181,10 @@ reactor_test! {
             t.unregister_producer();
             t.register_producer(Rc::new(Tap { log: ql.clone(), t: None }), false).unwrap();
             t.write(&[4u8; 5000]);
-            let r2 = r.clone();
+            // The server's connection_lost stops the reactor.
             r.call_later(Duration::from_millis(100), move || {
                 t.unregister_producer();
                 t.lose_connection();
-                let _ = r2.stop();
             });
         }
         let addr = port.local_addr();
