@@ -30,7 +30,8 @@ fn refused_port() -> u16 {
 /// refused, and it stays reserved while the socket lives.
 fn held_port() -> (std::os::fd::OwnedFd, u16) {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
-    let sock = rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, SocketFlags::CLOEXEC, None).unwrap();
+    let sock = rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+        .unwrap();
     rustix::net::sockopt::set_socket_reuseaddr(&sock, true).unwrap();
     rustix::net::bind(&sock, &"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap()).unwrap();
     let addr = std::net::SocketAddr::try_from(rustix::net::getsockname(&sock).unwrap()).unwrap();

@@ -147,8 +147,12 @@ fn descriptor_exhaustion_does_not_spin() {
                 // Closed by the server: EOF, or a reset if our byte arrived
                 // after the close.
                 Ok(0) => shed.push(s.local_addr().unwrap()),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => shed.push(s.local_addr().unwrap()),
-                other => panic!("{backend}: a peer was neither served nor closed (hung in the backlog?): {other:?}"),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    shed.push(s.local_addr().unwrap())
+                }
+                other => panic!(
+                    "{backend}: a peer was neither served nor closed (hung in the backlog?): {other:?}"
+                ),
             }
         }
         drop(socks);
@@ -169,7 +173,8 @@ fn descriptor_exhaustion_does_not_spin() {
         assert!(served > 0 && !shed.is_empty(), "{backend}: served={served} shed={}", shed.len());
         // Every shed peer was closed by the EMFILE recovery (the reserve
         // descriptor freed to accept and close it), not by some other path.
-        let recovered: Vec<&str> = rest.lines().filter(|l| l.contains("EMFILE recovery: closed connection from")).collect();
+        let recovered: Vec<&str> =
+            rest.lines().filter(|l| l.contains("EMFILE recovery: closed connection from")).collect();
         for addr in &shed {
             let needle = format!("Some({addr})");
             assert!(
