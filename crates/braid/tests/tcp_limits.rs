@@ -188,7 +188,9 @@ fn descriptor_exhaustion_does_not_spin() {
 fn exhausted_server() {
     let backend = child_backend();
     let r = Reactor::new(backend).unwrap();
+    let spares_before = dev_null_fds();
     let port = r.listen_tcp("127.0.0.1:0", Echo::new, 1024).unwrap();
+    assert_eq!(dev_null_fds(), spares_before + 1, "the first port opened the spare descriptor");
     r.add_reader(std::rc::Rc::new(StdinStop(r.clone()))).unwrap();
     let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
     common::set_fd_limit(open_now + 30);
@@ -208,5 +210,69 @@ fn exhausted_server() {
     // A spinning loop burns a whole core for the whole run.
     assert!(cpu < wall.mul_f64(0.5) + Duration::from_millis(200), "cpu {cpu:?} over {wall:?}: the loop spun");
     assert!(r.iterations() < 20_000, "{} iterations: the loop spun", r.iterations());
+    common::set_fd_limit(u64::MAX);
+    // §4.8.44: the recovery closed the spare and opened it again.
+    assert_eq!(dev_null_fds(), spares_before + 1, "the spare descriptor is back after the EMFILE recovery");
     println!("server done");
+}
+
+/// How many of this process's descriptors are open on /dev/null (the
+/// listener's spare descriptor is one).
+fn dev_null_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p == std::path::Path::new("/dev/null"))
+        .count()
+}
+
+/// §4.8.44: the spare descriptor for EMFILE recovery is opened once per
+/// process, however many ports start.
+#[test]
+fn spare_descriptor_is_opened_once() {
+    if !is_child() {
+        for backend in ["select", "poll", "epoll"] {
+            let out = in_child("spare_descriptor_is_opened_once", backend);
+            assert!(out.contains("one spare for 5 ports"), "{backend}: {out}");
+        }
+        return;
+    }
+    let r = Reactor::new(child_backend()).unwrap();
+    let before = dev_null_fds();
+    let ports: Vec<_> = (0..5).map(|_| r.listen_tcp("127.0.0.1:0", Echo::new, 50).unwrap()).collect();
+    assert_eq!(dev_null_fds(), before + 1, "one spare descriptor for all ports");
+    drop(ports);
+    println!("one spare for 5 ports");
+}
+
+/// §4.8.1: if the listening socket cannot even be created (here: no
+/// descriptor left), listen_tcp fails with CannotListen naming the address
+/// and the cause, and works again once descriptors are free.
+#[test]
+fn listen_socket_creation_failure_is_cannot_listen() {
+    if !is_child() {
+        for backend in ["select", "poll", "epoll"] {
+            let out = in_child("listen_socket_creation_failure_is_cannot_listen", backend);
+            assert!(out.contains("cannot listen checked"), "{backend}: {out}");
+        }
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let r = Reactor::new(child_backend()).unwrap();
+    // Every descriptor below the lowest free one is taken: a limit there
+    // makes the next socket() fail with EMFILE.
+    let lowest = {
+        let probe =
+            rustix::fs::open("/dev/null", rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty()).unwrap();
+        probe.as_raw_fd() as u64
+    };
+    assert_eq!(common::set_fd_limit(lowest), lowest, "could not lower the descriptor limit");
+    let result = r.listen_tcp("127.0.0.1:0", Echo::new, 50);
+    common::set_fd_limit(u64::MAX);
+    let err = result.err().expect("listen_tcp succeeded without a free descriptor");
+    let text = err.to_string();
+    assert!(matches!(err, braid::Error::CannotListen { .. }), "{err:?}");
+    assert!(text.contains("127.0.0.1:0") && text.contains("Too many open files"), "{text}");
+    r.listen_tcp("127.0.0.1:0", Echo::new, 50).expect("listening once descriptors are free");
+    println!("cannot listen checked");
 }
