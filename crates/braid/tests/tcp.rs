@@ -1627,7 +1627,7 @@ reactor_test! {
     /// probes next to it, which such a socket refuses).
     fn client_bind_sets_no_reuse_options(r) {
         use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
-        let port = r.listen_tcp("127.0.0.1:0", || Rec::default(), 50).unwrap();
+        let port = r.listen_tcp("127.0.0.1:0", Rec::default, 50).unwrap();
         // The probe works here: next to a connected socket that has both
         // options, both probes bind.
         let control = rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, SocketFlags::CLOEXEC, None).unwrap();
@@ -1687,7 +1687,7 @@ reactor_test! {
             assert!(std::time::Instant::now() < deadline, "stop_listening never finished");
             r.iterate(Some(Duration::from_millis(10))).unwrap();
         }
-        let again = r.listen_tcp(addr, || Rec::default(), 50);
+        let again = r.listen_tcp(addr, Rec::default, 50);
         assert!(again.is_ok(), "listening again next to a TIME_WAIT connection: {:?}", again.err());
     }
 }
@@ -1697,7 +1697,7 @@ reactor_test! {
     /// bound address (not port 0); closing it logs a line naming it and
     /// saying it stopped.
     fn port_start_and_close_are_logged(r) {
-        let (port, start_logs) = common::capture_logs(|| r.listen_tcp("127.0.0.1:0", || Rec::default(), 50).unwrap());
+        let (port, start_logs) = common::capture_logs(|| r.listen_tcp("127.0.0.1:0", Rec::default, 50).unwrap());
         let addr = port.local_addr().to_string();
         assert!(!addr.ends_with(":0"));
         assert!(
