@@ -25,9 +25,25 @@ fn start(extra: &[&str]) -> Server {
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("echo listening on 127.0.0.1:"), "first line: {line:?}");
+    if !line.contains("echo listening on 127.0.0.1:") {
+        // Never leave the server running behind a failed test: it would
+        // hold the test's output open.
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("first line: {line:?}");
+    }
     let port = line.split("127.0.0.1:").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
     Server { child, port, stderr }
+}
+
+/// A test that fails half-way still stops its server.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn signal(child: &Child, sig: &str) {

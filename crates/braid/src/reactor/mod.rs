@@ -495,12 +495,15 @@ impl Reactor {
         }
     }
 
-    /// The built-in *during shutdown* steps: leave the loop, disconnect
-    /// every descriptor, stop the thread pool.
+    /// The built-in *during shutdown* steps: leave the loop, send what
+    /// transports buffered this pass (a `lose_connection` just before
+    /// `stop()` then closes cleanly, as Twisted's pending write does),
+    /// disconnect every descriptor, stop the thread pool.
     fn begin_shutdown(&self) {
         let inner = &self.inner;
         inner.looping.set(false);
         inner.life.set(Life::Stopping(Shutdown::Done));
+        self.run_flushes();
         self.disconnect_all();
         self.stop_thread_pool();
     }

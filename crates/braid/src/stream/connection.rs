@@ -38,13 +38,30 @@ const KEEP_CAPACITY: usize = 64 * 1024;
 /// Buffered outgoing bytes: a queue of chunks, the first partly sent. The
 /// first chunk is held inline (the common case is one chunk, reused for
 /// every write), so a write touches one heap buffer, not a queue too.
-#[derive(Default)]
 pub(crate) struct OutBuf {
     first: Vec<u8>,
     rest: VecDeque<Vec<u8>>,
     /// Bytes of `first` already sent.
     head: usize,
     len: usize,
+    /// A streaming producer is paused above `high` bytes buffered and
+    /// resumed at or below `low`. Kept here, not in the connection: only a
+    /// connection that writes (or sets them) needs them.
+    high: u32,
+    low: u32,
+}
+
+impl Default for OutBuf {
+    fn default() -> Self {
+        OutBuf {
+            first: Vec::new(),
+            rest: VecDeque::new(),
+            head: 0,
+            len: 0,
+            high: DEFAULT_HIGH_WATER as u32,
+            low: 0,
+        }
+    }
 }
 
 impl OutBuf {
@@ -242,8 +259,10 @@ pub(crate) struct Connection<K: Kind> {
     io: Cell<Io>,
     /// Boxed: producers are rare, and an idle connection should stay small.
     producer: Cell<Option<Box<Registered>>>,
-    high_water: Cell<u32>,
-    low_water: Cell<u32>,
+    /// Set when the connection must close while one of its protocol's own
+    /// calls is on the stack: the close (with this reason) is made from
+    /// the loop instead, so `connection_lost` never re-enters the protocol.
+    doomed: Cell<Option<Box<Failure>>>,
     /// Told after the protocol's `connection_lost` (a client's connector).
     on_lost: Cell<Option<OnLost>>,
 }
@@ -264,8 +283,7 @@ impl<K: Kind> Connection<K> {
             write_side: Cell::new(WriteSide::Open),
             io: Cell::new(Io::empty()),
             producer: Cell::new(None),
-            high_water: Cell::new(DEFAULT_HIGH_WATER as u32),
-            low_water: Cell::new(0),
+            doomed: Cell::new(None),
             on_lost: Cell::new(None),
         })
     }
@@ -415,7 +433,7 @@ impl<K: Kind> Connection<K> {
             }
         };
         let left = self.buffered_len();
-        if left <= self.low_water.get() as usize {
+        if left <= self.out.borrow().as_ref().map_or(0, |o| o.low as usize) {
             if let Some(p) = self.producer_in(Mode::StreamingPaused, Mode::Streaming) {
                 if !self.call_producer("resume_producing", &p, |p| p.resume_producing()) {
                     return Ok(());
@@ -474,10 +492,21 @@ impl<K: Kind> Connection<K> {
     /// `connection_lost`, the connector's notification) is contained on
     /// its own, so one panicking never skips the others.
     pub fn close(&self, reason: Failure) {
-        let was = self.life.replace(Life::Lost);
-        if was == Life::Lost {
+        if self.life.get() == Life::Lost {
             return;
         }
+        if self.protocol.try_borrow_mut().is_err() {
+            // Inside one of the protocol's own calls (a producer it
+            // registered panicked, say): abort now, tell it from the loop.
+            if let Some(earlier) = self.doomed.replace(Some(Box::new(reason))) {
+                self.doomed.set(Some(earlier));
+            }
+            self.life.set(Life::Aborting);
+            self.queue_flush();
+            return;
+        }
+        let reason = self.doomed.take().map_or(reason, |b| *b);
+        let was = self.life.replace(Life::Lost);
         // Removed under the fd it was registered with: O(1), although
         // `fileno()` already reports the connection closed.
         if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
@@ -779,8 +808,9 @@ impl<K: Kind> TransportOps for Connection<K> {
 
     fn set_write_buffer_limits(&self, high: usize, low: usize) {
         let high = u32::try_from(high).unwrap_or(u32::MAX);
-        self.high_water.set(high);
-        self.low_water.set(u32::try_from(low).unwrap_or(u32::MAX).min(high));
+        let mut out = self.out_mut();
+        out.high = high;
+        out.low = u32::try_from(low).unwrap_or(u32::MAX).min(high);
     }
 
     fn buffered(&self) -> usize {
@@ -894,7 +924,8 @@ impl<K: Kind> Connection<K> {
     #[inline]
     fn after_write(&self) {
         self.queue_flush();
-        if self.buffered_len() > self.high_water.get() as usize {
+        let over = self.out.borrow().as_ref().is_some_and(|o| o.len > o.high as usize);
+        if over {
             if let Some(p) = self.producer_in(Mode::Streaming, Mode::StreamingPaused) {
                 self.call_producer("pause_producing", &p, |p| p.pause_producing());
             }

@@ -107,7 +107,7 @@ impl Port {
         }) {
             log_failure(&format!("in start_factory for {}", port.log_prefix()), &failure);
         }
-        tracing::info!(target: "braid", "listening on {local} (TCP)");
+        tracing::debug!(target: "braid", "listening on {local} (TCP)");
         Ok(port)
     }
 
@@ -252,7 +252,7 @@ impl Port {
         if let (Some(key), Some(reactor)) = (self.held.take(), self.reactor.get()) {
             reactor.release(key);
         }
-        tracing::info!(target: "braid", "stopped listening on {} (TCP)", self.local);
+        tracing::debug!(target: "braid", "stopped listening on {} (TCP)", self.local);
         catch_panic(|| {
             self.factory.do_stop();
             Ok(())
