@@ -7,3 +7,4 @@ pub(crate) mod prefetch;
 pub(crate) mod signal;
 pub(crate) mod tsc;
 pub(crate) mod waker;
+pub(crate) mod unix_socket;
