@@ -806,7 +806,8 @@ mod tests {
         // link-local addresses, so the scope id's trip through sockaddr_in6
         // is checked in `ip_conversions_round_trip`; here the real kernel
         // addresses of an IPv6 listener, client and accepted socket.
-        let v6 = || socket_with(AddressFamily::INET6, SocketType::STREAM, SocketFlags::CLOEXEC, None).unwrap();
+        let v6 =
+            || socket_with(AddressFamily::INET6, SocketType::STREAM, SocketFlags::CLOEXEC, None).unwrap();
         let l = v6();
         bind(&l, &Address::from(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0)).to_sockaddr()).unwrap();
         listen(&l, 1).unwrap();
