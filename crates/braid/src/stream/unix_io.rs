@@ -105,12 +105,16 @@ pub struct Received {
 
 /// Receives bytes into `buf` and any descriptors sent with them, appended to
 /// `fds_out` in the order they were sent. One `recvmsg` with
-/// `MSG_CMSG_CLOEXEC` and room for [`SCM_MAX_FD`] descriptors; Linux hands
-/// over at most one message's descriptors per call, so that always fits
-/// unless this process runs out of descriptors (see
-/// [`Received::fds_truncated`]). Control messages of other kinds are
-/// dropped. `EINTR` is retried; on a non-blocking socket with nothing to
-/// read this is `EAGAIN`.
+/// `MSG_CMSG_CLOEXEC` and room for [`SCM_MAX_FD`] descriptors.
+///
+/// Linux ends a read after the bytes of a send that carried descriptors:
+/// one call returns at most one send's descriptors (so they always fit,
+/// unless this process runs out of descriptors, see
+/// [`Received::fds_truncated`]), and bytes sent after them come in a later
+/// call. A connection that hands the descriptors to the protocol before the
+/// bytes of the same call therefore delivers them before everything sent
+/// after them. Control messages of other kinds are dropped. `EINTR` is
+/// retried; on a non-blocking socket with nothing to read this is `EAGAIN`.
 pub fn recv_with_fds(sock: impl AsFd, buf: &mut [u8], fds_out: &mut Vec<OwnedFd>) -> Result<Received, Errno> {
     let mut space = [MaybeUninit::<u8>::uninit(); CONTROL_SPACE];
     recv_with_control(sock.as_fd(), buf, fds_out, &mut space)
@@ -136,9 +140,9 @@ fn recv_with_control(
         if let RecvAncillaryMessage::ScmRights(fds) = m {
             fds_out.extend(fds);
         }
-        // Other kinds (credentials, only if SO_PASSCRED were set) are
-        // dropped here; rustix closes nothing else since only SCM_RIGHTS
-        // carries descriptors.
+        // Other kinds carry no descriptors (credentials come only with
+        // SO_PASSCRED, which braid does not set), so dropping them loses
+        // nothing that needs closing.
     }
     Ok(Received { bytes: msg.bytes, fds_truncated: msg.flags.contains(ReturnFlags::CTRUNC) })
 }
@@ -297,6 +301,22 @@ mod tests {
         drop(w);
         drop(fds);
         assert!(all_writers_closed(&r));
+    }
+
+    #[test]
+    fn a_read_stops_after_the_bytes_that_carried_descriptors() {
+        let (a, b) = pair();
+        let (_r, w) = pipe();
+        send_with_fds(&a, &[IoSlice::new(b"a")], &[]).unwrap();
+        send_with_fds(&a, &[IoSlice::new(b"b")], &[w.as_fd()]).unwrap();
+        send_with_fds(&a, &[IoSlice::new(b"c")], &[]).unwrap();
+        let mut fds = Vec::new();
+        let mut buf = [0u8; 16];
+        let first = recv_with_fds(&b, &mut buf, &mut fds).unwrap();
+        assert_eq!(&buf[..first.bytes], b"ab", "earlier bytes join, later ones wait");
+        assert_eq!(fds.len(), 1);
+        let second = recv_with_fds(&b, &mut buf, &mut fds).unwrap();
+        assert_eq!((&buf[..second.bytes], fds.len()), (&b"c"[..], 1));
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //!   container connecting through a bind-mounted socket), so that read would
 //!   be undefined behaviour; here the pid is a plain integer.
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
 use std::io;
+#[cfg(any(target_os = "linux", target_os = "android"))]
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use rustix::net::SocketAddrAny;
