@@ -2,7 +2,8 @@
 //!
 //! The binaries in `src/bin/`:
 //! - `echo_tokio`, `echo_mio`: the peers braid is measured against;
-//! - `loadgen`: the single-threaded load generator (pingpong, pipeline, bulk, accept, idle);
+//! - `loadgen`: the single-threaded load generator (pingpong, pipeline, bulk, accept, idle,
+//!   short-idle);
 //! - `bench-all`: runs every scenario against every server and writes BENCHMARKS.md.
 //!
 //! This file holds the few helpers they share: argument parsing, the descriptor limit and

@@ -7,7 +7,10 @@
 //!                         target/BENCHMARKS-quick.md unless --out is given
 //!   --reps N              repetitions (3)            --seconds S   length of timed scenarios (3)
 //!   --bulk-bytes N        bytes through bulk (1 GiB) --idle-conns N idle connections (10000)
-//!   --scenarios a,b       only these (pingpong, pipeline-100, pipeline-1000, bulk, accept, idle)
+//!   --scenarios a,b       only these (pingpong, pingpong-1cpu, pipeline-100, pipeline-1000, bulk,
+//!                         accept, idle, short-idle)
+//!   --short-count N       short-idle: connections per measured run (5000)
+//!   --short-rounds N      short-idle: measured runs per phase (5; quick: 3)
 //!   --servers a,b         only these (tokio, mio, braid-select, braid-poll, braid-epoll)
 //!   --no-timers           skip the timer benchmark    --no-build    do not run cargo build
 //!   --out PATH            where to write the report (default: BENCHMARKS.md at the repo root)
@@ -31,8 +34,8 @@ use std::time::{Duration, Instant};
 use braid_bench::{die, Args};
 
 const SERVER_NAMES: [&str; 5] = ["tokio", "mio", "braid-select", "braid-poll", "braid-epoll"];
-const SCENARIO_NAMES: [&str; 7] =
-    ["pingpong", "pingpong-1cpu", "pipeline-100", "pipeline-1000", "bulk", "accept", "idle"];
+const SCENARIO_NAMES: [&str; 8] =
+    ["pingpong", "pingpong-1cpu", "pipeline-100", "pipeline-1000", "bulk", "accept", "idle", "short-idle"];
 /// select(2) can only watch descriptors below FD_SETSIZE.
 const FD_SETSIZE: usize = 1024;
 
@@ -41,6 +44,8 @@ struct Config {
     seconds: f64,
     bulk_bytes: u64,
     idle_conns: usize,
+    short_count: u64,
+    short_rounds: usize,
     scenarios: Vec<&'static str>,
     servers: Vec<&'static str>,
     timers: bool,
@@ -76,6 +81,9 @@ struct Sample {
     rate: f64,
     cpu_per_op_ns: f64,
     extra: BTreeMap<&'static str, f64>,
+    /// short-idle: server CPU per connection of each measured run, for each phase (none idle,
+    /// idle open, after they closed).
+    runs_cpu_ns: [Vec<f64>; 3],
 }
 
 enum Cell {
@@ -116,6 +124,8 @@ fn main() {
         seconds: args.num("seconds", if quick { 1.0 } else { 3.0 }),
         bulk_bytes: args.num("bulk-bytes", if quick { 256 << 20 } else { 1 << 30 }),
         idle_conns: args.num("idle-conns", 10_000),
+        short_count: args.num("short-count", 5_000u64).max(1),
+        short_rounds: args.num("short-rounds", if quick { 3 } else { 5usize }).clamp(1, 100),
         scenarios: pick("scenarios", &SCENARIO_NAMES),
         servers: pick("servers", &SERVER_NAMES),
         timers: !args.flag("no-timers"),
@@ -325,6 +335,39 @@ fn scenario(name: &'static str, cfg: &Config) -> Scenario {
             time_limit: limit + Duration::from_secs(180),
             loadgen_cpu: 1,
         },
+        "short-idle" => Scenario {
+            name,
+            title: format!(
+                "short-idle: accept, one 64 B round trip, close (RST), 32 at a time; none idle, then {} idle open",
+                cfg.idle_conns
+            ),
+            args: vec![
+                "short-idle".into(),
+                "--idle".into(),
+                cfg.idle_conns.to_string(),
+                "--count".into(),
+                cfg.short_count.to_string(),
+                "--rounds".into(),
+                cfg.short_rounds.to_string(),
+                "--wait-stdin".into(),
+                "--seconds".into(),
+                secs.clone(),
+                "--workers".into(),
+                "32".into(),
+                "--size".into(),
+                "64".into(),
+            ],
+            conns: cfg.idle_conns + 33,
+            rate_unit: "connections",
+            op: "connection",
+            // Opening the idle connections (bounded by 120 s in the load generator), waiting
+            // for the server to drop them (20 s), and 3 × (rounds + 1) runs, each bounded by
+            // `seconds` plus the drain limit.
+            time_limit: Duration::from_secs_f64(
+                150.0 + 3.0 * (cfg.short_rounds as f64 + 1.0) * (cfg.seconds + 10.0),
+            ),
+            loadgen_cpu: 1,
+        },
         _ => unreachable!(),
     }
 }
@@ -425,6 +468,17 @@ impl Server {
         Ok((ticks(11) + ticks(12)) / clk_tck * 1e9)
     }
 
+    /// Server CPU time so far in ns, exact: the sum of every thread's run time from
+    /// /proc/PID/task/*/schedstat. None if the kernel does not provide it.
+    fn exec_ns(&self) -> Option<f64> {
+        let mut total = 0.0;
+        for entry in std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()? {
+            let stat = std::fs::read_to_string(entry.ok()?.path().join("schedstat")).ok()?;
+            total += stat.split_whitespace().next()?.parse::<f64>().ok()?;
+        }
+        Some(total)
+    }
+
     /// VmRSS in bytes.
     fn rss(&self) -> Result<f64, String> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
@@ -466,6 +520,8 @@ impl Server {
 /// What the server looked like when the load generator printed a `MARK`.
 struct Mark {
     cpu_ns: f64,
+    /// [`Server::exec_ns`], where available.
+    exec_ns: Option<f64>,
     rss: f64,
 }
 
@@ -501,6 +557,7 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
             }
         };
         if let Some(name) = line.strip_prefix("MARK ") {
+            let exec_ns = server.exec_ns();
             let cpu_ns = server.cpu_ns(cfg.clk_tck)?;
             let mut rss = server.rss()?;
             if name == "ready" {
@@ -516,8 +573,19 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
                 if let Some(mut s) = stdin.take() {
                     let _ = s.write_all(b"go\n");
                 }
+            } else if name == "idle-closed" {
+                // The idle connections were reset: let the server close them all before the
+                // next measurement, so their closing is not counted in it.
+                let until = Instant::now() + Duration::from_secs(20);
+                while server.open_fds() > 64 && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if let Some(s) = stdin.as_mut() {
+                    let _ = s.write_all(b"go\n");
+                    let _ = s.flush();
+                }
             }
-            marks.insert(name.to_string(), Mark { cpu_ns, rss });
+            marks.insert(name.to_string(), Mark { cpu_ns, exec_ns, rss });
         } else if let Some(fields) = line.strip_prefix("RESULT ") {
             result = Some(
                 fields
@@ -545,14 +613,13 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
         return Err("no operations completed".into());
     }
     let mark = |n: &str| marks.get(n).ok_or(format!("loadgen printed no MARK {n}"));
+    if sc.name == "short-idle" {
+        return short_idle_sample(&r, &marks);
+    }
     let (from, to) = if sc.name == "idle" { ("pingpong", "end") } else { ("start", "end") };
     let cpu = mark(to)?.cpu_ns - mark(from)?.cpu_ns;
-    let mut sample = Sample {
-        ops,
-        rate: num("rate").unwrap_or(f64::NAN),
-        cpu_per_op_ns: cpu / ops,
-        extra: BTreeMap::new(),
-    };
+    let mut sample =
+        Sample { ops, rate: num("rate").unwrap_or(f64::NAN), cpu_per_op_ns: cpu / ops, ..Sample::default() };
     for key in ["p50_us", "p99_us", "gbps", "errors", "port_busy"] {
         if let Some(v) = num(key) {
             sample.extra.insert(key, v);
@@ -564,6 +631,55 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
         sample
             .extra
             .insert("establish_cpu_us", (mark("ready")?.cpu_ns - mark("start")?.cpu_ns) / conns / 1e3);
+    }
+    Ok(sample)
+}
+
+/// The figures of one short-idle run: for each phase (none idle, then idle open) the medians over
+/// its measured runs of server CPU per connection and of connections per second. The CPU figure
+/// is phase 1's, the one the other tables compare; `idle_ratio` is phase 1's ÷ phase 0's.
+fn short_idle_sample(r: &BTreeMap<String, String>, marks: &BTreeMap<String, Mark>) -> Result<Sample, String> {
+    let num = |k: &str| r.get(k).and_then(|v| v.parse::<f64>().ok());
+    let rounds = num("rounds").ok_or("RESULT without rounds")? as usize;
+    // Exact run time when every mark has it; else the tick-granular utime+stime.
+    let exact = marks.values().all(|m| m.exec_ns.is_some());
+    let cpu_at = |m: &Mark| if exact { m.exec_ns.unwrap_or(f64::NAN) } else { m.cpu_ns };
+    let phase = |p: usize| -> Result<(Vec<f64>, f64), String> {
+        let (mut cpu, mut rate) = (Vec::new(), Vec::new());
+        for i in 0..rounds {
+            let ops = num(&format!("ops.{p}.{i}")).ok_or(format!("RESULT without ops.{p}.{i}"))?;
+            let secs = num(&format!("secs.{p}.{i}")).unwrap_or(f64::NAN);
+            let get = |n: String| marks.get(&n).ok_or(format!("loadgen printed no MARK {n}"));
+            let spent = cpu_at(get(format!("end.{p}.{i}"))?) - cpu_at(get(format!("start.{p}.{i}"))?);
+            if ops <= 0.0 {
+                return Err(format!("no connection completed in run {i} of phase {p}"));
+            }
+            cpu.push(spent / ops);
+            rate.push(ops / secs);
+        }
+        Ok((cpu, median(rate)))
+    };
+    let (runs0, rate0) = phase(0)?;
+    let (runs1, rate1) = phase(1)?;
+    let (runs2, _) = phase(2)?;
+    let (cpu0, cpu1, cpu2) = (median(runs0.clone()), median(runs1.clone()), median(runs2.clone()));
+    let mut sample = Sample {
+        ops: num("ops").unwrap_or(f64::NAN),
+        rate: rate1,
+        cpu_per_op_ns: cpu1,
+        extra: BTreeMap::new(),
+        runs_cpu_ns: [runs0, runs1, runs2],
+    };
+    sample.extra.insert("none_cpu_ns", cpu0);
+    sample.extra.insert("none_rate", rate0);
+    sample.extra.insert("idle_ratio", cpu1 / cpu0);
+    sample.extra.insert("after_cpu_ns", cpu2);
+    sample.extra.insert("after_ratio", cpu2 / cpu0);
+    sample.extra.insert("exact_cpu", if exact { 1.0 } else { 0.0 });
+    for key in ["errors", "port_busy", "establish_seconds"] {
+        if let Some(v) = num(key) {
+            sample.extra.insert(key, v);
+        }
     }
     Ok(sample)
 }
@@ -671,7 +787,7 @@ fn medians(samples: &[Sample]) -> Sample {
         ops: median(samples.iter().map(|s| s.ops).collect()),
         rate: median(samples.iter().map(|s| s.rate).collect()),
         cpu_per_op_ns: median(samples.iter().map(|s| s.cpu_per_op_ns).collect()),
-        extra: BTreeMap::new(),
+        ..Sample::default()
     };
     if let Some(first) = samples.first() {
         for k in first.extra.keys() {
@@ -780,6 +896,30 @@ fn render(
          between that cap and uncapped. select(2) takes part in `pipeline-1000`, whose ~1,010 descriptors \
          all stay below FD_SETSIZE (1024), but not in `idle`.\n"
     );
+    if cfg.scenarios.contains(&"short-idle") {
+        let _ = writeln!(
+            s,
+            "`short-idle` asks whether a short connection costs more while many others are open. In one \
+             server process: {rounds} runs of up to {count} short connections (as in `accept`: connect, one \
+             64 B round trip, close with SO_LINGER 0, 32 at a time) with no other connection open; then \
+             {idle} idle connections are opened (each after one round trip) and held while {rounds} more \
+             runs are made; then they are reset, the runner waits until the server has closed them, and \
+             {rounds} more runs show whether the cost went back down. Each run is bounded by {count} \
+             connections and {secs} s, and each phase starts with an unmeasured warm-up of 500. The \
+             server's CPU for a run is read exactly (the run time of its threads from \
+             /proc/PID/task/*/schedstat, not clock ticks); a phase's figure is the median over its runs, \
+             and the ratios are medians over repetitions of the per-repetition ratio. The client resets \
+             each short connection because the echo servers close only after the client does: a normal \
+             close would leave each client port in TIME_WAIT, and there are about 28k ephemeral ports. \
+             select(2) cannot take part: the idle connections need descriptors above FD_SETSIZE. poll(2) \
+             reads every watched descriptor's state on each call, so its cost per wakeup grows with the \
+             idle connections whatever braid does.\n",
+            rounds = cfg.short_rounds,
+            count = cfg.short_count,
+            idle = cfg.idle_conns,
+            secs = cfg.seconds,
+        );
+    }
 
     // Medians table.
     let _ = write!(s, "| scenario | figure |");
@@ -801,7 +941,28 @@ fn render(
             })
             .collect();
         let mut rows: Vec<Row> = Vec::new();
-        if sc.name == "idle" {
+        if sc.name == "short-idle" {
+            let n = cfg.idle_conns;
+            rows.push(("none idle: connections/s".into(), Box::new(|m| fmt_rate(m.extra["none_rate"]))));
+            rows.push((
+                "**none idle: server CPU per connection**".into(),
+                Box::new(|m| format!("**{}**", fmt_ns(m.extra["none_cpu_ns"]))),
+            ));
+            rows.push((format!("{n} idle open: connections/s"), Box::new(|m| fmt_rate(m.rate))));
+            rows.push((
+                format!("**{n} idle open: server CPU per connection**"),
+                Box::new(|m| format!("**{}**", fmt_ns(m.cpu_per_op_ns))),
+            ));
+            rows.push((
+                "**CPU per connection, idle open ÷ none idle** (braid target ≤ 1.10)".into(),
+                Box::new(|m| format!("**{:.2}**", m.extra["idle_ratio"])),
+            ));
+            rows.push((
+                "after the idle ones closed: server CPU per connection".into(),
+                Box::new(|m| fmt_ns(m.extra["after_cpu_ns"])),
+            ));
+            rows.push(("… ÷ none idle".into(), Box::new(|m| format!("{:.2}", m.extra["after_ratio"]))));
+        } else if sc.name == "idle" {
             rows.push((
                 "server RSS per idle connection".into(),
                 Box::new(|m| fmt_bytes(m.extra["rss_per_conn"])),
@@ -924,8 +1085,27 @@ fn render(
         let _ = writeln!(s, "- {}:", sc.name);
         for (server, cell) in cfg.servers.iter().zip(cells) {
             if let Cell::Samples(v) = cell {
-                let reps: Vec<String> =
-                    v.iter().map(|x| format!("{} ; {}", fmt_rate(x.rate), fmt_ns(x.cpu_per_op_ns))).collect();
+                let reps: Vec<String> = v
+                    .iter()
+                    .map(|x| {
+                        let one = format!("{} ; {}", fmt_rate(x.rate), fmt_ns(x.cpu_per_op_ns));
+                        match (x.extra.get("none_rate"), x.extra.get("none_cpu_ns")) {
+                            (Some(&rate), Some(&cpu)) => {
+                                let runs =
+                                    |v: &[f64]| v.iter().map(|&c| fmt_ns(c)).collect::<Vec<_>>().join(" ");
+                                format!(
+                                    "none idle {} ; {} (runs {}), idle open {one} (runs {}), after (runs {})",
+                                    fmt_rate(rate),
+                                    fmt_ns(cpu),
+                                    runs(&x.runs_cpu_ns[0]),
+                                    runs(&x.runs_cpu_ns[1]),
+                                    runs(&x.runs_cpu_ns[2])
+                                )
+                            }
+                            _ => one,
+                        }
+                    })
+                    .collect();
                 let _ = writeln!(s, "  - {server}: {}", reps.join(" · "));
             }
         }
@@ -961,4 +1141,68 @@ fn p50_p99(m: &Sample) -> String {
         m.extra.get("p50_us").copied().unwrap_or(f64::NAN),
         m.extra.get("p99_us").copied().unwrap_or(f64::NAN)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short-idle result of `rounds` runs per phase; run `r` of phase `p` took `cpu(p, r)` ns
+    /// of exact server CPU (and ten times that in tick time) for `ops` connections.
+    fn short_idle_run(
+        rounds: usize,
+        ops: f64,
+        cpu: impl Fn(usize, usize) -> f64,
+        exact: bool,
+    ) -> (BTreeMap<String, String>, BTreeMap<String, Mark>) {
+        let mut r = BTreeMap::new();
+        let mut marks = BTreeMap::new();
+        r.insert("rounds".to_string(), rounds.to_string());
+        let mut t = 1e9;
+        for p in 0..3 {
+            for i in 0..rounds {
+                r.insert(format!("ops.{p}.{i}"), ops.to_string());
+                r.insert(format!("secs.{p}.{i}"), "0.5".to_string());
+                let m = |t: f64| Mark { cpu_ns: t * 10.0, exec_ns: exact.then_some(t), rss: 0.0 };
+                marks.insert(format!("start.{p}.{i}"), m(t));
+                t += cpu(p, i);
+                marks.insert(format!("end.{p}.{i}"), m(t));
+                t += 12345.0; // CPU between runs is not counted
+            }
+        }
+        (r, marks)
+    }
+
+    #[test]
+    fn short_idle_sample_takes_each_phase_median_and_their_ratio() {
+        // Per connection: phase 0 runs 10, 30, 20 µs (median 20); phase 1 15, 50, 25 (25);
+        // phase 2 22 each.
+        let per = [[10.0, 30.0, 20.0], [15.0, 50.0, 25.0], [22.0, 22.0, 22.0]];
+        let (r, marks) = short_idle_run(3, 1000.0, |p, i| per[p][i] * 1e3 * 1000.0, true);
+        let s = short_idle_sample(&r, &marks).expect("sample");
+        assert!((s.extra["none_cpu_ns"] - 20e3).abs() < 1e-6, "{}", s.extra["none_cpu_ns"]);
+        assert!((s.cpu_per_op_ns - 25e3).abs() < 1e-6, "{}", s.cpu_per_op_ns);
+        assert!((s.extra["after_cpu_ns"] - 22e3).abs() < 1e-6);
+        assert!((s.extra["idle_ratio"] - 1.25).abs() < 1e-9);
+        assert!((s.extra["none_rate"] - 2000.0).abs() < 1e-9);
+        assert_eq!(s.extra["exact_cpu"], 1.0);
+        assert_eq!(s.runs_cpu_ns[1], vec![15e3, 50e3, 25e3]);
+    }
+
+    #[test]
+    fn short_idle_sample_falls_back_to_ticks_without_schedstat() {
+        let (r, marks) = short_idle_run(1, 100.0, |p, _| (p + 1) as f64 * 1e6, false);
+        let s = short_idle_sample(&r, &marks).expect("sample");
+        // Tick time is ten times the exact time in this fixture.
+        assert!((s.extra["none_cpu_ns"] - 1e5).abs() < 1e-6, "{}", s.extra["none_cpu_ns"]);
+        assert!((s.extra["idle_ratio"] - 2.0).abs() < 1e-9);
+        assert_eq!(s.extra["exact_cpu"], 0.0);
+    }
+
+    #[test]
+    fn short_idle_sample_fails_on_a_missing_mark() {
+        let (r, mut marks) = short_idle_run(2, 10.0, |_, _| 1e6, true);
+        marks.remove("end.1.1");
+        assert!(short_idle_sample(&r, &marks).is_err());
+    }
 }

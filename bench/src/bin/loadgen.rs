@@ -14,13 +14,18 @@
 //!   idle       --conns (10000) connections opened (each makes one 64-byte round trip, so the
 //!              server has surely accepted it) and held; then a ping-pong on a new connection
 //!              while they stay open
+//!   short-idle the accept loop in three phases: with no other connection open, with --idle
+//!              (10000) idle ones open (opened as in idle), and after those were reset (then
+//!              --wait-stdin, else --hold S, 1). Per phase a warm-up and --rounds (5) runs of
+//!              --count (5000) connections, each run also ended by --seconds (3). Marks `start.P.R`
+//!              and `end.P.R` around run R of phase P (0, 1, 2), `ops.P.R`, `secs.P.R` in the result
 //! options: --seconds S (3; bulk: the time limit, 120), --max-ops N (bounds every load loop),
-//!          --wait-stdin (idle: after `MARK ready`, wait for a line on stdin), --hold S (idle: else
-//!          wait S seconds, 0), --connect-concurrency N (32)
+//!          --wait-stdin (idle: after `MARK ready`, wait for a line on stdin; short-idle: after
+//!          `MARK idle-closed`), --hold S (idle: else wait S seconds, 0), --connect-concurrency N (32)
 //! ```
 //!
 //! Output on stdout: `MARK NAME` lines at phase boundaries (`start`, `end`; idle also `ready` and
-//! `pingpong`) so a runner can sample the server's CPU time and memory there, then one line
+//! `pingpong`; short-idle its own, above) so a runner can sample the server's CPU time and memory there, then one line
 //! `RESULT scenario=... ops=N seconds=S rate=R ...` (key=value). On any failure, including a
 //! byte that came back wrong, it prints `ERROR message` and exits with status 2.
 //! The time between `MARK start` and `MARK end` is what `seconds` measures and what `ops` counts.
@@ -45,7 +50,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 fn main() {
     let args = Args::parse(&["wait-stdin"]);
     let Some(scenario) = args.positional().first().cloned() else {
-        braid_bench::die("usage: loadgen pingpong|pipeline|bulk|accept|idle --addr HOST:PORT [options]")
+        braid_bench::die(
+            "usage: loadgen pingpong|pipeline|bulk|accept|idle|short-idle --addr HOST:PORT [options]",
+        )
     };
     let addr: SocketAddr = match args.get("addr").map(str::parse) {
         Some(Ok(a)) => a,
@@ -59,6 +66,7 @@ fn main() {
         "bulk" => bulk(&args, addr, &pattern),
         "accept" => accept(&args, addr, &pattern),
         "idle" => idle(&args, addr, &pattern),
+        "short-idle" => short_idle(&args, addr, &pattern),
         other => braid_bench::die(&format!("unknown scenario {other}")),
     };
     match result {
@@ -430,30 +438,67 @@ struct Worker {
 
 const WORKER_BITS: u32 = 16;
 
-fn accept(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> {
-    let workers_n: usize = args.num("workers", 32usize).clamp(1, 1 << WORKER_BITS);
-    let size: u64 = args.num("size", 64).clamp(1, PATTERN_MAX_SLICE as u64);
-    let limit = args.seconds("seconds", 3.0);
-    let max_ops: u64 = args.num("max-ops", 10_000_000);
-    let rst = match args.get("close").unwrap_or("rst") {
-        "rst" => true,
-        "fin" => false,
-        other => return Err(format!("--close takes rst or fin, not {other}")),
-    };
+/// How short connections are made: how many at once, the round trip's size, how the client closes.
+struct ShortOpts {
+    workers: usize,
+    size: u64,
+    /// Close with SO_LINGER 0 (RST) rather than a normal close (FIN).
+    rst: bool,
+}
+
+impl ShortOpts {
+    fn parse(args: &Args) -> Res<ShortOpts> {
+        let rst = match args.get("close").unwrap_or("rst") {
+            "rst" => true,
+            "fin" => false,
+            other => return Err(format!("--close takes rst or fin, not {other}")),
+        };
+        Ok(ShortOpts {
+            workers: args.num("workers", 32usize).clamp(1, 1 << WORKER_BITS),
+            size: args.num("size", 64).clamp(1, PATTERN_MAX_SLICE as u64),
+            rst,
+        })
+    }
+}
+
+/// What one bounded run of short connections did.
+struct ShortRun {
+    ops: u64,
+    secs: f64,
+    errors: u64,
+    port_busy: u64,
+}
+
+/// Runs short connections (connect, one round trip, close), `opts.workers` at a time, until
+/// `count` have been started or `limit` has passed, then waits for those in flight. `next_id`
+/// numbers the connections across runs so each carries its own bytes. With `marks`, prints the
+/// first name just before the first connect and the second once the last connection is closed.
+fn short_connections(
+    addr: SocketAddr,
+    pattern: &Pattern,
+    opts: &ShortOpts,
+    count: u64,
+    limit: Duration,
+    next_id: &mut u64,
+    marks: Option<(&str, &str)>,
+) -> Res<ShortRun> {
+    let size = opts.size;
     let mut poll = Poll::new().map_err(io_err("epoll_create"))?;
     let mut events = Events::with_capacity(1024);
     let mut scratch = vec![0u8; 4096];
     let mut workers: Vec<Worker> =
-        (0..workers_n).map(|_| Worker { conn: None, generation: 0, retry: true }).collect();
+        (0..opts.workers).map(|_| Worker { conn: None, generation: 0, retry: true }).collect();
     let (mut started, mut ops, mut port_busy, mut errors) = (0u64, 0u64, 0u64, 0u64);
     let mut stopping = false;
 
-    mark("start");
+    if let Some((m, _)) = marks {
+        mark(m);
+    }
     let start = Instant::now();
     let deadline = start + limit;
     let end = loop {
         let now = Instant::now();
-        if !stopping && (now >= deadline || started >= max_ops) {
+        if !stopping && (now >= deadline || started >= count) {
             stopping = true;
         }
         // (Re)start idle workers.
@@ -463,7 +508,7 @@ fn accept(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> 
                 continue;
             }
             worker.retry = false;
-            if stopping {
+            if stopping || started >= count {
                 continue;
             }
             match TcpStream::connect(addr) {
@@ -473,7 +518,8 @@ fn accept(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> 
                     poll.registry()
                         .register(&mut s, token, Interest::READABLE | Interest::WRITABLE)
                         .map_err(io_err("epoll_ctl"))?;
-                    let base = Pattern::base(started);
+                    let base = Pattern::base(*next_id);
+                    *next_id += 1;
                     started += 1;
                     worker.conn = Some(Conn { s, base, sent: 0, recvd: 0, target: size, connected: false });
                 }
@@ -486,7 +532,7 @@ fn accept(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> 
                 Err(e) => return Err(format!("connect: {e}")),
             }
         }
-        if stopping && workers.iter().all(|w| w.conn.is_none()) {
+        if (stopping || started >= count) && workers.iter().all(|w| w.conn.is_none()) {
             break Instant::now();
         }
         if now > deadline + DRAIN_LIMIT {
@@ -513,7 +559,7 @@ fn accept(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> 
                 Ok(false) => {}
                 Ok(true) => {
                     ops += 1;
-                    if rst {
+                    if opts.rst {
                         rustix::net::sockopt::set_socket_linger(&c.s, Some(Duration::ZERO))
                             .map_err(|e| format!("SO_LINGER: {e}"))?;
                     }
@@ -530,17 +576,118 @@ fn accept(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> 
             }
         }
     };
-    mark("end");
-    let secs = (end - start).as_secs_f64();
+    if let Some((_, m)) = marks {
+        mark(m);
+    }
+    Ok(ShortRun { ops, secs: (end - start).as_secs_f64(), errors, port_busy })
+}
+
+fn accept(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> {
+    let opts = ShortOpts::parse(args)?;
+    let limit = args.seconds("seconds", 3.0);
+    let max_ops: u64 = args.num("max-ops", 10_000_000);
+    let mut next_id = 0;
+    let run = short_connections(addr, pattern, &opts, max_ops, limit, &mut next_id, Some(("start", "end")))?;
     Ok(vec![
-        field("workers", workers_n),
-        field("close", if rst { "rst" } else { "fin" }),
+        field("workers", opts.workers),
+        field("close", if opts.rst { "rst" } else { "fin" }),
+        field("ops", run.ops),
+        field("seconds", format!("{:.4}", run.secs)),
+        field("rate", format!("{:.1}", run.ops as f64 / run.secs)),
+        field("errors", run.errors),
+        field("port_busy", run.port_busy),
+    ])
+}
+
+/// Short connections in three phases: 0 with no other connection open, 1 with `--idle` (10000)
+/// idle connections open, 2 after those were reset (and, with `--wait-stdin`, a line on stdin
+/// was read, else `--hold` seconds, 1, passed, so the server has let them go). Each phase is a
+/// warm-up run and `--rounds` (5) measured runs of `--count` (5000) connections, each also ended
+/// by `--seconds` (3). Measured run R of phase P lies between the marks `start.P.R` and
+/// `end.P.R`, and the result gives `ops.P.R` and `secs.P.R`.
+fn short_idle(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> {
+    let opts = ShortOpts::parse(args)?;
+    let idle_n: usize = args.num("idle", 10_000);
+    let count: u64 = args.num("count", 5_000u64).max(1);
+    let rounds: usize = args.num("rounds", 5usize).clamp(1, 100);
+    let limit = args.seconds("seconds", 3.0);
+    let hold = args.seconds("hold", 1.0);
+    let concurrency = args.num("connect-concurrency", 32usize).max(1);
+    let mut fields = vec![
+        field("idle", idle_n),
+        field("workers", opts.workers),
+        field("close", if opts.rst { "rst" } else { "fin" }),
+        field("count", count),
+        field("rounds", rounds),
+    ];
+    let mut next_id = 1 << 32; // apart from the idle connections' ids
+    let (mut ops, mut secs, mut errors, mut port_busy) = (0u64, 0.0f64, 0u64, 0u64);
+    let mut idle_poll = Poll::new().map_err(io_err("epoll_create"))?;
+    let mut idle_conns: Vec<Conn> = Vec::new();
+    for phase in 0..3 {
+        if phase == 1 {
+            mark("idle-start");
+            let t = Instant::now();
+            idle_conns =
+                establish(&mut idle_poll, addr, idle_n, concurrency, pattern, Duration::from_secs(120))?;
+            fields.push(field("establish_seconds", format!("{:.3}", t.elapsed().as_secs_f64())));
+            mark("idle-open");
+        } else if phase == 2 {
+            check_idle(&mut idle_poll, &mut idle_conns)?;
+            // A reset, not a FIN, so these ports are not left in TIME_WAIT.
+            for c in &idle_conns {
+                rustix::net::sockopt::set_socket_linger(&c.s, Some(Duration::ZERO))
+                    .map_err(|e| format!("SO_LINGER: {e}"))?;
+            }
+            idle_conns.clear();
+            mark("idle-closed");
+            if args.flag("wait-stdin") {
+                let mut line = String::new();
+                io::stdin().lock().read_line(&mut line).map_err(io_err("stdin"))?;
+            } else {
+                std::thread::sleep(hold);
+            }
+        }
+        short_connections(addr, pattern, &opts, count.min(500), limit, &mut next_id, None)?; // warm-up
+        for r in 0..rounds {
+            let (from, to) = (format!("start.{phase}.{r}"), format!("end.{phase}.{r}"));
+            let run =
+                short_connections(addr, pattern, &opts, count, limit, &mut next_id, Some((&from, &to)))?;
+            fields.push(field(&format!("ops.{phase}.{r}"), run.ops));
+            fields.push(field(&format!("secs.{phase}.{r}"), format!("{:.4}", run.secs)));
+            ops += run.ops;
+            secs += run.secs;
+            errors += run.errors;
+            port_busy += run.port_busy;
+        }
+    }
+    fields.extend([
         field("ops", ops),
         field("seconds", format!("{secs:.4}")),
         field("rate", format!("{:.1}", ops as f64 / secs)),
         field("errors", errors),
         field("port_busy", port_busy),
-    ])
+    ]);
+    Ok(fields)
+}
+
+/// Fails unless every connection in `conns` is still open and has received nothing.
+fn check_idle(poll: &mut Poll, conns: &mut [Conn]) -> Res<()> {
+    let mut events = Events::with_capacity(1024);
+    let mut scratch = [0u8; 64];
+    poll_once(poll, &mut events, Duration::ZERO)?;
+    let mut closed = 0;
+    for ev in events.iter() {
+        let c = &mut conns[ev.token().0];
+        match c.s.read(&mut scratch) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            _ => closed += 1,
+        }
+    }
+    if closed > 0 {
+        return Err(format!("{closed} of {} idle connections were closed or got data", conns.len()));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -571,21 +718,92 @@ fn idle(args: &Args, addr: SocketAddr, pattern: &Pattern) -> Res<Vec<String>> {
     mark("end");
 
     // The idle connections must all still be open: none may have been closed or sent data.
-    let mut events = Events::with_capacity(1024);
-    let mut scratch = [0u8; 64];
-    poll_once(&mut poll, &mut events, Duration::ZERO)?;
-    let mut closed = 0;
-    for ev in events.iter() {
-        let c = &mut conns[ev.token().0];
-        match c.s.read(&mut scratch) {
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            _ => closed += 1,
-        }
-    }
-    if closed > 0 {
-        return Err(format!("{closed} of {n} idle connections were closed or got data"));
-    }
+    check_idle(&mut poll, &mut conns)?;
     let mut fields = vec![field("conns", n), field("establish_seconds", format!("{establish_secs:.3}"))];
     fields.extend(result.fields());
     Ok(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// An echo server on a thread: each connection, one at a time, is echoed until the peer
+    /// closes or resets it. Stops when `stop` is set, and after 60 s in any case.
+    fn echo_server() -> (SocketAddr, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut buf = [0u8; 4096];
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).expect("blocking");
+                        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        (addr, stop, handle)
+    }
+
+    fn opts() -> ShortOpts {
+        ShortOpts { workers: 4, size: 64, rst: true }
+    }
+
+    #[test]
+    fn short_connections_stop_at_the_count() {
+        let (addr, stop, handle) = echo_server();
+        let mut next_id = 0;
+        let run = short_connections(
+            addr,
+            &Pattern::new(),
+            &opts(),
+            37,
+            Duration::from_secs(30),
+            &mut next_id,
+            None,
+        )
+        .expect("run");
+        stop.store(true, Ordering::Relaxed);
+        handle.join().expect("server thread");
+        assert_eq!(run.ops, 37);
+        assert_eq!(next_id, 37, "exactly the counted connections were started");
+        assert_eq!(run.errors, 0);
+    }
+
+    #[test]
+    fn short_connections_stop_at_the_time_limit() {
+        let (addr, stop, handle) = echo_server();
+        let mut next_id = 0;
+        let t = Instant::now();
+        let run = short_connections(
+            addr,
+            &Pattern::new(),
+            &opts(),
+            u64::MAX,
+            Duration::from_millis(200),
+            &mut next_id,
+            None,
+        )
+        .expect("run");
+        let took = t.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        handle.join().expect("server thread");
+        assert!(run.ops > 0, "some connections completed");
+        assert!(took < Duration::from_secs(15), "the run ended by its time limit, took {took:?}");
+    }
 }

@@ -468,3 +468,22 @@ reactor_test! {
         assert_eq!(*seen.borrow(), ["before 1", "before 2", "during"]);
     }
 }
+
+reactor_test! {
+    /// `crash()` from a callback leaves `run()` at the end of that pass: it
+    /// does not first block in poll until the next timer is due.
+    fn crash_from_a_callback_returns_without_waiting_for_the_next_timer(r) {
+        let far_fired = Rc::new(Cell::new(false));
+        let f = far_fired.clone();
+        let far = r.call_later(Duration::from_secs(10), move || f.set(true));
+        let rr = r.clone();
+        r.call_later(Duration::ZERO, move || rr.crash());
+        let started = Instant::now();
+        r.run_without_signal_handlers().unwrap();
+        // A generous bound: the bug blocks until the 10 s timer's deadline.
+        assert!(started.elapsed() < Duration::from_secs(5), "run() waited {:?} after crash()", started.elapsed());
+        assert!(!far_fired.get());
+        assert!(far.active());
+        far.cancel().unwrap();
+    }
+}

@@ -671,22 +671,28 @@ fn hundred_thousand_maps_and_dropping_long_unfired_chains_do_not_overflow() {
 }
 
 #[test]
-fn three_deep_chain_runs_callbacks_added_to_the_middle_later() {
+fn three_deep_chain_drops_callbacks_added_to_the_middle_after_its_result_moved() {
+    // Twisted's test_resultOfDeferredResultOfDeferredOfFiredDeferredCalled
+    // fires the middle one first, then the outer, then the innermost, and
+    // expects a callback added to the middle one afterwards to run (with
+    // None, the value left behind by the move). A typed Deferred has no
+    // such value: once the middle result moved into the outer one, later
+    // callbacks on the middle one are dropped instead.
     let (first, second, third) = (Deferred::new(), Deferred::new(), Deferred::new());
     let (s, t) = (second.clone(), third.clone());
     first.add_callback(move |_: i32| s);
     second.add_callback(move |_| t);
-    first.callback(0).unwrap();
     second.callback(0).unwrap();
+    first.callback(0).unwrap();
+    assert!(take(&first).is_none(), "the outer one waits for the innermost");
     third.callback(5).unwrap();
-    // second's result moved on to first; its later callbacks do not run.
     let ran = Rc::new(Cell::new(false));
     let r = ran.clone();
     second.add_callback(move |n| {
         r.set(true);
         Ok(n)
     });
-    assert!(!ran.get());
+    assert!(!ran.get(), "the middle result moved on; nothing is left to run on");
     assert_eq!(take(&first).unwrap().unwrap(), 5);
 }
 

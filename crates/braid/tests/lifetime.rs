@@ -118,8 +118,10 @@ reactor_test! {
         // The handle is gone. One descriptor for the client thread's socket.
         drop(filler.pop());
         let remote = r.remote();
+        let (connected_tx, connected_rx) = mpsc::channel();
         let client = std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).expect("connect");
+            connected_tx.send(()).unwrap();
             s.set_read_timeout(Some(WATCHDOG)).unwrap();
             s.write_all(b"ping").unwrap();
             let mut buf = [0u8; 4];
@@ -129,6 +131,9 @@ reactor_test! {
             });
             served
         });
+        // The free descriptor is the client's before the reactor (which
+        // may open a file now and then) runs.
+        connected_rx.recv_timeout(WATCHDOG).expect("the client could not connect");
         // Let the accept fail with EMFILE for a while, then free room.
         let held = Rc::new(RefCell::new(Some(filler)));
         let h = held.clone();

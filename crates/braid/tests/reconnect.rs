@@ -26,6 +26,18 @@ fn refused_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A port bound (with SO_REUSEADDR) but not listening: connecting to it is
+/// refused, and it stays reserved while the socket lives.
+fn held_port() -> (std::os::fd::OwnedFd, u16) {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let sock = rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+        .unwrap();
+    rustix::net::sockopt::set_socket_reuseaddr(&sock, true).unwrap();
+    rustix::net::bind(&sock, &"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap()).unwrap();
+    let addr = std::net::SocketAddr::try_from(rustix::net::getsockname(&sock).unwrap()).unwrap();
+    (sock, addr.port())
+}
+
 struct Client {
     made: Rc<Cell<u32>>,
     handle: Option<braid::protocol::ReconnectHandle>,
@@ -83,26 +95,45 @@ reactor_test! {
 }
 
 reactor_test! {
-    /// Jittered delays stay within the cap and spread around the nominal
-    /// delay; stop_trying cancels the scheduled retry.
+    /// Jitter spreads the delays around the nominal (un-jittered) delay,
+    /// each one different, within the bounds the normal variate allows and
+    /// never past the cap; stop_trying cancels the scheduled retry.
     fn jitter_and_stop_trying(r) {
+        const JITTER: f64 = 0.119_626_565_582_117_36;
+        const CAP: f64 = 11.0;
         let clock = Clock::new();
+        // Factor 1: every nominal delay is 10 s, so the samples are
+        // comparable; the cap sits inside the jitter's reach.
         let factory = ReconnectingClientFactory::new(Rc::new(clock.clone()) as Rc<dyn ReactorTime>, Echo::new)
             .initial_delay(Duration::from_secs(10))
-            .max_delay(Duration::from_secs(60));
+            .factor(1.0)
+            .max_delay(Duration::from_secs_f64(CAP));
         let handle = factory.handle();
         r.connect_tcp("127.0.0.1", refused_port(), factory, None, None);
-        let mut seen = Vec::new();
-        for attempt in 1..=3u32 {
+        let mut relative = Vec::new();
+        for attempt in 1..=20u32 {
             spin_until(&r, || handle.retries() == attempt && handle.retry_pending());
             let due = clock.get_delayed_calls()[0].time().unwrap() - clock.seconds();
-            assert!((0.0..=60.0).contains(&due), "{due}");
-            seen.push(due);
-            clock.advance(Duration::from_secs(61));
+            let nominal = handle.delay().as_secs_f64();
+            assert!((nominal - 10.0).abs() < 1e-9, "nominal delay {nominal}");
+            // The Box-Muller variate from 53-bit uniforms stays within
+            // about 8.6 standard deviations.
+            let (lo, hi) = ((nominal * (1.0 - 9.0 * JITTER)).max(0.0), (nominal * (1.0 + 9.0 * JITTER)).min(CAP));
+            assert!(due >= lo && due <= hi, "retry {attempt}: {due} s outside [{lo}, {hi}]");
+            relative.push(due / nominal - 1.0);
+            clock.advance(Duration::from_secs_f64(CAP + 1.0));
         }
-        // Nominal delays: 27.2, 60 (capped), 60 — jitter moves them.
-        assert!(seen.iter().any(|d| (d - 60.0).abs() > 1e-9 || *d < 60.0));
-        spin_until(&r, || handle.retries() == 4 && handle.retry_pending());
+        let mut distinct = relative.clone();
+        distinct.sort_by(f64::total_cmp);
+        distinct.dedup();
+        // Only values clamped at the cap may repeat.
+        let capped = relative.iter().filter(|d| (**d - (CAP / 10.0 - 1.0)).abs() < 1e-9).count();
+        assert!(distinct.len() + capped.saturating_sub(1) == relative.len(), "delays repeat: {relative:?}");
+        assert!(capped < relative.len() / 2, "most delays sit at the cap: {relative:?}");
+        let mean = relative.iter().sum::<f64>() / relative.len() as f64;
+        let sd = (relative.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (relative.len() - 1) as f64).sqrt();
+        assert!(mean.abs() < 0.1, "centred on the nominal delay: mean {mean}, {relative:?}");
+        assert!((0.03..=0.3).contains(&sd), "spread {sd} is not the jitter's ({JITTER}): {relative:?}");
         handle.stop_trying();
         assert!(!handle.retry_pending());
         assert!(clock.get_delayed_calls().is_empty());
@@ -118,8 +149,10 @@ reactor_test! {
         let made = Rc::new(Cell::new(0));
         let handle_slot = Rc::new(RefCell::new(None));
         let (m, hs) = (made.clone(), handle_slot.clone());
-        // Reserve a port, free it, and listen there later.
-        let port = refused_port();
+        // Hold the port with a bound socket that does not listen: connects
+        // are refused, no one else can take it, and (both sockets having
+        // SO_REUSEADDR) the server can still listen there later.
+        let (holder, port) = held_port();
         let factory = ReconnectingClientFactory::new(Rc::new(clock.clone()) as Rc<dyn ReactorTime>, move || Client {
             made: m.clone(),
             handle: hs.borrow().clone(),
@@ -129,13 +162,10 @@ reactor_test! {
         *handle_slot.borrow_mut() = Some(handle.clone());
         r.connect_tcp("127.0.0.1", port, factory, None, None);
         spin_until(&r, || handle.retries() == 1 && handle.retry_pending());
-        let listening = match r.listen_tcp(("127.0.0.1".parse::<std::net::IpAddr>().unwrap(), port), Echo::new, 50) {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("skipping: port {port} was taken meanwhile ({e})");
-                return;
-            }
-        };
+        let listening = r
+            .listen_tcp(("127.0.0.1".parse::<std::net::IpAddr>().unwrap(), port), Echo::new, 50)
+            .unwrap_or_else(|e| panic!("listening on the held port {port}: {e}"));
+        drop(holder);
         clock.advance(handle.delay());
         spin_until(&r, || made.get() == 1);
         assert_eq!(handle.retries(), 0, "reset_delay from connection_made");

@@ -136,14 +136,23 @@ fn descriptor_exhaustion_does_not_spin() {
         for _ in 0..200 {
             socks.push(TcpStream::connect(("127.0.0.1", port)).unwrap());
         }
-        let (mut served, mut shed) = (0, 0);
+        let (mut served, mut shed) = (0, Vec::new());
         for s in socks.iter_mut() {
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            // May fail if the server already closed it; the read tells.
             let _ = s.write_all(b"?");
             let mut b = [0u8; 1];
             match s.read(&mut b) {
                 Ok(1) => served += 1,
-                _ => shed += 1,
+                // Closed by the server: EOF, or a reset if our byte arrived
+                // after the close.
+                Ok(0) => shed.push(s.local_addr().unwrap()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    shed.push(s.local_addr().unwrap())
+                }
+                other => panic!(
+                    "{backend}: a peer was neither served nor closed (hung in the backlog?): {other:?}"
+                ),
             }
         }
         drop(socks);
@@ -161,14 +170,27 @@ fn descriptor_exhaustion_does_not_spin() {
         let status = child.wait().unwrap();
         assert!(status.success(), "{backend}: child failed:\n{rest}");
         assert!(rest.contains("server done"), "{backend}: {rest}");
-        assert!(served > 0 && shed > 0, "{backend}: served={served} shed={shed}");
+        assert!(served > 0 && !shed.is_empty(), "{backend}: served={served} shed={}", shed.len());
+        // Every shed peer was closed by the EMFILE recovery (the reserve
+        // descriptor freed to accept and close it), not by some other path.
+        let recovered: Vec<&str> =
+            rest.lines().filter(|l| l.contains("EMFILE recovery: closed connection from")).collect();
+        for addr in &shed {
+            let needle = format!("Some({addr})");
+            assert!(
+                recovered.iter().any(|l| l.contains(&needle)),
+                "{backend}: {addr} was closed, but not by the EMFILE recovery:\n{rest}"
+            );
+        }
     }
 }
 
 fn exhausted_server() {
     let backend = child_backend();
     let r = Reactor::new(backend).unwrap();
+    let spares_before = dev_null_fds();
     let port = r.listen_tcp("127.0.0.1:0", Echo::new, 1024).unwrap();
+    assert_eq!(dev_null_fds(), spares_before + 1, "the first port opened the spare descriptor");
     r.add_reader(std::rc::Rc::new(StdinStop(r.clone()))).unwrap();
     let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
     common::set_fd_limit(open_now + 30);
@@ -178,9 +200,79 @@ fn exhausted_server() {
     let ((), logs) = capture_logs(|| common::run_reactor(&r));
     let (wall, cpu) = (started.elapsed(), cpu_time() - cpu_before);
     println!("wall={wall:?} cpu={cpu:?} iterations={}", r.iterations());
-    assert!(logs.contains("EMFILE recovery") || logs.contains("pausing accepts"), "{logs}");
+    // With the reserve descriptor in place, EMFILE is handled by shedding
+    // connections, never by the back-off meant for ENFILE and friends.
+    assert!(logs.contains("EMFILE recovery"), "{logs}");
+    assert!(!logs.contains("pausing accepts"), "EMFILE took the back-off path:\n{logs}");
+    for line in logs.lines().filter(|l| l.contains("EMFILE recovery")) {
+        println!("{line}");
+    }
     // A spinning loop burns a whole core for the whole run.
     assert!(cpu < wall.mul_f64(0.5) + Duration::from_millis(200), "cpu {cpu:?} over {wall:?}: the loop spun");
     assert!(r.iterations() < 20_000, "{} iterations: the loop spun", r.iterations());
+    common::set_fd_limit(u64::MAX);
+    // §4.8.44: the recovery closed the spare and opened it again.
+    assert_eq!(dev_null_fds(), spares_before + 1, "the spare descriptor is back after the EMFILE recovery");
     println!("server done");
+}
+
+/// How many of this process's descriptors are open on /dev/null (the
+/// listener's spare descriptor is one).
+fn dev_null_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p == std::path::Path::new("/dev/null"))
+        .count()
+}
+
+/// §4.8.44: the spare descriptor for EMFILE recovery is opened once per
+/// process, however many ports start.
+#[test]
+fn spare_descriptor_is_opened_once() {
+    if !is_child() {
+        for backend in ["select", "poll", "epoll"] {
+            let out = in_child("spare_descriptor_is_opened_once", backend);
+            assert!(out.contains("one spare for 5 ports"), "{backend}: {out}");
+        }
+        return;
+    }
+    let r = Reactor::new(child_backend()).unwrap();
+    let before = dev_null_fds();
+    let ports: Vec<_> = (0..5).map(|_| r.listen_tcp("127.0.0.1:0", Echo::new, 50).unwrap()).collect();
+    assert_eq!(dev_null_fds(), before + 1, "one spare descriptor for all ports");
+    drop(ports);
+    println!("one spare for 5 ports");
+}
+
+/// §4.8.1: if the listening socket cannot even be created (here: no
+/// descriptor left), listen_tcp fails with CannotListen naming the address
+/// and the cause, and works again once descriptors are free.
+#[test]
+fn listen_socket_creation_failure_is_cannot_listen() {
+    if !is_child() {
+        for backend in ["select", "poll", "epoll"] {
+            let out = in_child("listen_socket_creation_failure_is_cannot_listen", backend);
+            assert!(out.contains("cannot listen checked"), "{backend}: {out}");
+        }
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let r = Reactor::new(child_backend()).unwrap();
+    // Every descriptor below the lowest free one is taken: a limit there
+    // makes the next socket() fail with EMFILE.
+    let lowest = {
+        let probe =
+            rustix::fs::open("/dev/null", rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty()).unwrap();
+        probe.as_raw_fd() as u64
+    };
+    assert_eq!(common::set_fd_limit(lowest), lowest, "could not lower the descriptor limit");
+    let result = r.listen_tcp("127.0.0.1:0", Echo::new, 50);
+    common::set_fd_limit(u64::MAX);
+    let err = result.err().expect("listen_tcp succeeded without a free descriptor");
+    let text = err.to_string();
+    assert!(matches!(err, braid::Error::CannotListen { .. }), "{err:?}");
+    assert!(text.contains("127.0.0.1:0") && text.contains("Too many open files"), "{text}");
+    r.listen_tcp("127.0.0.1:0", Echo::new, 50).expect("listening once descriptors are free");
+    println!("cannot listen checked");
 }

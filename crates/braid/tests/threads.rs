@@ -83,21 +83,24 @@ reactor_test! {
     /// a reactor that has nothing else to wake it.
     fn call_from_foreign_thread(r) {
         let remote = r.remote();
-        let ran_on = Rc::new(Cell::new(false));
+        let ran_on = Arc::new(std::sync::Mutex::new(None));
+        let seen = ran_on.clone();
         let handle = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             remote
-                .call_from_thread(|r| {
-                    assert!(r.is_in_io_thread());
+                .call_from_thread(move |r| {
+                    *seen.lock().unwrap() = Some((std::thread::current().id(), r.is_in_io_thread()));
                     r.stop().unwrap();
                 })
                 .unwrap();
+            std::thread::current().id()
         });
-        let flag = ran_on.clone();
-        r.call_when_running(move || flag.set(true));
         run_reactor(&r);
-        handle.join().unwrap();
-        assert!(ran_on.get());
+        let caller = handle.join().unwrap();
+        let (thread, in_io_thread) = ran_on.lock().unwrap().take().expect("the call ran");
+        assert_eq!(thread, std::thread::current().id(), "ran on the reactor thread");
+        assert_ne!(thread, caller, "not on the thread that queued it");
+        assert!(in_io_thread);
     }
 }
 

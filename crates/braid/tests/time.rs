@@ -7,8 +7,39 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use braid::Error;
+use std::sync::Mutex;
+
+use braid::testing::Clock;
+use braid::{DelayedCall, Error};
 use common::run_reactor;
+
+/// Debug mode is process-wide: the tests that switch it take turns, and
+/// no other test here depends on it.
+static DEBUG_MODE: Mutex<()> = Mutex::new(());
+
+/// Switches debug mode off again, even if the test fails.
+struct DebugOff;
+
+impl Drop for DebugOff {
+    fn drop(&mut self) {
+        DelayedCall::set_debug(false);
+    }
+}
+
+/// A delayed call's string form without the seconds (which move on).
+fn without_seconds(shown: &str) -> String {
+    match (shown.find('['), shown.find("s]")) {
+        (Some(start), Some(end)) => format!("{}{}", &shown[..start], &shown[end + 2..]),
+        _ => shown.to_string(),
+    }
+}
+
+/// The seconds a delayed call's string form says it is due in.
+fn shown_seconds(shown: &str) -> Option<f64> {
+    let start = shown.find('[')? + 1;
+    let end = start + shown[start..].find("s]")?;
+    shown[start..end].parse().ok()
+}
 
 reactor_test! {
     /// §4.2.1
@@ -171,7 +202,7 @@ reactor_test! {
         assert_ne!(a, c);
         assert_eq!(a, a.clone());
         let shown = format!("{a:?}");
-        assert!(shown.contains("Pending") && shown.contains("due_in_seconds"), "{shown}");
+        assert!(shown.contains("called=false cancelled=false") && shown.contains("s]"), "{shown}");
     }
 }
 
@@ -197,5 +228,135 @@ reactor_test! {
         std::thread::sleep(Duration::from_millis(2));
         let b = r.seconds();
         assert!(b > a);
+    }
+}
+
+reactor_test! {
+    /// The "now" of a deadline lies between the seconds() readings around
+    /// the call_later, and neither seconds() nor deadlines ever decrease,
+    /// over many readings: long enough for the clock to learn the counter's
+    /// rate and re-anchor many times.
+    fn deadlines_lie_between_the_seconds_around_them(r) {
+        let until = Instant::now() + Duration::from_millis(300);
+        let (mut previous_seconds, mut previous_time) = (0.0, 0.0);
+        let mut checked = 0u64;
+        while Instant::now() < until || checked < 100_000 {
+            let before = r.seconds();
+            let dc = r.call_later(Duration::ZERO, || ());
+            let after = r.seconds();
+            let time = dc.time().unwrap();
+            dc.cancel().unwrap();
+            assert!(before <= time && time <= after, "deadline {time} not within [{before}, {after}]");
+            assert!(before >= previous_seconds && time >= previous_time, "time stepped back");
+            (previous_seconds, previous_time) = (after, time);
+            checked += 1;
+            if checked.is_multiple_of(20_000) {
+                // Idle gaps, so readings also extrapolate across them.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+reactor_test! {
+    /// §4.6.5: the string form shows the call's identity, the seconds until
+    /// it fires and the called/cancelled flags; Debug is the same text.
+    fn delayed_call_string_form(r) {
+        let a = r.call_later(Duration::from_millis(1500), || ());
+        let b = r.call_later(Duration::from_secs(60), || ());
+        let shown = a.to_string();
+        assert_eq!(without_seconds(&shown), without_seconds(&format!("{a:?}")), "Debug and Display agree");
+        assert!(shown.starts_with("<DelayedCall ") && shown.ends_with('>'), "{shown}");
+        assert!(shown.contains("called=false cancelled=false"), "{shown}");
+        let left = shown_seconds(&shown).unwrap_or_else(|| panic!("no seconds in {shown}"));
+        assert!(left > 0.5 && left <= 1.5, "{shown}");
+        let identity = |s: &str| s.split_whitespace().nth(1).unwrap().to_string();
+        assert_ne!(identity(&shown), identity(&b.to_string()), "two calls show different identities");
+        assert_eq!(identity(&shown), identity(&a.clone().to_string()), "a clone shows the same identity");
+        b.cancel().unwrap();
+        let cancelled = b.to_string();
+        assert!(cancelled.contains("called=false cancelled=true") && shown_seconds(&cancelled).is_none(), "{cancelled}");
+        a.reset(Duration::ZERO).unwrap();
+        let rr = r.clone();
+        r.call_later(Duration::from_millis(1), move || rr.stop().unwrap());
+        run_reactor(&r);
+        let called = a.to_string();
+        assert!(called.contains("called=true cancelled=false"), "{called}");
+        assert!(!called.contains("created at"), "no stack outside debug mode: {called}");
+    }
+}
+
+reactor_test! {
+    /// §4.6.6: delayed calls order by scheduled time with <, <=, >, >=,
+    /// following reset and delay; §4.6.7: each equals only itself.
+    // Every operator is tested on purpose, negations of partial orders too.
+    #[allow(clippy::nonminimal_bool, clippy::eq_op, clippy::neg_cmp_op_on_partial_ord, clippy::double_comparisons)]
+    fn delayed_calls_order_by_scheduled_time(r) {
+        let a = r.call_later(Duration::from_secs(1), || ());
+        let b = r.call_later(Duration::from_secs(2), || ());
+        assert!(a < b && a <= b && b > a && b >= a);
+        assert!(!(a > b) && !(a >= b) && !(b < a) && !(b <= a));
+        assert!(a <= a && a >= a && !(a < a) && a == a.clone() && a != b);
+        a.reset(Duration::from_secs(3)).unwrap();
+        assert!(a > b && b < a, "reset moved a after b");
+        b.delay(Duration::from_secs(5)).unwrap();
+        assert!(a < b, "delay moved b after a");
+        // A cancelled call has no place in the order, but equals itself.
+        let c = r.call_later(Duration::from_millis(1500), || ());
+        c.cancel().unwrap();
+        assert_eq!(c.partial_cmp(&a), None);
+        assert!(!(c < a) && !(c > a) && c <= c && c == c);
+        // Calls of one reactor due at the same moment order as they run.
+        let clock = Clock::new();
+        let x = clock.call_later(Duration::from_secs(1), || ());
+        let y = clock.call_later(Duration::from_secs(1), || ());
+        assert!(x < y && y > x && x != y);
+        let order = Rc::new(RefCell::new(Vec::new()));
+        let calls: Vec<DelayedCall> = (0..20usize)
+            .map(|i| {
+                let o = order.clone();
+                r.call_later(Duration::from_millis((i as u64 * 7) % 10), move || o.borrow_mut().push(i))
+            })
+            .collect();
+        let mut sorted: Vec<usize> = (0..calls.len()).collect();
+        sorted.sort_by(|&p, &q| calls[p].partial_cmp(&calls[q]).expect("pending calls of one reactor all compare"));
+        let rr = r.clone();
+        r.call_later(Duration::from_millis(20), move || rr.stop().unwrap());
+        run_reactor(&r);
+        assert_eq!(*order.borrow(), sorted, "sorted order is firing order");
+    }
+}
+
+reactor_test! {
+    /// §4.6.8: in debug mode the creation stack (and the closure's type) is
+    /// captured and shown; switching debug mode between creation and
+    /// printing shows the stack only if it was captured.
+    fn debug_mode_shows_the_creation_stack(r) {
+        let _turn = DEBUG_MODE.lock().unwrap_or_else(|e| e.into_inner());
+        let _off = DebugOff;
+        DelayedCall::set_debug(true);
+        assert!(DelayedCall::debug());
+        let traced = r.call_later(Duration::from_secs(10), || ());
+        DelayedCall::set_debug(false);
+        let plain = r.call_later(Duration::from_secs(10), || ());
+        let shown = traced.to_string();
+        assert_eq!(without_seconds(&shown), without_seconds(&format!("{traced:?}")));
+        assert!(shown.contains("created at:"), "{shown}");
+        assert!(shown.contains("debug_mode_shows_the_creation_stack"), "the stack names the creating test: {shown}");
+        assert!(!plain.to_string().contains("created at"), "{plain}");
+        // Switching on after creation shows no stack that was never taken;
+        // switching off keeps the one that was.
+        DelayedCall::set_debug(true);
+        assert!(!plain.to_string().contains("created at"), "{plain}");
+        DelayedCall::set_debug(false);
+        assert!(traced.to_string().contains("created at:"));
+        // Still printable once called or cancelled.
+        traced.cancel().unwrap();
+        assert!(traced.to_string().contains("cancelled=true"));
+        plain.reset(Duration::ZERO).unwrap();
+        let rr = r.clone();
+        r.call_later(Duration::from_millis(1), move || rr.stop().unwrap());
+        run_reactor(&r);
+        assert!(plain.to_string().contains("called=true"));
     }
 }

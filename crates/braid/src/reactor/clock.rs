@@ -1,27 +1,50 @@
 //! Where the reactor reads the time.
 //!
 //! [`monotonic_ns`] is the precise clock (`CLOCK_MONOTONIC`, what `Instant`
-//! reads). Firing, `seconds()` and poll timeouts use it.
+//! reads). Firing and poll timeouts use it.
 //!
 //! [`DeadlineClock`] is for the deadline of each `call_later` and `reset`,
 //! which a burst of scheduling computes millions of times: reading the
 //! precise clock was a quarter of the cost of a schedule. It scales the
 //! CPU's time-stamp counter (`sys::tsc`) to nanoseconds, extrapolating from
 //! an *anchor*, a precise reading taken at most [`EXTRAPOLATE_NS`] earlier.
-//! Its readings are never behind the precise clock, so a call never runs
-//! before its delay has passed:
 //!
-//! * The anchor pairs a counter value with a clock reading taken just
-//!   *after* it, so the anchor's time is, if anything, ahead.
-//! * The rate (ns per tick) is measured once per process between two
-//!   readings at least [`CALIBRATE_AFTER_NS`] apart, each bracketed by
-//!   counter reads close together, so its error is below 10^-4; it is then
-//!   padded by 2^-10 (about 10^-3), so it is never slower than the truth.
+//! # What is guaranteed
 //!
-//! Readings may run ahead of the precise clock by at most that padding over
-//! one extrapolation (about a microsecond), so a call may run that much
-//! late. Until the rate is known, and where the counter is not usable (not
-//! x86-64 Linux, a clocksource other than `tsc`, a counter that varies with
+//! * **Never decreasing.** A clock never returns less than it returned
+//!   before: each reading is at least the previous one (`last`). Without
+//!   that, a reading extrapolated a hair ahead followed by a re-anchor (which
+//!   returns the precise, slightly earlier, time) would step backwards, and
+//!   two calls scheduled in that order with the same delay could fire in the
+//!   other order.
+//! * **Never behind the precise clock**, so a call never runs before its
+//!   delay has passed:
+//!   * the anchor pairs a counter value with a clock reading taken just
+//!     *after* it, so the anchor's time is, if anything, ahead;
+//!   * the rate (ns per tick) is measured once per process between two
+//!     readings at least [`CALIBRATE_AFTER_NS`] apart, each bracketed by
+//!     counter reads close together, so its error is below 10^-4; it is
+//!     then padded by 2^-10 (about 10^-3), so it is never slower than the
+//!     truth;
+//!   * this rests on the counter ticking at one rate and agreeing across
+//!     CPUs, which the kernel checks before it keeps time with it (and
+//!     which `CLOCK_MONOTONIC` itself relies on). It is checked again at
+//!     every re-anchor (had the extrapolation fallen behind the new precise
+//!     reading, the counter ran slow), and the clocksource is read again
+//!     about every second (`tsc::usable`); on either failure the process
+//!     stops using the counter.
+//! * **At most about a microsecond ahead**: the padding over one
+//!   extrapolation. A call may run that much late.
+//!
+//! `Timers::seconds` returns the precise clock, or the latest deadline
+//! reading if that is ahead, so it too never decreases and is never behind
+//! the precise clock, and the "now" a call's deadline was computed from
+//! lies between the `seconds()` readings taken before and after the
+//! `call_later`: `time()` minus the delay is never above a later
+//! `seconds()` nor below an earlier one.
+//!
+//! Until the rate is known, and where the counter is not usable (not x86-64
+//! Linux, a clocksource other than `tsc`, a counter that varies with
 //! frequency), every deadline reads the precise clock.
 
 use std::cell::Cell;
@@ -49,7 +72,7 @@ pub(crate) fn monotonic_ns() -> u64 {
 
 /// A counter value and the precise time read right after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Sample {
+pub(crate) struct Sample {
     tsc: u64,
     ns: u64,
     /// Ticks between the counter reads before and after the clock read.
@@ -57,10 +80,10 @@ struct Sample {
 }
 
 impl Sample {
-    fn take() -> Sample {
-        let before = tsc::read();
-        let ns = monotonic_ns();
-        let after = tsc::read();
+    fn take(counter: &impl Counter) -> Sample {
+        let before = counter.ticks();
+        let ns = counter.precise();
+        let after = counter.ticks();
         Sample { tsc: before, ns, bracket: after.wrapping_sub(before) }
     }
 }
@@ -68,12 +91,15 @@ impl Sample {
 /// Nanoseconds per tick as a 32.32 fixed-point number, and how many ticks
 /// one extrapolation may span.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Scale {
+pub(crate) struct Scale {
     mult: u64,
     max_ticks: u64,
 }
 
 impl Scale {
+    /// No rate: every reading re-anchors.
+    const NONE: Scale = Scale { mult: 0, max_ticks: 0 };
+
     /// The padded rate between two samples, if they are far enough apart
     /// and precise enough to measure it.
     fn measure(a: Sample, b: Sample) -> Option<Scale> {
@@ -88,9 +114,21 @@ impl Scale {
         Some(Scale { mult, max_ticks })
     }
 
+    /// `ticks` in nanoseconds (exact for `ticks < max_ticks`; saturating
+    /// beyond `u64`).
     #[inline]
     fn ns(&self, ticks: u64) -> u64 {
-        ((ticks as u128 * self.mult as u128) >> 32) as u64
+        u64::try_from((ticks as u128 * self.mult as u128) >> 32).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the readings extrapolated from `anchor` kept up with the
+    /// precise clock until `sample`: extrapolated to the counter read that
+    /// closes `sample`, taken after its clock read, they must not be
+    /// behind that clock read. A counter that went backwards (another
+    /// CPU's, a hair behind) tells nothing about the rate.
+    fn held(&self, anchor: Sample, sample: Sample) -> bool {
+        let ticks = sample.tsc.wrapping_add(sample.bracket).wrapping_sub(anchor.tsc);
+        ticks > u64::MAX / 2 || anchor.ns.saturating_add(self.ns(ticks)) >= sample.ns
     }
 }
 
@@ -109,52 +147,280 @@ fn calibrate(sample: Sample) {
     }
 }
 
-/// A clock for deadlines: cheap, and never behind [`monotonic_ns`] (see
-/// the module documentation). One per timer set; not shared between
-/// threads.
+/// Where a [`DeadlineClock`] reads the counter and the precise clock: the
+/// hardware, or a simulation in tests.
+pub(crate) trait Counter {
+    /// The counter now.
+    fn ticks(&self) -> u64;
+    /// The precise clock now, in [`monotonic_ns`] units.
+    fn precise(&self) -> u64;
+    /// Whether the counter may be used now.
+    fn usable(&self) -> bool;
+    /// The rate, once known, learning it from `sample` until then.
+    fn rate(&self, sample: Sample) -> Option<Scale>;
+    /// Stops all use of the counter.
+    fn distrust(&self, why: &str);
+}
+
+/// The CPU's counter and `CLOCK_MONOTONIC`, with the process-wide rate.
+pub(crate) struct Hardware;
+
+impl Counter for Hardware {
+    #[inline(always)]
+    fn ticks(&self) -> u64 {
+        tsc::read()
+    }
+    fn precise(&self) -> u64 {
+        monotonic_ns()
+    }
+    fn usable(&self) -> bool {
+        tsc::usable()
+    }
+    fn rate(&self, sample: Sample) -> Option<Scale> {
+        if SCALE.get().is_none() {
+            calibrate(sample);
+        }
+        SCALE.get().copied()
+    }
+    fn distrust(&self, why: &str) {
+        tsc::distrust(why);
+    }
+}
+
+/// A clock for deadlines: cheap, never decreasing, and never behind
+/// [`monotonic_ns`] (see the module documentation). One per timer set;
+/// not shared between threads.
 pub(crate) struct DeadlineClock {
     anchor: Cell<Sample>,
+    /// The anchor's rate; [`Scale::NONE`] while there is none.
+    scale: Cell<Scale>,
+    /// The latest reading returned.
+    last: Cell<u64>,
 }
 
 impl DeadlineClock {
     pub fn new() -> DeadlineClock {
-        // Counter 0 makes the first reading take a real anchor.
-        DeadlineClock { anchor: Cell::new(Sample { tsc: 0, ns: 0, bracket: u64::MAX }) }
+        DeadlineClock {
+            anchor: Cell::new(Sample { tsc: 0, ns: 0, bracket: u64::MAX }),
+            scale: Cell::new(Scale::NONE),
+            last: Cell::new(0),
+        }
     }
 
     /// Now, in [`monotonic_ns`] units.
     #[inline]
     pub fn now(&self) -> u64 {
-        if let Some(scale) = SCALE.get() {
-            let anchor = self.anchor.get();
-            // After a move to another CPU whose counter is a hair behind,
-            // this wraps around to a huge value and takes a new anchor.
-            let ticks = tsc::read().wrapping_sub(anchor.tsc);
-            if ticks < scale.max_ticks {
-                return anchor.ns + scale.ns(ticks);
-            }
+        self.now_on(&Hardware)
+    }
+
+    /// The latest reading returned (0 before the first).
+    #[inline]
+    pub fn latest(&self) -> u64 {
+        self.last.get()
+    }
+
+    #[inline]
+    fn now_on(&self, counter: &impl Counter) -> u64 {
+        let anchor = self.anchor.get();
+        let scale = self.scale.get();
+        // After a move to another CPU whose counter is a hair behind, this
+        // wraps around to a huge value and takes a new anchor.
+        let ticks = counter.ticks().wrapping_sub(anchor.tsc);
+        if ticks < scale.max_ticks {
+            return self.returning(anchor.ns + scale.ns(ticks));
         }
-        self.reanchor()
+        self.reanchor(counter)
+    }
+
+    /// Returns `now`, or the latest reading if that was later.
+    #[inline]
+    fn returning(&self, now: u64) -> u64 {
+        let now = now.max(self.last.get());
+        self.last.set(now);
+        now
     }
 
     #[cold]
-    fn reanchor(&self) -> u64 {
-        if !tsc::usable() {
-            return monotonic_ns();
+    #[inline(never)]
+    fn reanchor(&self, counter: &impl Counter) -> u64 {
+        if !counter.usable() {
+            self.scale.set(Scale::NONE);
+            return self.returning(counter.precise());
         }
-        let sample = Sample::take();
-        self.anchor.set(sample);
-        if SCALE.get().is_none() {
-            calibrate(sample);
+        let sample = Sample::take(counter);
+        let scale = self.scale.get();
+        if scale != Scale::NONE && !scale.held(self.anchor.get(), sample) {
+            counter.distrust("it ran slower than the rate measured for it");
+            self.scale.set(Scale::NONE);
+        } else {
+            self.anchor.set(sample);
+            self.scale.set(counter.rate(sample).unwrap_or(Scale::NONE));
         }
-        sample.ns
+        self.returning(sample.ns)
+    }
+
+    /// Makes the readings run `ahead_ns` ahead of the precise clock (and
+    /// stand still) until [`DeadlineClock::force_reanchor`]: a magnified,
+    /// deterministic version of the extrapolation's lead.
+    #[cfg(test)]
+    pub fn pretend_ahead(&self, ahead_ns: u64) {
+        self.anchor.set(Sample { tsc: tsc::read(), ns: monotonic_ns() + ahead_ns, bracket: 0 });
+        self.scale.set(Scale { mult: 0, max_ticks: u64::MAX });
+    }
+
+    /// Takes a new anchor now, as a reading past the extrapolation limit
+    /// would.
+    #[cfg(test)]
+    pub fn force_reanchor(&self) -> u64 {
+        // The pretended rate is not one to check the counter against.
+        self.scale.set(Scale::NONE);
+        self.reanchor(&Hardware)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::time::Duration;
+
+    /// A simulated counter at 3 ticks per ns, with a precise clock read
+    /// `read_ns` after the counter (as a real clock read takes time).
+    struct Sim {
+        tick: Cell<u64>,
+        read_ns: Cell<u64>,
+        /// Ticks per ns the counter really runs at, in thousandths (3000
+        /// for the rate the scale was measured at).
+        milli_rate: u64,
+        distrusted: Cell<bool>,
+        scale: Scale,
+    }
+
+    impl Sim {
+        fn new(milli_rate: u64) -> Sim {
+            let scale = Scale::measure(sample(0, 0), sample(3 * 200_000_000, 200_000_000)).unwrap();
+            let start = 3 * 5_000_000_000;
+            Sim {
+                tick: Cell::new(start),
+                read_ns: Cell::new(1),
+                milli_rate,
+                distrusted: Cell::new(false),
+                scale,
+            }
+        }
+
+        /// The true time at the current tick.
+        fn truth(&self) -> u64 {
+            self.tick.get() * 1000 / self.milli_rate
+        }
+
+        fn advance(&self, ticks: u64) {
+            self.tick.set(self.tick.get() + ticks);
+        }
+    }
+
+    impl Counter for Sim {
+        fn ticks(&self) -> u64 {
+            self.tick.get()
+        }
+        fn precise(&self) -> u64 {
+            self.advance(self.read_ns.get() * self.milli_rate / 1000);
+            self.truth()
+        }
+        fn usable(&self) -> bool {
+            !self.distrusted.get()
+        }
+        fn rate(&self, _: Sample) -> Option<Scale> {
+            Some(self.scale)
+        }
+        fn distrust(&self, _: &str) {
+            self.distrusted.set(true);
+        }
+    }
+
+    /// One step of a simulated run: the counter moves on, then the clock is
+    /// read, or re-anchored as the test hook does.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Read { ticks: u64, read_ns: u64 },
+        Reanchor { ticks: u64, read_ns: u64 },
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        let max = Sim::new(3000).scale.max_ticks;
+        // Small steps, steps that land near the extrapolation limit (where
+        // the lead is largest and the next reading re-anchors), and idle gaps.
+        let ticks = prop_oneof![0..3_000u64, max - 3_000..max + 3_000, 0..4 * max, 0..3_000_000_000u64];
+        let step = (ticks, 1..2_000u64, 0..8u8).prop_map(|(ticks, read_ns, kind)| {
+            if kind == 0 {
+                Step::Reanchor { ticks, read_ns }
+            } else {
+                Step::Read { ticks, read_ns }
+            }
+        });
+        proptest::collection::vec(step, 1..400)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Across re-anchors, natural (past the limit) and forced, readings
+        /// never decrease, are never behind the true time, and at most a
+        /// little ahead; and an honest counter is never distrusted.
+        #[test]
+        fn readings_never_decrease_nor_fall_behind_across_reanchors(steps in steps()) {
+            let sim = Sim::new(3000);
+            let clock = DeadlineClock::new();
+            let mut previous = 0;
+            for step in steps {
+                let (Step::Read { ticks, read_ns } | Step::Reanchor { ticks, read_ns }) = step;
+                sim.advance(ticks);
+                sim.read_ns.set(read_ns);
+                let now = match step {
+                    Step::Read { .. } => clock.now_on(&sim),
+                    Step::Reanchor { .. } => clock.reanchor(&sim),
+                };
+                let truth = sim.truth();
+                prop_assert!(now >= previous, "stepped back from {} to {}", previous, now);
+                prop_assert!(now >= truth, "{} behind the truth {}", now, truth);
+                // The padding over one extrapolation (under 1 µs), and the
+                // lead of the anchor's clock read (under 2 µs here).
+                prop_assert!(now <= truth + 3_000, "{} too far ahead of {}", now, truth);
+                prop_assert_eq!(clock.latest(), now);
+                previous = now;
+            }
+            prop_assert!(!sim.distrusted.get(), "an honest counter was distrusted");
+        }
+    }
+
+    #[test]
+    fn a_counter_slower_than_its_rate_is_distrusted_at_the_next_anchor() {
+        // The counter runs 1% slow: extrapolations fall behind.
+        let sim = Sim::new(2970);
+        let clock = DeadlineClock::new();
+        clock.now_on(&sim);
+        sim.advance(sim.scale.max_ticks - 10);
+        let behind = clock.now_on(&sim);
+        assert!(behind < sim.truth(), "the simulation must make the extrapolation fall behind");
+        sim.advance(20);
+        let now = clock.now_on(&sim);
+        assert!(sim.distrusted.get(), "the slow counter is caught at the re-anchor");
+        assert!(now >= sim.truth(), "and the reading is the precise one");
+        sim.advance(10);
+        assert!(clock.now_on(&sim) >= sim.truth(), "from then on the precise clock is read");
+        assert_eq!(clock.scale.get(), Scale::NONE);
+    }
+
+    #[test]
+    fn a_reanchor_after_a_lead_does_not_step_back() {
+        let clock = DeadlineClock::new();
+        clock.now();
+        clock.pretend_ahead(50_000_000);
+        let ahead = clock.now();
+        let after = clock.force_reanchor();
+        assert!(after >= ahead, "the re-anchor returned {after}, below the earlier {ahead}");
+        assert!(clock.now() >= ahead);
+    }
 
     fn sample(tsc: u64, ns: u64) -> Sample {
         Sample { tsc, ns, bracket: 100 }
@@ -186,17 +452,20 @@ mod tests {
     }
 
     #[test]
-    fn a_reading_is_never_behind_the_precise_clock_nor_far_ahead() {
+    fn a_reading_is_never_behind_the_precise_clock_nor_far_ahead_nor_decreasing() {
         let clock = DeadlineClock::new();
         // Long enough for the process to measure the rate where it can, with
         // pauses so that readings also extrapolate across idle time.
         let until = monotonic_ns() + 2 * CALIBRATE_AFTER_NS;
         let mut checked = 0u64;
+        let mut previous = 0;
         while monotonic_ns() < until || checked < 1_000_000 {
             let before = monotonic_ns();
             let now = clock.now();
             let after = monotonic_ns();
             assert!(now >= before, "deadline clock {now} behind the precise clock {before}");
+            assert!(now >= previous, "deadline clock stepped back from {previous} to {now}");
+            previous = now;
             // The true bound is the padding over one extrapolation (about
             // 1 µs); a preemption only makes `after` later.
             assert!(now <= after + 100_000, "deadline clock {now} far ahead of {after}");

@@ -5,7 +5,6 @@
 //! vector indexed by fd number: descriptors are small dense integers, so a
 //! lookup per event is one bounds check and one load.
 
-use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 
@@ -96,39 +95,16 @@ impl Slot {
     }
 }
 
-/// Where one descriptor is registered, as reader and as writer.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct Place {
-    reader: Option<RawFd>,
-    writer: Option<RawFd>,
-}
-
-impl Place {
-    pub fn get(&self, read: bool) -> Option<RawFd> {
-        if read {
-            self.reader
-        } else {
-            self.writer
-        }
-    }
-
-    fn set(&mut self, read: bool, fd: Option<RawFd>) {
-        if read {
-            self.reader = fd;
-        } else {
-            self.writer = fd;
-        }
-    }
-}
-
-/// Per-fd watch state, and where each descriptor is registered. Every
-/// operation on one descriptor is O(1) in the number of others: removing
-/// one looks its fd up by identity, so a descriptor that already closed
-/// its fd (its `fileno()` is -1) is never searched for.
+/// Per-fd watch state: a vector indexed by fd number.
+///
+/// Removing a descriptor is O(1) when it is looked up at the fd it was
+/// registered with: its `fileno()`, or for the reactor's own transports the
+/// fd they remember (they are removed after their socket is marked closed).
+/// Only a user's descriptor that reports a different fd (or -1, having
+/// closed its fd first) is searched for, as Twisted's reactors do.
 #[derive(Default)]
 pub(crate) struct FdTable {
     slots: Vec<Slot>,
-    places: HashMap<*const (), Place>,
 }
 
 impl FdTable {
@@ -136,35 +112,32 @@ impl FdTable {
         usize::try_from(fd).ok().and_then(|i| self.slots.get(i))
     }
 
-    /// Where the descriptor `ptr` is registered.
-    pub fn place(&self, ptr: *const ()) -> Place {
-        self.places.get(&ptr).copied().unwrap_or_default()
+    /// True if `ptr` is the reader (`read`) or writer of `fd`.
+    pub fn holds(&self, fd: RawFd, ptr: *const (), read: bool) -> bool {
+        self.get(fd).is_some_and(|s| {
+            let d = if read { &s.reader } else { &s.writer };
+            d.as_ref().is_some_and(|d| identity(d) == ptr)
+        })
+    }
+
+    /// Finds the fd where `ptr` is registered as reader (`read`) or writer:
+    /// O(open fds), for descriptors whose fd changed or went away.
+    pub fn find(&self, ptr: *const (), read: bool) -> Option<RawFd> {
+        (0..self.slots.len()).map(|i| i as RawFd).find(|&fd| self.holds(fd, ptr, read))
     }
 
     pub fn interest(&self, fd: RawFd) -> Interest {
         self.get(fd).map_or(Interest::NONE, Slot::interest)
     }
 
-    fn slot_mut(&mut self, fd: RawFd) -> &mut Slot {
+    /// Makes `d` the reader (`read`) or writer of `fd` (`fd` >= 0),
+    /// displacing whatever held that role.
+    pub fn insert(&mut self, fd: RawFd, d: Rc<dyn FileDescriptor>, read: bool) {
         let i = fd as usize;
         if i >= self.slots.len() {
             self.slots.resize_with(i + 1, Slot::default);
         }
-        &mut self.slots[i]
-    }
-
-    /// Makes `d` the reader (`read`) or writer of `fd` (`fd` >= 0). A
-    /// different descriptor in that role is displaced.
-    pub fn insert(&mut self, fd: RawFd, d: Rc<dyn FileDescriptor>, read: bool) {
-        let ptr = identity(&d);
-        let old = self.slot_mut(fd).role(read).replace(d);
-        if let Some(old) = old {
-            let old_ptr = identity(&old);
-            if old_ptr != ptr {
-                self.forget(old_ptr, read);
-            }
-        }
-        self.places.entry(ptr).or_default().set(read, Some(fd));
+        *self.slots[i].role(read) = Some(d);
     }
 
     /// Removes `ptr` from the roles asked for at `fd`; returns the fd's
@@ -174,36 +147,18 @@ impl FdTable {
             return (Interest::NONE, Interest::NONE);
         };
         let before = slot.interest();
-        let mut removed = [false; 2];
-        for (i, role) in [true, false].into_iter().enumerate() {
+        for role in [true, false] {
             let asked = if role { read } else { write };
             let here = slot.role(role);
             if asked && here.as_ref().is_some_and(|d| identity(d) == ptr) {
                 *here = None;
-                removed[i] = true;
             }
         }
-        let after = slot.interest();
-        for (i, role) in [true, false].into_iter().enumerate() {
-            if removed[i] {
-                self.forget(ptr, role);
-            }
-        }
-        (before, after)
-    }
-
-    fn forget(&mut self, ptr: *const (), read: bool) {
-        if let Some(place) = self.places.get_mut(&ptr) {
-            place.set(read, None);
-            if place.reader.is_none() && place.writer.is_none() {
-                self.places.remove(&ptr);
-            }
-        }
+        (before, slot.interest())
     }
 
     /// Empties the table; returns every watched fd with its slot.
     pub fn take_all(&mut self) -> Vec<(RawFd, Slot)> {
-        self.places.clear();
         let mut taken = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if slot.reader.is_some() || slot.writer.is_some() {

@@ -7,8 +7,9 @@
 //! embedders may build independent reactors with [`Reactor::new`].
 //!
 //! One iteration: (1) run calls queued from other threads, (2) run due
-//! timers, (3) fire the shutdown event if `stop()` was called, (4) poll the
-//! backend until the next timer (or not at all if work is pending), (5)
+//! timers, (3) fire the shutdown event if `stop()` was called, (4) flush
+//! the transports that buffered writes during the pass, (5) poll the
+//! backend until the next timer (or not at all if work is pending), (6)
 //! dispatch readiness to descriptors, reads before writes.
 
 use std::any::{Any, TypeId};
@@ -124,6 +125,11 @@ pub(crate) struct Inner {
     in_pass: Cell<bool>,
     triggers: RefCell<Triggers>,
     shared: Arc<Shared>,
+    /// Per-reactor state of higher layers (the future executor, ...), one
+    /// value per type, so those layers need no field here. Declared after `shared` and
+    /// before `signals` on purpose: a test drops a probe in the window
+    /// between the waker closing and the signal guard going.
+    extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
     spare_calls: Cell<Vec<ThreadCall>>,
     pool: RefCell<Option<ThreadPool>>,
     pool_max: Cell<usize>,
@@ -144,9 +150,6 @@ pub(crate) struct Inner {
     /// gather until it returns; usually sent at once, so most connections
     /// never need a write buffer of their own.
     write_stage: RefCell<Vec<u8>>,
-    /// Per-reactor state of higher layers (the future executor, ...), one
-    /// value per type, so those layers need no field here.
-    extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
 }
 
 /// Work a transport batches until the end of the pass (internal).
@@ -533,9 +536,13 @@ impl Reactor {
     fn iterate_guarded(&self, max_timeout: Option<Duration>) -> Result<(), Error> {
         let inner = &self.inner;
         inner.iterations.set(inner.iterations.get() + 1);
+        let in_run = inner.looping.get();
         self.run_until_current();
-        if !inner.looping.get() && max_timeout.is_none() && inner.life.get() != Life::NotStarted {
-            // Stopped or crashed during this pass: do not block in poll.
+        let left_run = in_run && !inner.looping.get();
+        let stopped = matches!(inner.life.get(), Life::Stopping(_) | Life::Stopped);
+        if left_run || (!in_run && max_timeout.is_none() && stopped) {
+            // Stopped or crashed during this pass (or nothing will ever
+            // wake a stopped reactor): do not block in poll.
             return Ok(());
         }
         self.run_flushes();
@@ -783,12 +790,6 @@ impl Reactor {
     fn watch(&self, d: Rc<dyn FileDescriptor>, read: bool) -> Result<(), Error> {
         let fd = d.fileno();
         self.check_fd(fd)?;
-        let ptr = identity(&d);
-        // Watched in this role under another fd (its fd changed): move it.
-        let moved_from = self.inner.fds.borrow().place(ptr).get(read).filter(|&at| at != fd);
-        if let Some(at) = moved_from {
-            self.remove_at(at, ptr, read, !read);
-        }
         let mut fds = self.inner.fds.borrow_mut();
         let old = fds.interest(fd);
         let new = if read { Interest { read: true, ..old } } else { Interest { write: true, ..old } };
@@ -813,14 +814,29 @@ impl Reactor {
         }
     }
 
-    /// Found by identity, never by `fileno()`: a descriptor may already have
-    /// closed its fd, and a search of the table would cost O(open fds).
     fn unwatch<D: FileDescriptor + ?Sized>(&self, d: &Rc<D>, read: bool) {
         let ptr = identity(d);
-        let at = self.inner.fds.borrow().place(ptr).get(read);
+        let fd = d.fileno();
+        let at = {
+            let fds = self.inner.fds.borrow();
+            if fds.holds(fd, ptr, read) {
+                Some(fd)
+            } else {
+                // A descriptor whose fd changed or went away: searched for.
+                fds.find(ptr, read)
+            }
+        };
         if let Some(fd) = at {
             self.remove_at(fd, ptr, read, !read);
         }
+    }
+
+    /// Stops watching `d`, registered under `fd`, for reading and writing:
+    /// O(1) whatever `d.fileno()` says now. For the reactor's own
+    /// transports, which remember their fd and are removed after they
+    /// marked themselves closed.
+    pub(crate) fn forget_at<D: FileDescriptor + ?Sized>(&self, fd: RawFd, d: &Rc<D>) {
+        self.remove_at(fd, identity(d), true, true);
     }
 
     /// Watches `d` for readability: `d.do_read()` runs when its fd may be read.

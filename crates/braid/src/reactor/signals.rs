@@ -80,13 +80,15 @@ impl Reactor {
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
+    use std::os::fd::{AsRawFd, OwnedFd, RawFd};
     use std::rc::Rc;
     use std::sync::Mutex;
     use std::time::Duration;
 
     use crate::backend::Backend;
     use crate::reactor::{Phase, Reactor};
-    use crate::sys::signal::{raise, sigchld_is_default};
+    use crate::sys::signal::{errno, pretend_handler_running, raise, sigchld_is_default, SignalGuard};
+    use crate::sys::waker::Waker;
 
     /// Signal dispositions are process-wide: one signal test at a time.
     static SERIAL: Mutex<()> = Mutex::new(());
@@ -155,6 +157,130 @@ mod tests {
             let _ = watchdog.cancel();
             assert!(reaped.get(), "{backend}: SIGCHLD woke the reactor and the hook reaped the child");
             assert!(sigchld_is_default());
+        }
+    }
+
+    /// Finds a socket end numbered `number` (just freed, so the next new
+    /// descriptor normally takes it; another test thread may take it
+    /// first, so a few tries): returns it and its peer.
+    fn socket_numbered(number: RawFd) -> (OwnedFd, OwnedFd) {
+        use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+        let mut kept = Vec::new();
+        for _ in 0..64 {
+            let (a, b) = socketpair(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::NONBLOCK, None)
+                .expect("socketpair");
+            if a.as_raw_fd() == number {
+                return (a, b);
+            }
+            if b.as_raw_fd() == number {
+                return (b, a);
+            }
+            kept.push((a, b));
+        }
+        panic!("descriptor {number} was not reused: another thread holds it");
+    }
+
+    /// True if `fd` has nothing to read.
+    fn is_empty(fd: &OwnedFd) -> bool {
+        let mut buf = [0u8; 16];
+        matches!(rustix::io::read(fd, &mut buf), Err(rustix::io::Errno::AGAIN))
+    }
+
+    #[test]
+    fn the_handler_never_writes_to_a_closed_and_reused_wake_fd() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let waker = Waker::new().unwrap();
+        let number = waker.write_fd();
+        let guard = SignalGuard::install(number).unwrap();
+        // The reactor's waker closes while the guard still holds its slot
+        // (as when its fields are dropped in that order), and an unrelated
+        // file takes the number.
+        drop(waker);
+        let (reused, peer) = socket_numbered(number);
+        assert!(!sigchld_is_default(), "the handler is installed");
+        raise(libc::SIGCHLD);
+        assert_ne!(guard.take_pending() & 1 << libc::SIGCHLD, 0, "the handler ran for this guard");
+        assert!(is_empty(&peer), "the handler wrote into descriptor {number}, now an unrelated socket");
+        drop(guard);
+        assert!(sigchld_is_default());
+        drop(reused);
+    }
+
+    #[test]
+    fn a_guard_closes_its_descriptor_only_after_running_handlers_return() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let waker = Waker::new().unwrap();
+        let guard = SignalGuard::install(waker.write_fd()).unwrap();
+        // A handler on another thread that has read the slot and not yet
+        // returned.
+        pretend_handler_running(true);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let dropper = std::thread::spawn(move || {
+            drop(guard);
+            done_tx.send(()).unwrap();
+        });
+        let waited = done_rx.recv_timeout(Duration::from_millis(100)).is_err();
+        // Before asserting: a count left up would hang every later guard.
+        pretend_handler_running(false);
+        assert!(
+            waited,
+            "the guard was dropped (its descriptor closed) while a handler could still write to it"
+        );
+        done_rx.recv_timeout(Duration::from_secs(20)).expect("the guard drops once the handler returned");
+        dropper.join().unwrap();
+        assert!(sigchld_is_default());
+    }
+
+    #[test]
+    fn the_handler_leaves_errno_as_it_found_it() {
+        use rustix::pipe::{pipe_with, PipeFlags};
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // A full pipe: the handler's write fails, setting errno (EAGAIN).
+        let (_read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).unwrap();
+        while rustix::io::write(&write, &[0u8; 4096]).is_ok() {}
+        let guard = SignalGuard::install(write.as_raw_fd()).unwrap();
+        errno::set(libc::EDOM);
+        raise(libc::SIGCHLD);
+        let after = errno::get();
+        assert_ne!(guard.take_pending() & 1 << libc::SIGCHLD, 0, "the handler ran");
+        assert_eq!(after, libc::EDOM, "the handler changed errno");
+    }
+
+    #[test]
+    fn a_reactor_dropped_with_handlers_installed_never_writes_to_its_old_fd() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        /// Dropped with the reactor's extensions: after its waker (a field
+        /// before them) and before its signal guard (a field after them),
+        /// the window in which the waker's number is closed but a handler
+        /// may still run.
+        struct Probe {
+            number: RawFd,
+            seen: Rc<Cell<Option<bool>>>,
+        }
+        impl Drop for Probe {
+            fn drop(&mut self) {
+                let (_reused, peer) = socket_numbered(self.number);
+                assert!(!sigchld_is_default(), "the reactor's handler is still installed");
+                raise(libc::SIGCHLD);
+                self.seen.set(Some(is_empty(&peer)));
+            }
+        }
+        for &backend in Backend::ALL {
+            let r = Reactor::new(backend).unwrap();
+            r.install_signal_handlers();
+            assert!(r.signal_handlers_installed());
+            let seen = Rc::new(Cell::new(None));
+            let number = r.inner.shared.waker.write_fd();
+            #[derive(Default)]
+            struct ProbeSlot(std::cell::RefCell<Option<Probe>>);
+            r.extension::<ProbeSlot>().0.replace(Some(Probe { number, seen: seen.clone() }));
+            drop(r);
+            let empty = seen.get().expect("the probe ran while the reactor was dropped");
+            assert!(
+                empty,
+                "{backend}: the handler wrote into descriptor {number} after the reactor closed it"
+            );
+            assert!(sigchld_is_default(), "{backend}: handlers restored");
         }
     }
 

@@ -238,6 +238,13 @@ impl<T> TimerQueue<T> {
         (entry.value.is_some() && entry.queued != DONE).then_some(entry.deadline)
     }
 
+    /// Where a pending entry stands in firing order: its deadline, then its
+    /// sequence number (distinct for every pending entry).
+    pub fn order_key(&self, id: TimerId) -> Option<(u64, u64)> {
+        let entry = self.slab.get(id as usize)?;
+        (entry.value.is_some() && entry.queued != DONE).then_some((entry.deadline, entry.seq))
+    }
+
     /// The value of an allocated entry (pending, or fired/cancelled and not
     /// yet released).
     pub fn get_mut(&mut self, id: TimerId) -> Option<&mut T> {

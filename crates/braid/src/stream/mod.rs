@@ -1,10 +1,12 @@
-//! The stream layer shared by every byte-stream kind (TCP, UNIX sockets,
-//! pipes): addresses and the UNIX-specific socket I/O so far.
-//!
-//! These are building blocks: the connection, listener and connector that use
-//! them live beside them as they are ported onto this layer.
+//! Byte streams: the one connection implementation every stream kind
+//! (TCP today; UNIX sockets, pipes and adopted sockets next) shares, over a
+//! small trait that says what each kind does differently, and the pieces
+//! every kind uses: one [`Address`] type and the UNIX-specific socket I/O
+//! (peer credentials, descriptor passing).
 
 pub mod address;
+pub(crate) mod connection;
+pub(crate) mod kind;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub mod unix_io;
 

@@ -17,6 +17,13 @@
 //! * the mapping is aligned to 2 MiB and asks for transparent huge pages
 //!   (`MADV_HUGEPAGE`), so the kernel can fault in 2 MiB at a time, and
 //!   when a move is needed, whole huge pages move with it.
+//!
+//! Mappings are made of whole pages of the running kernel's size (4, 16 or
+//! 64 KiB), read once from the system: the kernel refuses to unmap from an
+//! address inside a page, so with a hard-coded 4 KiB page the trimming of a
+//! fresh mapping would fail on a 16 KiB kernel and leave up to 2 MiB of
+//! address space behind on every growth. Elements may be aligned to at
+//! most [`MIN_PAGE`] (checked at compile time), the least any page is.
 
 use std::alloc::{self, Layout};
 use std::marker::PhantomData;
@@ -32,9 +39,37 @@ pub(crate) const MAP_FROM: usize = 256 << 10;
 pub(crate) const MAP_FROM: usize = usize::MAX;
 
 /// The huge page size the mappings are aligned to (x86-64 and arm64 with
-/// 4 KiB pages; elsewhere the alignment is merely harmless).
+/// 4 KiB pages; elsewhere the alignment is merely harmless), unless pages
+/// themselves are larger.
 const HUGE: usize = 2 << 20;
-const PAGE: usize = 4096;
+/// The smallest page size of any system: the alignment every mapping has.
+pub(crate) const MIN_PAGE: usize = 4096;
+
+/// The kernel's page size (a power of two, at least [`MIN_PAGE`]).
+fn page_size() -> usize {
+    #[cfg(test)]
+    if let Some(pretend) = tests::PRETEND_PAGE.with(|p| p.get()) {
+        return pretend;
+    }
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    match PAGE.load(Ordering::Relaxed) {
+        0 => {
+            // SAFETY: sysconf only reads a system parameter.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            let page =
+                usize::try_from(page).ok().filter(|p| p.is_power_of_two()).unwrap_or(MIN_PAGE).max(MIN_PAGE);
+            PAGE.store(page, Ordering::Relaxed);
+            page
+        }
+        page => page,
+    }
+}
+
+/// What mappings are aligned to: a huge page, or a page if that is larger.
+fn huge() -> usize {
+    HUGE.max(page_size())
+}
 
 /// A growable array: `Vec`'s storage and the subset of its methods the
 /// timer queue and closure pools use.
@@ -211,6 +246,12 @@ impl<T> BigVec<T> {
     /// false, with nothing changed, if no mapping could be made.
     #[cfg(target_os = "linux")]
     fn grow_mapped(&mut self, bytes: usize) -> bool {
+        const {
+            assert!(
+                std::mem::align_of::<T>() <= MIN_PAGE,
+                "BigVec: a mapping is only page aligned; elements may not be aligned to more"
+            )
+        };
         let len = mapping_len(bytes);
         let new = if self.mapped == 0 {
             let Some(new) = map(len) else { return false };
@@ -285,12 +326,13 @@ impl<'a, T> IntoIterator for &'a BigVec<T> {
 /// The mapping size for `bytes`: whole pages, and whole huge pages once
 /// it spans one, so that no huge page is left half used at the end.
 fn mapping_len(bytes: usize) -> usize {
-    let unit = if bytes >= HUGE { HUGE } else { PAGE };
+    let unit = if bytes >= huge() { huge() } else { page_size() };
     bytes.div_ceil(unit) * unit
 }
 
-/// A fresh read-write anonymous mapping of `len` bytes, aligned to `HUGE`
-/// and advised to use huge pages; `None` if the kernel refuses one.
+/// A fresh read-write anonymous mapping of `len` bytes (whole pages),
+/// aligned to [`huge()`] and advised to use huge pages; `None` if the kernel
+/// refuses one.
 #[cfg(target_os = "linux")]
 fn map(len: usize) -> Option<*mut u8> {
     use rustix::mm::{MapFlags, ProtFlags};
@@ -298,7 +340,8 @@ fn map(len: usize) -> Option<*mut u8> {
     if tests::REFUSE_MAPS.with(|r| r.get()) {
         return None;
     }
-    let reserve = len.checked_add(HUGE)?;
+    let align = huge();
+    let reserve = len.checked_add(align)?;
     // SAFETY: a new private anonymous mapping at an address of the kernel's
     // choosing: no existing memory is touched.
     let base = unsafe {
@@ -310,20 +353,25 @@ fn map(len: usize) -> Option<*mut u8> {
         )
     };
     let base = base.ok()? as usize;
-    let start = base.next_multiple_of(HUGE);
-    // SAFETY: the head and tail trimmed off lie inside the mapping just
-    // made, which nothing else refers to yet; `start..start + len` stays.
-    unsafe {
-        if start > base {
-            let _ = rustix::mm::munmap(base as *mut _, start - base);
-        }
-        let end = start + len;
-        if base + reserve > end {
-            let _ = rustix::mm::munmap(end as *mut _, base + reserve - end);
-        }
-        // A hint: without THP support it fails and changes nothing.
-        let _ = rustix::mm::madvise(start as *mut _, len, rustix::mm::Advice::LinuxHugepage);
+    #[cfg(test)]
+    tests::note_mapped(reserve);
+    let start = base.next_multiple_of(align);
+    let end = start + len;
+    // The head and tail trimmed off lie inside the mapping just made, which
+    // nothing else refers to yet; `start..start + len` stays. The head
+    // starts where the kernel put the mapping (page aligned); the tail at
+    // `end`, page aligned since `align` and `len` are whole pages.
+    if start > base {
+        // The kernel's own address: a test that pretends pages larger than
+        // the real ones cannot make it aligned to those.
+        unmap_unchecked(base as *mut u8, start - base);
     }
+    if base + reserve > end {
+        unmap(end as *mut u8, base + reserve - end);
+    }
+    // SAFETY: advice on our own mapping. A hint: without THP support it
+    // fails and changes nothing.
+    let _ = unsafe { rustix::mm::madvise(start as *mut _, len, rustix::mm::Advice::LinuxHugepage) };
     Some(start as *mut u8)
 }
 
@@ -337,6 +385,8 @@ fn remap(old: *mut u8, old_len: usize, len: usize) -> Option<*mut u8> {
     // SAFETY: `old..old + old_len` is a mapping this vector owns; growing
     // in place only claims unmapped addresses after it (or fails).
     if unsafe { rustix::mm::mremap(old.cast(), old_len, len, MremapFlags::empty()) }.is_ok() {
+        #[cfg(test)]
+        tests::note_mapped(len - old_len);
         return Some(old);
     }
     #[cfg(test)]
@@ -348,6 +398,11 @@ fn remap(old: *mut u8, old_len: usize, len: usize) -> Option<*mut u8> {
     // nothing else refers to either.
     let moved =
         unsafe { rustix::mm::mremap_fixed(old.cast(), old_len, old_len, MremapFlags::MAYMOVE, new.cast()) };
+    #[cfg(test)]
+    if moved.is_ok() {
+        // The pages moved over as many of the new mapping's: `old` is gone.
+        tests::note_unmapped(old_len);
+    }
     if moved.is_err() {
         // Cannot happen with valid arguments; copy rather than fail.
         // SAFETY: distinct mappings, both at least `old_len` long.
@@ -357,11 +412,26 @@ fn remap(old: *mut u8, old_len: usize, len: usize) -> Option<*mut u8> {
     Some(new)
 }
 
+/// Unmaps `at..at + len`, part or all of a mapping made by `map` (and
+/// possibly moved by `remap`) that nothing refers to any more.
 #[cfg(target_os = "linux")]
 fn unmap(at: *mut u8, len: usize) {
-    // SAFETY: a mapping made by `map` (and possibly moved by `remap`),
-    // owned by the vector being freed; its elements are already gone.
-    let _ = unsafe { rustix::mm::munmap(at.cast(), len) };
+    // A test pretending larger pages refuses what such a kernel would.
+    #[cfg(test)]
+    if !tests::unmap_accepted(at as usize) {
+        return;
+    }
+    unmap_unchecked(at, len);
+}
+
+#[cfg(target_os = "linux")]
+fn unmap_unchecked(at: *mut u8, len: usize) {
+    // SAFETY: the range is part of a mapping of ours that nothing uses (any
+    // elements in it are already dropped or moved).
+    if unsafe { rustix::mm::munmap(at.cast(), len) }.is_ok() {
+        #[cfg(test)]
+        tests::note_unmapped(len);
+    }
 }
 
 #[cfg(test)]
@@ -376,6 +446,31 @@ mod tests {
         /// Makes `map` fail on this thread, as when the process has run out
         /// of mappings or address space.
         pub(super) static REFUSE_MAPS: Cell<bool> = const { Cell::new(false) };
+        /// A page size to pretend on this thread (16 or 64 KiB kernels).
+        pub(super) static PRETEND_PAGE: Cell<Option<usize>> = const { Cell::new(None) };
+        /// Bytes this thread's vectors hold mapped, by their own account.
+        static MAPPED: Cell<isize> = const { Cell::new(0) };
+        /// Unmaps refused because they started inside a page.
+        static REFUSED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    pub(super) fn note_mapped(len: usize) {
+        MAPPED.with(|m| m.set(m.get() + len as isize));
+    }
+
+    pub(super) fn note_unmapped(len: usize) {
+        MAPPED.with(|m| m.set(m.get() - len as isize));
+    }
+
+    /// Whether `munmap(at, len)` would be accepted with the page size in
+    /// force: the kernel refuses an address inside a page (a length it
+    /// rounds up, which only the end of a mapping may need). Counts refusals.
+    pub(super) fn unmap_accepted(at: usize) -> bool {
+        let accepted = at.is_multiple_of(page_size());
+        if !accepted {
+            REFUSED.with(|r| r.set(r.get() + 1));
+        }
+        accepted
     }
 
     /// Maps the page right after `v`'s mapping, so it cannot grow in place;
@@ -390,7 +485,7 @@ mod tests {
         unsafe {
             rustix::mm::mmap_anonymous(
                 end as *mut _,
-                PAGE,
+                page_size(),
                 ProtFlags::empty(),
                 MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE,
             )
@@ -401,7 +496,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     fn unblock(page: *mut std::ffi::c_void) {
         // SAFETY: a page mapped by `block_after`, used by nothing.
-        unsafe { rustix::mm::munmap(page, PAGE).expect("unmap the blocker") };
+        unsafe { rustix::mm::munmap(page, page_size()).expect("unmap the blocker") };
     }
 
     #[test]
@@ -547,6 +642,77 @@ mod tests {
         }
         REFUSE_MAPS.with(|r| r.set(false));
         assert!(v.iter().enumerate().all(|(k, &x)| x == k as u64));
+    }
+
+    /// Grows vectors through every mapped path with `page` pretended as the
+    /// kernel's page size: every mapping stays whole pages, aligned, and
+    /// nothing mapped is left behind.
+    fn growth_keeps_whole_pages_with(page: usize) {
+        PRETEND_PAGE.with(|p| p.set(Some(page)));
+        let before = MAPPED.with(Cell::get);
+        // 4100-byte elements: most capacities are not whole pages of any size.
+        type Odd = [u8; 4100];
+        let mut vs: Vec<BigVec<Odd>> = (0..3).map(|_| BigVec::new()).collect();
+        let mut mapped_sizes = Vec::new();
+        for round in 0..600u32 {
+            for (k, v) in vs.iter_mut().enumerate() {
+                let cap = v.capacity();
+                v.push([(round as usize + k) as u8; 4100]);
+                if v.capacity() != cap && v.is_mapped() {
+                    assert_eq!(
+                        v.mapped % page,
+                        0,
+                        "{page}: a mapping of {} bytes is not whole pages",
+                        v.mapped
+                    );
+                    assert_eq!(v.as_ptr() as usize % huge(), 0, "{page}: a mapping is not aligned");
+                    mapped_sizes.push(v.mapped);
+                }
+            }
+            #[cfg(target_os = "linux")]
+            if round == 300 {
+                // The next growth of the first vector must move.
+                if let Some(blocker) = block_after(&vs[0]) {
+                    let cap = vs[0].capacity();
+                    let moves = MOVES.with(Cell::get);
+                    while vs[0].capacity() == cap {
+                        vs[0].push([1; 4100]);
+                    }
+                    assert_eq!(MOVES.with(Cell::get), moves + 1, "{page}: the mapping moved");
+                    assert_eq!(vs[0].mapped % page, 0);
+                    unblock(blocker);
+                }
+            }
+        }
+        assert!(vs.iter().all(|v| v.iter().skip(1).all(|e| e[0] == e[4099])));
+        if cfg!(target_os = "linux") {
+            assert!(mapped_sizes.len() >= 3, "{page}: the vectors grew onto mappings: {mapped_sizes:?}");
+        }
+        drop(vs);
+        assert_eq!(
+            REFUSED.with(Cell::get),
+            0,
+            "{page}: an unmap started inside a page (the kernel refuses those)"
+        );
+        assert_eq!(MAPPED.with(Cell::get), before, "{page}: mapped bytes were left behind");
+        PRETEND_PAGE.with(|p| p.set(None));
+    }
+
+    #[test]
+    fn with_16k_pages_mappings_are_whole_pages_and_nothing_leaks() {
+        growth_keeps_whole_pages_with(16 << 10);
+    }
+
+    #[test]
+    fn with_64k_pages_mappings_are_whole_pages_and_nothing_leaks() {
+        growth_keeps_whole_pages_with(64 << 10);
+    }
+
+    #[test]
+    fn with_the_real_page_size_nothing_leaks() {
+        let real = page_size();
+        assert!(real.is_power_of_two() && real >= MIN_PAGE, "{real}");
+        growth_keeps_whole_pages_with(real);
     }
 
     #[test]

@@ -1,10 +1,28 @@
 //! Outgoing TCP connections: the `Connector` handle and one attempt.
 //!
 //! An attempt never calls back synchronously: `connect` returns at once and
-//! the work starts on the next iteration. Host names are resolved on the
-//! reactor's thread pool (getaddrinfo blocks), so the loop never blocks.
+//! the work starts on the next iteration. Host names go to the reactor's
+//! resolver (by default getaddrinfo on the thread pool), so the loop never
+//! blocks.
+//!
+//! Every resolved address is tried, in the resolver's order, staggered as
+//! Twisted's `HostnameEndpoint` does: the first dial starts at once; if it
+//! has not connected after `ATTEMPT_DELAY` (0.3 s) the next one starts
+//! while the first keeps going, and a dial that fails starts the next one
+//! at once.
+//! The first dial to connect wins; every other one is cancelled (its socket
+//! closed, its writer registration removed). The connect timeout bounds the
+//! whole attempt, resolution included, and `stop_connecting` cancels every
+//! dial; either way the factory hears one `client_connection_failed`.
+//!
+//! Each dial's error names the address it tried ("connecting to
+//! 127.0.0.1:80"). When every address fails, `client_connection_failed`
+//! gets the error of the dial that failed last (its kind, e.g.
+//! `Error::ConnectionRefused`, is what `Failure::braid_error` shows), with
+//! the earlier dials' errors added to its text as context.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -15,11 +33,16 @@ use std::time::Duration;
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
-use super::connection::Connection;
 use crate::error::{Error, Failure};
 use crate::protocol::ClientFactory;
-use crate::reactor::{DelayedCall, FileDescriptor, Reactor};
+use crate::reactor::{DelayedCall, FileDescriptor, Reactor, WeakReactor};
+use crate::stream::connection::Connection;
+use crate::stream::kind::Tcp;
 use crate::transport::TransportOps;
+
+/// How long a dial may go unanswered before the next address is tried
+/// alongside it (Twisted's `HostnameEndpoint` attempt delay).
+const ATTEMPT_DELAY: Duration = Duration::from_millis(300);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -29,7 +52,9 @@ enum State {
 }
 
 struct Inner {
-    reactor: Reactor,
+    /// Weak: a connector (and the connection that tells it when it ends)
+    /// must not keep the reactor alive.
+    reactor: WeakReactor,
     host: String,
     port: u16,
     timeout: Option<Duration>,
@@ -38,7 +63,7 @@ struct Inner {
     factory_started: Cell<bool>,
     state: Cell<State>,
     attempt: RefCell<Option<Rc<Attempt>>>,
-    connection: RefCell<Weak<Connection>>,
+    connection: RefCell<Weak<Connection<Tcp>>>,
 }
 
 /// A handle to an outgoing connection and its factory: stop an attempt,
@@ -69,7 +94,7 @@ impl Connector {
     ) -> Connector {
         Connector {
             inner: Rc::new(Inner {
-                reactor: reactor.clone(),
+                reactor: reactor.weak(),
                 host: host.to_string(),
                 port,
                 timeout,
@@ -107,11 +132,15 @@ impl Connector {
         if inner.state.get() != State::Disconnected {
             return Err(Error::AlreadyConnecting);
         }
+        let Some(reactor) = inner.reactor.get() else { return Err(Error::ReactorGone) };
         inner.state.set(State::Connecting);
         let attempt = Rc::new(Attempt {
             connector: RefCell::new(Some(inner.clone())),
-            sock: RefCell::new(None),
             timer: RefCell::new(None),
+            queue: RefCell::new(VecDeque::new()),
+            dials: RefCell::new(Vec::new()),
+            stagger: RefCell::new(None),
+            failures: RefCell::new(Vec::new()),
         });
         *inner.attempt.borrow_mut() = Some(attempt.clone());
         match inner.factory.try_borrow_mut() {
@@ -123,7 +152,7 @@ impl Connector {
             }
             Err(_) => {
                 let me = self.clone();
-                inner.reactor.call_later(Duration::ZERO, move || {
+                reactor.call_later(Duration::ZERO, move || {
                     let mut f = me.inner.factory.borrow_mut();
                     if !me.inner.factory_started.replace(true) {
                         f.start_factory();
@@ -134,15 +163,16 @@ impl Connector {
         }
         if let Some(t) = inner.timeout {
             let a = Rc::downgrade(&attempt);
-            let timer = inner.reactor.call_later(t, move || {
+            let timer = reactor.call_later(t, move || {
                 if let Some(a) = a.upgrade() {
-                    a.fail(Failure::new(Error::TimedOut).context("connecting"));
+                    let what = a.in_flight();
+                    a.fail(Failure::new(Error::TimedOut).context(format!("connecting to {what}")));
                 }
             });
             *attempt.timer.borrow_mut() = Some(timer);
         }
         let a = attempt.clone();
-        inner.reactor.call_later(Duration::ZERO, move || a.begin());
+        reactor.call_later(Duration::ZERO, move || a.begin());
         Ok(())
     }
 
@@ -186,9 +216,9 @@ impl Connector {
         };
         if self.inner.factory.try_borrow_mut().is_ok() {
             deliver(self);
-        } else {
+        } else if let Some(reactor) = self.inner.reactor.get() {
             let me = self.clone();
-            self.inner.reactor.call_later(Duration::ZERO, move || deliver(&me));
+            reactor.call_later(Duration::ZERO, move || deliver(&me));
         }
     }
 
@@ -205,21 +235,46 @@ impl Connector {
     }
 }
 
-/// One connection attempt: resolve, connect, wait for the outcome. It
-/// holds its connector strongly, so a connector whose handle the caller
-/// dropped still completes; the cycle ends when the attempt does.
+/// One connection attempt: resolve, dial the addresses (staggered), and
+/// report the outcome. It holds its connector strongly, so a connector
+/// whose handle the caller dropped still completes; the cycle ends when the
+/// attempt does.
 struct Attempt {
     connector: RefCell<Option<Rc<Inner>>>,
-    sock: RefCell<Option<OwnedFd>>,
+    /// The connect timeout, which bounds the whole attempt.
     timer: RefCell<Option<DelayedCall>>,
+    /// Resolved addresses not dialled yet, in the order to try them.
+    queue: RefCell<VecDeque<SocketAddr>>,
+    /// Dials in flight: started, not yet connected or failed.
+    dials: RefCell<Vec<Rc<Dial>>>,
+    /// Starts the next address when the newest dial stays unanswered.
+    stagger: RefCell<Option<DelayedCall>>,
+    /// Why each finished dial failed, in the order they failed.
+    failures: RefCell<Vec<Failure>>,
+}
+
+/// One non-blocking connect to one address, watched for writability.
+struct Dial {
+    attempt: Weak<Attempt>,
+    addr: SocketAddr,
+    sock: RefCell<Option<OwnedFd>>,
 }
 
 fn connect_error(e: Errno, addr: SocketAddr) -> Failure {
+    let what = format!("connecting to {addr}");
     match e {
-        Errno::CONNREFUSED => Failure::new(Error::ConnectionRefused),
-        Errno::TIMEDOUT => Failure::new(Error::TimedOut),
-        other => Failure::new(Error::io(format!("connecting to {addr}"), other.into())),
+        Errno::CONNREFUSED => Failure::new(Error::ConnectionRefused).context(what),
+        Errno::TIMEDOUT => Failure::new(Error::TimedOut).context(what),
+        other => Failure::new(Error::io(what, other.into())),
     }
+}
+
+/// How a dial started.
+enum Started {
+    /// The connect is in progress; the dial waits for writability.
+    Pending,
+    /// The connect completed at once (it may, for loopback).
+    Connected(Rc<Dial>),
 }
 
 impl Attempt {
@@ -234,21 +289,36 @@ impl Attempt {
         (live && c.inner.state.get() == State::Connecting).then_some(c)
     }
 
+    /// The addresses being dialled, for a timeout's message; the host and
+    /// port while nothing is in flight (still resolving).
+    fn in_flight(&self) -> String {
+        let dials = self.dials.borrow();
+        if dials.is_empty() {
+            return self.destination();
+        }
+        dials.iter().map(|d| d.addr.to_string()).collect::<Vec<_>>().join(", ")
+    }
+
     fn begin(self: Rc<Self>) {
         let Some(c) = self.current() else { return };
         let (host, port) = (c.inner.host.clone(), c.inner.port);
         if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-            self.connect_to(SocketAddr::new(ip, port));
+            self.queue.borrow_mut().push_back(SocketAddr::new(ip, port));
+            self.start_next();
             return;
         }
-        let resolved = c.inner.reactor.resolver().resolve(&c.inner.reactor, &host, port);
+        let Some(reactor) = c.inner.reactor.get() else { return };
+        let resolved = reactor.resolver().resolve(&reactor, &host, port);
         let me = self.clone();
         resolved.add_both(move |result| {
-            match result.as_deref().map(<[SocketAddr]>::first) {
-                Ok(Some(addr)) => me.connect_to(*addr),
+            match result {
                 // A custom resolver may answer with nothing at all.
-                Ok(None) => {
+                Ok(addrs) if addrs.is_empty() => {
                     me.fail(Failure::new(Error::DnsLookupFailed { host, reason: "no addresses".into() }))
+                }
+                Ok(addrs) => {
+                    me.queue.borrow_mut().extend(addrs.iter().copied());
+                    me.start_next();
                 }
                 Err(f) => me.fail(f.clone()),
             }
@@ -256,53 +326,155 @@ impl Attempt {
         });
     }
 
-    fn connect_to(self: &Rc<Self>, addr: SocketAddr) {
-        let Some(c) = self.current() else { return };
+    /// Dials the next queued address (skipping over addresses that fail at
+    /// once); with none left and nothing in flight, the attempt has failed.
+    fn start_next(self: &Rc<Self>) {
+        if let Some(t) = self.stagger.borrow_mut().take() {
+            let _ = t.cancel();
+        }
+        loop {
+            let Some(c) = self.current() else { return };
+            let next = self.queue.borrow_mut().pop_front();
+            let Some(addr) = next else {
+                if self.dials.borrow().is_empty() {
+                    self.all_failed();
+                }
+                return;
+            };
+            match self.dial(&c, addr) {
+                Ok(Started::Pending) => {
+                    let reactor = c.inner.reactor.get();
+                    if let (false, Some(reactor)) = (self.queue.borrow().is_empty(), reactor) {
+                        let a = Rc::downgrade(self);
+                        let timer = reactor.call_later(ATTEMPT_DELAY, move || {
+                            if let Some(a) = a.upgrade() {
+                                a.stagger.borrow_mut().take();
+                                a.start_next();
+                            }
+                        });
+                        *self.stagger.borrow_mut() = Some(timer);
+                    }
+                    return;
+                }
+                Ok(Started::Connected(dial)) => return self.connected(&dial),
+                Err(reason) => self.dial_failed(None, reason),
+            }
+        }
+    }
+
+    fn dial(self: &Rc<Self>, c: &Connector, addr: SocketAddr) -> Result<Started, Failure> {
+        let what = || format!("connecting to {addr}");
         let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
-        let sock = match rustix::net::socket_with(
+        let sock = rustix::net::socket_with(
             family,
             SocketType::STREAM,
             SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
             None,
-        ) {
-            Ok(s) => s,
-            Err(e) => return self.fail(Failure::new(Error::io("creating a TCP socket", e.into()))),
-        };
+        )
+        .map_err(|e| Failure::new(Error::io("creating a TCP socket", e.into())).context(what()))?;
         if let Some(bind) = c.inner.bind {
-            if let Err(e) = rustix::net::bind(&sock, &bind) {
-                return self.fail(Failure::new(Error::io(format!("binding to {bind}"), e.into())));
-            }
+            rustix::net::bind(&sock, &bind).map_err(|e| {
+                Failure::new(Error::io(format!("binding to {bind}"), e.into())).context(what())
+            })?;
         }
-        match rustix::net::connect(&sock, &addr) {
-            Ok(()) => {
-                *self.sock.borrow_mut() = Some(sock);
-                self.connected(addr);
-            }
-            Err(Errno::INPROGRESS) | Err(Errno::INTR) => {
-                *self.sock.borrow_mut() = Some(sock);
-                if let Err(e) = c.inner.reactor.add_writer(self.clone()) {
-                    self.fail(Failure::new(e));
-                }
-            }
-            Err(e) => self.fail(connect_error(e, addr)),
+        let immediate = match rustix::net::connect(&sock, &addr) {
+            Ok(()) => true,
+            Err(Errno::INPROGRESS) | Err(Errno::INTR) => false,
+            Err(e) => return Err(connect_error(e, addr)),
+        };
+        let dial = Rc::new(Dial { attempt: Rc::downgrade(self), addr, sock: RefCell::new(Some(sock)) });
+        if immediate {
+            return Ok(Started::Connected(dial));
+        }
+        let reactor = c.inner.reactor.get().ok_or_else(|| Failure::new(Error::ReactorGone))?;
+        reactor.add_writer(dial.clone()).map_err(|e| Failure::new(e).context(what()))?;
+        self.dials.borrow_mut().push(dial);
+        Ok(Started::Pending)
+    }
+
+    /// Stops watching a dial and closes its socket.
+    fn cancel_dial(c: &Connector, dial: &Rc<Dial>) {
+        if let Some(reactor) = c.inner.reactor.get() {
+            reactor.remove_writer(dial);
+        }
+        dial.sock.borrow_mut().take();
+    }
+
+    /// Cancels every dial in flight and the stagger and timeout timers.
+    fn cancel_all(&self, c: &Connector) {
+        for t in [self.timer.borrow_mut().take(), self.stagger.borrow_mut().take()].into_iter().flatten() {
+            let _ = t.cancel();
+        }
+        self.queue.borrow_mut().clear();
+        let dials: Vec<Rc<Dial>> = self.dials.borrow_mut().drain(..).collect();
+        for d in &dials {
+            Attempt::cancel_dial(c, d);
         }
     }
 
-    fn connected(self: &Rc<Self>, addr: SocketAddr) {
-        let Some(c) = self.current() else { return };
-        if let Some(t) = self.timer.borrow_mut().take() {
-            let _ = t.cancel();
+    /// One dial failed: forget it and try the next address at once.
+    fn dial_failed(self: &Rc<Self>, dial: Option<&Rc<Dial>>, reason: Failure) {
+        if let Some(dial) = dial {
+            self.dials.borrow_mut().retain(|d| !Rc::ptr_eq(d, dial));
+            if let Some(c) = self.connector() {
+                Attempt::cancel_dial(&c, dial);
+            }
         }
-        let Some(sock) = self.sock.borrow_mut().take() else { return };
+        if self.current().is_none() {
+            return;
+        }
+        tracing::debug!(target: "braid", "TCP connect to {}: {reason}", self.destination());
+        self.failures.borrow_mut().push(reason);
+        if dial.is_some() {
+            self.start_next();
+        }
+    }
+
+    /// "host:port" as the caller gave them.
+    fn destination(&self) -> String {
+        self.connector().map_or_else(String::new, |c| format!("{}:{}", c.inner.host, c.inner.port))
+    }
+
+    /// Every address failed: report the last failure, naming the others.
+    fn all_failed(self: &Rc<Self>) {
+        let mut failures = self.failures.take();
+        let Some(mut last) = failures.pop() else {
+            return self.fail(Failure::msg("no address to connect to"));
+        };
+        if !failures.is_empty() {
+            let earlier = failures.iter().map(Failure::to_string).collect::<Vec<_>>().join("; ");
+            let n = failures.len() + 1;
+            let what =
+                format!("all {n} addresses of {} failed; before this one: {earlier}", self.destination());
+            last = last.context(what);
+        }
+        self.fail(last);
+    }
+
+    fn connected(self: &Rc<Self>, dial: &Rc<Dial>) {
+        let Some(c) = self.current() else {
+            if let Some(c) = self.connector() {
+                Attempt::cancel_dial(&c, dial);
+            }
+            return;
+        };
+        let Some(reactor) = c.inner.reactor.get() else { return };
+        reactor.remove_writer(dial);
+        let sock = dial.sock.borrow_mut().take();
+        self.dials.borrow_mut().retain(|d| !Rc::ptr_eq(d, dial));
+        self.cancel_all(&c);
+        let Some(sock) = sock else { return };
+        let addr = dial.addr;
         c.inner.attempt.borrow_mut().take();
         let protocol = c.inner.factory.borrow_mut().build_protocol(addr);
         let Some(protocol) = protocol else {
             drop(sock);
+            self.connector.borrow_mut().take();
             c.connection_failed(Failure::msg("the factory refused to build a protocol"));
             return;
         };
         c.inner.state.set(State::Connected);
-        let conn = Connection::new(&c.inner.reactor, sock, Some(addr));
+        let conn = Connection::new(&reactor, Tcp, sock, Some(addr));
         *c.inner.connection.borrow_mut() = Rc::downgrade(&conn);
         let inner = c.inner.clone();
         conn.set_on_lost(Box::new(move |reason| Connector { inner }.connection_lost(reason)));
@@ -316,68 +488,72 @@ impl Attempt {
         }
     }
 
+    /// The whole attempt failed (timeout, stop_connecting, resolution,
+    /// every address): cancel what is in flight and tell the factory once.
     fn fail(self: &Rc<Self>, reason: Failure) {
         let Some(c) = self.current() else { return };
-        if let Some(t) = self.timer.borrow_mut().take() {
-            let _ = t.cancel();
-        }
-        let me: Rc<Attempt> = self.clone();
-        c.inner.reactor.remove_writer(&me);
-        self.sock.borrow_mut().take();
+        self.cancel_all(&c);
         self.connector.borrow_mut().take();
         c.connection_failed(reason);
     }
 }
 
-impl FileDescriptor for Attempt {
+impl Dial {
+    /// This dial's attempt and its own `Rc`, while the attempt still has
+    /// it in flight.
+    fn owned(&self) -> Option<(Rc<Attempt>, Rc<Dial>)> {
+        let attempt = self.attempt.upgrade()?;
+        let me = attempt.dials.borrow().iter().find(|d| std::ptr::eq(&***d, self)).cloned()?;
+        Some((attempt, me))
+    }
+}
+
+impl FileDescriptor for Dial {
     fn fileno(&self) -> RawFd {
         self.sock.borrow().as_ref().map_or(-1, |s| s.as_raw_fd())
     }
 
     fn do_write(&self) -> Result<(), Failure> {
-        let Some(c) = self.connector() else { return Ok(()) };
-        let Some(me) = c.inner.attempt.borrow().clone() else { return Ok(()) };
+        // A dial its attempt no longer holds should not be watched: have
+        // the reactor drop it.
+        let Some((attempt, me)) = self.owned() else {
+            return Err(Failure::new(Error::Cancelled).context(format!("connecting to {}", self.addr)));
+        };
         let outcome = {
             let sock = self.sock.borrow();
             let Some(sock) = sock.as_ref() else { return Ok(()) };
             let err = rustix::net::sockopt::socket_error(sock);
-            let peer =
-                rustix::net::getpeername(sock).ok().flatten().and_then(|a| SocketAddr::try_from(a).ok());
-            (err, peer)
+            let connected = rustix::net::getpeername(sock).ok().flatten().is_some();
+            (err, connected)
         };
-        c.inner.reactor.remove_writer(&me);
-        let addr = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), c.inner.port);
         match outcome {
-            (Ok(Ok(())), Some(peer)) => me.connected(peer),
-            (Ok(Ok(())), None) => me.fail(Failure::new(Error::ConnectionRefused)),
-            (Ok(Err(e)), _) | (Err(e), _) => me.fail(connect_error(e, addr)),
+            (Ok(Ok(())), true) => attempt.connected(&me),
+            (Ok(Ok(())), false) => attempt.dial_failed(
+                Some(&me),
+                Failure::new(Error::ConnectionRefused).context(format!("connecting to {}", self.addr)),
+            ),
+            (Ok(Err(e)), _) | (Err(e), _) => attempt.dial_failed(Some(&me), connect_error(e, self.addr)),
         }
         Ok(())
     }
 
     fn connection_lost(&self, reason: Failure) {
+        let Some((attempt, me)) = self.owned() else { return };
         // A refused connect polls as HUP|ERR without OUT; the socket's
-        // pending error says what really happened. Otherwise: shutdown.
+        // pending error says what really happened, and only this dial
+        // failed. Anything else (the reactor shutting down, the fd gone)
+        // ends the whole attempt.
         let pending = self.sock.borrow().as_ref().and_then(|s| match rustix::net::sockopt::socket_error(s) {
             Ok(Err(e)) => Some(e),
             _ => None,
         });
-        let reason = match (pending, self.connector()) {
-            (Some(e), Some(c)) => connect_error(e, SocketAddr::new(IpAddr::from([0, 0, 0, 0]), c.inner.port)),
-            _ => reason,
-        };
-        if let Some(c) = self.connector() {
-            let me = c.inner.attempt.borrow().clone();
-            if let Some(me) = me {
-                me.fail(reason);
-            }
+        match pending {
+            Some(e) => attempt.dial_failed(Some(&me), connect_error(e, self.addr)),
+            None => attempt.fail(reason.context(format!("connecting to {}", self.addr))),
         }
     }
 
     fn log_prefix(&self) -> String {
-        match self.connector() {
-            Some(c) => format!("TCP connect to {}:{}", c.inner.host, c.inner.port),
-            None => "TCP connect".to_string(),
-        }
+        format!("TCP connect to {}", self.addr)
     }
 }

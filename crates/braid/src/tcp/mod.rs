@@ -14,7 +14,6 @@ use crate::error::Error;
 use crate::protocol::{ClientFactory, IntoFactory};
 use crate::reactor::Reactor;
 
-mod connection;
 mod connector;
 mod port;
 

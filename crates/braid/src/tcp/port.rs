@@ -32,11 +32,12 @@ use std::time::Duration;
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
-use super::connection::Connection;
 use crate::defer::Deferred;
 use crate::error::{Error, Failure};
 use crate::protocol::{Factory, SharedFactory};
 use crate::reactor::{catch_panic, log_failure, DelayedCall, FileDescriptor, Reactor, WeakReactor};
+use crate::stream::connection::Connection;
+use crate::stream::kind::Tcp;
 
 const INITIAL_ACCEPTS: usize = 100;
 const ACCEPT_GROWTH: usize = 20;
@@ -138,7 +139,7 @@ impl Port {
                 return;
             }
         };
-        let conn = Connection::new(reactor, sock, peer);
+        let conn = Connection::new(reactor, Tcp, sock, peer);
         if let Err((e, protocol)) = conn.start(protocol) {
             let from = peer.map_or("?".into(), |p| p.to_string());
             tracing::error!(target: "braid", "dropping the connection from {from} on {}: {e}", self.local);

@@ -1,4 +1,5 @@
-//! One TCP connection: the socket, its protocol and its write buffer.
+//! One stream connection: the descriptor, its protocol and its write
+//! buffer, for every kind of byte stream (see [`Kind`]).
 //!
 //! Reads: one `read` of at most 64 KiB per readiness event, into a buffer
 //! the whole reactor shares (so idle connections own no read buffer).
@@ -14,8 +15,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
 
 use rustix::io::Errno;
-use rustix::net::{RecvFlags, SendFlags};
 
+use super::kind::Kind;
 use crate::error::{Error, Failure};
 use crate::protocol::Protocol;
 use crate::reactor::{
@@ -83,13 +84,10 @@ impl OutBuf {
     }
 
     /// Writes as much as the kernel takes; `Ok(true)` when all is sent.
-    pub fn send(&mut self, fd: &OwnedFd) -> Result<bool, Errno> {
+    pub fn send<K: Kind>(&mut self, kind: &K, fd: &OwnedFd) -> Result<bool, Errno> {
         while self.len > 0 {
-            // send/sendmsg rather than write/writev: the socket calls skip
-            // the VFS layer, and MSG_NOSIGNAL turns a write to a reset peer
-            // into EPIPE instead of a process-killing SIGPIPE.
             let result = if self.rest.is_empty() {
-                rustix::net::send(fd, &self.first[self.head..], SendFlags::NOSIGNAL)
+                kind.send(fd, &self.first[self.head..])
             } else {
                 let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
                 iov[0] = IoSlice::new(&self.first[self.head..]);
@@ -98,8 +96,7 @@ impl OutBuf {
                     iov[n] = IoSlice::new(c);
                     n += 1;
                 }
-                let mut no_control = rustix::net::SendAncillaryBuffer::default();
-                rustix::net::sendmsg(fd, &iov[..n], &mut no_control, SendFlags::NOSIGNAL)
+                kind.send_vectored(fd, &iov[..n])
             };
             match result {
                 Ok(n) => {
@@ -218,7 +215,7 @@ impl Drop for ReadScope<'_> {
     }
 }
 
-/// A connected TCP socket driven by the reactor.
+/// A connected byte stream of kind `K` driven by the reactor.
 ///
 /// Every call into user code (the protocol, a producer, the connector's
 /// notification) goes through one of the `call_*` helpers, which contain
@@ -227,11 +224,12 @@ impl Drop for ReadScope<'_> {
 /// other connection go on. A protocol whose `connection_made` panicked is
 /// never called again; any other protocol still gets its one
 /// `connection_lost`.
-pub(crate) struct Connection {
+pub(crate) struct Connection<K: Kind> {
+    kind: K,
     /// Weak, so a reactor dropped with connections open is freed (and then
     /// closes them) instead of being kept alive by them.
     reactor: WeakReactor,
-    me: Weak<Connection>,
+    me: Weak<Connection<K>>,
     /// `None` once closed (`Option<OwnedFd>` is one word: the fd's niche).
     sock: Cell<Option<OwnedFd>>,
     fd: RawFd,
@@ -250,10 +248,11 @@ pub(crate) struct Connection {
     on_lost: Cell<Option<OnLost>>,
 }
 
-impl Connection {
-    pub fn new(reactor: &Reactor, sock: OwnedFd, peer: Option<SocketAddr>) -> Rc<Connection> {
+impl<K: Kind> Connection<K> {
+    pub fn new(reactor: &Reactor, kind: K, sock: OwnedFd, peer: Option<SocketAddr>) -> Rc<Connection<K>> {
         let fd = sock.as_raw_fd();
         Rc::new_cyclic(|me| Connection {
+            kind,
             reactor: reactor.weak(),
             me: me.clone(),
             sock: Cell::new(Some(sock)),
@@ -275,7 +274,7 @@ impl Connection {
         self.on_lost.set(Some(f));
     }
 
-    fn rc(&self) -> Option<Rc<Connection>> {
+    fn rc(&self) -> Option<Rc<Connection<K>>> {
         self.me.upgrade()
     }
 
@@ -401,7 +400,7 @@ impl Connection {
     /// Sends what is buffered; on a full socket, asks for writability.
     fn send_buffered(&self) -> Result<(), Failure> {
         let sent = self.with_sock(|sock| match self.out.borrow_mut().as_mut() {
-            Some(out) if out.len() > 0 => out.send(sock),
+            Some(out) if out.len() > 0 => out.send(&self.kind, sock),
             _ => Ok(true),
         });
         let drained = match sent {
@@ -411,7 +410,7 @@ impl Connection {
                 return Err(Failure::new(Error::ConnectionLost))
             }
             Some(Err(e)) => {
-                return Err(Failure::new(Error::io("writing to a TCP connection", e.into()))
+                return Err(Failure::new(Error::io(format!("writing to a {} connection", K::NAME), e.into()))
                     .context("connection lost"))
             }
         };
@@ -460,7 +459,7 @@ impl Connection {
         }
         if self.write_side.get() == WriteSide::ShutdownAsked {
             self.write_side.set(WriteSide::Closed);
-            self.with_sock(|sock| rustix::net::shutdown(sock, rustix::net::Shutdown::Write));
+            self.with_sock(|sock| self.kind.shutdown_write(sock));
             self.call_protocol("write_connection_lost", |p| {
                 if let Some(h) = p.as_half_closeable() {
                     h.write_connection_lost();
@@ -479,17 +478,15 @@ impl Connection {
         if was == Life::Lost {
             return;
         }
-        // Unregistered by identity, under the fd it was registered with:
-        // O(1), whatever `fileno()` says now.
+        // Removed under the fd it was registered with: O(1), although
+        // `fileno()` already reports the connection closed.
         if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
-            reactor.remove_reader(&me);
-            reactor.remove_writer(&me);
+            reactor.forget_at(self.fd, &me);
         }
         self.set_io(Io::READING | Io::WRITING, false);
         if let Some(sock) = self.sock.take() {
             if was == Life::Aborting {
-                // Linger 0: close sends RST and drops unsent data.
-                let _ = rustix::net::sockopt::set_socket_linger(&sock, Some(std::time::Duration::ZERO));
+                self.kind.prepare_abort(&sock);
             }
             drop(sock);
         }
@@ -531,7 +528,7 @@ impl Connection {
     }
 }
 
-impl Flush for Connection {
+impl<K: Kind> Flush for Connection<K> {
     fn flush(&self) {
         // Already flushed since it was queued (after a read): nothing to do.
         if !self.replace_io(Io::FLUSH_QUEUED, false) || self.life.get() == Life::Lost {
@@ -547,7 +544,7 @@ impl Flush for Connection {
     }
 }
 
-impl FileDescriptor for Connection {
+impl<K: Kind> FileDescriptor for Connection<K> {
     fn fileno(&self) -> RawFd {
         if self.life.get() == Life::Lost {
             -1
@@ -561,11 +558,8 @@ impl FileDescriptor for Connection {
         // Left over only if a protocol panicked mid-read: never send it.
         reactor.write_stage().clear();
         let mut buf = reactor.take_read_buffer();
-        let result = self
-            .with_sock(|sock| {
-                rustix::net::recv(sock, &mut buf[..READ_CHUNK], RecvFlags::empty()).map(|(n, _)| n)
-            })
-            .unwrap_or(Err(Errno::BADF));
+        let result =
+            self.with_sock(|sock| self.kind.recv(sock, &mut buf[..READ_CHUNK])).unwrap_or(Err(Errno::BADF));
         let outcome = match result {
             Ok(0) => Err(Failure::new(Error::ConnectionDone)),
             Ok(n) => {
@@ -585,7 +579,9 @@ impl FileDescriptor for Connection {
             }
             Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(()),
             Err(Errno::CONNRESET) => Err(Failure::new(Error::ConnectionLost)),
-            Err(e) => Err(Failure::new(Error::io("reading from a TCP connection", e.into()))),
+            Err(e) => {
+                Err(Failure::new(Error::io(format!("reading from a {} connection", K::NAME), e.into())))
+            }
         };
         reactor.return_read_buffer(buf);
         outcome
@@ -620,13 +616,13 @@ impl FileDescriptor for Connection {
 
     fn log_prefix(&self) -> String {
         match self.peer {
-            Some(peer) => format!("TCP connection with {peer}"),
-            None => "TCP connection".to_string(),
+            Some(peer) => format!("{} connection with {peer}", K::NAME),
+            None => format!("{} connection", K::NAME),
         }
     }
 }
 
-impl Producer for Connection {
+impl<K: Kind> Producer for Connection<K> {
     fn pause_producing(&self) {
         TransportOps::pause_producing(self)
     }
@@ -638,7 +634,7 @@ impl Producer for Connection {
     }
 }
 
-impl TransportOps for Connection {
+impl<K: Kind> TransportOps for Connection<K> {
     fn into_producer(self: Rc<Self>) -> Option<Rc<dyn Producer>> {
         Some(self)
     }
@@ -657,9 +653,7 @@ impl TransportOps for Connection {
                 // than copy it. A failure is left for the flush after
                 // data_received to find, so the connection is never closed
                 // from inside the protocol's own call.
-                sent = self
-                    .with_sock(|sock| rustix::net::send(sock, data, SendFlags::NOSIGNAL).unwrap_or(0))
-                    .unwrap_or(0);
+                sent = self.with_sock(|sock| self.kind.send(sock, data).unwrap_or(0)).unwrap_or(0);
             }
             // The rest is sent when data_received returns; see `flush_stage`.
             stage.extend_from_slice(&data[sent..]);
@@ -798,7 +792,7 @@ impl TransportOps for Connection {
     }
 }
 
-impl Connection {
+impl<K: Kind> Connection<K> {
     /// Runs `f` on the socket, if still open. `f` must not re-enter.
     #[inline]
     fn with_sock<R>(&self, f: impl FnOnce(&OwnedFd) -> R) -> Option<R> {
@@ -837,7 +831,7 @@ impl Connection {
             return;
         }
         let sent = self.with_sock(|sock| loop {
-            match rustix::net::send(sock, &stage, SendFlags::NOSIGNAL) {
+            match self.kind.send(sock, &stage) {
                 Err(Errno::INTR) => continue,
                 other => break other,
             }
@@ -927,7 +921,7 @@ mod tests {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 7_000];
         loop {
-            let done = out.send(&a).unwrap();
+            let done = out.send(&crate::stream::kind::Tcp, &a).unwrap();
             while let Ok(n) = rustix::io::read(&b, &mut buf) {
                 if n == 0 {
                     break;

@@ -1,0 +1,61 @@
+//! What one kind of byte stream does differently: how bytes move through
+//! its descriptor and how it ends. Everything else (buffering, the write
+//! stage, producers, half-close, lose/abort, the exactly-once close) is the
+//! one [`Connection`](super::connection::Connection), shared by every kind.
+//!
+//! The defaults are those of a connected stream socket: `recv`/`send`/
+//! `sendmsg` with `MSG_NOSIGNAL` (a write to a reset peer is `EPIPE`, not a
+//! process-killing `SIGPIPE`), and `shutdown(SHUT_WR)` for a half-close. A
+//! kind overrides what it does differently (TCP resets on abort; a pipe
+//! reads and writes with `read`/`write`).
+
+use std::io::IoSlice;
+use std::os::fd::OwnedFd;
+
+use rustix::io::Errno;
+use rustix::net::{RecvFlags, SendFlags};
+
+/// One kind of byte stream (internal: TCP, UNIX, pipes).
+pub(crate) trait Kind: 'static {
+    /// Names the kind in log lines and errors ("TCP", "UNIX").
+    const NAME: &'static str;
+
+    /// Reads what is there, at most `buf.len()` bytes; `Ok(0)` is the end.
+    #[inline]
+    fn recv(&self, fd: &OwnedFd, buf: &mut [u8]) -> Result<usize, Errno> {
+        rustix::net::recv(fd, buf, RecvFlags::empty()).map(|(n, _)| n)
+    }
+
+    /// Writes what the kernel takes of `data`.
+    #[inline]
+    fn send(&self, fd: &OwnedFd, data: &[u8]) -> Result<usize, Errno> {
+        rustix::net::send(fd, data, SendFlags::NOSIGNAL)
+    }
+
+    /// Writes what the kernel takes of several buffers, in order.
+    #[inline]
+    fn send_vectored(&self, fd: &OwnedFd, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
+        let mut no_control = rustix::net::SendAncillaryBuffer::default();
+        rustix::net::sendmsg(fd, bufs, &mut no_control, SendFlags::NOSIGNAL)
+    }
+
+    /// Ends the write side; reading goes on (half-close).
+    fn shutdown_write(&self, fd: &OwnedFd) {
+        let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Write);
+    }
+
+    /// Readies the descriptor for an abortive close (closing follows).
+    fn prepare_abort(&self, _fd: &OwnedFd) {}
+}
+
+/// A TCP connection: a stream socket whose abort is a reset.
+pub(crate) struct Tcp;
+
+impl Kind for Tcp {
+    const NAME: &'static str = "TCP";
+
+    fn prepare_abort(&self, fd: &OwnedFd) {
+        // Linger 0: close sends RST and drops unsent data.
+        let _ = rustix::net::sockopt::set_socket_linger(fd, Some(std::time::Duration::ZERO));
+    }
+}
