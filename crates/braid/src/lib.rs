@@ -32,7 +32,7 @@ pub mod protocol;
 pub mod protocols;
 pub mod reactor;
 pub mod resolver;
-mod stream;
+pub mod stream;
 #[allow(unsafe_code)]
 mod sys;
 pub mod task;

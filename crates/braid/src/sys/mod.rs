@@ -6,4 +6,5 @@ pub(crate) mod big_vec;
 pub(crate) mod prefetch;
 pub(crate) mod signal;
 pub(crate) mod tsc;
+pub(crate) mod unix_socket;
 pub(crate) mod waker;
