@@ -6,8 +6,6 @@
 //! cargo run -p braid --example echo_client -- 8000
 //! ```
 
-use std::net::SocketAddr;
-
 use braid::protocol::{ClientFactory, Factory, Protocol};
 use braid::{Backend, Connector, Failure, Reactor, Transport};
 
@@ -40,7 +38,7 @@ struct EchoFactory {
 }
 
 impl Factory for EchoFactory {
-    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, _addr: &braid::Address) -> Option<Box<dyn Protocol>> {
         Some(Box::new(EchoClient { transport: None }))
     }
 }

@@ -48,5 +48,6 @@ pub use protocol::{
 };
 pub use reactor::{install, reactor, try_reactor, Reactor};
 pub use reactor::{DelayedCall, FileDescriptor, Phase, ReactorTime, Remote};
+pub use stream::Address;
 pub use tcp::{Connector, ListeningPort};
-pub use transport::{Producer, Transport};
+pub use transport::{Producer, Tcp, TcpOptions, Transport};

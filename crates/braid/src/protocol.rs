@@ -3,12 +3,12 @@
 //! data arrives and when it is lost.
 
 use std::cell::RefCell;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
 use crate::error::Failure;
 use crate::reactor::{DelayedCall, ReactorTime};
+use crate::stream::Address;
 use crate::tcp::Connector;
 use crate::transport::Transport;
 
@@ -56,7 +56,7 @@ pub trait HalfCloseable {
 pub trait Factory {
     /// A protocol for a connection from `addr`, or `None` to refuse it
     /// (the connection is closed at once).
-    fn build_protocol(&mut self, addr: SocketAddr) -> Option<Box<dyn Protocol>>;
+    fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>>;
 
     /// Called before the first port using this factory starts listening.
     fn start_factory(&mut self) {}
@@ -70,7 +70,7 @@ where
     F: FnMut() -> P,
     P: Protocol + 'static,
 {
-    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, _addr: &Address) -> Option<Box<dyn Protocol>> {
         Some(Box::new(self()))
     }
 }
@@ -166,7 +166,7 @@ impl<F: Factory + ?Sized> SharedFactory<F> {
         }
     }
 
-    pub(crate) fn build(&self, addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    pub(crate) fn build(&self, addr: &Address) -> Option<Box<dyn Protocol>> {
         self.inner.factory.borrow_mut().build_protocol(addr)
     }
 }
@@ -410,7 +410,7 @@ impl ReconnectHandle {
 }
 
 impl<F: Factory> Factory for ReconnectingClientFactory<F> {
-    fn build_protocol(&mut self, addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
         self.factory.build_protocol(addr)
     }
     fn start_factory(&mut self) {

@@ -24,8 +24,9 @@ use crate::defer::Deferred;
 use crate::error::{Error, Failure};
 use crate::protocol::{ClientFactory, Factory, IntoFactory, Protocol, SharedFactory};
 use crate::reactor::{CallbackResult, DelayedCall, ReactorTime, TimeSource, Timers};
+use crate::stream::Address;
 use crate::tcp::ToListenAddr;
-use crate::transport::{Producer, Transport, TransportOps, DEFAULT_HIGH_WATER};
+use crate::transport::{Producer, TcpOptions, Transport, TransportOps, DEFAULT_HIGH_WATER};
 
 /// Deterministic time (Twisted's `task.Clock`): starts at 0 and moves only
 /// when told to. It hands out the same [`DelayedCall`] as the reactor.
@@ -300,6 +301,19 @@ impl StringTransport {
     }
 }
 
+/// A string transport stands in for a TCP connection: it records the
+/// options set on it.
+impl TcpOptions for StringTransport {
+    fn set_nodelay(&self, on: bool) -> Result<(), Error> {
+        self.inner.nodelay.set(on);
+        Ok(())
+    }
+    fn set_keepalive(&self, on: bool) -> Result<(), Error> {
+        self.inner.keepalive.set(on);
+        Ok(())
+    }
+}
+
 impl TransportOps for StringTransport {
     fn write(&self, data: &[u8]) {
         self.inner.written.borrow_mut().extend_from_slice(data);
@@ -314,19 +328,14 @@ impl TransportOps for StringTransport {
     fn lose_write_connection(&self) {
         self.inner.write_closed.set(true);
     }
-    fn local_addr(&self) -> Option<SocketAddr> {
-        Some(self.inner.local)
+    fn host(&self) -> Option<Address> {
+        Some(Address::Ip(self.inner.local))
     }
-    fn peer_addr(&self) -> Option<SocketAddr> {
-        Some(self.inner.peer)
+    fn peer(&self) -> Address {
+        Address::Ip(self.inner.peer)
     }
-    fn set_nodelay(&self, on: bool) -> Result<(), Error> {
-        self.inner.nodelay.set(on);
-        Ok(())
-    }
-    fn set_keepalive(&self, on: bool) -> Result<(), Error> {
-        self.inner.keepalive.set(on);
-        Ok(())
+    fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {
+        Some(self)
     }
     /// Ignored once stopped or disconnecting (Twisted raises there).
     fn pause_producing(&self) {
@@ -387,7 +396,7 @@ pub struct TcpServer {
 impl TcpServer {
     /// Asks the factory for a protocol for a connection from `peer`.
     pub fn build_protocol(&self, peer: SocketAddr) -> Option<Box<dyn Protocol>> {
-        self.factory.with(|f| f.build_protocol(peer))
+        self.factory.with(|f| f.build_protocol(&Address::Ip(peer)))
     }
 }
 
@@ -416,7 +425,7 @@ pub struct TcpClient {
 impl TcpClient {
     /// Asks the factory for a protocol for a connection to `peer`.
     pub fn build_protocol(&self, peer: SocketAddr) -> Option<Box<dyn Protocol>> {
-        self.factory.borrow_mut().build_protocol(peer)
+        self.factory.borrow_mut().build_protocol(&Address::Ip(peer))
     }
 
     /// Runs `f` with the factory (to inspect it, or call its other methods).

@@ -7,10 +7,10 @@
 //! writability only when the kernel's buffer is full.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::rc::Rc;
 
 use crate::error::Error;
+use crate::stream::Address;
 
 /// Something that produces data for a consumer (a transport), and can be
 /// asked to pause and resume (Twisted's `IPushProducer`/`IPullProducer`).
@@ -51,14 +51,14 @@ pub trait TransportOps {
     fn abort_connection(&self);
     /// Shuts down the write side once the buffer is sent (half-close).
     fn lose_write_connection(&self);
-    /// Our address.
-    fn local_addr(&self) -> Option<SocketAddr>;
+    /// Our address (`None` once closed).
+    fn host(&self) -> Option<Address>;
     /// The peer's address.
-    fn peer_addr(&self) -> Option<SocketAddr>;
-    /// Turns Nagle's algorithm off (`true`) or on.
-    fn set_nodelay(&self, on: bool) -> Result<(), Error>;
-    /// Turns TCP keep-alive probes on or off.
-    fn set_keepalive(&self, on: bool) -> Result<(), Error>;
+    fn peer(&self) -> Address;
+    /// The TCP options of this transport, if it is a TCP connection.
+    fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {
+        None
+    }
     /// Stops reading (the transport as a push producer).
     fn pause_producing(&self);
     /// Starts reading again.
@@ -130,24 +130,22 @@ impl Transport {
         self.ops.lose_write_connection()
     }
 
-    /// Our address.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.ops.local_addr()
+    /// Our address (Twisted's `getHost`): the local IP and port, or the
+    /// UNIX socket's name. `None` once the connection is closed.
+    pub fn host(&self) -> Option<Address> {
+        self.ops.host()
     }
 
-    /// The peer's address.
-    pub fn peer_addr(&self) -> Option<SocketAddr> {
-        self.ops.peer_addr()
+    /// The peer's address (Twisted's `getPeer`).
+    pub fn peer(&self) -> Address {
+        self.ops.peer()
     }
 
-    /// Sets `TCP_NODELAY`.
-    pub fn set_nodelay(&self, on: bool) -> Result<(), Error> {
-        self.ops.set_nodelay(on)
-    }
-
-    /// Sets `SO_KEEPALIVE`.
-    pub fn set_keepalive(&self, on: bool) -> Result<(), Error> {
-        self.ops.set_keepalive(on)
+    /// What only a TCP connection has (`TCP_NODELAY`, keep-alive), or
+    /// `None` for any other kind of stream: kind-specific options are
+    /// reached through here rather than faked by every transport.
+    pub fn tcp(&self) -> Option<Tcp> {
+        self.ops.clone().tcp().map(|ops| Tcp { ops })
     }
 
     /// Stops reading until `resume_producing`.
@@ -214,10 +212,37 @@ impl Producer for Transport {
 impl fmt::Debug for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Transport")
-            .field("local", &self.local_addr())
-            .field("peer", &self.peer_addr())
+            .field("host", &self.host())
+            .field("peer", &self.peer())
             .field("connected", &self.connected())
             .finish()
+    }
+}
+
+/// The options only a TCP transport has (implemented by TCP connections
+/// and by `testing::StringTransport`).
+pub trait TcpOptions {
+    /// Turns Nagle's algorithm off (`true`) or on.
+    fn set_nodelay(&self, on: bool) -> Result<(), Error>;
+    /// Turns TCP keep-alive probes on or off.
+    fn set_keepalive(&self, on: bool) -> Result<(), Error>;
+}
+
+/// A TCP transport's own options, from [`Transport::tcp`].
+#[derive(Clone)]
+pub struct Tcp {
+    ops: Rc<dyn TcpOptions>,
+}
+
+impl Tcp {
+    /// Sets `TCP_NODELAY`: `true` sends small writes at once (no Nagle).
+    pub fn set_nodelay(&self, on: bool) -> Result<(), Error> {
+        self.ops.set_nodelay(on)
+    }
+
+    /// Sets `SO_KEEPALIVE`: the kernel probes an idle peer.
+    pub fn set_keepalive(&self, on: bool) -> Result<(), Error> {
+        self.ops.set_keepalive(on)
     }
 }
 

@@ -114,7 +114,7 @@ impl Client {
 }
 
 impl braid::protocol::Factory for Client {
-    fn build_protocol(&mut self, addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, addr: &braid::Address) -> Option<Box<dyn Protocol>> {
         self.log.borrow_mut().push(format!("build {addr}"));
         let (log, reactor, stop) = (self.log.clone(), self.reactor.clone(), self.stop_when_made);
         Some(Box::new(Hello { log, reactor, stop, t: None }))

@@ -84,7 +84,7 @@ impl Protocol for TrackedProtocol {
 }
 
 impl Factory for Tracked {
-    fn build_protocol(&mut self, _addr: std::net::SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, _addr: &braid::Address) -> Option<Box<dyn Protocol>> {
         Some(Box::new(TrackedProtocol { log: self.log.clone(), t: None }))
     }
     fn start_factory(&mut self) {

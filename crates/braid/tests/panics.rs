@@ -144,7 +144,7 @@ struct Counting {
 }
 
 impl Factory for Counting {
-    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, _addr: &braid::Address) -> Option<Box<dyn Protocol>> {
         Some(Box::new((self.protocol)()))
     }
 }

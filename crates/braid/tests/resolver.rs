@@ -134,7 +134,7 @@ impl braid::Protocol for Once {
 struct Fail(Deferred<String>);
 
 impl braid::protocol::Factory for Fail {
-    fn build_protocol(&mut self, _a: SocketAddr) -> Option<Box<dyn braid::Protocol>> {
+    fn build_protocol(&mut self, _a: &braid::Address) -> Option<Box<dyn braid::Protocol>> {
         None
     }
 }

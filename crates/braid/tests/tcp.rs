@@ -122,7 +122,7 @@ struct Client<F: FnMut() -> Rec> {
 }
 
 impl<F: FnMut() -> Rec> Factory for Client<F> {
-    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, _addr: &braid::Address) -> Option<Box<dyn Protocol>> {
         Some(Box::new((self.make)()))
     }
 }
@@ -500,7 +500,7 @@ struct Picky {
 }
 
 impl Factory for Picky {
-    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, _addr: &braid::Address) -> Option<Box<dyn Protocol>> {
         self.n += 1;
         if self.n % 2 == 1 {
             None
@@ -549,7 +549,7 @@ struct Counted {
 }
 
 impl Factory for Counted {
-    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, _addr: &braid::Address) -> Option<Box<dyn Protocol>> {
         Some(Box::new(Echo { t: None }))
     }
     fn start_factory(&mut self) {
@@ -896,9 +896,9 @@ reactor_test! {
             let rr = rr.clone();
             Rec {
                 on_made: Some(Box::new(move |t| {
-                    t.set_nodelay(true).unwrap();
-                    t.set_keepalive(true).unwrap();
-                    *s.borrow_mut() = Some((t.local_addr().unwrap(), t.peer_addr().unwrap()));
+                    t.tcp().expect("a TCP transport").set_nodelay(true).unwrap();
+                    t.tcp().expect("a TCP transport").set_keepalive(true).unwrap();
+                    *s.borrow_mut() = Some((t.host().and_then(|a| a.ip()).unwrap(), t.peer().ip().unwrap()));
                     t.lose_connection();
                     let _ = rr.stop();
                 })),
@@ -925,7 +925,7 @@ struct Watcher {
 }
 
 impl Factory for Watcher {
-    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, _addr: &braid::Address) -> Option<Box<dyn Protocol>> {
         if self.refuse {
             return None;
         }
@@ -1306,7 +1306,7 @@ reactor_test! {
             let (s, rr) = (s.clone(), rr.clone());
             Rec {
                 on_made: Some(Box::new(move |t| {
-                    *s.borrow_mut() = t.peer_addr();
+                    *s.borrow_mut() = t.peer().ip();
                     t.lose_connection();
                     let _ = rr.stop();
                 })),
@@ -1541,7 +1541,7 @@ reactor_test! {
             let ca = ca.clone();
             let on_lost = stop_on_lost(&rr);
             Rec {
-                on_made: Some(Box::new(move |t| ca.set(t.peer_addr()))),
+                on_made: Some(Box::new(move |t| ca.set(t.peer().ip()))),
                 on_data: Some(Box::new(|t, _| {
                     t.write(b"panic too");
                     panic!("server protocol bug");
@@ -1580,7 +1580,7 @@ reactor_test! {
         let (ss, rr) = (server_seen.clone(), r.clone());
         let port = r.listen_tcp("127.0.0.1:0", move || {
             let ss = ss.clone();
-            Rec { on_made: Some(Box::new(move |t| ss.set(Some((t.local_addr(), t.peer_addr()))))), ..Default::default() }
+            Rec { on_made: Some(Box::new(move |t| ss.set(Some((t.host().and_then(|a| a.ip()), t.peer().ip()))))), ..Default::default() }
         }, 50).unwrap();
         let client_seen = Rc::new(Cell::new(None));
         let cs = client_seen.clone();
@@ -1588,7 +1588,7 @@ reactor_test! {
             let (cs, rr) = (cs.clone(), rr.clone());
             Rec {
                 on_made: Some(Box::new(move |t| {
-                    cs.set(Some((t.local_addr(), t.peer_addr())));
+                    cs.set(Some((t.host().and_then(|a| a.ip()), t.peer().ip())));
                     t.lose_connection();
                 })),
                 on_lost: stop_on_lost(&rr),
@@ -1650,7 +1650,7 @@ reactor_test! {
             let (p, rr) = (p.clone(), rr.clone());
             Rec {
                 on_made: Some(Box::new(move |t| {
-                    let at = t.local_addr().unwrap();
+                    let at = t.host().and_then(|a| a.ip()).unwrap();
                     *p.borrow_mut() = Some((at, probe_bind(at, "SO_REUSEADDR"), probe_bind(at, "SO_REUSEPORT")));
                     t.lose_connection();
                     let _ = rr.stop();
@@ -1753,12 +1753,12 @@ struct AddrFactory {
 }
 
 impl Factory for AddrFactory {
-    fn build_protocol(&mut self, addr: SocketAddr) -> Option<Box<dyn Protocol>> {
-        self.seen.borrow_mut().push(addr);
+    fn build_protocol(&mut self, addr: &braid::Address) -> Option<Box<dyn Protocol>> {
+        self.seen.borrow_mut().push(addr.ip().expect("an IP peer"));
         let (ts, rr) = (self.transports.clone(), self.reactor.clone());
         Some(Box::new(Rec {
             on_made: Some(Box::new(move |t| {
-                ts.borrow_mut().push((t.local_addr(), t.peer_addr(), format!("{t:?}")));
+                ts.borrow_mut().push((t.host().and_then(|a| a.ip()), t.peer().ip(), format!("{t:?}")));
                 t.lose_connection();
                 let _ = rr.stop();
             })),

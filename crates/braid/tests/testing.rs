@@ -25,7 +25,7 @@ struct Greeter {
 impl Protocol for Greeter {
     fn connection_made(&mut self, transport: Transport) {
         transport.write(b"welcome\r\n");
-        self.events.borrow_mut().push(format!("made from {:?}", transport.peer_addr()));
+        self.events.borrow_mut().push(format!("made from {:?}", transport.peer().ip()));
         self.transport = Some(transport);
     }
 
@@ -83,14 +83,14 @@ fn string_transport_records_writes_and_close() {
 fn string_transport_records_transport_calls() {
     let tr = StringTransport::with_addrs("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
     let t = tr.transport();
-    assert_eq!(t.local_addr(), Some("127.0.0.1:1".parse().unwrap()));
-    assert_eq!(t.peer_addr(), Some("127.0.0.1:2".parse().unwrap()));
+    assert_eq!(t.host().and_then(|a| a.ip()), Some("127.0.0.1:1".parse().unwrap()));
+    assert_eq!(t.peer().ip(), Some("127.0.0.1:2".parse().unwrap()));
     t.write_vec(b"ab".to_vec());
     t.write_sequence(&[b"c", b"d"]);
     assert_eq!(tr.value(), b"abcd");
     assert_eq!(t.buffered(), 4);
-    t.set_nodelay(true).unwrap();
-    t.set_keepalive(true).unwrap();
+    t.tcp().expect("a TCP transport").set_nodelay(true).unwrap();
+    t.tcp().expect("a TCP transport").set_keepalive(true).unwrap();
     t.set_write_buffer_limits(100, 10);
     assert!(tr.nodelay() && tr.keepalive());
     assert_eq!(tr.write_buffer_limits(), (100, 10));
@@ -216,7 +216,7 @@ struct OneShot {
 }
 
 impl Factory for OneShot {
-    fn build_protocol(&mut self, _addr: SocketAddr) -> Option<Box<dyn Protocol>> {
+    fn build_protocol(&mut self, _addr: &braid::Address) -> Option<Box<dyn Protocol>> {
         self.built.set(self.built.get() + 1);
         if self.built.get() > 1 {
             None
@@ -253,7 +253,7 @@ fn memory_reactor_records_connect_tcp() {
 
     let peer: SocketAddr = "10.0.0.2:4321".parse().unwrap();
     assert!(c.build_protocol(peer).is_some());
-    assert!(c.with_factory(|f| f.build_protocol(peer)).is_none());
+    assert!(c.with_factory(|f| f.build_protocol(&braid::Address::Ip(peer))).is_none());
     assert_eq!(built.get(), 2);
 
     connector.stop_connecting();

@@ -10,7 +10,6 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
 
@@ -22,7 +21,9 @@ use crate::protocol::Protocol;
 use crate::reactor::{
     catch_panic, log_failure, run_logged, FileDescriptor, Flush, Reactor, WeakReactor, READ_CHUNK,
 };
-use crate::transport::{Producer, Transport, TransportOps, DEFAULT_HIGH_WATER};
+use crate::stream::kind::Tcp;
+use crate::stream::Address;
+use crate::transport::{Producer, TcpOptions, Transport, TransportOps, DEFAULT_HIGH_WATER};
 
 /// Small writes are copied into the tail chunk up to this size; an owned
 /// buffer at least this large is queued as its own chunk, without a copy.
@@ -250,7 +251,6 @@ pub(crate) struct Connection<K: Kind> {
     /// `None` once closed (`Option<OwnedFd>` is one word: the fd's niche).
     sock: Cell<Option<OwnedFd>>,
     fd: RawFd,
-    peer: Option<SocketAddr>,
     protocol: RefCell<Option<Box<dyn Protocol>>>,
     /// Created on the first write, so an idle connection owns no buffer.
     out: RefCell<Option<Box<OutBuf>>>,
@@ -268,7 +268,7 @@ pub(crate) struct Connection<K: Kind> {
 }
 
 impl<K: Kind> Connection<K> {
-    pub fn new(reactor: &Reactor, kind: K, sock: OwnedFd, peer: Option<SocketAddr>) -> Rc<Connection<K>> {
+    pub fn new(reactor: &Reactor, kind: K, sock: OwnedFd) -> Rc<Connection<K>> {
         let fd = sock.as_raw_fd();
         Rc::new_cyclic(|me| Connection {
             kind,
@@ -276,7 +276,6 @@ impl<K: Kind> Connection<K> {
             me: me.clone(),
             sock: Cell::new(Some(sock)),
             fd,
-            peer,
             protocol: RefCell::new(None),
             out: RefCell::new(None),
             life: Cell::new(Life::Open),
@@ -644,10 +643,7 @@ impl<K: Kind> FileDescriptor for Connection<K> {
     }
 
     fn log_prefix(&self) -> String {
-        match self.peer {
-            Some(peer) => format!("{} connection with {peer}", K::NAME),
-            None => format!("{} connection", K::NAME),
-        }
+        format!("{} connection with {}", K::NAME, self.kind.peer())
     }
 }
 
@@ -743,24 +739,18 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.queue_flush();
     }
 
-    fn local_addr(&self) -> Option<SocketAddr> {
-        self.with_sock(|sock| rustix::net::getsockname(sock).ok().and_then(|a| SocketAddr::try_from(a).ok()))?
+    fn host(&self) -> Option<Address> {
+        self.with_sock(|sock| {
+            rustix::net::getsockname(sock).ok().and_then(|a| Address::from_sockaddr(&a).ok())
+        })?
     }
 
-    fn peer_addr(&self) -> Option<SocketAddr> {
-        self.peer
+    fn peer(&self) -> Address {
+        self.kind.peer()
     }
 
-    fn set_nodelay(&self, on: bool) -> Result<(), Error> {
-        self.with_sock(|sock| rustix::net::sockopt::set_tcp_nodelay(sock, on))
-            .ok_or(Error::ConnectionDone)?
-            .map_err(|e| Error::io("setting TCP_NODELAY", e.into()))
-    }
-
-    fn set_keepalive(&self, on: bool) -> Result<(), Error> {
-        self.with_sock(|sock| rustix::net::sockopt::set_socket_keepalive(sock, on))
-            .ok_or(Error::ConnectionDone)?
-            .map_err(|e| Error::io("setting SO_KEEPALIVE", e.into()))
+    fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {
+        K::tcp_options(self)
     }
 
     fn pause_producing(&self) {
@@ -819,6 +809,20 @@ impl<K: Kind> TransportOps for Connection<K> {
 
     fn connected(&self) -> bool {
         self.life.get() == Life::Open
+    }
+}
+
+impl TcpOptions for Connection<Tcp> {
+    fn set_nodelay(&self, on: bool) -> Result<(), Error> {
+        self.with_sock(|sock| rustix::net::sockopt::set_tcp_nodelay(sock, on))
+            .ok_or(Error::ConnectionDone)?
+            .map_err(|e| Error::io("setting TCP_NODELAY", e.into()))
+    }
+
+    fn set_keepalive(&self, on: bool) -> Result<(), Error> {
+        self.with_sock(|sock| rustix::net::sockopt::set_socket_keepalive(sock, on))
+            .ok_or(Error::ConnectionDone)?
+            .map_err(|e| Error::io("setting SO_KEEPALIVE", e.into()))
     }
 }
 
@@ -952,7 +956,8 @@ mod tests {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 7_000];
         loop {
-            let done = out.send(&crate::stream::kind::Tcp, &a).unwrap();
+            let tcp = crate::stream::kind::Tcp { peer: ([127, 0, 0, 1], 1).into() };
+            let done = out.send(&tcp, &a).unwrap();
             while let Ok(n) = rustix::io::read(&b, &mut buf) {
                 if n == 0 {
                     break;

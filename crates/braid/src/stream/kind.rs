@@ -10,15 +10,29 @@
 //! reads and writes with `read`/`write`).
 
 use std::io::IoSlice;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::rc::Rc;
 
 use rustix::io::Errno;
+
+use super::connection::Connection;
+use super::Address;
+use crate::transport::TcpOptions;
 use rustix::net::{RecvFlags, SendFlags};
 
 /// One kind of byte stream (internal: TCP, UNIX, pipes).
-pub(crate) trait Kind: 'static {
+pub(crate) trait Kind: Sized + 'static {
     /// Names the kind in log lines and errors ("TCP", "UNIX").
     const NAME: &'static str;
+
+    /// The other end (kept by the kind, which knows its address type).
+    fn peer(&self) -> Address;
+
+    /// This kind's own options on a transport, if it has any (TCP's).
+    fn tcp_options(_conn: Rc<Connection<Self>>) -> Option<Rc<dyn TcpOptions>> {
+        None
+    }
 
     /// Reads what is there, at most `buf.len()` bytes; `Ok(0)` is the end.
     #[inline]
@@ -49,10 +63,20 @@ pub(crate) trait Kind: 'static {
 }
 
 /// A TCP connection: a stream socket whose abort is a reset.
-pub(crate) struct Tcp;
+pub(crate) struct Tcp {
+    pub peer: SocketAddr,
+}
 
 impl Kind for Tcp {
     const NAME: &'static str = "TCP";
+
+    fn peer(&self) -> Address {
+        Address::Ip(self.peer)
+    }
+
+    fn tcp_options(conn: Rc<Connection<Self>>) -> Option<Rc<dyn TcpOptions>> {
+        Some(conn)
+    }
 
     fn prepare_abort(&self, fd: &OwnedFd) {
         // Linger 0: close sends RST and drops unsent data.

@@ -38,6 +38,7 @@ use crate::protocol::ClientFactory;
 use crate::reactor::{DelayedCall, FileDescriptor, Reactor, WeakReactor};
 use crate::stream::connection::Connection;
 use crate::stream::kind::Tcp;
+use crate::stream::Address;
 use crate::transport::TransportOps;
 
 /// How long a dial may go unanswered before the next address is tried
@@ -466,7 +467,7 @@ impl Attempt {
         let Some(sock) = sock else { return };
         let addr = dial.addr;
         c.inner.attempt.borrow_mut().take();
-        let protocol = c.inner.factory.borrow_mut().build_protocol(addr);
+        let protocol = c.inner.factory.borrow_mut().build_protocol(&Address::Ip(addr));
         let Some(protocol) = protocol else {
             drop(sock);
             self.connector.borrow_mut().take();
@@ -474,7 +475,7 @@ impl Attempt {
             return;
         };
         c.inner.state.set(State::Connected);
-        let conn = Connection::new(&reactor, Tcp, sock, Some(addr));
+        let conn = Connection::new(&reactor, Tcp { peer: addr }, sock);
         *c.inner.connection.borrow_mut() = Rc::downgrade(&conn);
         let inner = c.inner.clone();
         conn.set_on_lost(Box::new(move |reason| Connector { inner }.connection_lost(reason)));

@@ -38,6 +38,7 @@ use crate::protocol::{Factory, SharedFactory};
 use crate::reactor::{catch_panic, log_failure, DelayedCall, FileDescriptor, Reactor, WeakReactor};
 use crate::stream::connection::Connection;
 use crate::stream::kind::Tcp;
+use crate::stream::Address;
 
 const INITIAL_ACCEPTS: usize = 100;
 const ACCEPT_GROWTH: usize = 20;
@@ -124,7 +125,7 @@ impl Port {
     fn handle(&self, reactor: &Reactor, sock: OwnedFd, addr: Option<rustix::net::SocketAddrAny>) {
         let peer = addr.and_then(|a| SocketAddr::try_from(a).ok());
         let built = match peer {
-            Some(peer) => catch_panic(|| Ok(self.factory.build(peer))),
+            Some(peer) => catch_panic(|| Ok(self.factory.build(&Address::Ip(peer)))),
             None => Ok(None),
         };
         let protocol = match built {
@@ -139,9 +140,10 @@ impl Port {
                 return;
             }
         };
-        let conn = Connection::new(reactor, Tcp, sock, peer);
+        let Some(peer) = peer else { return };
+        let conn = Connection::new(reactor, Tcp { peer }, sock);
         if let Err((e, protocol)) = conn.start(protocol) {
-            let from = peer.map_or("?".into(), |p| p.to_string());
+            let from = peer;
             tracing::error!(target: "braid", "dropping the connection from {from} on {}: {e}", self.local);
             // Never made, so never told it was lost.
             drop(protocol);
