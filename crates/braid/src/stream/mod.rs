@@ -7,6 +7,7 @@
 pub mod address;
 pub(crate) mod connection;
 pub(crate) mod kind;
+pub(crate) mod listener;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub mod unix_io;
 
