@@ -39,6 +39,7 @@ pub mod task;
 pub mod tcp;
 pub mod testing;
 pub mod transport;
+pub mod unix;
 
 pub use backend::Backend;
 pub use defer::Deferred;
