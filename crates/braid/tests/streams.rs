@@ -194,14 +194,18 @@ fn with_client<T: Send + 'static>(
 
 type Events = Rc<RefCell<Vec<String>>>;
 
+/// What a test tells its server protocol to do.
+type OnTransport = Option<Box<dyn FnMut(&Transport)>>;
+type OnData = Option<Box<dyn FnMut(&Transport, &[u8])>>;
+
 /// A server protocol that records what happens and does what it is told.
 #[derive(Default)]
 struct Server {
     log: Events,
     t: Option<Transport>,
-    on_made: Option<Box<dyn FnMut(&Transport)>>,
-    on_data: Option<Box<dyn FnMut(&Transport, &[u8])>>,
-    on_read_closed: Option<Box<dyn FnMut(&Transport)>>,
+    on_made: OnTransport,
+    on_data: OnData,
+    on_read_closed: OnTransport,
     /// Dropped with the protocol: tells a test whether it was freed.
     _alive: Option<Rc<()>>,
 }
