@@ -15,15 +15,19 @@
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 use crate::error::Error;
 use crate::protocol::IntoFactory;
 use crate::reactor::Reactor;
+use crate::stream::connection::Connection;
 use crate::stream::kind::Kind;
 use crate::stream::listener::{Listen, ListeningPort, Port};
+use crate::stream::unix_io::Credentials;
 use crate::stream::{Address, UnixAddr};
+use crate::transport::UnixOptions;
 
 /// A UNIX stream connection: the default stream-socket behaviour; the peer
 /// is usually unnamed (a client that did not bind).
@@ -36,6 +40,16 @@ impl Kind for Unix {
 
     fn peer(&self) -> Address {
         Address::Unix(self.peer.clone())
+    }
+
+    fn unix_options(conn: Rc<Connection<Self>>) -> Option<Rc<dyn UnixOptions>> {
+        Some(conn)
+    }
+}
+
+impl UnixOptions for Connection<Unix> {
+    fn peer_credentials(&self) -> Result<Credentials, Error> {
+        self.socket_peer_credentials()
     }
 }
 

@@ -261,6 +261,11 @@ stream_test! {
         let l = log.clone();
         let (_port, target) = kind.listen(&r, move || Server {
             log: l.clone(),
+            on_made: Some(Box::new(move |t| {
+                // Each kind offers its own options and only those.
+                let tcp = matches!(kind, StreamKind::Tcp4 | StreamKind::Tcp6);
+                assert_eq!((t.tcp().is_some(), t.unix().is_some()), (tcp, !tcp), "{kind:?}");
+            })),
             on_read_closed: Some(Box::new(|t| t.lose_connection())),
             ..Default::default()
         });

@@ -63,6 +63,13 @@ impl Protocol for Where {
     fn connection_made(&mut self, t: Transport) {
         *self.seen.borrow_mut() = Some((t.host(), t.peer()));
         assert!(t.tcp().is_none(), "a UNIX transport offers no TCP options");
+        // The client is this very process.
+        let creds = t.unix().expect("a UNIX transport").peer_credentials().unwrap();
+        assert_eq!(creds.pid, Some(std::process::id()));
+        assert_eq!(
+            (creds.uid, creds.gid),
+            (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw())
+        );
         self.t = Some(t);
     }
     fn data_received(&mut self, data: &[u8]) {

@@ -23,7 +23,7 @@ use crate::reactor::{
 };
 use crate::stream::kind::Tcp;
 use crate::stream::Address;
-use crate::transport::{Producer, TcpOptions, Transport, TransportOps, DEFAULT_HIGH_WATER};
+use crate::transport::{Producer, TcpOptions, Transport, TransportOps, UnixOptions, DEFAULT_HIGH_WATER};
 
 /// Small writes are copied into the tail chunk up to this size; an owned
 /// buffer at least this large is queued as its own chunk, without a copy.
@@ -753,6 +753,10 @@ impl<K: Kind> TransportOps for Connection<K> {
         K::tcp_options(self)
     }
 
+    fn unix(self: Rc<Self>) -> Option<Rc<dyn UnixOptions>> {
+        K::unix_options(self)
+    }
+
     fn pause_producing(&self) {
         self.set_io(Io::PAUSED, true);
         self.stop_reading();
@@ -827,6 +831,11 @@ impl TcpOptions for Connection<Tcp> {
 }
 
 impl<K: Kind> Connection<K> {
+    /// The peer's credentials (for the UNIX kind).
+    pub(crate) fn socket_peer_credentials(&self) -> Result<crate::stream::unix_io::Credentials, Error> {
+        self.with_sock(|s| crate::stream::unix_io::peer_credentials(s)).unwrap_or(Err(Error::ConnectionDone))
+    }
+
     /// Runs `f` on the socket, if still open. `f` must not re-enter.
     #[inline]
     fn with_sock<R>(&self, f: impl FnOnce(&OwnedFd) -> R) -> Option<R> {
