@@ -32,7 +32,7 @@ use crate::transport::UnixOptions;
 /// A UNIX stream connection: the default stream-socket behaviour; the peer
 /// is usually unnamed (a client that did not bind).
 pub(crate) struct Unix {
-    peer: UnixAddr,
+    pub peer: UnixAddr,
 }
 
 impl Kind for Unix {
@@ -54,11 +54,12 @@ impl UnixOptions for Connection<Unix> {
 }
 
 /// A UNIX listener: what it bound, so it can clean up after itself.
-struct UnixListen {
-    /// The socket file to remove on close (`None` for an abstract name).
-    path: Option<PathBuf>,
+pub(crate) struct UnixListen {
+    /// The socket file to remove on close (`None` for an abstract name,
+    /// or a socket someone else bound: an adopted one).
+    pub path: Option<PathBuf>,
     /// The lock file to remove on close, with `want_pid`.
-    lock: Option<PathBuf>,
+    pub lock: Option<PathBuf>,
 }
 
 impl Listen for UnixListen {

@@ -5,6 +5,7 @@
 //! (peer credentials, descriptor passing).
 
 pub mod address;
+mod adopt;
 pub(crate) mod connection;
 pub(crate) mod kind;
 pub(crate) mod listener;
