@@ -96,6 +96,7 @@ mod tests {
     use crate::transport::{Producer, Transport};
     use rustix::pipe::{pipe_with, PipeFlags};
     use std::cell::{Cell, RefCell};
+    use std::os::fd::AsRawFd;
     use std::rc::Rc;
     use std::time::Duration;
 
@@ -122,6 +123,7 @@ mod tests {
         log: Log,
         data: Rc<RefCell<Vec<u8>>>,
         on_made: MadeHook,
+        on_data: Option<Box<dyn FnMut()>>,
         on_lost: Option<Box<dyn FnMut()>>,
         transport: Option<Transport>,
     }
@@ -136,6 +138,9 @@ mod tests {
         }
         fn data_received(&mut self, data: &[u8]) {
             self.data.borrow_mut().extend_from_slice(data);
+            if let Some(f) = self.on_data.as_mut() {
+                f();
+            }
         }
         fn connection_lost(&mut self, why: Failure) {
             self.log.borrow_mut().push(format!("lost: {}", reason(&why)));
@@ -196,7 +201,7 @@ mod tests {
     /// Bytes written through a write-only pipe connection arrive, in order,
     /// through a read-only one on the other end; more than the pipe holds,
     /// so the writer must wait for writability. The writer's
-    /// `lose_connection` ends both: the reader with a clean close (not a
+    /// `lose_connection` (when the first bytes arrive) ends both: the reader with a clean close (not a
     /// half-close, although its protocol would take one).
     #[test]
     fn bytes_flow_through_a_pipe_and_lose_closes_both_ends() {
@@ -215,6 +220,8 @@ mod tests {
             let lost = Rc::new(Cell::new(0));
             let (wlog, rlog) = (Log::default(), Log::default());
             let got = Rc::new(RefCell::new(Vec::new()));
+            let wt: Rc<RefCell<Option<Transport>>> = Rc::default();
+            let wt2 = wt.clone();
             let writer = Rec {
                 log: wlog.clone(),
                 on_made: Some(Box::new(move |t: &Transport| {
@@ -225,14 +232,39 @@ mod tests {
                             t.write_vec(p.clone());
                         }
                     }
-                    t.lose_connection();
+                    *wt2.borrow_mut() = Some(t.clone());
                 })),
                 on_lost: Some(stop_at(&r, &lost, 2)),
                 ..Default::default()
             };
+            // While bytes arrive: the read end is never a writer, the write
+            // end never a reader, and the write end does wait as a writer.
+            let (rfd, wfd) = (rd.as_raw_fd(), wr.as_raw_fd());
+            let wrong = Rc::new(RefCell::new(Vec::new()));
+            let writer_waited = Rc::new(Cell::new(false));
+            let (rr, wrong2, waited) = (r.clone(), wrong.clone(), writer_waited.clone());
+            let check = move || {
+                let readers: Vec<_> = rr.get_readers().iter().map(|d| d.fileno()).collect();
+                let writers: Vec<_> = rr.get_writers().iter().map(|d| d.fileno()).collect();
+                if readers.contains(&wfd) {
+                    wrong2.borrow_mut().push("the write end is a reader");
+                }
+                if writers.contains(&rfd) {
+                    wrong2.borrow_mut().push("the read end is a writer");
+                }
+                if writers.contains(&wfd) {
+                    waited.set(true);
+                }
+                // Lost with most of the payload still buffered: the rest
+                // must still be sent before the close.
+                if let Some(t) = wt.borrow_mut().take() {
+                    t.lose_connection();
+                }
+            };
             let reader = Rec {
                 log: rlog.clone(),
                 data: got.clone(),
+                on_data: Some(Box::new(check)),
                 on_lost: Some(stop_at(&r, &lost, 2)),
                 ..Default::default()
             };
@@ -244,6 +276,8 @@ mod tests {
 
             assert_eq!(*wlog.borrow(), ["made", "lost: done"], "{backend}: writer");
             assert_eq!(*rlog.borrow(), ["made", "lost: done"], "{backend}: reader");
+            assert!(wrong.borrow().is_empty(), "{backend}: {:?}", wrong.borrow());
+            assert!(writer_waited.get(), "{backend}: the writer never waited for writability");
             let got = got.borrow();
             assert!(
                 *got == payload,
