@@ -326,6 +326,52 @@ mod tests {
     /// ("pause" | "resume", bytes buffered, bytes the reader had then).
     type Marks = Rc<RefCell<Vec<(&'static str, usize, usize)>>>;
 
+    /// Half-closing a write end ends it (after its bytes are sent): there
+    /// is no other direction to keep open. Writes to a read end are dropped
+    /// rather than failing the connection.
+    #[test]
+    fn half_close_of_a_write_end_closes_it_and_a_read_end_drops_writes() {
+        for &backend in Backend::ALL {
+            let r = Reactor::new(backend).unwrap();
+            let (rd, wr) = pipe();
+            let lost = Rc::new(Cell::new(0));
+            let (wlog, rlog) = (Log::default(), Log::default());
+            let got = Rc::new(RefCell::new(Vec::new()));
+            let writer = Rec {
+                log: wlog.clone(),
+                on_made: Some(Box::new(|t: &Transport| {
+                    t.write(b"last words");
+                    t.lose_write_connection();
+                })),
+                on_lost: Some(stop_at(&r, &lost, 2)),
+                ..Default::default()
+            };
+            let buffered = Rc::new(Cell::new(None));
+            let b = buffered.clone();
+            let reader = Rec {
+                log: rlog.clone(),
+                data: got.clone(),
+                on_made: Some(Box::new(move |t: &Transport| {
+                    t.write(b"ignored");
+                    t.write_vec(vec![1; 100_000]);
+                    b.set(Some(t.buffered()));
+                })),
+                on_lost: Some(stop_at(&r, &lost, 2)),
+                ..Default::default()
+            };
+            let rconn = Connection::new(&r, PipeReader::new(), rd);
+            let wconn = Connection::new(&r, PipeWriter::new(), wr);
+            assert!(rconn.start(Box::new(reader)).is_ok(), "{backend}: reader start");
+            assert!(wconn.start(Box::new(writer)).is_ok(), "{backend}: writer start");
+            run(&r, backend);
+
+            assert_eq!(buffered.get(), Some(0), "{backend}: a read end buffered writes");
+            assert_eq!(*wlog.borrow(), ["made", "lost: done"], "{backend}: writer");
+            assert_eq!(*rlog.borrow(), ["made", "lost: done"], "{backend}: reader");
+            assert_eq!(*got.borrow(), b"last words", "{backend}");
+        }
+    }
+
     /// A streaming producer that writes in bursts until paused, and records
     /// how much was buffered at each pause and resume.
     struct Burst {
