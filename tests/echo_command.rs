@@ -183,3 +183,59 @@ fn unknown_reactor_lists_the_valid_names() {
         assert!(err.contains("valid names: select, poll, epoll"), "{err}");
     }
 }
+
+/// Python's `socket` module (an outside peer, as users have it) talks to
+/// `braid echo --unix` on every reactor; the socket file has the mode
+/// asked for and is gone after SIGTERM.
+#[test]
+fn echoes_over_a_unix_socket_to_python_for_every_reactor() {
+    for reactor in ["select", "poll", "epoll"] {
+        let path = std::env::temp_dir().join(format!("braid-cli-{}-{reactor}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut child = Command::new(BIN)
+            .args(["echo", "--unix", path.to_str().unwrap(), "--mode", "600", "--reactor", reactor])
+            .env_remove("BRAID_REACTOR")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn braid");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut server = Server { child, port: 0, stderr };
+        let mut line = String::new();
+        server.stderr.read_line(&mut line).unwrap();
+        assert!(line.contains(&format!("echo listening on unix:{}", path.display())), "first line: {line:?}");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{reactor}");
+        }
+        let script = "import socket, sys\n\
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+            s.settimeout(10)\n\
+            s.connect(sys.argv[1])\n\
+            s.sendall(b'hello from python')\n\
+            s.shutdown(socket.SHUT_WR)\n\
+            data = b''\n\
+            while True:\n\
+            \x20   chunk = s.recv(4096)\n\
+            \x20   if not chunk: break\n\
+            \x20   data += chunk\n\
+            sys.stdout.write(data.decode())\n";
+        let out =
+            Command::new("python3").args(["-c", script, path.to_str().unwrap()]).output().expect("python3");
+        assert!(out.status.success(), "{reactor}: python failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from python", "{reactor}");
+        signal(&server.child, "-TERM");
+        assert_eq!(wait_exit(&mut server.child), 0, "{reactor}");
+        assert!(!path.exists(), "{reactor}: the socket file was left behind");
+        let mut rest = String::new();
+        server.stderr.read_to_string(&mut rest).unwrap();
+        assert!(rest.contains("SIGTERM"), "{rest}");
+    }
+}
+
+#[test]
+fn a_mode_without_a_unix_socket_is_refused() {
+    let (code, err) = run_to_end(&["echo", "--port", "0", "--mode", "600"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("--unix"), "{err}");
+}

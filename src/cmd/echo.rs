@@ -1,6 +1,7 @@
-//! `braid echo`: the echo server.
+//! `braid echo`: the echo server, on TCP, a UNIX socket, or both.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 use braid::protocols::echo::Echo;
 use braid::tcp::DEFAULT_BACKLOG;
@@ -10,18 +11,39 @@ use braid::Backend;
 #[derive(clap::Args)]
 pub struct Args {
     /// TCP port to listen on (0 picks a free one).
-    #[arg(long)]
-    port: u16,
+    #[arg(long, required_unless_present = "unix")]
+    port: Option<u16>,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
     interface: IpAddr,
+    /// UNIX socket to listen on: a path, or an abstract name starting with `@`.
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// Permission bits of the UNIX socket file, in octal (e.g. 660).
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode, requires = "unix")]
+    mode: Option<u32>,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode (say 660)"))
 }
 
 /// Serves echo until SIGINT or SIGTERM.
 pub fn run(backend: Backend, args: Args) -> Result<(), String> {
     let reactor = braid::install(backend).map_err(|e| e.to_string())?;
-    let addr = SocketAddr::new(args.interface, args.port);
-    let port = reactor.listen_tcp(addr, Echo::new, DEFAULT_BACKLOG).map_err(|e| e.to_string())?;
-    tracing::info!("echo listening on {} (reactor: {backend})", port.local_addr());
+    if let Some(port) = args.port {
+        let addr = SocketAddr::new(args.interface, port);
+        let port = reactor.listen_tcp(addr, Echo::new, DEFAULT_BACKLOG).map_err(|e| e.to_string())?;
+        tracing::info!("echo listening on {} (reactor: {backend})", port.local_addr());
+    }
+    if let Some(path) = &args.unix {
+        let port = reactor
+            .listen_unix(path, Echo::new, DEFAULT_BACKLOG, args.mode, false)
+            .map_err(|e| e.to_string())?;
+        tracing::info!("echo listening on {} (reactor: {backend})", port.host());
+    }
     super::serve(&reactor)
 }

@@ -39,6 +39,7 @@ pub mod task;
 pub mod tcp;
 pub mod testing;
 pub mod transport;
+pub mod unix;
 
 pub use backend::Backend;
 pub use defer::Deferred;
@@ -50,4 +51,4 @@ pub use reactor::{install, reactor, try_reactor, Reactor};
 pub use reactor::{DelayedCall, FileDescriptor, Phase, ReactorTime, Remote};
 pub use stream::Address;
 pub use tcp::{Connector, ListeningPort};
-pub use transport::{Producer, Tcp, TcpOptions, Transport};
+pub use transport::{Producer, Tcp, TcpOptions, Transport, Unix, UnixOptions};

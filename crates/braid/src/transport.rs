@@ -10,6 +10,7 @@ use std::fmt;
 use std::rc::Rc;
 
 use crate::error::Error;
+use crate::stream::unix_io::Credentials;
 use crate::stream::Address;
 
 /// Something that produces data for a consumer (a transport), and can be
@@ -57,6 +58,10 @@ pub trait TransportOps {
     fn peer(&self) -> Address;
     /// The TCP options of this transport, if it is a TCP connection.
     fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {
+        None
+    }
+    /// The UNIX-socket side of this transport, if it is one.
+    fn unix(self: Rc<Self>) -> Option<Rc<dyn UnixOptions>> {
         None
     }
     /// Stops reading (the transport as a push producer).
@@ -146,6 +151,12 @@ impl Transport {
     /// reached through here rather than faked by every transport.
     pub fn tcp(&self) -> Option<Tcp> {
         self.ops.clone().tcp().map(|ops| Tcp { ops })
+    }
+
+    /// What only a UNIX socket connection has (the peer's credentials), or
+    /// `None` for any other kind of stream.
+    pub fn unix(&self) -> Option<Unix> {
+        self.ops.clone().unix().map(|ops| Unix { ops })
     }
 
     /// Stops reading until `resume_producing`.
@@ -243,6 +254,26 @@ impl Tcp {
     /// Sets `SO_KEEPALIVE`: the kernel probes an idle peer.
     pub fn set_keepalive(&self, on: bool) -> Result<(), Error> {
         self.ops.set_keepalive(on)
+    }
+}
+
+/// The side only a UNIX socket transport has.
+pub trait UnixOptions {
+    /// Who is at the other end (`SO_PEERCRED`): pid, uid and gid as the
+    /// kernel recorded them when the peer connected.
+    fn peer_credentials(&self) -> Result<Credentials, Error>;
+}
+
+/// A UNIX socket transport's own side, from [`Transport::unix`].
+#[derive(Clone)]
+pub struct Unix {
+    ops: Rc<dyn UnixOptions>,
+}
+
+impl Unix {
+    /// The peer's pid (when visible from this PID namespace), uid and gid.
+    pub fn peer_credentials(&self) -> Result<Credentials, Error> {
+        self.ops.peer_credentials()
     }
 }
 

@@ -23,7 +23,7 @@ use crate::reactor::{
 };
 use crate::stream::kind::Tcp;
 use crate::stream::Address;
-use crate::transport::{Producer, TcpOptions, Transport, TransportOps, DEFAULT_HIGH_WATER};
+use crate::transport::{Producer, TcpOptions, Transport, TransportOps, UnixOptions, DEFAULT_HIGH_WATER};
 
 /// Small writes are copied into the tail chunk up to this size; an owned
 /// buffer at least this large is queued as its own chunk, without a copy.
@@ -320,8 +320,8 @@ impl<K: Kind> Connection<K> {
     }
 
     /// Registers the socket for reading (if its kind reads), then hands the
-    /// protocol its transport. If registering fails (select and an fd at or above
-    /// `FD_SETSIZE`), the protocol is handed back unused: it never gets
+    /// protocol its transport. If registering fails (select and an fd at or
+    /// above `FD_SETSIZE`), the protocol is handed back unused: it never gets
     /// `connection_made`, so it must never get `connection_lost` either;
     /// the socket closes when the connection is dropped.
     pub fn start(self: &Rc<Self>, protocol: Box<dyn Protocol>) -> Result<(), (Error, Box<dyn Protocol>)> {
@@ -767,6 +767,10 @@ impl<K: Kind> TransportOps for Connection<K> {
         K::tcp_options(self)
     }
 
+    fn unix(self: Rc<Self>) -> Option<Rc<dyn UnixOptions>> {
+        K::unix_options(self)
+    }
+
     fn pause_producing(&self) {
         self.set_io(Io::PAUSED, true);
         self.stop_reading();
@@ -841,6 +845,11 @@ impl TcpOptions for Connection<Tcp> {
 }
 
 impl<K: Kind> Connection<K> {
+    /// The peer's credentials (for the UNIX kind).
+    pub(crate) fn socket_peer_credentials(&self) -> Result<crate::stream::unix_io::Credentials, Error> {
+        self.with_sock(|s| crate::stream::unix_io::peer_credentials(s)).unwrap_or(Err(Error::ConnectionDone))
+    }
+
     /// Runs `f` on the socket, if still open. `f` must not re-enter.
     #[inline]
     fn with_sock<R>(&self, f: impl FnOnce(&OwnedFd) -> R) -> Option<R> {

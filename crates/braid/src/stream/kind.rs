@@ -18,7 +18,7 @@ use rustix::io::Errno;
 
 use super::connection::Connection;
 use super::Address;
-use crate::transport::TcpOptions;
+use crate::transport::{TcpOptions, UnixOptions};
 use rustix::net::{RecvFlags, SendFlags};
 
 /// One kind of byte stream (internal: TCP, UNIX, pipes).
@@ -41,6 +41,11 @@ pub(crate) trait Kind: Sized + 'static {
 
     /// This kind's own options on a transport, if it has any (TCP's).
     fn tcp_options(_conn: Rc<Connection<Self>>) -> Option<Rc<dyn TcpOptions>> {
+        None
+    }
+
+    /// This kind's UNIX-socket side, if it is one.
+    fn unix_options(_conn: Rc<Connection<Self>>) -> Option<Rc<dyn UnixOptions>> {
         None
     }
 

@@ -1,5 +1,5 @@
 //! Byte streams: the one connection implementation every stream kind
-//! (TCP and pipe ends today; UNIX sockets and adopted sockets next)
+//! (TCP, UNIX sockets and pipe ends today; adopted sockets next)
 //! shares, over a small trait that says what each kind does differently,
 //! and the pieces every kind uses: one [`Address`] type and the
 //! UNIX-specific socket I/O (peer credentials, descriptor passing).
@@ -7,6 +7,7 @@
 pub mod address;
 pub(crate) mod connection;
 pub(crate) mod kind;
+pub(crate) mod listener;
 // Driven only by its tests until the processes issue spawns children.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod pipe;

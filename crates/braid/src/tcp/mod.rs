@@ -4,20 +4,22 @@
 //! `connection`, outgoing attempts in `connector`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::rc::Rc;
 use std::time::Duration;
 
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
-use crate::defer::Deferred;
 use crate::error::Error;
 use crate::protocol::{ClientFactory, IntoFactory};
 use crate::reactor::Reactor;
 
 mod connector;
-mod port;
 
+pub use crate::stream::listener::ListeningPort;
 pub use connector::Connector;
+
+use crate::stream::kind::Tcp;
+use crate::stream::listener::{Listen, Port};
+use crate::stream::Address;
 
 /// Twisted's default listen backlog.
 pub const DEFAULT_BACKLOG: u32 = 50;
@@ -59,28 +61,15 @@ impl ToListenAddr for &str {
     }
 }
 
-/// A listening TCP port (Twisted's `IListeningPort`).
-#[derive(Clone)]
-pub struct ListeningPort {
-    port: Rc<port::Port>,
-}
+/// How a TCP listener turns an accepted socket into a connection.
+pub(crate) struct TcpListen;
 
-impl ListeningPort {
-    /// The address the port is bound to (with the real port number when
-    /// port 0 was asked for).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.port.local()
-    }
+impl Listen for TcpListen {
+    type Conn = Tcp;
+    const NAME: &'static str = "TCP";
 
-    /// True until `stop_listening`.
-    pub fn listening(&self) -> bool {
-        self.port.listening()
-    }
-
-    /// Stops accepting. The Deferred fires once the socket is closed and the
-    /// factory stopped (on the next iteration); open connections stay open.
-    pub fn stop_listening(&self) -> Deferred<()> {
-        self.port.stop_listening()
+    fn accepted(&self, peer: &Address) -> Option<Tcp> {
+        peer.ip().map(|peer| Tcp { peer })
     }
 }
 
@@ -113,8 +102,8 @@ impl Reactor {
             .map_err(|e| cannot_listen(addr, e))?;
         let local =
             rustix::net::getsockname(&sock).ok().and_then(|a| SocketAddr::try_from(a).ok()).unwrap_or(addr);
-        let port = port::Port::start(self, sock, local, factory.into_shared())?;
-        Ok(ListeningPort { port })
+        let port = Port::start(self, TcpListen, sock, Address::Ip(local), factory.into_shared())?;
+        Ok(ListeningPort::new(port))
     }
 
     /// Connects to `host:port` (an IP literal, or a name resolved on the

@@ -1,4 +1,6 @@
-//! A listening TCP socket and its accept loop.
+//! A listening stream socket and its accept loop, for every kind that
+//! listens (TCP, UNIX): what differs is only how an accepted socket's peer
+//! becomes a connection of that kind ([`Listen`]).
 //!
 //! Each readiness event accepts a bounded, adaptive batch: it starts at 100,
 //! grows by 20 while every event fills the batch, and shrinks to what was
@@ -23,7 +25,6 @@
 //! peer's address and costs only that connection: the accept loop goes on.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
 use std::sync::Mutex;
@@ -32,12 +33,12 @@ use std::time::Duration;
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
+use super::connection::Connection;
+use super::kind::Kind;
 use crate::defer::Deferred;
 use crate::error::{Error, Failure};
 use crate::protocol::{Factory, SharedFactory};
 use crate::reactor::{catch_panic, log_failure, DelayedCall, FileDescriptor, Reactor, WeakReactor};
-use crate::stream::connection::Connection;
-use crate::stream::kind::Tcp;
 use crate::stream::Address;
 
 const INITIAL_ACCEPTS: usize = 100;
@@ -60,14 +61,29 @@ fn reserve_fd() {
     }
 }
 
-pub(crate) struct Port {
+/// What one listening kind does differently (internal).
+pub(crate) trait Listen: 'static {
+    /// The kind of the accepted connections.
+    type Conn: Kind;
+    /// Names the kind in log lines ("TCP", "UNIX").
+    const NAME: &'static str;
+    /// The connection kind for a socket accepted from `peer`, or `None` to
+    /// refuse it (a peer this kind cannot have).
+    fn accepted(&self, peer: &Address) -> Option<Self::Conn>;
+    /// The socket is closed: clean up what binding it made (a UNIX
+    /// socket's file).
+    fn closed(&self) {}
+}
+
+pub(crate) struct Port<L: Listen> {
+    listen: L,
     reactor: WeakReactor,
     /// This port's entry among the reactor's held descriptors.
     held: Cell<Option<usize>>,
-    me: Weak<Port>,
+    me: Weak<Port<L>>,
     sock: RefCell<Option<OwnedFd>>,
     fd: RawFd,
-    local: SocketAddr,
+    local: Address,
     factory: SharedFactory<dyn Factory>,
     accepts: Cell<usize>,
     backoff: Cell<Duration>,
@@ -76,16 +92,18 @@ pub(crate) struct Port {
     reading: Cell<bool>,
 }
 
-impl Port {
+impl<L: Listen> Port<L> {
     pub fn start(
         reactor: &Reactor,
+        listen: L,
         sock: OwnedFd,
-        local: SocketAddr,
+        local: Address,
         factory: SharedFactory<dyn Factory>,
-    ) -> Result<Rc<Port>, Error> {
+    ) -> Result<Rc<Port<L>>, Error> {
         reserve_fd();
         let fd = sock.as_raw_fd();
         let port = Rc::new_cyclic(|me| Port {
+            listen,
             reactor: reactor.weak(),
             held: Cell::new(None),
             me: me.clone(),
@@ -108,12 +126,8 @@ impl Port {
         }) {
             log_failure(&format!("in start_factory for {}", port.log_prefix()), &failure);
         }
-        tracing::debug!(target: "braid", "listening on {local} (TCP)");
+        tracing::debug!(target: "braid", "listening on {} ({})", port.local, L::NAME);
         Ok(port)
-    }
-
-    pub fn local(&self) -> SocketAddr {
-        self.local
     }
 
     pub fn listening(&self) -> bool {
@@ -123,16 +137,16 @@ impl Port {
     /// Builds a protocol for one accepted socket and starts it. Nothing
     /// that goes wrong here reaches the accept loop.
     fn handle(&self, reactor: &Reactor, sock: OwnedFd, addr: Option<rustix::net::SocketAddrAny>) {
-        let peer = addr.and_then(|a| SocketAddr::try_from(a).ok());
-        let built = match peer {
-            Some(peer) => catch_panic(|| Ok(self.factory.build(&Address::Ip(peer)))),
-            None => Ok(None),
-        };
+        let peer = addr.and_then(|a| Address::from_sockaddr(&a).ok());
+        // A peer whose address cannot be read, or that this kind cannot
+        // have, is refused: dropping the socket closes it.
+        let Some((peer, kind)) = peer.and_then(|p| self.listen.accepted(&p).map(|k| (p, k))) else { return };
+        let built = catch_panic(|| Ok(self.factory.build(&peer)));
         let protocol = match built {
             Ok(Some(p)) => p,
             Ok(None) => return, // refused: dropping the socket closes it
             Err(failure) => {
-                let from = peer.map_or("an unknown peer".into(), |p| p.to_string());
+                let from = &peer;
                 log_failure(
                     &format!("in build_protocol for the connection from {from} on {}", self.local),
                     &failure,
@@ -140,8 +154,7 @@ impl Port {
                 return;
             }
         };
-        let Some(peer) = peer else { return };
-        let conn = Connection::new(reactor, Tcp { peer }, sock);
+        let conn = Connection::new(reactor, kind, sock);
         if let Err((e, protocol)) = conn.start(protocol) {
             let from = peer;
             tracing::error!(target: "braid", "dropping the connection from {from} on {}: {e}", self.local);
@@ -181,8 +194,9 @@ impl Port {
             match rustix::net::acceptfrom_with(sock, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
                 Ok((client, addr)) => {
                     shed += 1;
-                    let peer = addr.and_then(|a| SocketAddr::try_from(a).ok());
-                    tracing::warn!(target: "braid", "EMFILE recovery: closed connection from {peer:?}");
+                    let peer = addr.and_then(|a| Address::from_sockaddr(&a).ok());
+                    let peer = peer.map_or_else(|| "an unknown peer".to_string(), |p| p.to_string());
+                    tracing::warn!(target: "braid", "EMFILE recovery: closed connection from {peer}");
                     drop(client);
                 }
                 Err(Errno::INTR) | Err(Errno::CONNABORTED) => continue,
@@ -254,7 +268,8 @@ impl Port {
         if let (Some(key), Some(reactor)) = (self.held.take(), self.reactor.get()) {
             reactor.release(key);
         }
-        tracing::debug!(target: "braid", "stopped listening on {} (TCP)", self.local);
+        self.listen.closed();
+        tracing::debug!(target: "braid", "stopped listening on {} ({})", self.local, L::NAME);
         catch_panic(|| {
             self.factory.do_stop();
             Ok(())
@@ -262,7 +277,7 @@ impl Port {
     }
 }
 
-impl FileDescriptor for Port {
+impl<L: Listen> FileDescriptor for Port<L> {
     fn fileno(&self) -> RawFd {
         if self.sock.borrow().is_some() {
             self.fd
@@ -330,6 +345,63 @@ impl FileDescriptor for Port {
     }
 
     fn log_prefix(&self) -> String {
-        format!("TCP port {}", self.local)
+        format!("{} port {}", L::NAME, self.local)
+    }
+}
+
+/// A listening port of any kind, as its handle sees it.
+trait PortOps {
+    fn host(&self) -> Address;
+    fn listening(&self) -> bool;
+    fn stop_listening(&self) -> Deferred<()>;
+}
+
+impl<L: Listen> PortOps for Port<L> {
+    fn host(&self) -> Address {
+        self.local.clone()
+    }
+    fn listening(&self) -> bool {
+        Port::listening(self)
+    }
+    fn stop_listening(&self) -> Deferred<()> {
+        Port::stop_listening(self)
+    }
+}
+
+/// A listening port (Twisted's `IListeningPort`): TCP or UNIX. The port
+/// lives in the reactor until `stop_listening` (or shutdown) whether or not
+/// this handle is kept.
+#[derive(Clone)]
+pub struct ListeningPort {
+    port: Rc<dyn PortOps>,
+}
+
+impl ListeningPort {
+    pub(crate) fn new<L: Listen>(port: Rc<Port<L>>) -> ListeningPort {
+        ListeningPort { port }
+    }
+
+    /// The address the port is bound to (Twisted's `getHost`): for TCP
+    /// with the real port number when port 0 was asked for; for UNIX the
+    /// socket's path or abstract name.
+    pub fn host(&self) -> Address {
+        self.port.host()
+    }
+
+    /// The IP address and port of a TCP port. A UNIX port has none and
+    /// answers `0.0.0.0:0`: use [`host`](ListeningPort::host) for those.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.port.host().ip().unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// True until `stop_listening`.
+    pub fn listening(&self) -> bool {
+        self.port.listening()
+    }
+
+    /// Stops accepting. The Deferred fires once the socket is closed and the
+    /// factory stopped (on the next iteration); open connections stay open.
+    pub fn stop_listening(&self) -> Deferred<()> {
+        self.port.stop_listening()
     }
 }

@@ -1,0 +1,217 @@
+//! UNIX stream sockets: `listen_unix`, as a method on the reactor, and the
+//! UNIX kind of the one stream connection.
+//!
+//! A name is a filesystem path, or (Linux) an abstract name written with a
+//! leading `@` or NUL. A path longer than the kernel's `sun_path` is an
+//! error, never truncated.
+//!
+//! The socket file belongs to the port: a stale file left by a process that
+//! died is removed before binding (nothing answers a connect to it), a live
+//! one makes `listen_unix` fail with `CannotListen`, and the file is removed
+//! when the port stops listening. With `want_pid`, the port also holds
+//! Twisted's lock file `PATH.lock`, naming the owner's pid, and refuses to
+//! start while another live process holds it.
+
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+use crate::error::Error;
+use crate::protocol::IntoFactory;
+use crate::reactor::Reactor;
+use crate::stream::connection::Connection;
+use crate::stream::kind::Kind;
+use crate::stream::listener::{Listen, ListeningPort, Port};
+use crate::stream::unix_io::Credentials;
+use crate::stream::{Address, UnixAddr};
+use crate::transport::UnixOptions;
+
+/// A UNIX stream connection: the default stream-socket behaviour; the peer
+/// is usually unnamed (a client that did not bind).
+pub(crate) struct Unix {
+    peer: UnixAddr,
+}
+
+impl Kind for Unix {
+    const NAME: &'static str = "UNIX";
+
+    fn peer(&self) -> Address {
+        Address::Unix(self.peer.clone())
+    }
+
+    fn unix_options(conn: Rc<Connection<Self>>) -> Option<Rc<dyn UnixOptions>> {
+        Some(conn)
+    }
+}
+
+impl UnixOptions for Connection<Unix> {
+    fn peer_credentials(&self) -> Result<Credentials, Error> {
+        self.socket_peer_credentials()
+    }
+}
+
+/// A UNIX listener: what it bound, so it can clean up after itself.
+struct UnixListen {
+    /// The socket file to remove on close (`None` for an abstract name).
+    path: Option<PathBuf>,
+    /// The lock file to remove on close, with `want_pid`.
+    lock: Option<PathBuf>,
+}
+
+impl Listen for UnixListen {
+    type Conn = Unix;
+    const NAME: &'static str = "UNIX";
+
+    fn accepted(&self, peer: &Address) -> Option<Unix> {
+        peer.as_unix().map(|peer| Unix { peer: peer.clone() })
+    }
+
+    fn closed(&self) {
+        for file in [&self.path, &self.lock].into_iter().flatten() {
+            if let Err(e) = std::fs::remove_file(file) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(target: "braid", "could not remove {}: {e}", file.display());
+                }
+            }
+        }
+    }
+}
+
+fn cannot_listen(name: &Path, source: io::Error) -> Error {
+    Error::CannotListen { addr: format!("unix:{}", name.display()), source }
+}
+
+/// True if something accepts connections on the socket file at `path`
+/// now; false if nothing does (the file is stale).
+fn socket_file_is_live(path: &Path, addr: &Address) -> bool {
+    let Ok(probe) =
+        rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+    else {
+        // Cannot tell: treat it as live rather than delete someone's socket.
+        return true;
+    };
+    match rustix::net::connect(&probe, &addr.to_sockaddr()) {
+        Err(rustix::io::Errno::CONNREFUSED) | Err(rustix::io::Errno::NOENT) => false,
+        Ok(()) | Err(_) => {
+            tracing::debug!(target: "braid", "{} is in use", path.display());
+            true
+        }
+    }
+}
+
+/// Takes `PATH.lock` for this process (Twisted's `wantPID`): refused while
+/// a live process holds it; a lock left by a dead one is taken over.
+fn take_lock(path: &Path) -> Result<PathBuf, Error> {
+    let mut lock = OsString::from(path.as_os_str());
+    lock.push(".lock");
+    let lock = PathBuf::from(lock);
+    let mine = std::process::id().to_string();
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&lock) {
+            Ok(mut f) => {
+                use std::io::Write;
+                f.write_all(mine.as_bytes()).map_err(|e| cannot_listen(path, e))?;
+                return Ok(lock);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let holder = std::fs::read_to_string(&lock).ok().and_then(|s| s.trim().parse::<i32>().ok());
+                let alive = holder.is_some_and(|pid| {
+                    rustix::process::Pid::from_raw(pid)
+                        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+                });
+                if alive {
+                    let who = holder.map_or_else(String::new, |p| format!(" (pid {p})"));
+                    return Err(cannot_listen(
+                        path,
+                        io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!("{} is held by a live process{who}", lock.display()),
+                        ),
+                    ));
+                }
+                // Left by a dead process: take it over.
+                let _ = std::fs::remove_file(&lock);
+            }
+            Err(e) => return Err(cannot_listen(path, e)),
+        }
+    }
+    Err(cannot_listen(
+        path,
+        io::Error::new(io::ErrorKind::AddrInUse, format!("could not take {}", lock.display())),
+    ))
+}
+
+impl Reactor {
+    /// Listens for UNIX stream connections on `name` (a path, or an
+    /// abstract name with a leading `@`) and builds a protocol with
+    /// `factory` for each one.
+    ///
+    /// `mode` sets the socket file's permission bits (say `0o660`);
+    /// `want_pid` takes the lock file `NAME.lock` (see the module docs).
+    /// A name that is too long, a live socket at the path, or a bind or
+    /// listen failure is `CannotListen`, naming the path.
+    pub fn listen_unix(
+        &self,
+        name: impl AsRef<Path>,
+        factory: impl IntoFactory,
+        backlog: u32,
+        mode: Option<u32>,
+        want_pid: bool,
+    ) -> Result<ListeningPort, Error> {
+        let name = name.as_ref();
+        let addr = Address::unix(name.as_os_str()).map_err(|e| cannot_listen(name, e.into()))?;
+        let path = addr.unix_path().map(Path::to_path_buf);
+        let lock = match (&path, want_pid) {
+            (Some(p), true) => Some(take_lock(p)?),
+            _ => None,
+        };
+        // From here on the lock (if any) is ours: give it back on failure.
+        let listen = UnixListen { path: None, lock };
+        if let Some(p) = &path {
+            if std::fs::symlink_metadata(p).is_ok() {
+                if socket_file_is_live(p, &addr) {
+                    let e = io::Error::new(io::ErrorKind::AddrInUse, "another process is listening there");
+                    listen.closed();
+                    return Err(cannot_listen(name, e));
+                }
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let bound = (|| {
+            let sock = rustix::net::socket_with(
+                AddressFamily::UNIX,
+                SocketType::STREAM,
+                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+                None,
+            )?;
+            rustix::net::bind(&sock, &addr.to_sockaddr())?;
+            Ok::<_, rustix::io::Errno>(sock)
+        })();
+        let sock = match bound {
+            Ok(s) => s,
+            Err(e) => {
+                listen.closed();
+                return Err(cannot_listen(name, e.into()));
+            }
+        };
+        // The file is ours now: removed on close, or on any failure below.
+        let listen = UnixListen { path, lock: listen.lock };
+        let finish = (|| {
+            if let (Some(mode), Some(p)) = (mode, &listen.path) {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+            }
+            rustix::net::listen(&sock, backlog.min(i32::MAX as u32) as i32)?;
+            Ok::<_, io::Error>(())
+        })();
+        if let Err(e) = finish {
+            listen.closed();
+            return Err(cannot_listen(name, e));
+        }
+        let port = Port::start(self, listen, sock, addr, factory.into_shared())?;
+        Ok(ListeningPort::new(port))
+    }
+}

@@ -1,0 +1,512 @@
+//! Stream behaviours every kind of byte stream shares (Twisted's
+//! `connectionmixins`): one test body, run once per backend **and** per
+//! stream kind: TCP over IPv4, TCP over IPv6, a UNIX socket file, a UNIX
+//! abstract name. The server side is braid; the client is a plain std
+//! socket on another thread, so each test sees what a real peer sees.
+
+mod common;
+
+use std::cell::{Cell, RefCell};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use braid::protocol::{HalfCloseable, IntoFactory, Protocol};
+use braid::tcp::ListeningPort;
+use braid::{Failure, Producer, Reactor, Transport};
+use common::{run_reactor, WATCHDOG};
+
+/// The stream kinds under test.
+#[derive(Clone, Copy, Debug)]
+enum StreamKind {
+    Tcp4,
+    Tcp6,
+    UnixPath,
+    UnixAbstract,
+}
+
+/// Where a client connects.
+#[derive(Clone)]
+enum Target {
+    Ip(std::net::SocketAddr),
+    Path(PathBuf),
+    Abstract(Vec<u8>),
+}
+
+/// A std client socket of either family.
+enum Client {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Target {
+    fn connect(&self) -> Client {
+        let c = match self {
+            Target::Ip(a) => Client::Tcp(TcpStream::connect(a).expect("connect")),
+            Target::Path(p) => Client::Unix(UnixStream::connect(p).expect("connect")),
+            Target::Abstract(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).unwrap();
+                Client::Unix(UnixStream::connect_addr(&addr).expect("connect"))
+            }
+        };
+        c.set_timeout(WATCHDOG);
+        c
+    }
+}
+
+impl Client {
+    fn set_timeout(&self, t: Duration) {
+        match self {
+            Client::Tcp(s) => s.set_read_timeout(Some(t)).unwrap(),
+            Client::Unix(s) => s.set_read_timeout(Some(t)).unwrap(),
+        }
+    }
+    fn shutdown_write(&self) {
+        match self {
+            Client::Tcp(s) => s.shutdown(Shutdown::Write).unwrap(),
+            Client::Unix(s) => s.shutdown(Shutdown::Write).unwrap(),
+        }
+    }
+    /// Everything until EOF or a reset; panics on a timeout (a hung peer).
+    fn read_to_end(&mut self) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            match self.read(&mut buf) {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+                Err(e) => panic!("neither closed nor reset: {e}"),
+            }
+        }
+    }
+}
+
+impl Read for Client {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Client::Tcp(s) => s.read(b),
+            Client::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Client {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Client::Tcp(s) => s.write(b),
+            Client::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl StreamKind {
+    /// Listens with `factory` on a fresh address of this kind.
+    fn listen(self, r: &Reactor, factory: impl IntoFactory) -> (ListeningPort, Target) {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let unique = format!("braid-streams-{}-{n}", std::process::id());
+        match self {
+            StreamKind::Tcp4 => {
+                let p = r.listen_tcp("127.0.0.1:0", factory, 50).unwrap();
+                let a = p.local_addr();
+                (p, Target::Ip(a))
+            }
+            StreamKind::Tcp6 => {
+                let p = r
+                    .listen_tcp("[::1]:0", factory, 50)
+                    .expect("IPv6 loopback (::1) is needed for these tests");
+                let a = p.local_addr();
+                (p, Target::Ip(a))
+            }
+            StreamKind::UnixPath => {
+                let path = std::env::temp_dir().join(format!("{unique}.sock"));
+                let _ = std::fs::remove_file(&path);
+                (r.listen_unix(&path, factory, 50, None, false).unwrap(), Target::Path(path))
+            }
+            StreamKind::UnixAbstract => {
+                let p = r.listen_unix(format!("@{unique}"), factory, 50, None, false).unwrap();
+                (p, Target::Abstract(unique.into_bytes()))
+            }
+        }
+    }
+}
+
+/// Writes a test once and runs it on every backend and every stream kind:
+/// `name::epoll::tcp4`, `name::poll::unix_path`, ...
+macro_rules! stream_test {
+    ($(#[$meta:meta])* fn $name:ident($r:ident, $kind:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$meta])*
+            fn body($r: braid::Reactor, $kind: StreamKind) $body
+            stream_test!(@backend select);
+            stream_test!(@backend poll);
+            stream_test!(@backend epoll);
+        }
+    };
+    (@backend $backend:ident) => {
+        mod $backend {
+            stream_test!(@kind $backend, tcp4, Tcp4);
+            stream_test!(@kind $backend, tcp6, Tcp6);
+            stream_test!(@kind $backend, unix_path, UnixPath);
+            stream_test!(@kind $backend, unix_abstract, UnixAbstract);
+        }
+    };
+    (@kind $backend:ident, $test:ident, $kind:ident) => {
+        #[test]
+        fn $test() {
+            let backend: braid::Backend = stringify!($backend).parse().unwrap();
+            super::body(crate::common::build(backend), super::StreamKind::$kind)
+        }
+    };
+}
+
+/// Runs `client` against `target` on a thread, then stops the reactor.
+fn with_client<T: Send + 'static>(
+    r: &Reactor,
+    target: Target,
+    client: impl FnOnce(Target) -> T + Send + 'static,
+) -> T {
+    let remote = r.remote();
+    let handle = std::thread::spawn(move || {
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| client(target)));
+        let _ = remote.call_from_thread(|r| {
+            let _ = r.stop();
+        });
+        out
+    });
+    run_reactor(r);
+    match handle.join().expect("client thread") {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e),
+    }
+}
+
+type Events = Rc<RefCell<Vec<String>>>;
+
+/// What a test tells its server protocol to do.
+type OnTransport = Option<Box<dyn FnMut(&Transport)>>;
+type OnData = Option<Box<dyn FnMut(&Transport, &[u8])>>;
+
+/// A server protocol that records what happens and does what it is told.
+#[derive(Default)]
+struct Server {
+    log: Events,
+    t: Option<Transport>,
+    on_made: OnTransport,
+    on_data: OnData,
+    on_read_closed: OnTransport,
+    /// Dropped with the protocol: tells a test whether it was freed.
+    _alive: Option<Rc<()>>,
+}
+
+impl Protocol for Server {
+    fn connection_made(&mut self, t: Transport) {
+        self.log.borrow_mut().push("made".into());
+        if let Some(f) = self.on_made.as_mut() {
+            f(&t);
+        }
+        self.t = Some(t);
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        let t = self.t.clone().unwrap();
+        match self.on_data.as_mut() {
+            Some(f) => f(&t, data),
+            None => t.write(data),
+        }
+    }
+    fn connection_lost(&mut self, reason: Failure) {
+        self.log.borrow_mut().push(format!("lost: {reason}"));
+    }
+    fn as_half_closeable(&mut self) -> Option<&mut dyn HalfCloseable> {
+        if self.on_read_closed.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+impl HalfCloseable for Server {
+    fn read_connection_lost(&mut self) {
+        self.log.borrow_mut().push("read closed".into());
+        let t = self.t.clone().unwrap();
+        if let Some(f) = self.on_read_closed.as_mut() {
+            f(&t);
+        }
+    }
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+stream_test! {
+    /// Bytes come back as sent; the client's close is a clean
+    /// `connection_lost`, exactly once. (The echo is half-closeable: a
+    /// protocol that is not would be closed at the client's EOF with its
+    /// unsent echo dropped, as in Twisted.)
+    fn echo_and_clean_close(r, kind) {
+        let log: Events = Default::default();
+        let l = log.clone();
+        let (_port, target) = kind.listen(&r, move || Server {
+            log: l.clone(),
+            on_made: Some(Box::new(move |t| {
+                // Each kind offers its own options and only those.
+                let tcp = matches!(kind, StreamKind::Tcp4 | StreamKind::Tcp6);
+                assert_eq!((t.tcp().is_some(), t.unix().is_some()), (tcp, !tcp), "{kind:?}");
+            })),
+            on_read_closed: Some(Box::new(|t| t.lose_connection())),
+            ..Default::default()
+        });
+        let data = payload(300_000);
+        let sent = data.clone();
+        let back = with_client(&r, target, move |t| {
+            let mut c = t.connect();
+            let mut w = match &c {
+                Client::Tcp(s) => Client::Tcp(s.try_clone().unwrap()),
+                Client::Unix(s) => Client::Unix(s.try_clone().unwrap()),
+            };
+            let writer = std::thread::spawn(move || {
+                w.write_all(&sent).unwrap();
+                w.shutdown_write();
+            });
+            let back = c.read_to_end();
+            writer.join().unwrap();
+            back
+        });
+        assert!(back == data, "{kind:?}: {} of {} bytes came back", back.len(), data.len());
+        assert_eq!(*log.borrow(), ["made", "read closed", "lost: connection was closed cleanly"], "{kind:?}");
+    }
+}
+
+stream_test! {
+    /// Half-close: the client ends its side; a half-closeable protocol
+    /// hears `read_connection_lost`, can still write, then closes.
+    fn half_close_keeps_the_write_side(r, kind) {
+        let log: Events = Default::default();
+        let l = log.clone();
+        let (_port, target) = kind.listen(&r, move || Server {
+            log: l.clone(),
+            on_read_closed: Some(Box::new(|t| {
+                t.write(b" and goodbye");
+                t.lose_connection();
+            })),
+            ..Default::default()
+        });
+        let back = with_client(&r, target, |t| {
+            let mut c = t.connect();
+            c.write_all(b"hello").unwrap();
+            c.shutdown_write();
+            c.read_to_end()
+        });
+        assert_eq!(back, b"hello and goodbye", "{kind:?}");
+        assert_eq!(*log.borrow(), ["made", "read closed", "lost: connection was closed cleanly"], "{kind:?}");
+    }
+}
+
+stream_test! {
+    /// `lose_connection` sends everything written before and after it (in
+    /// the same callback) before closing; `abort_connection` drops what is
+    /// buffered and reports `ConnectionAborted`.
+    fn lose_flushes_abort_drops(r, kind) {
+        // More than any kernel socket buffer takes, so some is still in
+        // braid's buffer when the abort comes.
+        let big = payload(32 * 1024 * 1024);
+        let log: Events = Default::default();
+        let (l, b) = (log.clone(), big.clone());
+        let (_port, target) = kind.listen(&r, move || {
+            let b = b.clone();
+            Server {
+                log: l.clone(),
+                on_data: Some(Box::new(move |t, d| {
+                    if d.starts_with(b"lose") {
+                        t.write(&b);
+                        t.lose_connection();
+                        // Written after lose_connection: still sent (Twisted).
+                        t.write(b"and this");
+                    } else if d.starts_with(b"abort") {
+                        t.write(&b);
+                        t.abort_connection();
+                    }
+                })),
+                ..Default::default()
+            }
+        });
+        let (lost, aborted) = with_client(&r, target, |t| {
+            let mut c = t.connect();
+            c.write_all(b"lose").unwrap();
+            let lost = c.read_to_end();
+            let mut c = t.connect();
+            c.write_all(b"abort").unwrap();
+            (lost, c.read_to_end())
+        });
+        let mut want = big.clone();
+        want.extend_from_slice(b"and this");
+        assert!(lost == want, "{kind:?}: lose_connection delivered {} of {} bytes", lost.len(), want.len());
+        assert!(aborted.len() < big.len(), "{kind:?}: abort sent the whole buffer");
+        let log = log.borrow();
+        assert_eq!(log.iter().filter(|e| e.as_str() == "lost: connection was closed cleanly").count(), 1, "{kind:?}: {log:?}");
+        assert_eq!(log.iter().filter(|e| e.as_str() == "lost: connection was aborted").count(), 1, "{kind:?}: {log:?}");
+    }
+}
+
+stream_test! {
+    /// After the connection is lost, writes are ignored, `connection_lost`
+    /// came once, and the protocol is freed (nothing keeps it alive).
+    fn after_the_end_writes_are_ignored_and_the_protocol_freed(r, kind) {
+        let log: Events = Default::default();
+        let token = Rc::new(());
+        let weak: Weak<()> = Rc::downgrade(&token);
+        let kept: Rc<RefCell<Option<Transport>>> = Default::default();
+        let (l, k) = (log.clone(), kept.clone());
+        let token = RefCell::new(Some(token));
+        let (_port, target) = kind.listen(&r, move || {
+            let k = k.clone();
+            Server {
+                log: l.clone(),
+                _alive: token.borrow_mut().take(),
+                on_made: Some(Box::new(move |t| *k.borrow_mut() = Some(t.clone()))),
+                ..Default::default()
+            }
+        });
+        with_client(&r, target, |t| {
+            let mut c = t.connect();
+            c.write_all(b"x").unwrap();
+            let mut one = [0u8; 1];
+            c.read_exact(&mut one).unwrap();
+        });
+        let t = kept.borrow_mut().take().expect("a transport");
+        assert!(!t.connected(), "{kind:?}");
+        t.write(b"late");
+        t.write_sequence(&[b"late", b"r"]);
+        t.lose_connection();
+        t.abort_connection();
+        assert_eq!(log.borrow().iter().filter(|e| e.starts_with("lost")).count(), 1, "{kind:?}: {:?}", log.borrow());
+        drop(t);
+        assert!(weak.upgrade().is_none(), "{kind:?}: the protocol outlived its connection");
+    }
+}
+
+/// A push producer that writes until paused, counting what it is told.
+struct Pump {
+    t: Transport,
+    paused: Cell<bool>,
+    pauses: Cell<u32>,
+    resumes: Cell<u32>,
+    written: Cell<usize>,
+    total: usize,
+}
+
+impl Pump {
+    fn pump(&self) {
+        while !self.paused.get() && self.written.get() < self.total {
+            let n = 64 * 1024.min(self.total - self.written.get());
+            self.t.write(&vec![b'p'; n]);
+            self.written.set(self.written.get() + n);
+        }
+        if self.written.get() >= self.total {
+            self.t.unregister_producer();
+            self.t.lose_connection();
+        }
+    }
+}
+
+impl Producer for Pump {
+    fn pause_producing(&self) {
+        self.paused.set(true);
+        self.pauses.set(self.pauses.get() + 1);
+    }
+    fn resume_producing(&self) {
+        self.paused.set(false);
+        self.resumes.set(self.resumes.get() + 1);
+        self.pump();
+    }
+    fn stop_producing(&self) {}
+}
+
+stream_test! {
+    /// A streaming producer is paused while the peer does not read (the
+    /// buffer stays bounded) and resumed once it drains; every byte
+    /// arrives.
+    fn producers_are_paused_and_resumed(r, kind) {
+        const TOTAL: usize = 16 * 1024 * 1024;
+        let pumps: Rc<RefCell<Vec<Rc<Pump>>>> = Default::default();
+        let p = pumps.clone();
+        let (_port, target) = kind.listen(&r, move || {
+            let p = p.clone();
+            Server {
+                on_made: Some(Box::new(move |t| {
+                    let pump = Rc::new(Pump {
+                        t: t.clone(),
+                        paused: Cell::new(false),
+                        pauses: Cell::new(0),
+                        resumes: Cell::new(0),
+                        written: Cell::new(0),
+                        total: TOTAL,
+                    });
+                    t.register_producer(pump.clone(), true).unwrap();
+                    p.borrow_mut().push(pump.clone());
+                    pump.pump();
+                })),
+                ..Default::default()
+            }
+        });
+        let got = with_client(&r, target, |t| {
+            let mut c = t.connect();
+            // Read nothing for a while: the server must pause, not buffer it all.
+            std::thread::sleep(Duration::from_millis(300));
+            c.read_to_end().len()
+        });
+        assert_eq!(got, TOTAL, "{kind:?}");
+        let pump = pumps.borrow()[0].clone();
+        assert!(pump.pauses.get() >= 1, "{kind:?}: never paused");
+        assert!(pump.resumes.get() >= 1, "{kind:?}: never resumed");
+    }
+}
+
+stream_test! {
+    /// A protocol that panics in `data_received` costs only its own
+    /// connection: it is closed, and the next client is served.
+    fn a_panic_costs_only_its_connection(r, kind) {
+        let first = Rc::new(Cell::new(true));
+        let log: Events = Default::default();
+        let (f, l) = (first.clone(), log.clone());
+        let (_port, target) = kind.listen(&r, move || {
+            let bad = f.replace(false);
+            Server {
+                log: l.clone(),
+                on_data: Some(Box::new(move |t, d| {
+                    if bad {
+                        panic!("protocol bug");
+                    }
+                    t.write(d);
+                })),
+                ..Default::default()
+            }
+        });
+        let (bad, good) = with_client(&r, target, |t| {
+            let mut bad = t.connect();
+            bad.write_all(b"boom").unwrap();
+            let bad = bad.read_to_end();
+            let mut good = t.connect();
+            good.write_all(b"fine").unwrap();
+            let mut back = [0u8; 4];
+            good.read_exact(&mut back).unwrap();
+            (bad, back)
+        });
+        assert!(bad.is_empty(), "{kind:?}");
+        assert_eq!(&good, b"fine", "{kind:?}");
+        assert!(log.borrow().iter().any(|e| e.contains("protocol bug")), "{kind:?}: {:?}", log.borrow());
+    }
+}

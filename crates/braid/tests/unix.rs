@@ -1,0 +1,205 @@
+//! UNIX stream sockets (Twisted reference §4.10): listening on a path or
+//! an abstract name, the socket file's life (mode, stale files, live
+//! owners, removal on stop, the `want_pid` lock file), addresses. Each test
+//! on every backend; clients are std `UnixStream`s on another thread.
+
+mod common;
+
+use std::cell::RefCell;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use braid::protocol::Protocol;
+use braid::protocols::echo::Echo;
+use braid::{Address, Error, Reactor, Transport};
+use common::{run_reactor, WATCHDOG};
+
+/// A fresh socket path in the temp directory (nothing there yet).
+fn temp_path(what: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let p = std::env::temp_dir().join(format!("braid-{}-{n}-{what}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Connects to `addr` on another thread, echoes `msg` through, closes, then
+/// stops the reactor; returns what came back.
+fn echo_through(
+    r: &Reactor,
+    connect: impl FnOnce() -> UnixStream + Send + 'static,
+    msg: &'static [u8],
+) -> Vec<u8> {
+    let remote = r.remote();
+    let client = std::thread::spawn(move || {
+        let mut s = connect();
+        s.set_read_timeout(Some(WATCHDOG)).unwrap();
+        s.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        let got = s.read_exact(&mut back).map(|()| back);
+        let _ = remote.call_from_thread(|r| {
+            let _ = r.stop();
+        });
+        got.expect("no echo")
+    });
+    run_reactor(r);
+    client.join().expect("client")
+}
+
+/// A transport's host and peer, as seen in `connection_made`.
+type Seen = Rc<RefCell<Option<(Option<Address>, Address)>>>;
+
+/// Records the transport's addresses when the connection is made, then echoes.
+struct Where {
+    seen: Seen,
+    t: Option<Transport>,
+}
+
+impl Protocol for Where {
+    fn connection_made(&mut self, t: Transport) {
+        *self.seen.borrow_mut() = Some((t.host(), t.peer()));
+        assert!(t.tcp().is_none(), "a UNIX transport offers no TCP options");
+        // The client is this very process.
+        let creds = t.unix().expect("a UNIX transport").peer_credentials().unwrap();
+        assert_eq!(creds.pid, Some(std::process::id()));
+        assert_eq!(
+            (creds.uid, creds.gid),
+            (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw())
+        );
+        self.t = Some(t);
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        if let Some(t) = &self.t {
+            t.write(data);
+        }
+    }
+}
+
+reactor_test! {
+    /// Echo over a socket file; the server's transport names the path as
+    /// its host and an unnamed peer; the port's host is the path too.
+    fn echo_over_a_path(r) {
+        let path = temp_path("echo");
+        let seen = Rc::new(RefCell::new(None));
+        let s = seen.clone();
+        let port = r.listen_unix(&path, move || Where { seen: s.clone(), t: None }, 50, None, false).unwrap();
+        assert_eq!(port.host().unix_path(), Some(path.as_path()));
+        assert!(port.host().to_string().starts_with("unix:/"), "{}", port.host());
+        let p = path.clone();
+        assert_eq!(echo_through(&r, move || UnixStream::connect(p).unwrap(), b"over a path"), b"over a path");
+        let (host, peer) = seen.borrow().clone().expect("connection made");
+        assert_eq!(host.as_ref().and_then(Address::unix_path), Some(path.as_path()));
+        assert!(peer.is_unix_unnamed(), "peer {peer}");
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+reactor_test! {
+    /// Echo over a Linux abstract name (no file is made).
+    fn echo_over_an_abstract_name(r) {
+        let name = format!("@braid-test-{}-{}", std::process::id(), r.backend());
+        let port = r.listen_unix(&name, Echo::new, 50, None, false).unwrap();
+        assert_eq!(port.host().to_string(), format!("unix:{name}"));
+        let abstract_name = name.as_bytes()[1..].to_vec();
+        let connect = move || {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(&abstract_name).unwrap();
+            UnixStream::connect_addr(&addr).unwrap()
+        };
+        assert_eq!(echo_through(&r, connect, b"abstract"), b"abstract");
+    }
+}
+
+reactor_test! {
+    /// `stop_listening` removes the socket file; the mode is applied.
+    fn the_socket_file_has_the_mode_and_goes_on_stop(r) {
+        let path = temp_path("mode");
+        let port = r.listen_unix(&path, Echo::new, 50, Some(0o600), false).unwrap();
+        let mode = std::fs::metadata(&path).expect("socket file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let d = port.stop_listening();
+        let done = common::collect(&d);
+        let rr = r.clone();
+        r.call_later(std::time::Duration::from_millis(50), move || rr.stop().unwrap());
+        run_reactor(&r);
+        assert_eq!(*done.borrow(), Some(Ok(())));
+        assert!(!path.exists(), "the socket file was left behind");
+    }
+}
+
+reactor_test! {
+    /// A socket file that nobody listens on any more (its process died) is
+    /// replaced; one with a live listener is `CannotListen`.
+    fn stale_socket_files_are_replaced_live_ones_refused(r) {
+        let path = temp_path("stale");
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let port = r.listen_unix(&path, Echo::new, 50, None, false).expect("a stale file must be replaced");
+        let p = path.clone();
+        assert_eq!(echo_through(&r, move || UnixStream::connect(p).unwrap(), b"x"), b"x");
+        drop(port);
+
+        let live_path = temp_path("live");
+        let _live = UnixListener::bind(&live_path).unwrap();
+        match r.listen_unix(&live_path, Echo::new, 50, None, false) {
+            Err(Error::CannotListen { addr, .. }) => assert!(addr.contains(live_path.to_str().unwrap()), "{addr}"),
+            Err(e) => panic!("expected CannotListen, got {e}"),
+            Ok(_) => panic!("listened over a live socket"),
+        }
+        assert!(live_path.exists(), "the live socket's file was removed");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&live_path);
+    }
+}
+
+reactor_test! {
+    /// A name longer than `sun_path` is a clear error, never truncated.
+    fn a_path_too_long_is_refused(r) {
+        let long = std::env::temp_dir().join("x".repeat(200));
+        match r.listen_unix(&long, Echo::new, 50, None, false) {
+            Err(Error::CannotListen { source, .. }) => {
+                assert!(source.to_string().contains("sun_path"), "{source}");
+            }
+            Err(e) => panic!("expected CannotListen, got {e}"),
+            Ok(_) => panic!("listened on a truncated path"),
+        }
+        let truncated: String = long.to_string_lossy().chars().take(107).collect();
+        assert!(!std::path::Path::new(&truncated).exists(), "a truncated file was made");
+    }
+}
+
+reactor_test! {
+    /// `want_pid` holds `PATH.lock` with our pid: a second listener on the
+    /// path is refused while it is held; the lock goes on stop; a lock left
+    /// by a dead process is taken over.
+    fn want_pid_lock_file(r) {
+        let path = temp_path("lock");
+        let lock = PathBuf::from(format!("{}.lock", path.display()));
+        let port = r.listen_unix(&path, Echo::new, 50, None, true).unwrap();
+        assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), std::process::id().to_string());
+        assert!(matches!(r.listen_unix(&path, Echo::new, 50, None, true), Err(Error::CannotListen { .. })));
+        let d = port.stop_listening();
+        let done = common::collect(&d);
+        let rr = r.clone();
+        r.call_later(std::time::Duration::from_millis(50), move || rr.stop().unwrap());
+        run_reactor(&r);
+        assert_eq!(*done.borrow(), Some(Ok(())));
+        assert!(!lock.exists() && !path.exists(), "lock or socket file left behind");
+
+        // A lock naming a process that has exited.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        std::fs::write(&lock, dead.to_string()).unwrap();
+        let r2 = common::build(r.backend());
+        let port = r2.listen_unix(&path, Echo::new, 50, None, true).expect("a dead owner's lock is taken over");
+        assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), std::process::id().to_string());
+        drop(port);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&lock);
+    }
+}
