@@ -279,8 +279,12 @@ impl<K: Kind> Connection<K> {
             protocol: RefCell::new(None),
             out: RefCell::new(None),
             life: Cell::new(Life::Open),
-            write_side: Cell::new(WriteSide::Open),
-            io: Cell::new(Io::empty()),
+            // A kind that cannot write starts with its write side closed, so
+            // writes are dropped and nothing ever registers it as a writer;
+            // one that cannot read starts with its read side closed, so
+            // nothing ever registers it as a reader.
+            write_side: Cell::new(if K::WRITES { WriteSide::Open } else { WriteSide::Closed }),
+            io: Cell::new(if K::READS { Io::empty() } else { Io::READ_CLOSED }),
             producer: Cell::new(None),
             doomed: Cell::new(None),
             on_lost: Cell::new(None),
@@ -315,21 +319,23 @@ impl<K: Kind> Connection<K> {
         was
     }
 
-    /// Registers the socket for reading, then hands the protocol its
-    /// transport. If registering fails (select and an fd at or above
-    /// `FD_SETSIZE`), the protocol is handed back unused: it never gets
+    /// Registers the socket for reading (if its kind reads), then hands the
+    /// protocol its transport. If registering fails (select and an fd at or
+    /// above `FD_SETSIZE`), the protocol is handed back unused: it never gets
     /// `connection_made`, so it must never get `connection_lost` either;
     /// the socket closes when the connection is dropped.
     pub fn start(self: &Rc<Self>, protocol: Box<dyn Protocol>) -> Result<(), (Error, Box<dyn Protocol>)> {
         let Some(reactor) = self.reactor.get() else {
             return Err((Error::ReactorGone, protocol));
         };
-        if let Err(e) = reactor.add_reader(self.clone()) {
-            self.life.set(Life::Lost);
-            self.sock.take();
-            return Err((e, protocol));
+        if K::READS {
+            if let Err(e) = reactor.add_reader(self.clone()) {
+                self.life.set(Life::Lost);
+                self.sock.take();
+                return Err((e, protocol));
+            }
+            self.set_io(Io::READING, true);
         }
-        self.set_io(Io::READING, true);
         *self.protocol.borrow_mut() = Some(protocol);
         let transport = Transport::new(self.clone());
         let made = catch_panic(|| {
@@ -627,6 +633,10 @@ impl<K: Kind> FileDescriptor for Connection<K> {
     }
 
     fn half_closeable(&self) -> bool {
+        if !K::WRITES {
+            // Nothing is left open once the only direction has ended.
+            return false;
+        }
         let Ok(mut p) = self.protocol.try_borrow_mut() else { return false };
         let Some(p) = p.as_mut() else { return false };
         catch_panic(|| Ok(p.as_half_closeable().is_some())).unwrap_or(false)
@@ -732,6 +742,10 @@ impl<K: Kind> TransportOps for Connection<K> {
     }
 
     fn lose_write_connection(&self) {
+        if !K::READS {
+            // Writing is all it does: ending it ends the connection.
+            return self.lose_connection();
+        }
         if self.closing() || self.write_side.get() != WriteSide::Open {
             return;
         }

@@ -26,6 +26,16 @@ pub(crate) trait Kind: Sized + 'static {
     /// Names the kind in log lines and errors ("TCP", "UNIX").
     const NAME: &'static str;
 
+    /// Whether bytes come in through the descriptor. A kind that does not
+    /// read (a pipe's write end) is never registered for reading, and its
+    /// connection ends when its write side does.
+    const READS: bool = true;
+
+    /// Whether bytes go out through the descriptor. A kind that does not
+    /// write (a pipe's read end) is never registered for writing; writes to
+    /// it are dropped, as after the write side is closed.
+    const WRITES: bool = true;
+
     /// The other end (kept by the kind, which knows its address type).
     fn peer(&self) -> Address;
 
