@@ -239,3 +239,50 @@ fn a_mode_without_a_unix_socket_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("--unix"), "{err}");
 }
+
+/// `braid echo --systemd` serves on a listening socket handed over the way
+/// systemd does (descriptor 3, LISTEN_FDS=1, LISTEN_PID naming it). Python
+/// makes the socket and then becomes braid (exec keeps the pid).
+#[test]
+fn serves_a_socket_activated_listener() {
+    let launcher = "import os, socket, sys\n\
+        s = socket.socket()\n\
+        s.bind(('127.0.0.1', 0))\n\
+        s.listen(16)\n\
+        sys.stdout.write(str(s.getsockname()[1]) + '\\n')\n\
+        sys.stdout.flush()\n\
+        if s.fileno() != 3: os.dup2(s.fileno(), 3)\n\
+        os.set_inheritable(3, True)\n\
+        os.environ['LISTEN_FDS'] = '1'\n\
+        os.environ['LISTEN_PID'] = str(os.getpid())\n\
+        os.execv(sys.argv[1], [sys.argv[1], 'echo', '--systemd'])\n";
+    let mut child = Command::new("python3")
+        .args(["-c", launcher, BIN])
+        .env_remove("BRAID_REACTOR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut server = Server { child, port: 0, stderr };
+    let mut port = String::new();
+    stdout.read_line(&mut port).unwrap();
+    let port: u16 = port.trim().parse().expect("the launcher's port");
+    let mut line = String::new();
+    server.stderr.read_line(&mut line).unwrap();
+    assert!(
+        line.contains(&format!("echo listening on 127.0.0.1:{port} (from systemd")),
+        "first line: {line:?}"
+    );
+    assert_eq!(echo_once(port, b"activated"), b"activated");
+    signal(&server.child, "-TERM");
+    assert_eq!(wait_exit(&mut server.child), 0);
+}
+
+#[test]
+fn systemd_without_sockets_is_a_clear_error() {
+    let (code, err) = run_to_end(&["echo", "--systemd"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("no sockets were passed"), "{err}");
+}

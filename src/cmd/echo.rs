@@ -11,7 +11,7 @@ use braid::Backend;
 #[derive(clap::Args)]
 pub struct Args {
     /// TCP port to listen on (0 picks a free one).
-    #[arg(long, required_unless_present = "unix")]
+    #[arg(long, required_unless_present_any = ["unix", "systemd"])]
     port: Option<u16>,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
@@ -19,6 +19,10 @@ pub struct Args {
     /// UNIX socket to listen on: a path, or an abstract name starting with `@`.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
+    /// Serve on the listening sockets systemd passed (socket activation:
+    /// LISTEN_PID, LISTEN_FDS).
+    #[arg(long)]
+    systemd: bool,
     /// Permission bits of the UNIX socket file, in octal (e.g. 660).
     #[arg(long, value_name = "OCTAL", value_parser = parse_mode, requires = "unix")]
     mode: Option<u32>,
@@ -33,6 +37,9 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 
 /// Serves echo until SIGINT or SIGTERM.
 pub fn run(backend: Backend, args: Args) -> Result<(), String> {
+    // Before the reactor opens descriptors of its own.
+    let inherited =
+        if args.systemd { braid::stream::systemd_sockets().map_err(|e| e.to_string())? } else { Vec::new() };
     let reactor = braid::install(backend).map_err(|e| e.to_string())?;
     if let Some(port) = args.port {
         let addr = SocketAddr::new(args.interface, port);
@@ -44,6 +51,18 @@ pub fn run(backend: Backend, args: Args) -> Result<(), String> {
             .listen_unix(path, Echo::new, DEFAULT_BACKLOG, args.mode, false)
             .map_err(|e| e.to_string())?;
         tracing::info!("echo listening on {} (reactor: {backend})", port.host());
+    }
+    if args.systemd {
+        let sockets = inherited;
+        if sockets.is_empty() {
+            return Err(
+                "--systemd: no sockets were passed (LISTEN_PID/LISTEN_FDS not set for this process)".into()
+            );
+        }
+        for socket in sockets {
+            let port = reactor.adopt_stream_port(socket, Echo::new).map_err(|e| e.to_string())?;
+            tracing::info!("echo listening on {} (from systemd; reactor: {backend})", port.host());
+        }
     }
     super::serve(&reactor)
 }

@@ -94,3 +94,15 @@ impl Reactor {
         started.map_err(|(e, _never_made)| e)
     }
 }
+
+/// The listening sockets a service manager passed to this process at
+/// start-up (systemd socket activation: `LISTEN_PID` names this process,
+/// `LISTEN_FDS` counts the descriptors from 3 on), ready for
+/// [`Reactor::adopt_stream_port`]. They can be taken once: the variables
+/// are removed, so a second call, or a child process, finds none. Empty
+/// when the process was not socket-activated.
+pub fn systemd_sockets() -> Result<Vec<OwnedFd>, Error> {
+    crate::sys::listen_fds::take().map_err(|why| {
+        adopt_error("systemd's sockets", std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
+    })
+}

@@ -16,3 +16,4 @@ pub(crate) mod pipe;
 pub mod unix_io;
 
 pub use address::{Address, AddressError, UnixAddr, UnixAddrKind};
+pub use adopt::systemd_sockets;

@@ -3,6 +3,7 @@
 //! where `unsafe` may live.
 
 pub(crate) mod big_vec;
+pub(crate) mod listen_fds;
 pub(crate) mod prefetch;
 pub(crate) mod signal;
 pub(crate) mod tsc;
