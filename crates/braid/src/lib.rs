@@ -45,7 +45,8 @@ pub use backend::Backend;
 pub use defer::Deferred;
 pub use error::{Error, Failure};
 pub use protocol::{
-    ClientFactory, Factory, HalfCloseable, Protocol, ReconnectingClientFactory, SharedFactory,
+    ClientFactory, Factory, FileDescriptorReceiver, HalfCloseable, Protocol, ReconnectingClientFactory,
+    SharedFactory,
 };
 pub use reactor::{install, reactor, try_reactor, Reactor};
 pub use reactor::{DelayedCall, FileDescriptor, Phase, ReactorTime, Remote};

@@ -35,6 +35,21 @@ pub trait Protocol {
     fn as_half_closeable(&mut self) -> Option<&mut dyn HalfCloseable> {
         None
     }
+
+    /// Return `Some(self)` to accept descriptors a UNIX socket peer sends
+    /// (see [`FileDescriptorReceiver`]); without it they are closed.
+    fn as_fd_receiver(&mut self) -> Option<&mut dyn FileDescriptorReceiver> {
+        None
+    }
+}
+
+/// The optional descriptor-passing extension of a protocol (Twisted's
+/// `IFileDescriptorReceiver`), for UNIX socket connections.
+pub trait FileDescriptorReceiver {
+    /// The peer sent `fd` (`SCM_RIGHTS`). It arrives before the bytes that
+    /// carried it are given to `data_received`. It is yours: dropping it
+    /// closes it.
+    fn file_descriptor_received(&mut self, fd: std::os::fd::OwnedFd);
 }
 
 /// The optional half-close extension of a protocol (Twisted's

@@ -262,6 +262,9 @@ pub trait UnixOptions {
     /// Who is at the other end (`SO_PEERCRED`): pid, uid and gid as the
     /// kernel recorded them when the peer connected.
     fn peer_credentials(&self) -> Result<Credentials, Error>;
+    /// Queues `fd` to go to the peer with the next bytes written (alone,
+    /// with one zero byte, if nothing else is written this pass).
+    fn send_file_descriptor(&self, fd: std::os::fd::OwnedFd) -> Result<(), Error>;
 }
 
 /// A UNIX socket transport's own side, from [`Transport::unix`].
@@ -274,6 +277,16 @@ impl Unix {
     /// The peer's pid (when visible from this PID namespace), uid and gid.
     pub fn peer_credentials(&self) -> Result<Credentials, Error> {
         self.ops.peer_credentials()
+    }
+
+    /// Sends `fd` to the peer (`SCM_RIGHTS`, Twisted's
+    /// `sendFileDescriptor`): it goes with the next bytes written, or, if
+    /// nothing is written in this pass, with one zero byte of its own. Any
+    /// number may be queued; they go in order, at most 253 per message
+    /// (the kernel's limit). Our copy is closed once the kernel has it.
+    /// `ConnectionDone` once the connection is closing.
+    pub fn send_file_descriptor(&self, fd: impl Into<std::os::fd::OwnedFd>) -> Result<(), Error> {
+        self.ops.send_file_descriptor(fd.into())
     }
 }
 

@@ -12,8 +12,12 @@
 //! Twisted's lock file `PATH.lock`, naming the owner's pid, and refuses to
 //! start while another live process holds it.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -25,14 +29,55 @@ use crate::reactor::Reactor;
 use crate::stream::connection::Connection;
 use crate::stream::kind::Kind;
 use crate::stream::listener::{Listen, ListeningPort, Port};
-use crate::stream::unix_io::Credentials;
+use crate::stream::unix_io::{recv_with_fds, send_with_fds, Credentials, SCM_MAX_FD};
 use crate::stream::{Address, UnixAddr};
 use crate::transport::UnixOptions;
+use rustix::io::Errno;
 
-/// A UNIX stream connection: the default stream-socket behaviour; the peer
-/// is usually unnamed (a client that did not bind).
+/// A UNIX stream connection: the default stream-socket behaviour plus
+/// descriptor passing; the peer is usually unnamed (a client that did not
+/// bind).
 pub(crate) struct Unix {
     pub peer: UnixAddr,
+    /// Descriptors in flight, made on first use: an idle connection that
+    /// never passes one pays a pointer.
+    fds: RefCell<Option<Box<Passing>>>,
+}
+
+/// Descriptors received and not yet given to the protocol, and queued to
+/// go with the next bytes.
+#[derive(Default)]
+struct Passing {
+    received: Vec<OwnedFd>,
+    outgoing: VecDeque<OwnedFd>,
+}
+
+impl Unix {
+    pub fn new(peer: UnixAddr) -> Unix {
+        Unix { peer, fds: RefCell::new(None) }
+    }
+
+    /// Sends what the kernel takes of `bufs`, with up to `SCM_MAX_FD`
+    /// queued descriptors on the first byte. The copies sent are closed
+    /// here once the kernel has them (the peer holds its own).
+    fn send_with_queued(&self, fd: &OwnedFd, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
+        let mut fds = self.fds.borrow_mut();
+        let Some(passing) = fds.as_mut().filter(|p| !p.outgoing.is_empty()) else {
+            drop(fds);
+            let mut no_control = rustix::net::SendAncillaryBuffer::default();
+            return rustix::net::sendmsg(fd, bufs, &mut no_control, rustix::net::SendFlags::NOSIGNAL);
+        };
+        let batch = passing.outgoing.len().min(SCM_MAX_FD);
+        let sent = {
+            let borrowed: Vec<BorrowedFd<'_>> =
+                passing.outgoing.iter().take(batch).map(|f| f.as_fd()).collect();
+            send_with_fds(fd, bufs, &borrowed)?
+        };
+        if sent > 0 {
+            passing.outgoing.drain(..batch);
+        }
+        Ok(sent)
+    }
 }
 
 impl Kind for Unix {
@@ -40,6 +85,42 @@ impl Kind for Unix {
 
     fn peer(&self) -> Address {
         Address::Unix(self.peer.clone())
+    }
+
+    fn recv(&self, fd: &OwnedFd, buf: &mut [u8]) -> Result<usize, Errno> {
+        let mut fds = self.fds.borrow_mut();
+        let passing = fds.get_or_insert_with(Default::default);
+        let got = recv_with_fds(fd, buf, &mut passing.received)?;
+        if got.fds_truncated {
+            tracing::warn!(
+                target: "braid",
+                "descriptors from {} were lost: the kernel could not deliver them all (out of descriptors?)",
+                Address::Unix(self.peer.clone())
+            );
+        }
+        if passing.received.is_empty() && passing.outgoing.is_empty() {
+            // Nothing in flight: give the memory back.
+            *fds = None;
+        }
+        Ok(got.bytes)
+    }
+
+    fn send(&self, fd: &OwnedFd, data: &[u8]) -> Result<usize, Errno> {
+        self.send_with_queued(fd, &[IoSlice::new(data)])
+    }
+
+    fn send_vectored(&self, fd: &OwnedFd, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
+        self.send_with_queued(fd, bufs)
+    }
+
+    fn take_received_fds(&self) -> Option<Vec<OwnedFd>> {
+        let mut fds = self.fds.borrow_mut();
+        let passing = fds.as_mut().filter(|p| !p.received.is_empty())?;
+        Some(std::mem::take(&mut passing.received))
+    }
+
+    fn needs_carrier_byte(&self) -> bool {
+        self.fds.borrow().as_ref().is_some_and(|p| !p.outgoing.is_empty())
     }
 
     fn unix_options(conn: Rc<Connection<Self>>) -> Option<Rc<dyn UnixOptions>> {
@@ -50,6 +131,15 @@ impl Kind for Unix {
 impl UnixOptions for Connection<Unix> {
     fn peer_credentials(&self) -> Result<Credentials, Error> {
         self.socket_peer_credentials()
+    }
+
+    fn send_file_descriptor(&self, fd: OwnedFd) -> Result<(), Error> {
+        if !self.writable() {
+            return Err(Error::ConnectionDone);
+        }
+        self.kind().fds.borrow_mut().get_or_insert_with(Default::default).outgoing.push_back(fd);
+        self.wake_writer();
+        Ok(())
     }
 }
 
@@ -67,7 +157,7 @@ impl Listen for UnixListen {
     const NAME: &'static str = "UNIX";
 
     fn accepted(&self, peer: &Address) -> Option<Unix> {
-        peer.as_unix().map(|peer| Unix { peer: peer.clone() })
+        peer.as_unix().map(|peer| Unix::new(peer.clone()))
     }
 
     fn closed(&self) {

@@ -203,3 +203,215 @@ reactor_test! {
         let _ = std::fs::remove_file(&lock);
     }
 }
+
+/// Sends descriptors when made: `count` pipe write ends, each after
+/// writing its index into it, then a line of text.
+struct FdSender {
+    fds: Vec<std::os::fd::OwnedFd>,
+    text: &'static [u8],
+}
+
+impl Protocol for FdSender {
+    fn connection_made(&mut self, t: Transport) {
+        let unix = t.unix().expect("a UNIX transport");
+        for fd in self.fds.drain(..) {
+            unix.send_file_descriptor(fd).unwrap();
+        }
+        if !self.text.is_empty() {
+            t.write(self.text);
+        }
+    }
+    fn data_received(&mut self, _: &[u8]) {}
+}
+
+/// Collects what arrives: descriptors (or refuses them) and bytes; stops
+/// the reactor once `want_bytes` have come.
+struct FdCollector {
+    fds: Rc<RefCell<Vec<std::os::fd::OwnedFd>>>,
+    bytes: Rc<RefCell<Vec<u8>>>,
+    accept_fds: bool,
+    want_bytes: usize,
+    want_fds: usize,
+    reactor: Reactor,
+    /// The number of descriptors that had arrived when the first byte did.
+    fds_before_bytes: Rc<std::cell::Cell<Option<usize>>>,
+}
+
+impl Protocol for FdCollector {
+    fn data_received(&mut self, data: &[u8]) {
+        if self.fds_before_bytes.get().is_none() {
+            self.fds_before_bytes.set(Some(self.fds.borrow().len()));
+        }
+        self.bytes.borrow_mut().extend_from_slice(data);
+        if self.bytes.borrow().len() >= self.want_bytes && self.fds.borrow().len() >= self.want_fds {
+            let _ = self.reactor.stop();
+        }
+    }
+    fn as_fd_receiver(&mut self) -> Option<&mut dyn braid::FileDescriptorReceiver> {
+        if self.accept_fds {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+impl braid::FileDescriptorReceiver for FdCollector {
+    fn file_descriptor_received(&mut self, fd: std::os::fd::OwnedFd) {
+        self.fds.borrow_mut().push(fd);
+    }
+}
+
+/// `count` pipes: (read ends, write ends).
+fn pipes(count: usize) -> (Vec<std::os::fd::OwnedFd>, Vec<std::os::fd::OwnedFd>) {
+    (0..count).map(|_| rustix::pipe::pipe().unwrap()).unzip()
+}
+
+/// Passes `count` pipe write ends over a socketpair, braid to braid;
+/// returns what the receiving protocol saw, and the pipes' read ends.
+fn pass_fds(
+    r: &Reactor,
+    count: usize,
+    text: &'static [u8],
+    accept_fds: bool,
+) -> (Vec<std::os::fd::OwnedFd>, Vec<u8>, Option<usize>, Vec<std::os::fd::OwnedFd>) {
+    // The socketpair first: the lowest descriptor numbers (select).
+    let (a, b) = UnixStream::pair().unwrap();
+    let (reads, writes) = pipes(count);
+    let fds = Rc::new(RefCell::new(Vec::new()));
+    let bytes = Rc::new(RefCell::new(Vec::new()));
+    let before = Rc::new(std::cell::Cell::new(None));
+    let mut sender = Some(FdSender { fds: writes, text });
+    r.adopt_stream_connection(a, move || sender.take().unwrap()).unwrap();
+    let (f, by, be, rr) = (fds.clone(), bytes.clone(), before.clone(), r.clone());
+    let want_bytes = if text.is_empty() { 1 } else { text.len() };
+    let want_fds = if accept_fds { count } else { 0 };
+    let mut collector = Some(FdCollector {
+        fds: f,
+        bytes: by,
+        accept_fds,
+        want_bytes,
+        want_fds,
+        reactor: rr,
+        fds_before_bytes: be,
+    });
+    r.adopt_stream_connection(b, move || collector.take().unwrap()).unwrap();
+    run_reactor(r);
+    let got = std::mem::take(&mut *fds.borrow_mut());
+    let text = bytes.borrow().clone();
+    (got, text, before.get(), reads)
+}
+
+/// True if every write end of the pipe behind `read` is closed (EOF).
+fn all_writers_closed(read: &std::os::fd::OwnedFd) -> bool {
+    rustix::io::ioctl_fionbio(read, true).unwrap();
+    let mut b = [0u8; 1];
+    matches!(rustix::io::read(read, &mut b), Ok(0))
+}
+
+reactor_test! {
+    /// One descriptor, sent with the next bytes: it arrives before them,
+    /// it works (a byte written through it comes out of the pipe), and the
+    /// sender's copy was closed.
+    fn one_descriptor_passes_with_the_next_bytes(r) {
+        let (fds, text, before, reads) = pass_fds(&r, 1, b"hello", true);
+        assert_eq!(text, b"hello");
+        assert_eq!(fds.len(), 1);
+        assert_eq!(before, Some(1), "the descriptor came after its bytes");
+        rustix::io::write(&fds[0], b"!").unwrap();
+        let mut b = [0u8; 1];
+        rustix::io::read(&reads[0], &mut b).unwrap();
+        assert_eq!(&b, b"!");
+        drop(fds);
+        assert!(all_writers_closed(&reads[0]), "the sender kept its copy open");
+    }
+}
+
+reactor_test! {
+    /// More than fit in one message (the kernel's limit is 253): all
+    /// arrive, in order; with nothing else written, one zero byte carries
+    /// each batch.
+    fn more_descriptors_than_fit_in_one_message(r) {
+        // Hundreds of descriptors: in a process of its own, so select's
+        // sockets stay below FD_SETSIZE whatever other tests hold.
+        if !common::is_child() {
+            let out = common::in_child(&format!("more_descriptors_than_fit_in_one_message::{}", r.backend()), "1");
+            assert!(out.contains("all 300 in order"), "{out}");
+            return;
+        }
+        assert!(common::set_fd_limit(4096) >= 1024, "descriptor limit too low");
+        let (fds, text, _, reads) = pass_fds(&r, 300, b"", true);
+        assert_eq!(fds.len(), 300, "descriptors lost");
+        assert!(text.iter().all(|&b| b == 0) && !text.is_empty(), "{text:?}");
+        // In order: the n-th received is the n-th pipe's write end.
+        for (i, (w, rd)) in fds.iter().zip(&reads).enumerate() {
+            rustix::io::write(w, &[i as u8]).unwrap();
+            let mut b = [0u8; 1];
+            rustix::io::read(rd, &mut b).unwrap();
+            assert_eq!(b[0], i as u8, "descriptor {i} out of order");
+        }
+        println!("all 300 in order");
+    }
+}
+
+reactor_test! {
+    /// A protocol that does not take descriptors never leaks them: they
+    /// are closed (the pipe's last write end goes), and the bytes still
+    /// arrive.
+    fn unwanted_descriptors_are_closed(r) {
+        let (fds, text, _, reads) = pass_fds(&r, 3, b"data", false);
+        assert!(fds.is_empty());
+        assert_eq!(text, b"data");
+        for rd in &reads {
+            assert!(all_writers_closed(rd), "a refused descriptor was left open");
+        }
+    }
+}
+
+reactor_test! {
+    /// Python's `socket.send_fds` (a real outside peer) passes a pipe's
+    /// write end to a braid UNIX server, which writes through it.
+    fn python_sends_a_descriptor(r) {
+        let path = temp_path("python-fds");
+        struct WriteThrough;
+        impl Protocol for WriteThrough {
+            fn data_received(&mut self, _: &[u8]) {}
+        }
+        impl braid::FileDescriptorReceiver for WriteThrough {
+            fn file_descriptor_received(&mut self, fd: std::os::fd::OwnedFd) {
+                rustix::io::write(&fd, b"via braid").unwrap();
+            }
+        }
+        struct Wrapper(WriteThrough);
+        impl Protocol for Wrapper {
+            fn data_received(&mut self, d: &[u8]) {
+                self.0.data_received(d)
+            }
+            fn as_fd_receiver(&mut self) -> Option<&mut dyn braid::FileDescriptorReceiver> {
+                Some(&mut self.0)
+            }
+        }
+        let _port = r.listen_unix(&path, || Wrapper(WriteThrough), 50, None, false).unwrap();
+        let script = "import os, socket, sys\n\
+            r, w = os.pipe()\n\
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+            s.connect(sys.argv[1])\n\
+            socket.send_fds(s, [b'x'], [w])\n\
+            os.close(w)\n\
+            sys.stdout.write(os.read(r, 100).decode())\n";
+        let remote = r.remote();
+        let p = path.clone();
+        let python = std::thread::spawn(move || {
+            let out = std::process::Command::new("python3").args(["-c", script, p.to_str().unwrap()]).output();
+            let _ = remote.call_from_thread(|r| {
+                let _ = r.stop();
+            });
+            out.expect("python3")
+        });
+        run_reactor(&r);
+        let out = python.join().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "via braid");
+        let _ = std::fs::remove_file(&path);
+    }
+}

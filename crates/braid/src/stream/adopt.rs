@@ -88,7 +88,7 @@ impl Reactor {
             .unwrap_or_else(Address::unix_unnamed);
         let Some(protocol) = factory.build_protocol(&peer) else { return Ok(()) };
         let started = match peer {
-            Address::Unix(peer) => Connection::new(self, Unix { peer }, fd).start(protocol),
+            Address::Unix(peer) => Connection::new(self, Unix::new(peer), fd).start(protocol),
             Address::Ip(peer) => Connection::new(self, Tcp { peer }, fd).start(protocol),
         };
         started.map_err(|(e, _never_made)| e)

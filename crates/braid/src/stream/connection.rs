@@ -420,11 +420,35 @@ impl<K: Kind> Connection<K> {
         }
     }
 
+    /// Hands descriptors that came with the last read to the protocol,
+    /// before the bytes that carried them; closes them if it does not take
+    /// descriptors.
+    fn deliver_fds(&self) {
+        let Some(fds) = self.kind.take_received_fds() else { return };
+        for fd in fds {
+            self.call_protocol("file_descriptor_received", move |p| match p.as_fd_receiver() {
+                Some(r) => r.file_descriptor_received(fd),
+                None => tracing::debug!(target: "braid", "closing a descriptor the protocol does not take"),
+            });
+        }
+    }
+
     /// Sends what is buffered; on a full socket, asks for writability.
     fn send_buffered(&self) -> Result<(), Failure> {
-        let sent = self.with_sock(|sock| match self.out.borrow_mut().as_mut() {
-            Some(out) if out.len() > 0 => out.send(&self.kind, sock),
-            _ => Ok(true),
+        let sent = self.with_sock(|sock| loop {
+            if self.buffered_len() == 0 && self.kind.needs_carrier_byte() {
+                // Descriptors must travel with at least one byte.
+                self.out_mut().push(&[0]);
+            }
+            let done = match self.out.borrow_mut().as_mut() {
+                Some(out) if out.len() > 0 => out.send(&self.kind, sock),
+                _ => Ok(true),
+            };
+            // A message carries a bounded batch of descriptors: go on
+            // while more wait and the socket takes them.
+            if !matches!(done, Ok(true)) || !self.kind.needs_carrier_byte() {
+                break done;
+            }
         });
         let drained = match sent {
             None => return Ok(()),
@@ -595,8 +619,12 @@ impl<K: Kind> FileDescriptor for Connection<K> {
         let result =
             self.with_sock(|sock| self.kind.recv(sock, &mut buf[..READ_CHUNK])).unwrap_or(Err(Errno::BADF));
         let outcome = match result {
-            Ok(0) => Err(Failure::new(Error::ConnectionDone)),
+            Ok(0) => {
+                self.deliver_fds();
+                Err(Failure::new(Error::ConnectionDone))
+            }
             Ok(n) => {
+                self.deliver_fds();
                 let delivered = {
                     let _reading = ReadScope::enter(&self.io);
                     self.call_protocol("data_received", |p| p.data_received(&buf[..n]))
@@ -845,6 +873,22 @@ impl TcpOptions for Connection<Tcp> {
 }
 
 impl<K: Kind> Connection<K> {
+    /// The kind's own state.
+    pub(crate) fn kind(&self) -> &K {
+        &self.kind
+    }
+
+    /// True while writes are still taken (not closing, write side open).
+    pub(crate) fn writable(&self) -> bool {
+        self.life.get() == Life::Open && self.write_side.get() == WriteSide::Open
+    }
+
+    /// Asks for a flush at the end of the pass, as a write does, for work
+    /// the kind queued (descriptors to pass).
+    pub(crate) fn wake_writer(&self) {
+        self.queue_flush();
+    }
+
     /// The peer's credentials (for the UNIX kind).
     pub(crate) fn socket_peer_credentials(&self) -> Result<crate::stream::unix_io::Credentials, Error> {
         self.with_sock(|s| crate::stream::unix_io::peer_credentials(s)).unwrap_or(Err(Error::ConnectionDone))

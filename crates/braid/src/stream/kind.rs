@@ -73,6 +73,18 @@ pub(crate) trait Kind: Sized + 'static {
         let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Write);
     }
 
+    /// Descriptors that arrived with the last `recv`, for the protocol
+    /// (UNIX sockets); `None` for kinds that cannot receive any.
+    fn take_received_fds(&self) -> Option<Vec<std::os::fd::OwnedFd>> {
+        None
+    }
+
+    /// True if descriptors wait to be sent and nothing is buffered to
+    /// carry them: the connection then sends one zero byte with them.
+    fn needs_carrier_byte(&self) -> bool {
+        false
+    }
+
     /// Readies the descriptor for an abortive close (closing follows).
     fn prepare_abort(&self, _fd: &OwnedFd) {}
 }
