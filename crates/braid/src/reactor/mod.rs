@@ -514,16 +514,7 @@ impl Reactor {
         let mut all = self.remove_all();
         let held: Vec<_> = self.inner.held.borrow().iter().map(|(_, d)| d.clone()).collect();
         all.extend(fdset::unique_besides(&all, held));
-        for d in all {
-            let prefix = d.log_prefix();
-            guard::run_logged(
-                || format!("in connection_lost of {prefix} during shutdown"),
-                || {
-                    d.connection_lost(Failure::new(Error::ConnectionLost));
-                    Ok(())
-                },
-            );
-        }
+        tell_lost(all, "during shutdown", || Failure::new(Error::ConnectionLost));
     }
 
     // ----- one iteration ---------------------------------------------
@@ -1013,20 +1004,28 @@ impl Drop for Inner {
         let mut all = fdset::unique(self.fds.get_mut().take_all());
         let held: Vec<_> = self.held.get_mut().drain().collect();
         all.extend(fdset::unique_besides(&all, held));
-        for d in all {
-            let prefix = d.log_prefix();
-            guard::run_logged(
-                || format!("in connection_lost of {prefix} as the reactor was dropped"),
-                || {
-                    d.connection_lost(Failure::new(Error::ConnectionLost).context("the reactor was dropped"));
-                    Ok(())
-                },
-            );
-        }
+        tell_lost(all, "as the reactor was dropped", || {
+            Failure::new(Error::ConnectionLost).context("the reactor was dropped")
+        });
         self.flushes.get_mut().clear();
         if let Some(mut pool) = self.pool.get_mut().take() {
             pool.stop();
         }
+    }
+}
+
+/// Tells each descriptor it is lost, `when` naming the occasion in logs;
+/// one descriptor failing does not stop the others.
+fn tell_lost(all: Vec<Rc<dyn FileDescriptor>>, when: &str, why: impl Fn() -> Failure) {
+    for d in all {
+        let prefix = d.log_prefix();
+        guard::run_logged(
+            || format!("in connection_lost of {prefix} {when}"),
+            || {
+                d.connection_lost(why());
+                Ok(())
+            },
+        );
     }
 }
 

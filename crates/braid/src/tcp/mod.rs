@@ -1,7 +1,23 @@
 //! TCP: `listen_tcp` and `connect_tcp`, as methods on the reactor.
 //!
-//! The accept loop lives in `port`, the per-connection transport in
-//! `connection`, outgoing attempts in `connector`.
+//! The accept loop is the shared one (`stream::listener`), the connection
+//! the shared stream connection with the TCP kind (`stream::kind::Tcp`);
+//! outgoing attempts are in `connector`.
+//!
+//! Where Twisted's TCP tests check something braid does differently:
+//! - Log context (connectionmixins' `test_logPrefix`): the reactor's own
+//!   log lines about a connection name it ("TCP connection with PEER", "TCP
+//!   port ADDR"), but there is no per-connection tracing span, so a line a
+//!   protocol logs itself carries no prefix unless it adds one.
+//! - The port's start-up line (`test_startedListeningLogMessage`) names the
+//!   address and the kind, not the factory: factories have no name.
+//! - A transport's text form (`test_serverAddressTCP4/6`) shows its host,
+//!   peer and state, not a protocol class and session number: braid keeps
+//!   neither.
+//! - The spare descriptor for EMFILE (`FileDescriptorReservationTests`) is
+//!   a private, process-wide reserve opened once; a failure to open it is
+//!   not logged (the listener then backs off instead), so the sub-cases
+//!   about logging its errors have nothing to observe.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
