@@ -44,12 +44,12 @@ impl Factory for EchoFactory {
 }
 
 impl ClientFactory for EchoFactory {
-    fn client_connection_failed(&mut self, _connector: &Connector, reason: Failure) {
+    fn client_connection_failed(&mut self, _connector: &dyn Connector, reason: Failure) {
         println!("connection failed: {reason}");
         let _ = self.reactor.stop();
     }
 
-    fn client_connection_lost(&mut self, _connector: &Connector, _reason: Failure) {
+    fn client_connection_lost(&mut self, _connector: &dyn Connector, _reason: Failure) {
         let _ = self.reactor.stop();
     }
 }

@@ -45,11 +45,11 @@ pub use backend::Backend;
 pub use defer::Deferred;
 pub use error::{Error, Failure};
 pub use protocol::{
-    ClientFactory, Factory, FileDescriptorReceiver, HalfCloseable, Protocol, ReconnectingClientFactory,
-    SharedFactory,
+    ClientFactory, Connector, Factory, FileDescriptorReceiver, HalfCloseable, Protocol,
+    ReconnectingClientFactory, SharedFactory,
 };
 pub use reactor::{install, reactor, try_reactor, Reactor};
 pub use reactor::{DelayedCall, FileDescriptor, Phase, ReactorTime, Remote};
 pub use stream::Address;
-pub use tcp::{Connector, ListeningPort};
+pub use tcp::{ListeningPort, TcpConnector};
 pub use transport::{Producer, Tcp, TcpOptions, Transport, Unix, UnixOptions};

@@ -6,10 +6,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::error::Failure;
+use crate::error::{Error, Failure};
 use crate::reactor::{DelayedCall, ReactorTime};
 use crate::stream::Address;
-use crate::tcp::Connector;
 use crate::transport::Transport;
 
 /// One connection's behaviour. The reactor calls these from the loop and
@@ -90,23 +89,46 @@ where
     }
 }
 
+/// An outgoing connection and its attempts (Twisted's `IConnector`): what
+/// a [`ClientFactory`] is told about, whatever the kind of stream
+/// (each connecting call returns its own kind of connector).
+pub trait Connector {
+    /// Starts an attempt (again): `AlreadyConnecting` unless disconnected.
+    fn connect(&self) -> Result<(), Error>;
+    /// Abandons the attempt under way (`NotConnecting` otherwise); the
+    /// factory hears `client_connection_failed(Cancelled)`.
+    fn stop_connecting(&self) -> Result<(), Error>;
+    /// Stops an attempt, or closes the connection if connected.
+    fn disconnect(&self);
+    /// Where it connects: an IP address and port, a UNIX socket, or a
+    /// host name not resolved yet.
+    fn destination(&self) -> Address;
+    /// True while an attempt is under way.
+    fn is_connecting(&self) -> bool;
+    /// True while connected.
+    fn is_connected(&self) -> bool;
+    /// A handle to keep (to reconnect later, say); it drives this same
+    /// connector.
+    fn handle(&self) -> Rc<dyn Connector>;
+}
+
 /// A factory for outgoing connections, told how each attempt went. To
 /// reconnect, call `connector.connect()` from `client_connection_failed`
 /// or `client_connection_lost`.
 pub trait ClientFactory: Factory {
     /// An attempt started.
-    fn started_connecting(&mut self, connector: &Connector) {
+    fn started_connecting(&mut self, connector: &dyn Connector) {
         let _ = connector;
     }
 
     /// The attempt failed (refused, timed out, DNS lookup failed, ...).
-    fn client_connection_failed(&mut self, connector: &Connector, reason: Failure) {
+    fn client_connection_failed(&mut self, connector: &dyn Connector, reason: Failure) {
         let _ = (connector, reason);
     }
 
     /// An established connection ended (after the protocol's own
     /// `connection_lost`).
-    fn client_connection_lost(&mut self, connector: &Connector, reason: Failure) {
+    fn client_connection_lost(&mut self, connector: &dyn Connector, reason: Failure) {
         let _ = (connector, reason);
     }
 }
@@ -232,7 +254,7 @@ struct Backoff {
     retries: u32,
     continue_trying: bool,
     pending: Option<DelayedCall>,
-    connector: Option<Connector>,
+    connector: Option<Rc<dyn Connector>>,
     rng: u64,
 }
 
@@ -352,12 +374,12 @@ impl<F: Factory> ReconnectingClientFactory<F> {
         ReconnectHandle { state: self.state.clone() }
     }
 
-    fn retry(&mut self, connector: &Connector) {
+    fn retry(&mut self, connector: &dyn Connector) {
         let mut s = self.state.borrow_mut();
         if !s.continue_trying {
             return;
         }
-        s.connector = Some(connector.clone());
+        s.connector = Some(connector.handle());
         s.retries += 1;
         if s.max_retries.is_some_and(|max| s.retries > max) {
             tracing::info!(target: "braid", "abandoning {:?} after {} retries", connector.destination(), s.retries - 1);
@@ -365,7 +387,7 @@ impl<F: Factory> ReconnectingClientFactory<F> {
         }
         let delay = s.next_delay();
         tracing::info!(target: "braid", "will retry {:?} in {delay:?}", connector.destination());
-        let c = connector.clone();
+        let c = connector.handle();
         let state = Rc::downgrade(&self.state);
         let call = self.clock.schedule(
             delay,
@@ -437,14 +459,14 @@ impl<F: Factory> Factory for ReconnectingClientFactory<F> {
 }
 
 impl<F: Factory> ClientFactory for ReconnectingClientFactory<F> {
-    fn started_connecting(&mut self, connector: &Connector) {
-        self.state.borrow_mut().connector = Some(connector.clone());
+    fn started_connecting(&mut self, connector: &dyn Connector) {
+        self.state.borrow_mut().connector = Some(connector.handle());
     }
-    fn client_connection_failed(&mut self, connector: &Connector, reason: Failure) {
+    fn client_connection_failed(&mut self, connector: &dyn Connector, reason: Failure) {
         tracing::debug!(target: "braid", "connection to {:?} failed: {reason}", connector.destination());
         self.retry(connector);
     }
-    fn client_connection_lost(&mut self, connector: &Connector, reason: Failure) {
+    fn client_connection_lost(&mut self, connector: &dyn Connector, reason: Failure) {
         tracing::debug!(target: "braid", "connection to {:?} lost: {reason}", connector.destination());
         self.retry(connector);
     }

@@ -184,7 +184,7 @@ fn socket_file_is_live(path: &Path, addr: &Address) -> bool {
         // Cannot tell: treat it as live rather than delete someone's socket.
         return true;
     };
-    match rustix::net::connect(&probe, &addr.to_sockaddr()) {
+    match rustix::net::connect(&probe, &addr.to_sockaddr().expect("a UNIX address")) {
         Err(rustix::io::Errno::CONNREFUSED) | Err(rustix::io::Errno::NOENT) => false,
         Ok(()) | Err(_) => {
             tracing::debug!(target: "braid", "{} is in use", path.display());
@@ -278,7 +278,7 @@ impl Reactor {
                 SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
                 None,
             )?;
-            rustix::net::bind(&sock, &addr.to_sockaddr())?;
+            rustix::net::bind(&sock, &addr.to_sockaddr().expect("a UNIX address"))?;
             Ok::<_, rustix::io::Errno>(sock)
         })();
         let sock = match bound {

@@ -122,7 +122,7 @@ impl braid::protocol::Factory for Client {
 }
 
 impl ClientFactory for Client {
-    fn client_connection_failed(&mut self, _c: &Connector, reason: Failure) {
+    fn client_connection_failed(&mut self, _c: &dyn Connector, reason: Failure) {
         self.log.borrow_mut().push(format!("failed: {reason}"));
         self.failures.borrow_mut().push(reason);
         self.writers_at_failure.borrow_mut().push(self.reactor.get_writers().len());
@@ -130,7 +130,7 @@ impl ClientFactory for Client {
             let _ = self.reactor.stop();
         }
     }
-    fn client_connection_lost(&mut self, _c: &Connector, _reason: Failure) {
+    fn client_connection_lost(&mut self, _c: &dyn Connector, _reason: Failure) {
         self.log.borrow_mut().push("lost".into());
         let _ = self.reactor.stop();
     }

@@ -150,11 +150,11 @@ impl Factory for Counting {
 }
 
 impl ClientFactory for Counting {
-    fn client_connection_failed(&mut self, _c: &Connector, reason: Failure) {
+    fn client_connection_failed(&mut self, _c: &dyn Connector, reason: Failure) {
         self.calls.borrow_mut().push(format!("failed: {reason}"));
         let _ = self.stop.stop();
     }
-    fn client_connection_lost(&mut self, c: &Connector, reason: Failure) {
+    fn client_connection_lost(&mut self, c: &dyn Connector, reason: Failure) {
         self.calls.borrow_mut().push(format!("client lost: {reason}"));
         if std::mem::take(&mut self.reconnect) {
             // The connector is disconnected again, so it may reconnect.

@@ -140,7 +140,7 @@ impl braid::protocol::Factory for Fail {
 }
 
 impl braid::ClientFactory for Fail {
-    fn client_connection_failed(&mut self, _c: &braid::Connector, reason: Failure) {
+    fn client_connection_failed(&mut self, _c: &dyn braid::Connector, reason: Failure) {
         let _ = self.0.callback(reason.to_string());
     }
 }

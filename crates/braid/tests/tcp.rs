@@ -128,7 +128,7 @@ impl<F: FnMut() -> Rec> Factory for Client<F> {
 }
 
 impl<F: FnMut() -> Rec> ClientFactory for Client<F> {
-    fn client_connection_failed(&mut self, _c: &Connector, reason: Failure) {
+    fn client_connection_failed(&mut self, _c: &dyn Connector, reason: Failure) {
         self.failed.borrow_mut().push(reason.to_string());
         if let Some(r) = self.stop.take() {
             let _ = r.stop();
@@ -917,7 +917,7 @@ reactor_test! {
 /// was given, and can act inside them.
 struct Watcher {
     log: Events,
-    connectors: Rc<RefCell<Vec<Connector>>>,
+    connectors: Rc<RefCell<Vec<Rc<dyn Connector>>>>,
     stop_inside_started: bool,
     reconnect_once: Cell<bool>,
     refuse: bool,
@@ -935,20 +935,20 @@ impl Factory for Watcher {
 }
 
 impl ClientFactory for Watcher {
-    fn started_connecting(&mut self, c: &Connector) {
+    fn started_connecting(&mut self, c: &dyn Connector) {
         self.log.borrow_mut().push("started".into());
-        self.connectors.borrow_mut().push(c.clone());
+        self.connectors.borrow_mut().push(c.handle());
         if self.stop_inside_started {
             c.stop_connecting().unwrap();
         }
     }
-    fn client_connection_failed(&mut self, _c: &Connector, reason: Failure) {
+    fn client_connection_failed(&mut self, _c: &dyn Connector, reason: Failure) {
         self.log.borrow_mut().push(format!("failed: {reason}"));
         let _ = self.reactor.stop();
     }
-    fn client_connection_lost(&mut self, c: &Connector, reason: Failure) {
+    fn client_connection_lost(&mut self, c: &dyn Connector, reason: Failure) {
         self.log.borrow_mut().push(format!("client lost: {reason}"));
-        self.connectors.borrow_mut().push(c.clone());
+        self.connectors.borrow_mut().push(c.handle());
         if self.reconnect_once.replace(false) {
             c.connect().unwrap();
         } else {
@@ -957,7 +957,10 @@ impl ClientFactory for Watcher {
     }
 }
 
-fn watcher(r: &Reactor) -> (Watcher, Events, Rc<RefCell<Vec<Connector>>>) {
+/// Every connector a factory was told about.
+type Seen = Rc<RefCell<Vec<Rc<dyn Connector>>>>;
+
+fn watcher(r: &Reactor) -> (Watcher, Events, Seen) {
     let log = events();
     let connectors = Rc::new(RefCell::new(Vec::new()));
     let w = Watcher {
@@ -980,7 +983,7 @@ reactor_test! {
         let (w, log, connectors) = watcher(&r);
         w.reconnect_once.set(true);
         let c = r.connect_tcp("127.0.0.1", addr.port(), w, None, None);
-        assert_eq!(c.destination(), ("127.0.0.1".to_string(), addr.port()));
+        assert_eq!(c.destination(), braid::Address::Ip(addr));
         run_reactor(&r);
         assert_eq!(*log.borrow(), [
             "started", "made", "lost: connection was closed cleanly", "client lost: connection was closed cleanly",
@@ -1601,7 +1604,7 @@ reactor_test! {
         assert_eq!(client_peer, Some(port.local_addr()), "the resolved IP, not the name");
         assert_eq!(client_peer, server_local);
         assert_eq!(client_local, server_peer);
-        assert_eq!(c.destination(), ("localhost".to_string(), port.local_addr().port()));
+        assert_eq!(c.destination(), braid::Address::hostname("localhost", port.local_addr().port()));
     }
 }
 

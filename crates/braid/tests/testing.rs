@@ -227,7 +227,7 @@ impl Factory for OneShot {
 }
 
 impl ClientFactory for OneShot {
-    fn client_connection_failed(&mut self, _connector: &Connector, _reason: Failure) {}
+    fn client_connection_failed(&mut self, _connector: &dyn Connector, _reason: Failure) {}
 }
 
 #[test]

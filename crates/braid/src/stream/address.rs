@@ -61,6 +61,15 @@ pub enum Address {
     Ip(SocketAddr),
     /// A UNIX-domain socket address.
     Unix(UnixAddr),
+    /// A host name and port not resolved yet: where a TCP connector dials
+    /// (Twisted's `HostnameAddress`). It names no socket, so it has no
+    /// family and cannot be bound or connected to as it is.
+    Hostname {
+        /// The name, as given.
+        host: String,
+        /// The port.
+        port: u16,
+    },
 }
 
 /// A UNIX-domain socket address: a filesystem path, a Linux abstract name, or
@@ -225,20 +234,29 @@ impl Address {
     pub fn ip(&self) -> Option<SocketAddr> {
         match self {
             Address::Ip(a) => Some(*a),
+            _ => None,
+        }
+    }
+
+    /// The port, for an IP address or a host name.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Address::Ip(a) => Some(a.port()),
+            Address::Hostname { port, .. } => Some(*port),
             Address::Unix(_) => None,
         }
     }
 
-    /// The port, if this is an IP address.
-    pub fn port(&self) -> Option<u16> {
-        self.ip().map(|a| a.port())
+    /// A host name and port, unresolved (see [`Address::Hostname`]).
+    pub fn hostname(host: impl Into<String>, port: u16) -> Address {
+        Address::Hostname { host: host.into(), port }
     }
 
     /// The UNIX address, if this is one.
     pub fn as_unix(&self) -> Option<&UnixAddr> {
         match self {
             Address::Unix(u) => Some(u),
-            Address::Ip(_) => None,
+            _ => None,
         }
     }
 
@@ -259,19 +277,22 @@ impl Address {
 
     /// The address family, for creating a socket that can bind or connect
     /// to this address (`rustix::net::socket(addr.family(), ...)`).
-    pub fn family(&self) -> AddressFamily {
+    pub fn family(&self) -> Option<AddressFamily> {
         match self {
-            Address::Ip(SocketAddr::V4(_)) => AddressFamily::INET,
-            Address::Ip(SocketAddr::V6(_)) => AddressFamily::INET6,
-            Address::Unix(_) => AddressFamily::UNIX,
+            Address::Ip(SocketAddr::V4(_)) => Some(AddressFamily::INET),
+            Address::Ip(SocketAddr::V6(_)) => Some(AddressFamily::INET6),
+            Address::Unix(_) => Some(AddressFamily::UNIX),
+            Address::Hostname { .. } => None,
         }
     }
 
     /// The address in the form rustix's `bind` and `connect` take.
-    pub fn to_sockaddr(&self) -> SocketAddrAny {
+    /// `None` for a host name (resolve it first).
+    pub fn to_sockaddr(&self) -> Option<SocketAddrAny> {
         match self {
-            Address::Ip(a) => SocketAddrAny::from(*a),
-            Address::Unix(u) => SocketAddrAny::from(u.to_rustix()),
+            Address::Ip(a) => Some(SocketAddrAny::from(*a)),
+            Address::Unix(u) => Some(SocketAddrAny::from(u.to_rustix())),
+            Address::Hostname { .. } => None,
         }
     }
 
@@ -432,6 +453,8 @@ impl fmt::Display for Address {
         match self {
             Address::Ip(a) => fmt::Display::fmt(a, f),
             Address::Unix(u) => fmt::Display::fmt(u, f),
+            Address::Hostname { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Address::Hostname { host, port } => write!(f, "{host}:{port}"),
         }
     }
 }
@@ -551,12 +574,6 @@ impl TryFrom<SocketAddrAny> for Address {
     }
 }
 
-impl From<&Address> for SocketAddrAny {
-    fn from(a: &Address) -> SocketAddrAny {
-        a.to_sockaddr()
-    }
-}
-
 impl TryFrom<&std::os::unix::net::SocketAddr> for Address {
     type Error = AddressError;
 
@@ -626,13 +643,13 @@ mod tests {
     /// given), accepts; returns (listener, client, accepted).
     fn listen_connect_accept(addr: &Address, client: Option<&Address>) -> (OwnedFd, OwnedFd, OwnedFd) {
         let l = unix_stream();
-        bind(&l, &addr.to_sockaddr()).unwrap();
+        bind(&l, &addr.to_sockaddr().unwrap()).unwrap();
         listen(&l, 8).unwrap();
         let c = unix_stream();
         if let Some(client) = client {
-            bind(&c, &client.to_sockaddr()).unwrap();
+            bind(&c, &client.to_sockaddr().unwrap()).unwrap();
         }
-        connect(&c, &addr.to_sockaddr()).unwrap();
+        connect(&c, &addr.to_sockaddr().unwrap()).unwrap();
         let s = accept(&l).unwrap();
         (l, c, s)
     }
@@ -679,8 +696,8 @@ mod tests {
         assert!(Address::unix_unnamed().is_unix_unnamed());
         let ip = Address::from(SocketAddr::from(([127, 0, 0, 1], 9)));
         assert!(ip.is_ip() && ip.port() == Some(9) && ip.unix_path().is_none());
-        assert_eq!(ip.family(), AddressFamily::INET);
-        assert_eq!(a.family(), AddressFamily::UNIX);
+        assert_eq!(ip.family().unwrap(), AddressFamily::INET);
+        assert_eq!(a.family().unwrap(), AddressFamily::UNIX);
         // Exact bytes: `a//b` is not `a/b` (PathBuf would say it is).
         assert_ne!(Address::unix("a//b").unwrap(), Address::unix("a/b").unwrap());
         assert_eq!(Address::unix(""), Err(AddressError::EmptyPath));
@@ -693,7 +710,7 @@ mod tests {
         let a = Address::from(v6);
         assert_eq!(SocketAddr::try_from(&a), Ok(v6));
         assert_eq!(SocketAddr::try_from(a.clone()), Ok(v6));
-        assert_eq!(conv(a.to_sockaddr()), a, "flow info and scope id survive rustix");
+        assert_eq!(conv(a.to_sockaddr().unwrap()), a, "flow info and scope id survive rustix");
         let u = Address::unix("@x").unwrap();
         assert_eq!(SocketAddr::try_from(&u), Err(AddressError::NotIp(u.clone())));
     }
@@ -730,14 +747,14 @@ mod tests {
         let _cleanup = TempSock(PathBuf::from(&path));
         let addr = Address::unix(&path).unwrap();
         let s = unix_stream();
-        bind(&s, &addr.to_sockaddr()).unwrap();
+        bind(&s, &addr.to_sockaddr().unwrap()).unwrap();
         assert_eq!(conv(getsockname(&s).unwrap()), addr);
 
         let mut name = abstract_name("long");
         name.resize(MAX_UNIX_ABSTRACT_NAME_LEN, b'z');
         let addr = Address::unix_abstract(&name).unwrap();
         let s = unix_stream();
-        bind(&s, &addr.to_sockaddr()).unwrap();
+        bind(&s, &addr.to_sockaddr().unwrap()).unwrap();
         assert_eq!(conv(getsockname(&s).unwrap()), addr);
     }
 
@@ -754,17 +771,17 @@ mod tests {
         let _cleanup = TempSock(PathBuf::from(&path));
         let server = TempSock::new("full");
         let l = unix_stream();
-        bind(&l, &Address::unix(&server.0).unwrap().to_sockaddr()).unwrap();
+        bind(&l, &Address::unix(&server.0).unwrap().to_sockaddr().unwrap()).unwrap();
         listen(&l, 1).unwrap();
         let c = unix_stream();
         bind(&c, &SocketAddrUnix::new(path.as_str()).unwrap()).unwrap();
-        connect(&c, &Address::unix(&server.0).unwrap().to_sockaddr()).unwrap();
+        connect(&c, &Address::unix(&server.0).unwrap().to_sockaddr().unwrap()).unwrap();
         let s = accept(&l).unwrap();
         let peer = conv(getpeername(&s).unwrap().unwrap());
         assert_eq!(peer.unix_path(), Some(Path::new(&path)));
         assert_eq!(conv(getsockname(&c).unwrap()), peer);
         // And it converts back to something that names the same socket.
-        assert_eq!(conv(peer.to_sockaddr()), peer);
+        assert_eq!(conv(peer.to_sockaddr().unwrap()), peer);
     }
 
     #[test]
@@ -795,7 +812,7 @@ mod tests {
     #[test]
     fn binding_unnamed_autobinds_an_abstract_name() {
         let s = unix_stream();
-        bind(&s, &Address::unix_unnamed().to_sockaddr()).unwrap();
+        bind(&s, &Address::unix_unnamed().to_sockaddr().unwrap()).unwrap();
         let got = conv(getsockname(&s).unwrap());
         assert!(got.unix_abstract_name().is_some_and(|n| !n.is_empty()), "{got}");
     }
@@ -809,14 +826,15 @@ mod tests {
         let v6 =
             || socket_with(AddressFamily::INET6, SocketType::STREAM, SocketFlags::CLOEXEC, None).unwrap();
         let l = v6();
-        bind(&l, &Address::from(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0)).to_sockaddr()).unwrap();
+        bind(&l, &Address::from(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0)).to_sockaddr().unwrap())
+            .unwrap();
         listen(&l, 1).unwrap();
         let at = conv(getsockname(&l).unwrap());
-        assert_eq!(at.family(), AddressFamily::INET6);
+        assert_eq!(at.family().unwrap(), AddressFamily::INET6);
         assert_eq!(at.ip().unwrap().ip(), Ipv6Addr::LOCALHOST);
         assert_ne!(at.port(), Some(0));
         let c = v6();
-        connect(&c, &at.to_sockaddr()).unwrap();
+        connect(&c, &at.to_sockaddr().unwrap()).unwrap();
         let s = accept(&l).unwrap();
         assert_eq!(conv(getpeername(&s).unwrap().unwrap()), conv(getsockname(&c).unwrap()));
         assert_eq!(conv(getpeername(&c).unwrap().unwrap()), at);
@@ -826,10 +844,10 @@ mod tests {
     #[test]
     fn ipv4_real_socket() {
         let s = socket_with(AddressFamily::INET, SocketType::STREAM, SocketFlags::CLOEXEC, None).unwrap();
-        bind(&s, &Address::from(SocketAddr::from(([127, 0, 0, 1], 0))).to_sockaddr()).unwrap();
+        bind(&s, &Address::from(SocketAddr::from(([127, 0, 0, 1], 0))).to_sockaddr().unwrap()).unwrap();
         let got = conv(getsockname(&s).unwrap());
         assert_eq!(got.ip().unwrap().ip(), Ipv4Addr::LOCALHOST);
-        assert_eq!(got.family(), AddressFamily::INET);
+        assert_eq!(got.family().unwrap(), AddressFamily::INET);
     }
 
     #[test]
@@ -870,7 +888,7 @@ mod tests {
             name.extend_from_slice(&bytes);
             match Address::unix(OsStr::from_bytes(&name)) {
                 Ok(a) => {
-                    prop_assert_eq!(Address::from_sockaddr(&a.to_sockaddr()), Ok(a.clone()));
+                    prop_assert_eq!(Address::from_sockaddr(&a.to_sockaddr().unwrap()), Ok(a.clone()));
                     let _ = a.to_string();
                 }
                 Err(e) => {
@@ -894,7 +912,7 @@ mod tests {
         fn any_sun_path_reads_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..126)) {
             if let Ok(u) = UnixAddr::from_sun_path(&bytes) {
                 let a = Address::Unix(u);
-                prop_assert_eq!(Address::from_sockaddr(&a.to_sockaddr()), Ok(a.clone()));
+                prop_assert_eq!(Address::from_sockaddr(&a.to_sockaddr().unwrap()), Ok(a.clone()));
             }
         }
     }

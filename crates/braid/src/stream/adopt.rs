@@ -90,6 +90,10 @@ impl Reactor {
         let started = match peer {
             Address::Unix(peer) => Connection::new(self, Unix::new(peer), fd).start(protocol),
             Address::Ip(peer) => Connection::new(self, Tcp { peer }, fd).start(protocol),
+            // A kernel-reported peer is never a name.
+            Address::Hostname { .. } => {
+                return Err(adopt_error("a connected socket", std::io::Error::other("no peer address")))
+            }
         };
         started.map_err(|(e, _never_made)| e)
     }

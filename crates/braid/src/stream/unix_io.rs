@@ -395,7 +395,7 @@ mod tests {
         assert_eq!(peer_credentials(&b).unwrap(), me);
         // Through a listener too (credentials recorded at connect).
         let name = format!("braid-unix-io-{}", std::process::id());
-        let addr = crate::stream::Address::unix_abstract(name).unwrap().to_sockaddr();
+        let addr = crate::stream::Address::unix_abstract(name).unwrap().to_sockaddr().unwrap();
         let l = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
         rustix::net::bind(&l, &addr).unwrap();
         rustix::net::listen(&l, 1).unwrap();

@@ -1,4 +1,4 @@
-//! Outgoing TCP connections: the `Connector` handle and one attempt.
+//! Outgoing TCP connections: the `TcpConnector` handle and one attempt.
 //!
 //! An attempt never calls back synchronously: `connect` returns at once and
 //! the work starts on the next iteration. Host names go to the reactor's
@@ -34,7 +34,7 @@ use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 use crate::error::{Error, Failure};
-use crate::protocol::ClientFactory;
+use crate::protocol::{ClientFactory, Connector};
 use crate::reactor::{DelayedCall, FileDescriptor, Reactor, WeakReactor};
 use crate::stream::connection::Connection;
 use crate::stream::kind::Tcp;
@@ -70,13 +70,13 @@ struct Inner {
 /// A handle to an outgoing connection and its factory: stop an attempt,
 /// drop the connection, or connect again. Clones share the same connector.
 #[derive(Clone)]
-pub struct Connector {
+pub struct TcpConnector {
     inner: Rc<Inner>,
 }
 
-impl fmt::Debug for Connector {
+impl fmt::Debug for TcpConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Connector")
+        f.debug_struct("TcpConnector")
             .field("host", &self.inner.host)
             .field("port", &self.inner.port)
             .field("state", &self.inner.state.get())
@@ -84,7 +84,7 @@ impl fmt::Debug for Connector {
     }
 }
 
-impl Connector {
+impl TcpConnector {
     pub(crate) fn new(
         reactor: &Reactor,
         host: &str,
@@ -92,8 +92,8 @@ impl Connector {
         factory: Box<dyn ClientFactory>,
         timeout: Option<Duration>,
         bind: Option<SocketAddr>,
-    ) -> Connector {
-        Connector {
+    ) -> TcpConnector {
+        TcpConnector {
             inner: Rc::new(Inner {
                 reactor: reactor.weak(),
                 host: host.to_string(),
@@ -109,9 +109,14 @@ impl Connector {
         }
     }
 
-    /// The host and port this connector dials.
-    pub fn destination(&self) -> (String, u16) {
-        (self.inner.host.clone(), self.inner.port)
+    /// The host and port this connector dials: an IP address if the host
+    /// is one, else the name as given.
+    pub fn destination(&self) -> Address {
+        let host = self.inner.host.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<IpAddr>() {
+            Ok(ip) => Address::Ip(SocketAddr::new(ip, self.inner.port)),
+            Err(_) => Address::hostname(host, self.inner.port),
+        }
     }
 
     /// True while an attempt is under way.
@@ -208,8 +213,8 @@ impl Connector {
     /// Calls the factory now, or on the next iteration if it is busy (the
     /// notification came from inside one of its own callbacks), then stops
     /// the factory if nobody reconnected.
-    fn notify(&self, f: impl FnOnce(&mut dyn ClientFactory, &Connector) + 'static) {
-        let deliver = move |c: &Connector| {
+    fn notify(&self, f: impl FnOnce(&mut dyn ClientFactory, &TcpConnector) + 'static) {
+        let deliver = move |c: &TcpConnector| {
             f(&mut **c.inner.factory.borrow_mut(), c);
             if c.inner.state.get() == State::Disconnected && c.inner.factory_started.replace(false) {
                 c.inner.factory.borrow_mut().stop_factory();
@@ -279,12 +284,12 @@ enum Started {
 }
 
 impl Attempt {
-    fn connector(&self) -> Option<Connector> {
-        self.connector.borrow().clone().map(|inner| Connector { inner })
+    fn connector(&self) -> Option<TcpConnector> {
+        self.connector.borrow().clone().map(|inner| TcpConnector { inner })
     }
 
     /// True if this is still the connector's live attempt.
-    fn current(self: &Rc<Self>) -> Option<Connector> {
+    fn current(self: &Rc<Self>) -> Option<TcpConnector> {
         let c = self.connector()?;
         let live = c.inner.attempt.borrow().as_ref().is_some_and(|a| Rc::ptr_eq(a, self));
         (live && c.inner.state.get() == State::Connecting).then_some(c)
@@ -363,7 +368,7 @@ impl Attempt {
         }
     }
 
-    fn dial(self: &Rc<Self>, c: &Connector, addr: SocketAddr) -> Result<Started, Failure> {
+    fn dial(self: &Rc<Self>, c: &TcpConnector, addr: SocketAddr) -> Result<Started, Failure> {
         let what = || format!("connecting to {addr}");
         let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
         let sock = rustix::net::socket_with(
@@ -394,7 +399,7 @@ impl Attempt {
     }
 
     /// Stops watching a dial and closes its socket.
-    fn cancel_dial(c: &Connector, dial: &Rc<Dial>) {
+    fn cancel_dial(c: &TcpConnector, dial: &Rc<Dial>) {
         if let Some(reactor) = c.inner.reactor.get() {
             reactor.remove_writer(dial);
         }
@@ -402,7 +407,7 @@ impl Attempt {
     }
 
     /// Cancels every dial in flight and the stagger and timeout timers.
-    fn cancel_all(&self, c: &Connector) {
+    fn cancel_all(&self, c: &TcpConnector) {
         for t in [self.timer.borrow_mut().take(), self.stagger.borrow_mut().take()].into_iter().flatten() {
             let _ = t.cancel();
         }
@@ -478,7 +483,7 @@ impl Attempt {
         let conn = Connection::new(&reactor, Tcp { peer: addr }, sock);
         *c.inner.connection.borrow_mut() = Rc::downgrade(&conn);
         let inner = c.inner.clone();
-        conn.set_on_lost(Box::new(move |reason| Connector { inner }.connection_lost(reason)));
+        conn.set_on_lost(Box::new(move |reason| TcpConnector { inner }.connection_lost(reason)));
         self.connector.borrow_mut().take();
         if let Err((e, protocol)) = conn.start(protocol) {
             // Never made, so never told it was lost; the factory hears that
@@ -556,5 +561,29 @@ impl FileDescriptor for Dial {
 
     fn log_prefix(&self) -> String {
         format!("TCP connect to {}", self.addr)
+    }
+}
+
+impl Connector for TcpConnector {
+    fn connect(&self) -> Result<(), Error> {
+        TcpConnector::connect(self)
+    }
+    fn stop_connecting(&self) -> Result<(), Error> {
+        TcpConnector::stop_connecting(self)
+    }
+    fn disconnect(&self) {
+        TcpConnector::disconnect(self)
+    }
+    fn destination(&self) -> Address {
+        TcpConnector::destination(self)
+    }
+    fn is_connecting(&self) -> bool {
+        TcpConnector::is_connecting(self)
+    }
+    fn is_connected(&self) -> bool {
+        TcpConnector::is_connected(self)
+    }
+    fn handle(&self) -> Rc<dyn Connector> {
+        Rc::new(self.clone())
     }
 }

@@ -31,7 +31,7 @@ use crate::reactor::Reactor;
 mod connector;
 
 pub use crate::stream::listener::ListeningPort;
-pub use connector::Connector;
+pub use connector::TcpConnector;
 
 use crate::stream::kind::Tcp;
 use crate::stream::listener::{Listen, Port};
@@ -134,8 +134,8 @@ impl Reactor {
         factory: impl ClientFactory + 'static,
         timeout: Option<Duration>,
         bind: Option<SocketAddr>,
-    ) -> Connector {
-        let connector = Connector::new(self, host, port, Box::new(factory), timeout, bind);
+    ) -> TcpConnector {
+        let connector = TcpConnector::new(self, host, port, Box::new(factory), timeout, bind);
         // A fresh connector is disconnected, so this cannot be refused.
         let _ = connector.connect();
         connector
