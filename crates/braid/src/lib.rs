@@ -51,5 +51,6 @@ pub use protocol::{
 pub use reactor::{install, reactor, try_reactor, Reactor};
 pub use reactor::{DelayedCall, FileDescriptor, Phase, ReactorTime, Remote};
 pub use stream::Address;
-pub use tcp::{ListeningPort, TcpConnector};
+pub use stream::StreamConnector;
+pub use tcp::ListeningPort;
 pub use transport::{Producer, Tcp, TcpOptions, Transport, Unix, UnixOptions};

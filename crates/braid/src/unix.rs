@@ -24,13 +24,14 @@ use std::rc::Rc;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 use crate::error::Error;
-use crate::protocol::IntoFactory;
+use crate::error::Failure;
+use crate::protocol::{ClientFactory, IntoFactory};
 use crate::reactor::Reactor;
 use crate::stream::connection::Connection;
 use crate::stream::kind::Kind;
 use crate::stream::listener::{Listen, ListeningPort, Port};
 use crate::stream::unix_io::{recv_with_fds, send_with_fds, Credentials, SCM_MAX_FD};
-use crate::stream::{Address, UnixAddr};
+use crate::stream::{Address, StreamConnector, UnixAddr};
 use crate::transport::UnixOptions;
 use rustix::io::Errno;
 
@@ -305,4 +306,61 @@ impl Reactor {
         let port = Port::start(self, listen, sock, addr, factory.into_shared())?;
         Ok(ListeningPort::new(port))
     }
+}
+
+impl Reactor {
+    /// Connects to the UNIX stream socket `name` (a path, or an abstract
+    /// name with a leading `@`) and reports the outcome to `factory`, as
+    /// `connect_tcp` does: nothing is called back before the next
+    /// iteration, `timeout` bounds the attempt, and the returned connector
+    /// can stop it, disconnect, or connect again (so a
+    /// `ReconnectingClientFactory` works over UNIX sockets too).
+    ///
+    /// With `check_pid`, the attempt fails at once unless a live process
+    /// holds the lock file `NAME.lock` (see [`Reactor::listen_unix`]'s
+    /// `want_pid`). A name that is too long fails the attempt with a clear
+    /// error naming it.
+    pub fn connect_unix(
+        &self,
+        name: impl AsRef<Path>,
+        factory: impl ClientFactory + 'static,
+        timeout: Option<std::time::Duration>,
+        check_pid: bool,
+    ) -> StreamConnector {
+        let name = name.as_ref();
+        let target = Address::unix(name.as_os_str());
+        let shown = name.display().to_string();
+        let (target, refusal) = match target {
+            Ok(t) => {
+                let dead = check_pid && t.unix_path().is_some_and(|p| !lock_is_held(p));
+                (Some(t), dead.then(|| format!("no live process holds {shown}.lock")))
+            }
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let refused = refusal.is_some();
+        // An impossible name still yields a connector: the attempt fails
+        // through the factory, never synchronously.
+        let target = target.or_else(|| Some(Address::unix_unnamed()));
+        let connector = StreamConnector::new(self, &shown, 0, Box::new(factory), target, timeout, None);
+        if let (true, Some(why)) = (refused, refusal) {
+            connector.refuse(Failure::new(Error::io(
+                format!("connecting to unix:{shown}"),
+                io::Error::new(io::ErrorKind::InvalidInput, why),
+            )));
+        } else {
+            let _ = connector.connect();
+        }
+        connector
+    }
+}
+
+/// True if the lock file beside `path` names a live process.
+fn lock_is_held(path: &Path) -> bool {
+    let mut lock = OsString::from(path.as_os_str());
+    lock.push(".lock");
+    std::fs::read_to_string(lock)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .and_then(rustix::process::Pid::from_raw)
+        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
 }

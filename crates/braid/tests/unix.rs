@@ -415,3 +415,141 @@ reactor_test! {
         let _ = std::fs::remove_file(&path);
     }
 }
+
+/// A client factory that records what it hears and stops the reactor on
+/// a failure or a lost connection.
+struct UnixClient {
+    log: Rc<RefCell<Vec<String>>>,
+    send: &'static [u8],
+    reactor: Reactor,
+}
+
+struct SendAndRead {
+    log: Rc<RefCell<Vec<String>>>,
+    send: &'static [u8],
+}
+
+impl Protocol for SendAndRead {
+    fn connection_made(&mut self, t: Transport) {
+        self.log.borrow_mut().push(format!("made, peer {}", t.peer()));
+        t.write(self.send);
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        self.log.borrow_mut().push(format!("data {}", String::from_utf8_lossy(data)));
+    }
+}
+
+impl braid::Factory for UnixClient {
+    fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
+        self.log.borrow_mut().push(format!("build for {addr}"));
+        Some(Box::new(SendAndRead { log: self.log.clone(), send: self.send }))
+    }
+}
+
+impl braid::ClientFactory for UnixClient {
+    fn client_connection_failed(&mut self, c: &dyn braid::Connector, reason: braid::Failure) {
+        self.log.borrow_mut().push(format!("failed to {}: {reason}", c.destination()));
+        let _ = self.reactor.stop();
+    }
+    fn client_connection_lost(&mut self, _c: &dyn braid::Connector, reason: braid::Failure) {
+        self.log.borrow_mut().push(format!("lost: {reason}"));
+        let _ = self.reactor.stop();
+    }
+}
+
+/// Closes each connection after echoing the first bytes.
+struct EchoOnce(Option<Transport>);
+
+impl Protocol for EchoOnce {
+    fn connection_made(&mut self, t: Transport) {
+        self.0 = Some(t);
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        if let Some(t) = &self.0 {
+            t.write(data);
+            t.lose_connection();
+        }
+    }
+}
+
+reactor_test! {
+    /// braid to braid over a UNIX socket: `connect_unix` reports to its
+    /// factory (built for the path, the connection's peer is the path),
+    /// echoes, and hears the end through `client_connection_lost`.
+    fn connect_unix_talks_to_listen_unix(r) {
+        let path = temp_path("connect");
+        let _port = r.listen_unix(&path, || EchoOnce(None), 50, None, false).unwrap();
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let c = r.connect_unix(&path, UnixClient { log: log.clone(), send: b"ping", reactor: r.clone() }, Some(WATCHDOG), false);
+        assert_eq!(c.destination().unix_path(), Some(path.as_path()));
+        run_reactor(&r);
+        let shown = format!("unix:{}", path.display());
+        assert_eq!(
+            *log.borrow(),
+            [format!("build for {shown}"), format!("made, peer {shown}"), "data ping".into(), "lost: connection was closed cleanly".into()]
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+reactor_test! {
+    /// Failures come through the factory on a later iteration, naming the
+    /// path: nothing there, a stale socket file (refused), a name too
+    /// long, and `check_pid` with no live lock holder.
+    fn connect_unix_failures_name_the_path(r) {
+        let missing = temp_path("missing");
+        let stale = temp_path("stale-client");
+        drop(UnixListener::bind(&stale).unwrap());
+        let long = std::env::temp_dir().join("y".repeat(200));
+        let lonely = temp_path("nolock");
+        let _listener = UnixListener::bind(&lonely).unwrap();
+        for (path, check_pid, want) in [
+            (&missing, false, "No such file"),
+            (&stale, false, "refused"),
+            (&long, false, "sun_path"),
+            (&lonely, true, ".lock"),
+        ] {
+            let r = common::build(r.backend());
+            let log = Rc::new(RefCell::new(Vec::new()));
+            let _c = r.connect_unix(path, UnixClient { log: log.clone(), send: b"", reactor: r.clone() }, Some(WATCHDOG), check_pid);
+            assert!(log.borrow().is_empty(), "called back synchronously");
+            run_reactor(&r);
+            let log = log.borrow();
+            assert_eq!(log.len(), 1, "{log:?}");
+            assert!(log[0].starts_with("failed to ") && log[0].contains(want), "{path:?}: {log:?}");
+        }
+        let _ = std::fs::remove_file(&stale);
+        let _ = std::fs::remove_file(&lonely);
+    }
+}
+
+reactor_test! {
+    /// `ReconnectingClientFactory` over a UNIX socket: the first attempts
+    /// fail (nothing listens yet); once a server appears, it connects.
+    fn reconnecting_over_unix(r) {
+        let path = temp_path("reconnect");
+        let made = Rc::new(std::cell::Cell::new(false));
+        struct Hello(Rc<std::cell::Cell<bool>>, Reactor);
+        impl Protocol for Hello {
+            fn connection_made(&mut self, _t: Transport) {
+                self.0.set(true);
+                let _ = self.1.stop();
+            }
+            fn data_received(&mut self, _: &[u8]) {}
+        }
+        let (m, rr) = (made.clone(), r.clone());
+        let factory = braid::ReconnectingClientFactory::new(Rc::new(r.clone()), move || Hello(m.clone(), rr.clone()))
+            .initial_delay(std::time::Duration::from_millis(20))
+            .max_delay(std::time::Duration::from_millis(100))
+            .jitter(0.0);
+        let _c = r.connect_unix(&path, factory, Some(WATCHDOG), false);
+        let (rr, p) = (r.clone(), path.clone());
+        r.call_later(std::time::Duration::from_millis(150), move || {
+            // The port lives in the reactor without its handle.
+            drop(rr.listen_unix(&p, Echo::new, 50, None, false).unwrap());
+        });
+        run_reactor(&r);
+        assert!(made.get(), "never connected");
+        let _ = std::fs::remove_file(&path);
+    }
+}

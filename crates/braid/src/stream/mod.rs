@@ -7,6 +7,7 @@
 pub mod address;
 mod adopt;
 pub(crate) mod connection;
+pub mod connector;
 pub(crate) mod kind;
 pub(crate) mod listener;
 // Driven only by its tests until the processes issue spawns children.
@@ -17,3 +18,4 @@ pub mod unix_io;
 
 pub use address::{Address, AddressError, UnixAddr, UnixAddrKind};
 pub use adopt::systemd_sockets;
+pub use connector::StreamConnector;

@@ -28,14 +28,11 @@ use crate::error::Error;
 use crate::protocol::{ClientFactory, IntoFactory};
 use crate::reactor::Reactor;
 
-mod connector;
-
 pub use crate::stream::listener::ListeningPort;
-pub use connector::TcpConnector;
 
 use crate::stream::kind::Tcp;
 use crate::stream::listener::{Listen, Port};
-use crate::stream::Address;
+use crate::stream::{Address, StreamConnector};
 
 /// Twisted's default listen backlog.
 pub const DEFAULT_BACKLOG: u32 = 50;
@@ -134,8 +131,8 @@ impl Reactor {
         factory: impl ClientFactory + 'static,
         timeout: Option<Duration>,
         bind: Option<SocketAddr>,
-    ) -> TcpConnector {
-        let connector = TcpConnector::new(self, host, port, Box::new(factory), timeout, bind);
+    ) -> StreamConnector {
+        let connector = StreamConnector::new(self, host, port, Box::new(factory), None, timeout, bind);
         // A fresh connector is disconnected, so this cannot be refused.
         let _ = connector.connect();
         connector

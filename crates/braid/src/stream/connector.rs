@@ -1,4 +1,4 @@
-//! Outgoing TCP connections: the `TcpConnector` handle and one attempt.
+//! Outgoing TCP connections: the `StreamConnector` handle and one attempt.
 //!
 //! An attempt never calls back synchronously: `connect` returns at once and
 //! the work starts on the next iteration. Host names go to the reactor's
@@ -31,15 +31,17 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use rustix::io::Errno;
-use rustix::net::{AddressFamily, SocketFlags, SocketType};
+use rustix::net::{SocketFlags, SocketType};
 
 use crate::error::{Error, Failure};
+use crate::protocol::Protocol;
 use crate::protocol::{ClientFactory, Connector};
 use crate::reactor::{DelayedCall, FileDescriptor, Reactor, WeakReactor};
 use crate::stream::connection::Connection;
-use crate::stream::kind::Tcp;
+use crate::stream::kind::{Kind, Tcp};
 use crate::stream::Address;
 use crate::transport::TransportOps;
+use crate::unix::Unix;
 
 /// How long a dial may go unanswered before the next address is tried
 /// alongside it (Twisted's `HostnameEndpoint` attempt delay).
@@ -58,25 +60,28 @@ struct Inner {
     reactor: WeakReactor,
     host: String,
     port: u16,
+    /// A destination that needs no resolving (a UNIX socket), dialled as
+    /// it is; `None` for TCP, whose host goes through the resolver.
+    target: Option<Address>,
     timeout: Option<Duration>,
     bind: Option<SocketAddr>,
     factory: RefCell<Box<dyn ClientFactory>>,
     factory_started: Cell<bool>,
     state: Cell<State>,
     attempt: RefCell<Option<Rc<Attempt>>>,
-    connection: RefCell<Weak<Connection<Tcp>>>,
+    connection: RefCell<Weak<dyn TransportOps>>,
 }
 
 /// A handle to an outgoing connection and its factory: stop an attempt,
 /// drop the connection, or connect again. Clones share the same connector.
 #[derive(Clone)]
-pub struct TcpConnector {
+pub struct StreamConnector {
     inner: Rc<Inner>,
 }
 
-impl fmt::Debug for TcpConnector {
+impl fmt::Debug for StreamConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TcpConnector")
+        f.debug_struct("StreamConnector")
             .field("host", &self.inner.host)
             .field("port", &self.inner.port)
             .field("state", &self.inner.state.get())
@@ -84,27 +89,29 @@ impl fmt::Debug for TcpConnector {
     }
 }
 
-impl TcpConnector {
+impl StreamConnector {
     pub(crate) fn new(
         reactor: &Reactor,
         host: &str,
         port: u16,
         factory: Box<dyn ClientFactory>,
+        target: Option<Address>,
         timeout: Option<Duration>,
         bind: Option<SocketAddr>,
-    ) -> TcpConnector {
-        TcpConnector {
+    ) -> StreamConnector {
+        StreamConnector {
             inner: Rc::new(Inner {
                 reactor: reactor.weak(),
                 host: host.to_string(),
                 port,
+                target,
                 timeout,
                 bind,
                 factory: RefCell::new(factory),
                 factory_started: Cell::new(false),
                 state: Cell::new(State::Disconnected),
                 attempt: RefCell::new(None),
-                connection: RefCell::new(Weak::new()),
+                connection: RefCell::new(no_connection()),
             }),
         }
     }
@@ -112,6 +119,9 @@ impl TcpConnector {
     /// The host and port this connector dials: an IP address if the host
     /// is one, else the name as given.
     pub fn destination(&self) -> Address {
+        if let Some(target) = &self.inner.target {
+            return target.clone();
+        }
         let host = self.inner.host.trim_start_matches('[').trim_end_matches(']');
         match host.parse::<IpAddr>() {
             Ok(ip) => Address::Ip(SocketAddr::new(ip, self.inner.port)),
@@ -134,6 +144,17 @@ impl TcpConnector {
     /// next iteration if the factory is busy (called from one of its own
     /// notifications).
     pub fn connect(&self) -> Result<(), Error> {
+        self.start(None)
+    }
+
+    /// Starts an attempt that fails with `reason` on the next iteration
+    /// (a destination that cannot be dialled): the factory hears it as it
+    /// would any failure, never synchronously.
+    pub(crate) fn refuse(&self, reason: Failure) {
+        let _ = self.start(Some(reason));
+    }
+
+    fn start(&self, refusal: Option<Failure>) -> Result<(), Error> {
         let inner = &self.inner;
         if inner.state.get() != State::Disconnected {
             return Err(Error::AlreadyConnecting);
@@ -178,7 +199,10 @@ impl TcpConnector {
             *attempt.timer.borrow_mut() = Some(timer);
         }
         let a = attempt.clone();
-        reactor.call_later(Duration::ZERO, move || a.begin());
+        reactor.call_later(Duration::ZERO, move || match refusal {
+            None => a.begin(),
+            Some(reason) => a.fail(reason),
+        });
         Ok(())
     }
 
@@ -213,8 +237,8 @@ impl TcpConnector {
     /// Calls the factory now, or on the next iteration if it is busy (the
     /// notification came from inside one of its own callbacks), then stops
     /// the factory if nobody reconnected.
-    fn notify(&self, f: impl FnOnce(&mut dyn ClientFactory, &TcpConnector) + 'static) {
-        let deliver = move |c: &TcpConnector| {
+    fn notify(&self, f: impl FnOnce(&mut dyn ClientFactory, &StreamConnector) + 'static) {
+        let deliver = move |c: &StreamConnector| {
             f(&mut **c.inner.factory.borrow_mut(), c);
             if c.inner.state.get() == State::Disconnected && c.inner.factory_started.replace(false) {
                 c.inner.factory.borrow_mut().stop_factory();
@@ -236,7 +260,7 @@ impl TcpConnector {
 
     fn connection_lost(&self, reason: Failure) {
         self.inner.state.set(State::Disconnected);
-        *self.inner.connection.borrow_mut() = Weak::new();
+        *self.inner.connection.borrow_mut() = no_connection();
         self.notify(move |f, c| f.client_connection_lost(c, reason));
     }
 }
@@ -250,7 +274,7 @@ struct Attempt {
     /// The connect timeout, which bounds the whole attempt.
     timer: RefCell<Option<DelayedCall>>,
     /// Resolved addresses not dialled yet, in the order to try them.
-    queue: RefCell<VecDeque<SocketAddr>>,
+    queue: RefCell<VecDeque<Address>>,
     /// Dials in flight: started, not yet connected or failed.
     dials: RefCell<Vec<Rc<Dial>>>,
     /// Starts the next address when the newest dial stays unanswered.
@@ -262,11 +286,11 @@ struct Attempt {
 /// One non-blocking connect to one address, watched for writability.
 struct Dial {
     attempt: Weak<Attempt>,
-    addr: SocketAddr,
+    addr: Address,
     sock: RefCell<Option<OwnedFd>>,
 }
 
-fn connect_error(e: Errno, addr: SocketAddr) -> Failure {
+fn connect_error(e: Errno, addr: &Address) -> Failure {
     let what = format!("connecting to {addr}");
     match e {
         Errno::CONNREFUSED => Failure::new(Error::ConnectionRefused).context(what),
@@ -284,12 +308,12 @@ enum Started {
 }
 
 impl Attempt {
-    fn connector(&self) -> Option<TcpConnector> {
-        self.connector.borrow().clone().map(|inner| TcpConnector { inner })
+    fn connector(&self) -> Option<StreamConnector> {
+        self.connector.borrow().clone().map(|inner| StreamConnector { inner })
     }
 
     /// True if this is still the connector's live attempt.
-    fn current(self: &Rc<Self>) -> Option<TcpConnector> {
+    fn current(self: &Rc<Self>) -> Option<StreamConnector> {
         let c = self.connector()?;
         let live = c.inner.attempt.borrow().as_ref().is_some_and(|a| Rc::ptr_eq(a, self));
         (live && c.inner.state.get() == State::Connecting).then_some(c)
@@ -308,8 +332,13 @@ impl Attempt {
     fn begin(self: Rc<Self>) {
         let Some(c) = self.current() else { return };
         let (host, port) = (c.inner.host.clone(), c.inner.port);
+        if let Some(target) = c.inner.target.clone() {
+            self.queue.borrow_mut().push_back(target);
+            self.start_next();
+            return;
+        }
         if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-            self.queue.borrow_mut().push_back(SocketAddr::new(ip, port));
+            self.queue.borrow_mut().push_back(Address::Ip(SocketAddr::new(ip, port)));
             self.start_next();
             return;
         }
@@ -323,7 +352,7 @@ impl Attempt {
                     me.fail(Failure::new(Error::DnsLookupFailed { host, reason: "no addresses".into() }))
                 }
                 Ok(addrs) => {
-                    me.queue.borrow_mut().extend(addrs.iter().copied());
+                    me.queue.borrow_mut().extend(addrs.iter().copied().map(Address::Ip));
                     me.start_next();
                 }
                 Err(f) => me.fail(f.clone()),
@@ -368,27 +397,33 @@ impl Attempt {
         }
     }
 
-    fn dial(self: &Rc<Self>, c: &TcpConnector, addr: SocketAddr) -> Result<Started, Failure> {
+    fn dial(self: &Rc<Self>, c: &StreamConnector, addr: Address) -> Result<Started, Failure> {
         let what = || format!("connecting to {addr}");
-        let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+        let (Some(family), Some(to)) = (addr.family(), addr.to_sockaddr()) else {
+            return Err(Failure::msg(format!("{addr} is not an address to connect to")));
+        };
         let sock = rustix::net::socket_with(
             family,
             SocketType::STREAM,
             SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
             None,
         )
-        .map_err(|e| Failure::new(Error::io("creating a TCP socket", e.into())).context(what()))?;
-        if let Some(bind) = c.inner.bind {
+        .map_err(|e| Failure::new(Error::io("creating a socket", e.into())).context(what()))?;
+        if let (Some(bind), true) = (c.inner.bind, addr.is_ip()) {
             rustix::net::bind(&sock, &bind).map_err(|e| {
                 Failure::new(Error::io(format!("binding to {bind}"), e.into())).context(what())
             })?;
         }
-        let immediate = match rustix::net::connect(&sock, &addr) {
+        let immediate = match rustix::net::connect(&sock, &to) {
             Ok(()) => true,
             Err(Errno::INPROGRESS) | Err(Errno::INTR) => false,
-            Err(e) => return Err(connect_error(e, addr)),
+            Err(e) => return Err(connect_error(e, &addr)),
         };
-        let dial = Rc::new(Dial { attempt: Rc::downgrade(self), addr, sock: RefCell::new(Some(sock)) });
+        let dial = Rc::new(Dial {
+            attempt: Rc::downgrade(self),
+            addr: addr.clone(),
+            sock: RefCell::new(Some(sock)),
+        });
         if immediate {
             return Ok(Started::Connected(dial));
         }
@@ -399,7 +434,7 @@ impl Attempt {
     }
 
     /// Stops watching a dial and closes its socket.
-    fn cancel_dial(c: &TcpConnector, dial: &Rc<Dial>) {
+    fn cancel_dial(c: &StreamConnector, dial: &Rc<Dial>) {
         if let Some(reactor) = c.inner.reactor.get() {
             reactor.remove_writer(dial);
         }
@@ -407,7 +442,7 @@ impl Attempt {
     }
 
     /// Cancels every dial in flight and the stagger and timeout timers.
-    fn cancel_all(&self, c: &TcpConnector) {
+    fn cancel_all(&self, c: &StreamConnector) {
         for t in [self.timer.borrow_mut().take(), self.stagger.borrow_mut().take()].into_iter().flatten() {
             let _ = t.cancel();
         }
@@ -470,9 +505,9 @@ impl Attempt {
         self.dials.borrow_mut().retain(|d| !Rc::ptr_eq(d, dial));
         self.cancel_all(&c);
         let Some(sock) = sock else { return };
-        let addr = dial.addr;
+        let addr = dial.addr.clone();
         c.inner.attempt.borrow_mut().take();
-        let protocol = c.inner.factory.borrow_mut().build_protocol(&Address::Ip(addr));
+        let protocol = c.inner.factory.borrow_mut().build_protocol(&addr);
         let Some(protocol) = protocol else {
             drop(sock);
             self.connector.borrow_mut().take();
@@ -480,16 +515,17 @@ impl Attempt {
             return;
         };
         c.inner.state.set(State::Connected);
-        let conn = Connection::new(&reactor, Tcp { peer: addr }, sock);
-        *c.inner.connection.borrow_mut() = Rc::downgrade(&conn);
-        let inner = c.inner.clone();
-        conn.set_on_lost(Box::new(move |reason| TcpConnector { inner }.connection_lost(reason)));
         self.connector.borrow_mut().take();
-        if let Err((e, protocol)) = conn.start(protocol) {
+        let started = match &addr {
+            Address::Unix(peer) => establish(&c, &reactor, Unix::new(peer.clone()), sock, protocol),
+            Address::Ip(peer) => establish(&c, &reactor, Tcp { peer: *peer }, sock, protocol),
+            Address::Hostname { .. } => unreachable!("only addresses are dialled"),
+        };
+        if let Err((e, protocol)) = started {
             // Never made, so never told it was lost; the factory hears that
             // the attempt failed instead.
             drop(protocol);
-            *c.inner.connection.borrow_mut() = Weak::new();
+            *c.inner.connection.borrow_mut() = no_connection();
             c.connection_failed(Failure::new(e).context(format!("connecting to {addr}")));
         }
     }
@@ -538,7 +574,7 @@ impl FileDescriptor for Dial {
                 Some(&me),
                 Failure::new(Error::ConnectionRefused).context(format!("connecting to {}", self.addr)),
             ),
-            (Ok(Err(e)), _) | (Err(e), _) => attempt.dial_failed(Some(&me), connect_error(e, self.addr)),
+            (Ok(Err(e)), _) | (Err(e), _) => attempt.dial_failed(Some(&me), connect_error(e, &self.addr)),
         }
         Ok(())
     }
@@ -554,7 +590,7 @@ impl FileDescriptor for Dial {
             _ => None,
         });
         match pending {
-            Some(e) => attempt.dial_failed(Some(&me), connect_error(e, self.addr)),
+            Some(e) => attempt.dial_failed(Some(&me), connect_error(e, &self.addr)),
             None => attempt.fail(reason.context(format!("connecting to {}", self.addr))),
         }
     }
@@ -564,26 +600,48 @@ impl FileDescriptor for Dial {
     }
 }
 
-impl Connector for TcpConnector {
+impl Connector for StreamConnector {
     fn connect(&self) -> Result<(), Error> {
-        TcpConnector::connect(self)
+        StreamConnector::connect(self)
     }
     fn stop_connecting(&self) -> Result<(), Error> {
-        TcpConnector::stop_connecting(self)
+        StreamConnector::stop_connecting(self)
     }
     fn disconnect(&self) {
-        TcpConnector::disconnect(self)
+        StreamConnector::disconnect(self)
     }
     fn destination(&self) -> Address {
-        TcpConnector::destination(self)
+        StreamConnector::destination(self)
     }
     fn is_connecting(&self) -> bool {
-        TcpConnector::is_connecting(self)
+        StreamConnector::is_connecting(self)
     }
     fn is_connected(&self) -> bool {
-        TcpConnector::is_connected(self)
+        StreamConnector::is_connected(self)
     }
     fn handle(&self) -> Rc<dyn Connector> {
         Rc::new(self.clone())
     }
+}
+
+/// Makes the connection of kind `K` on a connected socket: the connector
+/// hears when it ends.
+fn establish<K: Kind>(
+    c: &StreamConnector,
+    reactor: &Reactor,
+    kind: K,
+    sock: OwnedFd,
+    protocol: Box<dyn Protocol>,
+) -> Result<(), (Error, Box<dyn Protocol>)> {
+    let conn = Connection::new(reactor, kind, sock);
+    let weak: Weak<dyn TransportOps> = Rc::downgrade(&conn) as Weak<Connection<K>>;
+    *c.inner.connection.borrow_mut() = weak;
+    let inner = c.inner.clone();
+    conn.set_on_lost(Box::new(move |reason| StreamConnector { inner }.connection_lost(reason)));
+    conn.start(protocol)
+}
+
+/// No connection (yet, or any more).
+fn no_connection() -> Weak<dyn TransportOps> {
+    Weak::<Connection<Tcp>>::new()
 }
