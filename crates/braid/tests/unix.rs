@@ -262,9 +262,10 @@ impl braid::FileDescriptorReceiver for FdCollector {
     }
 }
 
-/// `count` pipes: (read ends, write ends).
+/// `count` pipes: (read ends, write ends). Close-on-exec, so a child
+/// another test spawns does not keep a write end open.
 fn pipes(count: usize) -> (Vec<std::os::fd::OwnedFd>, Vec<std::os::fd::OwnedFd>) {
-    (0..count).map(|_| rustix::pipe::pipe().unwrap()).unzip()
+    (0..count).map(|_| rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap()).unzip()
 }
 
 /// Passes `count` pipe write ends over a socketpair, braid to braid;
@@ -302,11 +303,20 @@ fn pass_fds(
     (got, text, before.get(), reads)
 }
 
-/// True if every write end of the pipe behind `read` is closed (EOF).
+/// True if every write end of the pipe behind `read` is closed (EOF). A
+/// child that another test is spawning may hold a copy for the moment
+/// between its fork and its exec, so this waits (boundedly) for the EOF.
 fn all_writers_closed(read: &std::os::fd::OwnedFd) -> bool {
     rustix::io::ioctl_fionbio(read, true).unwrap();
-    let mut b = [0u8; 1];
-    matches!(rustix::io::read(read, &mut b), Ok(0))
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut b = [0u8; 1];
+        match rustix::io::read(read, &mut b) {
+            Ok(0) => return true,
+            _ if std::time::Instant::now() > deadline => return false,
+            _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
 }
 
 reactor_test! {
