@@ -200,12 +200,7 @@ bitflags::bitflags! {
     }
 }
 
-/// A registered producer and how it is driven.
-struct Registered {
-    producer: Rc<dyn Producer>,
-    mode: Mode,
-}
-
+/// How the registered producer is driven.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     /// Asked for more each time the buffer empties.
@@ -257,8 +252,12 @@ pub(crate) struct Connection<K: Kind> {
     life: Cell<Life>,
     write_side: Cell<WriteSide>,
     io: Cell<Io>,
-    /// Boxed: producers are rare, and an idle connection should stay small.
-    producer: Cell<Option<Box<Registered>>>,
+    producer: Cell<Option<Rc<dyn Producer>>>,
+    /// How `producer` is driven; meaningless while there is none. Kept
+    /// beside it rather than boxed with it: echo-like protocols register a
+    /// producer on every connection, and a box would cost each of them an
+    /// allocation.
+    mode: Cell<Mode>,
     /// Set when the connection must close while one of its protocol's own
     /// calls is on the stack: the close (with this reason) is made from
     /// the loop instead, so `connection_lost` never re-enters the protocol.
@@ -286,6 +285,7 @@ impl<K: Kind> Connection<K> {
             write_side: Cell::new(if K::WRITES { WriteSide::Open } else { WriteSide::Closed }),
             io: Cell::new(if K::READS { Io::empty() } else { Io::READ_CLOSED }),
             producer: Cell::new(None),
+            mode: Cell::new(Mode::Pull),
             doomed: Cell::new(None),
             on_lost: Cell::new(None),
         })
@@ -550,11 +550,11 @@ impl<K: Kind> Connection<K> {
         }
         *self.out.borrow_mut() = None;
         let prefix = self.log_prefix();
-        if let Some(registered) = self.producer.take() {
+        if let Some(producer) = self.producer.take() {
             run_logged(
                 || format!("in the producer's stop_producing on {prefix}"),
                 || {
-                    registered.producer.stop_producing();
+                    producer.stop_producing();
                     Ok(())
                 },
             );
@@ -826,7 +826,8 @@ impl<K: Kind> TransportOps for Connection<K> {
             return Ok(());
         }
         let mode = if streaming { Mode::Streaming } else { Mode::Pull };
-        self.producer.set(Some(Box::new(Registered { producer: producer.clone(), mode })));
+        self.producer.set(Some(producer.clone()));
+        self.mode.set(mode);
         if !streaming {
             // A pull producer is asked for its first chunk at once.
             self.call_producer("resume_producing", &producer, |p| p.resume_producing());
@@ -973,22 +974,22 @@ impl<K: Kind> Connection<K> {
     #[inline]
     fn producer(&self) -> Option<(Rc<dyn Producer>, Mode)> {
         let registered = self.producer.take();
-        let found = registered.as_ref().map(|r| (r.producer.clone(), r.mode));
+        let found = registered.as_ref().map(|p| (p.clone(), self.mode.get()));
         self.producer.set(registered);
         found
     }
 
     /// If the producer is in mode `from`, switches it to `to` and returns it.
     fn producer_in(&self, from: Mode, to: Mode) -> Option<Rc<dyn Producer>> {
-        let mut registered = self.producer.take();
-        let found = match registered.as_mut() {
-            Some(r) if r.mode == from => {
-                r.mode = to;
-                Some(r.producer.clone())
-            }
-            _ => None,
-        };
+        if self.mode.get() != from {
+            return None;
+        }
+        let registered = self.producer.take();
+        let found = registered.clone();
         self.producer.set(registered);
+        if found.is_some() {
+            self.mode.set(to);
+        }
         found
     }
 
