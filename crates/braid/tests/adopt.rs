@@ -3,29 +3,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use braid::protocols::echo::Echo;
-use braid::{Error, Reactor};
-use common::{run_reactor, WATCHDOG};
-
-/// Echoes `msg` through `s` from another thread, then stops the reactor.
-fn echo_via<S: Read + Write + Send + 'static>(r: &Reactor, mut s: S, msg: &'static [u8]) -> Vec<u8> {
-    let remote = r.remote();
-    let client = std::thread::spawn(move || {
-        s.write_all(msg).unwrap();
-        let mut back = vec![0u8; msg.len()];
-        let got = s.read_exact(&mut back).map(|()| back);
-        let _ = remote.call_from_thread(|r| {
-            let _ = r.stop();
-        });
-        got.expect("no echo")
-    });
-    run_reactor(r);
-    client.join().expect("client")
-}
+use braid::Error;
+use common::{echo_via, WATCHDOG};
 
 reactor_test! {
     /// A std `TcpListener` (blocking, as std makes it) serves braid
@@ -37,7 +20,7 @@ reactor_test! {
         assert_eq!(port.local_addr(), addr);
         let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(WATCHDOG)).unwrap();
-        assert_eq!(echo_via(&r, s, b"adopted tcp"), b"adopted tcp");
+        assert_eq!(echo_via(&r, move || s, b"adopted tcp"), b"adopted tcp");
     }
 }
 
@@ -52,7 +35,7 @@ reactor_test! {
         assert_eq!(port.host().unix_path(), Some(path.as_path()));
         let s = UnixStream::connect(&path).unwrap();
         s.set_read_timeout(Some(WATCHDOG)).unwrap();
-        assert_eq!(echo_via(&r, s, b"adopted unix"), b"adopted unix");
+        assert_eq!(echo_via(&r, move || s, b"adopted unix"), b"adopted unix");
         drop(port.stop_listening());
         assert!(path.exists(), "the adopted socket's file was removed");
         let _ = std::fs::remove_file(&path);
@@ -68,13 +51,13 @@ reactor_test! {
         let (accepted, _) = listener.accept().unwrap();
         r.adopt_stream_connection(accepted, Echo::new).unwrap();
         client.set_read_timeout(Some(WATCHDOG)).unwrap();
-        assert_eq!(echo_via(&r, client, b"tcp stream"), b"tcp stream");
+        assert_eq!(echo_via(&r, move || client, b"tcp stream"), b"tcp stream");
 
         let r = common::build(r.backend());
         let (ours, theirs) = UnixStream::pair().unwrap();
         r.adopt_stream_connection(ours, Echo::new).unwrap();
         theirs.set_read_timeout(Some(WATCHDOG)).unwrap();
-        assert_eq!(echo_via(&r, theirs, b"socketpair"), b"socketpair");
+        assert_eq!(echo_via(&r, move || theirs, b"socketpair"), b"socketpair");
     }
 }
 

@@ -6,7 +6,6 @@
 mod common;
 
 use std::cell::RefCell;
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -16,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use braid::protocol::Protocol;
 use braid::protocols::echo::Echo;
 use braid::{Address, Error, Reactor, Transport};
-use common::{run_reactor, WATCHDOG};
+use common::{echo_via, run_reactor, WATCHDOG};
 
 /// A fresh socket path in the temp directory (nothing there yet).
 fn temp_path(what: &str) -> PathBuf {
@@ -27,27 +26,10 @@ fn temp_path(what: &str) -> PathBuf {
     p
 }
 
-/// Connects to `addr` on another thread, echoes `msg` through, closes, then
-/// stops the reactor; returns what came back.
-fn echo_through(
-    r: &Reactor,
-    connect: impl FnOnce() -> UnixStream + Send + 'static,
-    msg: &'static [u8],
-) -> Vec<u8> {
-    let remote = r.remote();
-    let client = std::thread::spawn(move || {
-        let mut s = connect();
-        s.set_read_timeout(Some(WATCHDOG)).unwrap();
-        s.write_all(msg).unwrap();
-        let mut back = vec![0u8; msg.len()];
-        let got = s.read_exact(&mut back).map(|()| back);
-        let _ = remote.call_from_thread(|r| {
-            let _ = r.stop();
-        });
-        got.expect("no echo")
-    });
-    run_reactor(r);
-    client.join().expect("client")
+/// A client with the tests' read timeout.
+fn timed(s: UnixStream) -> UnixStream {
+    s.set_read_timeout(Some(WATCHDOG)).unwrap();
+    s
 }
 
 /// A transport's host and peer, as seen in `connection_made`.
@@ -90,7 +72,7 @@ reactor_test! {
         assert_eq!(port.host().unix_path(), Some(path.as_path()));
         assert!(port.host().to_string().starts_with("unix:/"), "{}", port.host());
         let p = path.clone();
-        assert_eq!(echo_through(&r, move || UnixStream::connect(p).unwrap(), b"over a path"), b"over a path");
+        assert_eq!(echo_via(&r, move || timed(UnixStream::connect(p).unwrap()), b"over a path"), b"over a path");
         let (host, peer) = seen.borrow().clone().expect("connection made");
         assert_eq!(host.as_ref().and_then(Address::unix_path), Some(path.as_path()));
         assert!(peer.is_unix_unnamed(), "peer {peer}");
@@ -110,7 +92,7 @@ reactor_test! {
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(&abstract_name).unwrap();
             UnixStream::connect_addr(&addr).unwrap()
         };
-        assert_eq!(echo_through(&r, connect, b"abstract"), b"abstract");
+        assert_eq!(echo_via(&r, move || timed(connect()), b"abstract"), b"abstract");
     }
 }
 
@@ -140,7 +122,7 @@ reactor_test! {
         assert!(path.exists());
         let port = r.listen_unix(&path, Echo::new, 50, None, false).expect("a stale file must be replaced");
         let p = path.clone();
-        assert_eq!(echo_through(&r, move || UnixStream::connect(p).unwrap(), b"x"), b"x");
+        assert_eq!(echo_via(&r, move || timed(UnixStream::connect(p).unwrap()), b"x"), b"x");
         drop(port);
 
         let live_path = temp_path("live");

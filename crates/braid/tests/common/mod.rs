@@ -147,3 +147,26 @@ pub fn collect<T: 'static>(
     });
     out
 }
+
+/// Sends `msg` through the client `connect` makes (on another thread, so
+/// the reactor can run here), reads as many bytes back, then stops the
+/// reactor; returns what came back. For echo tests over std sockets.
+pub fn echo_via<S: std::io::Read + std::io::Write + 'static>(
+    r: &Reactor,
+    connect: impl FnOnce() -> S + Send + 'static,
+    msg: &'static [u8],
+) -> Vec<u8> {
+    let remote = r.remote();
+    let client = std::thread::spawn(move || {
+        let mut s = connect();
+        s.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        let got = s.read_exact(&mut back).map(|()| back);
+        let _ = remote.call_from_thread(|r| {
+            let _ = r.stop();
+        });
+        got.expect("no echo")
+    });
+    run_reactor(r);
+    client.join().expect("client")
+}
