@@ -519,7 +519,11 @@ impl Attempt {
         let started = match &addr {
             Address::Unix(peer) => establish(&c, &reactor, Unix::new(peer.clone()), sock, protocol),
             Address::Ip(peer) => establish(&c, &reactor, Tcp { peer: *peer }, sock, protocol),
-            Address::Hostname { .. } => unreachable!("only addresses are dialled"),
+            // `dial` refuses names, so none gets here; fail rather than panic.
+            Address::Hostname { .. } => Err((
+                Error::io("connecting", std::io::Error::other("a host name is not an address")),
+                protocol,
+            )),
         };
         if let Err((e, protocol)) = started {
             // Never made, so never told it was lost; the factory hears that
