@@ -165,6 +165,18 @@ impl ClientFactory for Counting {
     }
 }
 
+/// Connects a [`Counting`] factory building `protocol` to `addr`.
+fn connect_counting(
+    r: &Reactor,
+    addr: SocketAddr,
+    calls: &Log,
+    protocol: Box<dyn FnMut() -> Fragile>,
+    reconnect: bool,
+) {
+    let factory = Counting { calls: calls.clone(), protocol, reconnect, stop: r.clone() };
+    r.connect_tcp("127.0.0.1", addr.port(), factory, Some(Duration::from_secs(10)), None);
+}
+
 /// A server that closes every connection as soon as it is made.
 fn closing_server(r: &Reactor) -> SocketAddr {
     struct Closer;
@@ -185,18 +197,8 @@ reactor_test! {
         let addr = closing_server(&r);
         let calls = log();
         let c = calls.clone();
-        r.connect_tcp(
-            "127.0.0.1",
-            addr.port(),
-            Counting {
-                calls: calls.clone(),
-                protocol: Box::new(move || Fragile { log: c.clone(), panic_in_lost: true, ..Default::default() }),
-                reconnect: true,
-                stop: r.clone(),
-            },
-            Some(Duration::from_secs(10)),
-            None,
-        );
+        let protocol = Box::new(move || Fragile { log: c.clone(), panic_in_lost: true, ..Default::default() });
+        connect_counting(&r, addr, &calls, protocol, true);
         let ((), logs) = capture_logs(|| run_reactor(&r));
         assert!(logs.contains("bug in connection_lost"), "{logs}");
         let calls = calls.borrow();
@@ -224,22 +226,12 @@ reactor_test! {
         let addr = closing_server(&r);
         let calls = log();
         let c = calls.clone();
-        r.connect_tcp(
-            "127.0.0.1",
-            addr.port(),
-            Counting {
-                calls: calls.clone(),
-                protocol: Box::new(move || Fragile {
-                    log: c.clone(),
-                    producer: Some(Rc::new(BadProducer(c.clone()))),
-                    ..Default::default()
-                }),
-                reconnect: false,
-                stop: r.clone(),
-            },
-            Some(Duration::from_secs(10)),
-            None,
-        );
+        let protocol = Box::new(move || Fragile {
+            log: c.clone(),
+            producer: Some(Rc::new(BadProducer(c.clone()))),
+            ..Default::default()
+        });
+        connect_counting(&r, addr, &calls, protocol, false);
         let ((), logs) = capture_logs(|| run_reactor(&r));
         assert!(logs.contains("bug in stop_producing"), "{logs}");
         let calls = calls.borrow();

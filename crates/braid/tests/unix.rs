@@ -26,6 +26,17 @@ fn temp_path(what: &str) -> PathBuf {
     p
 }
 
+/// Stops `port` and runs the reactor until its Deferred has fired with
+/// success (the socket closed, the factory stopped).
+fn stop_listening_and_wait(r: &Reactor, port: &braid::ListeningPort) {
+    let d = port.stop_listening();
+    let done = common::collect(&d);
+    let rr = r.clone();
+    r.call_later(std::time::Duration::from_millis(50), move || rr.stop().unwrap());
+    run_reactor(r);
+    assert_eq!(*done.borrow(), Some(Ok(())));
+}
+
 /// A client with the tests' read timeout.
 fn timed(s: UnixStream) -> UnixStream {
     s.set_read_timeout(Some(WATCHDOG)).unwrap();
@@ -103,12 +114,7 @@ reactor_test! {
         let port = r.listen_unix(&path, Echo::new, 50, Some(0o600), false).unwrap();
         let mode = std::fs::metadata(&path).expect("socket file").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let d = port.stop_listening();
-        let done = common::collect(&d);
-        let rr = r.clone();
-        r.call_later(std::time::Duration::from_millis(50), move || rr.stop().unwrap());
-        run_reactor(&r);
-        assert_eq!(*done.borrow(), Some(Ok(())));
+        stop_listening_and_wait(&r, &port);
         assert!(!path.exists(), "the socket file was left behind");
     }
 }
@@ -164,12 +170,7 @@ reactor_test! {
         let port = r.listen_unix(&path, Echo::new, 50, None, true).unwrap();
         assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), std::process::id().to_string());
         assert!(matches!(r.listen_unix(&path, Echo::new, 50, None, true), Err(Error::CannotListen { .. })));
-        let d = port.stop_listening();
-        let done = common::collect(&d);
-        let rr = r.clone();
-        r.call_later(std::time::Duration::from_millis(50), move || rr.stop().unwrap());
-        run_reactor(&r);
-        assert_eq!(*done.borrow(), Some(Ok(())));
+        stop_listening_and_wait(&r, &port);
         assert!(!lock.exists() && !path.exists(), "lock or socket file left behind");
 
         // A lock naming a process that has exited.
