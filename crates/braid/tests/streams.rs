@@ -66,6 +66,18 @@ impl Client {
             Client::Unix(s) => s.set_read_timeout(Some(t)).unwrap(),
         }
     }
+    fn try_clone(&self) -> Client {
+        match self {
+            Client::Tcp(s) => Client::Tcp(s.try_clone().unwrap()),
+            Client::Unix(s) => Client::Unix(s.try_clone().unwrap()),
+        }
+    }
+    fn set_write_timeout(&self, t: Duration) {
+        match self {
+            Client::Tcp(s) => s.set_write_timeout(Some(t)).unwrap(),
+            Client::Unix(s) => s.set_write_timeout(Some(t)).unwrap(),
+        }
+    }
     fn shutdown_write(&self) {
         match self {
             Client::Tcp(s) => s.shutdown(Shutdown::Write).unwrap(),
@@ -206,6 +218,7 @@ struct Server {
     on_made: OnTransport,
     on_data: OnData,
     on_read_closed: OnTransport,
+    on_lost: Option<Box<dyn FnMut()>>,
     /// Dropped with the protocol: tells a test whether it was freed.
     _alive: Option<Rc<()>>,
 }
@@ -227,6 +240,9 @@ impl Protocol for Server {
     }
     fn connection_lost(&mut self, reason: Failure) {
         self.log.borrow_mut().push(format!("lost: {reason}"));
+        if let Some(f) = self.on_lost.as_mut() {
+            f();
+        }
     }
     fn as_half_closeable(&mut self) -> Option<&mut dyn HalfCloseable> {
         if self.on_read_closed.is_some() {
@@ -273,10 +289,7 @@ stream_test! {
         let sent = data.clone();
         let back = with_client(&r, target, move |t| {
             let mut c = t.connect();
-            let mut w = match &c {
-                Client::Tcp(s) => Client::Tcp(s.try_clone().unwrap()),
-                Client::Unix(s) => Client::Unix(s.try_clone().unwrap()),
-            };
+            let mut w = c.try_clone();
             let writer = std::thread::spawn(move || {
                 w.write_all(&sent).unwrap();
                 w.shutdown_write();
@@ -508,5 +521,190 @@ stream_test! {
         assert!(bad.is_empty(), "{kind:?}");
         assert_eq!(&good, b"fine", "{kind:?}");
         assert!(log.borrow().iter().any(|e| e.contains("protocol bug")), "{kind:?}: {:?}", log.borrow());
+    }
+}
+
+stream_test! {
+    /// Half-close the other way: the server ends its write side and keeps
+    /// reading; the client sees EOF, still writes, and the server hears it.
+    fn server_half_close_keeps_reading(r, kind) {
+        let log: Events = Default::default();
+        let (l, rr) = (log.clone(), r.clone());
+        let (_port, target) = kind.listen(&r, move || {
+            let (l2, rr) = (l.clone(), rr.clone());
+            Server {
+                log: l.clone(),
+                on_made: Some(Box::new(|t| {
+                    t.write(b"bye for now");
+                    t.lose_write_connection();
+                    // Written after, in the same callback: still sent
+                    // before the FIN (as after lose_connection, in Twisted).
+                    t.write(b" and this");
+                })),
+                on_data: Some(Box::new(move |_, d| {
+                    l2.borrow_mut().push(format!("data: {}", String::from_utf8_lossy(d)));
+                })),
+                on_read_closed: Some(Box::new(|t| t.lose_connection())),
+                on_lost: Some(Box::new(move || {
+                    let _ = rr.stop();
+                })),
+                ..Default::default()
+            }
+        });
+        // The client cannot see the server's full close (it already has
+        // the server's FIN), so the server stops the reactor itself.
+        let client = std::thread::spawn(move || {
+            let mut c = target.connect();
+            let back = c.read_to_end();
+            // The server's write side is closed; ours is still open.
+            c.write_all(b"still here").unwrap();
+            c.shutdown_write();
+            back
+        });
+        run_reactor(&r);
+        let back = client.join().unwrap();
+        assert_eq!(back, b"bye for now and this", "{kind:?}");
+        let log = log.borrow();
+        let data: String = log.iter().filter_map(|e| e.strip_prefix("data: ")).collect();
+        assert_eq!(data, "still here", "{kind:?}: {log:?}");
+        assert_eq!(log.last().map(String::as_str), Some("lost: connection was closed cleanly"), "{kind:?}: {log:?}");
+    }
+}
+
+stream_test! {
+    /// `write_sequence` is one gathered write; writes made inside
+    /// `data_received` go out in the order they were made.
+    fn writes_keep_their_order(r, kind) {
+        let (_port, target) = kind.listen(&r, || Server {
+            on_data: Some(Box::new(|t, d| {
+                t.write(b"<");
+                t.write_sequence(&[b"a", d, b"b"]);
+                t.write(b">");
+            })),
+            ..Default::default()
+        });
+        let back = with_client(&r, target, |t| {
+            let mut c = t.connect();
+            let mut back = Vec::new();
+            for i in 0..50u8 {
+                c.write_all(&[b'0' + i % 10]).unwrap();
+                let mut one = [0u8; 5];
+                c.read_exact(&mut one).unwrap();
+                back.extend_from_slice(&one);
+            }
+            back
+        });
+        let want: Vec<u8> = (0..50u8).flat_map(|i| [b'<', b'a', b'0' + i % 10, b'b', b'>']).collect();
+        assert_eq!(String::from_utf8_lossy(&back), String::from_utf8_lossy(&want), "{kind:?}");
+    }
+}
+
+stream_test! {
+    /// Backpressure: an echo registered as its own producer stops reading
+    /// while its peer does not read, so its buffer stays near the
+    /// high-water mark; once the peer reads, every byte comes back.
+    fn a_non_reading_peer_keeps_the_buffer_bounded(r, kind) {
+        let peak = Rc::new(Cell::new(0usize));
+        let p = peak.clone();
+        let (_port, target) = kind.listen(&r, move || {
+            let p = p.clone();
+            Server {
+                on_made: Some(Box::new(|t| t.register_producer(t.as_producer(), true).unwrap())),
+                on_data: Some(Box::new(move |t, d| {
+                    t.write(d);
+                    p.set(p.get().max(t.buffered()));
+                })),
+                // A close waits for a registered producer to unregister.
+                on_read_closed: Some(Box::new(|t| {
+                    t.unregister_producer();
+                    t.lose_connection();
+                })),
+                ..Default::default()
+            }
+        });
+        const LIMIT: usize = 64 * 1024 * 1024;
+        let (sent, back) = with_client(&r, target, |t| {
+            let mut c = t.connect();
+            c.set_write_timeout(Duration::from_millis(500));
+            let chunk = vec![7u8; 64 * 1024];
+            let mut sent = 0;
+            while sent < LIMIT {
+                match c.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(_) => break, // stalled: the server stopped reading
+                }
+            }
+            c.shutdown_write();
+            (sent, c.read_to_end().len())
+        });
+        assert!(sent < LIMIT, "{kind:?}: the client never stalled, so the server never stopped reading");
+        assert_eq!(back, sent, "{kind:?}: bytes were lost");
+        // The high-water mark plus at most one read past it.
+        assert!(peak.get() <= 2 * 64 * 1024, "{kind:?}: the server buffered {} bytes", peak.get());
+    }
+}
+
+stream_test! {
+    /// A peer that floods its connection does not starve another one.
+    fn a_flood_does_not_starve_others(r, kind) {
+        let (_port, target) = kind.listen(&r, Server::default);
+        let back = with_client(&r, target, |t| {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flood = t.connect();
+            let (mut w, mut rd, s1, s2) = (flood.try_clone(), flood, stop.clone(), stop.clone());
+            let drain = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while !s1.load(Ordering::Relaxed) && rd.read(&mut buf).unwrap_or(0) > 0 {}
+            });
+            let writer = std::thread::spawn(move || {
+                let chunk = vec![1u8; 64 * 1024];
+                let deadline = std::time::Instant::now() + WATCHDOG;
+                while !s2.load(Ordering::Relaxed) && std::time::Instant::now() < deadline && w.write_all(&chunk).is_ok() {}
+                w.shutdown_write();
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            let mut c = t.connect();
+            c.write_all(b"ping").unwrap();
+            let mut back = [0u8; 4];
+            let got = c.read_exact(&mut back).map(|_| back);
+            stop.store(true, Ordering::Relaxed);
+            writer.join().unwrap();
+            drain.join().unwrap();
+            got
+        });
+        assert_eq!(&back.expect("the second client was starved"), b"ping", "{kind:?}");
+    }
+}
+
+stream_test! {
+    /// The peer's EOF closes a protocol that is not half-closeable, cleanly
+    /// and once; one that was paused when the peer closed still gets every
+    /// byte before `connection_lost`.
+    fn eof_closes_and_a_paused_reader_loses_nothing(r, kind) {
+        let log: Events = Default::default();
+        let got = Rc::new(Cell::new(0usize));
+        let (l, g, rr) = (log.clone(), got.clone(), r.clone());
+        let (_port, target) = kind.listen(&r, move || {
+            let (g, rr) = (g.clone(), rr.clone());
+            Server {
+                log: l.clone(),
+                on_made: Some(Box::new(move |t| {
+                    t.pause_producing();
+                    let t = t.clone();
+                    rr.call_later(Duration::from_millis(100), move || t.resume_producing());
+                })),
+                on_data: Some(Box::new(move |_, d| g.set(g.get() + d.len()))),
+                ..Default::default()
+            }
+        });
+        with_client(&r, target, |t| {
+            let mut c = t.connect();
+            c.write_all(&payload(50_000)).unwrap();
+            c.shutdown_write();
+            // The server closes once it has read everything and our EOF.
+            c.read_to_end();
+        });
+        assert_eq!(got.get(), 50_000, "{kind:?}");
+        assert_eq!(*log.borrow(), ["made", "lost: connection was closed cleanly"], "{kind:?}");
     }
 }

@@ -93,6 +93,8 @@ fn string_transport_records_transport_calls() {
     t.tcp().expect("a TCP transport").set_keepalive(true).unwrap();
     t.set_write_buffer_limits(100, 10);
     assert!(tr.nodelay() && tr.keepalive());
+    // It stands for a TCP connection: no UNIX-only options to fake.
+    assert!(t.unix().is_none());
     assert_eq!(tr.write_buffer_limits(), (100, 10));
     t.lose_write_connection();
     assert!(tr.write_closed() && !tr.disconnecting());
