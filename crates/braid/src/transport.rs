@@ -120,6 +120,8 @@ impl Transport {
 
     /// Closes after sending everything buffered, including writes made after
     /// this call; the protocol then gets `connection_lost(ConnectionDone)`.
+    /// While a producer is registered the close waits for it to unregister
+    /// (as in Twisted), so a producer can finish what it is sending.
     pub fn lose_connection(&self) {
         self.ops.lose_connection()
     }

@@ -567,6 +567,7 @@ stream_test! {
         let log = log.borrow();
         let data: String = log.iter().filter_map(|e| e.strip_prefix("data: ")).collect();
         assert_eq!(data, "still here", "{kind:?}: {log:?}");
+        assert!(log.iter().any(|e| e == "read closed"), "{kind:?}: {log:?}");
         assert_eq!(log.last().map(String::as_str), Some("lost: connection was closed cleanly"), "{kind:?}: {log:?}");
     }
 }
