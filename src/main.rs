@@ -1,7 +1,7 @@
 //! `braid`: ready-made servers on the braid reactor, like Twisted's `twist`.
 //!
 //! ```text
-//! braid echo --port 8000 [--interface 127.0.0.1] [--unix PATH [--mode 660]] [--reactor epoll]
+//! braid echo --port 8000 [--udp 8000] [--interface 127.0.0.1] [--unix PATH [--mode 660]] [--reactor epoll]
 //! ```
 //! A server runs until SIGINT or SIGTERM, then shuts down cleanly and exits
 //! with status 0. Bad arguments, an unknown reactor or a port in use end

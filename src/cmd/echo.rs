@@ -1,9 +1,10 @@
-//! `braid echo`: the echo server, on TCP, a UNIX socket, or both.
+//! `braid echo`: the echo server (RFC 862), on TCP, UDP, a UNIX socket,
+//! sockets systemd passed, or several of these at once.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use braid::protocols::echo::Echo;
+use braid::protocols::echo::{DatagramEcho, Echo};
 use braid::tcp::DEFAULT_BACKLOG;
 use braid::Backend;
 
@@ -11,8 +12,11 @@ use braid::Backend;
 #[derive(clap::Args)]
 pub struct Args {
     /// TCP port to listen on (0 picks a free one).
-    #[arg(long, required_unless_present_any = ["unix", "systemd"])]
+    #[arg(long, required_unless_present_any = ["unix", "systemd", "udp"])]
     port: Option<u16>,
+    /// UDP port to echo datagrams on (0 picks a free one).
+    #[arg(long, value_name = "PORT")]
+    udp: Option<u16>,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
     interface: IpAddr,
@@ -46,6 +50,13 @@ pub fn run(backend: Backend, args: Args) -> Result<(), String> {
         let port = reactor.listen_tcp(addr, Echo::new, DEFAULT_BACKLOG).map_err(|e| e.to_string())?;
         tracing::info!("echo listening on {} (reactor: {backend})", port.local_addr());
     }
+    if let Some(port) = args.udp {
+        let interface = args.interface.to_string();
+        let port = reactor
+            .listen_udp(port, DatagramEcho::new(), &interface, braid::udp::DEFAULT_MAX_PACKET_SIZE)
+            .map_err(|e| e.to_string())?;
+        tracing::info!("echo listening on udp {} (reactor: {backend})", port.local_addr());
+    }
     if let Some(path) = &args.unix {
         let port = reactor
             .listen_unix(path, Echo::new, DEFAULT_BACKLOG, args.mode, false)
@@ -60,8 +71,19 @@ pub fn run(backend: Backend, args: Args) -> Result<(), String> {
             );
         }
         for socket in sockets {
-            let port = reactor.adopt_stream_port(socket, Echo::new).map_err(|e| e.to_string())?;
-            tracing::info!("echo listening on {} (from systemd; reactor: {backend})", port.host());
+            let datagram =
+                rustix::net::sockopt::socket_type(&socket).is_ok_and(|t| t == rustix::net::SocketType::DGRAM);
+            let host = if datagram {
+                let family = rustix::net::getsockname(&socket)
+                    .map(|a| a.address_family())
+                    .map_err(|e| format!("--systemd: {e}"))?;
+                let max = braid::udp::DEFAULT_MAX_PACKET_SIZE;
+                let port = reactor.adopt_datagram_port(socket, family, DatagramEcho::new(), max);
+                port.map_err(|e| e.to_string())?.host()
+            } else {
+                reactor.adopt_stream_port(socket, Echo::new).map_err(|e| e.to_string())?.host()
+            };
+            tracing::info!("echo listening on {host} (from systemd; reactor: {backend})");
         }
     }
     super::serve(&reactor)

@@ -89,6 +89,31 @@ pub enum Error {
     NotConnecting,
     /// `connect` on a connector that is already connecting or connected.
     AlreadyConnecting,
+    /// An address a datagram port cannot use: a host name where an IP
+    /// literal is needed, another address family, no destination on an
+    /// unconnected port (Twisted's `InvalidAddressError`).
+    InvalidAddress(String),
+    /// A datagram too large to send (Twisted's `MessageLengthError`).
+    MessageLength {
+        /// Its size, when known before sending.
+        size: Option<usize>,
+        /// The largest payload the socket's protocol carries.
+        max: usize,
+    },
+    /// A datagram port's send queue is full: the datagram was not sent.
+    SendQueueFull,
+    /// A write or option on a port that has stopped listening.
+    PortClosed,
+    /// `connect` on a datagram port that is connected already.
+    AlreadyConnected,
+    /// Joining (or leaving) a multicast group failed (Twisted's
+    /// `MulticastJoinError`); names the group and interface.
+    MulticastJoin {
+        /// The group and interface, as text.
+        group: String,
+        /// The OS error.
+        source: io::Error,
+    },
     /// A user callback panicked; carries the panic message.
     Panicked(String),
     /// An operating-system error with a short description of what was tried.
@@ -143,6 +168,17 @@ impl fmt::Display for Error {
             Error::CannotListen { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             Error::NotConnecting => f.write_str("not connecting"),
             Error::AlreadyConnecting => f.write_str("connector is already connecting or connected"),
+            Error::InvalidAddress(why) => write!(f, "invalid address: {why}"),
+            Error::MessageLength { size: Some(size), max } => {
+                write!(f, "datagram of {size} bytes is too long (at most {max})")
+            }
+            Error::MessageLength { size: None, max } => {
+                write!(f, "datagram too long for the path (protocol limit {max} bytes)")
+            }
+            Error::SendQueueFull => f.write_str("the port's send queue is full; the datagram was not sent"),
+            Error::PortClosed => f.write_str("the port is closed"),
+            Error::AlreadyConnected => f.write_str("the datagram port is already connected"),
+            Error::MulticastJoin { group, source } => write!(f, "cannot join multicast group {group}: {source}"),
             Error::Panicked(msg) => write!(f, "callback panicked: {msg}"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
@@ -152,7 +188,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Io { source, .. } | Error::CannotListen { source, .. } => Some(source),
+            Error::Io { source, .. }
+            | Error::CannotListen { source, .. }
+            | Error::MulticastJoin { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -26,6 +26,7 @@
 
 #[allow(unsafe_code)]
 pub mod backend;
+pub mod datagram;
 pub mod defer;
 pub mod error;
 pub mod protocol;
@@ -39,9 +40,12 @@ pub mod task;
 pub mod tcp;
 pub mod testing;
 pub mod transport;
+pub mod udp;
 pub mod unix;
+pub mod unix_datagram;
 
 pub use backend::Backend;
+pub use datagram::{DatagramProtocol, DatagramTransport, SharedDatagram};
 pub use defer::Deferred;
 pub use error::{Error, Failure};
 pub use protocol::{

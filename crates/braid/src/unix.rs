@@ -172,16 +172,14 @@ impl Listen for UnixListen {
     }
 }
 
-fn cannot_listen(name: &Path, source: io::Error) -> Error {
+pub(crate) fn cannot_listen(name: &Path, source: io::Error) -> Error {
     Error::CannotListen { addr: format!("unix:{}", name.display()), source }
 }
 
-/// True if something accepts connections on the socket file at `path`
-/// now; false if nothing does (the file is stale).
-fn socket_file_is_live(path: &Path, addr: &Address) -> bool {
-    let Ok(probe) =
-        rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
-    else {
+/// True if a socket of type `kind` is bound to the socket file at `path`
+/// and takes connections now; false if nothing does (the file is stale).
+pub(crate) fn socket_file_is_live(path: &Path, addr: &Address, kind: SocketType) -> bool {
+    let Ok(probe) = rustix::net::socket_with(AddressFamily::UNIX, kind, SocketFlags::CLOEXEC, None) else {
         // Cannot tell: treat it as live rather than delete someone's socket.
         return true;
     };
@@ -264,7 +262,7 @@ impl Reactor {
         let listen = UnixListen { path: None, lock };
         if let Some(p) = &path {
             if std::fs::symlink_metadata(p).is_ok() {
-                if socket_file_is_live(p, &addr) {
+                if socket_file_is_live(p, &addr, SocketType::STREAM) {
                     let e = io::Error::new(io::ErrorKind::AddrInUse, "another process is listening there");
                     listen.closed();
                     return Err(cannot_listen(name, e));

@@ -47,3 +47,33 @@ impl HalfCloseable for Echo {
         }
     }
 }
+
+/// The UDP echo protocol (RFC 862): each datagram goes back to its sender
+/// as it came, on the port it arrived on.
+#[derive(Default)]
+pub struct DatagramEcho {
+    transport: Option<crate::datagram::DatagramTransport>,
+}
+
+impl DatagramEcho {
+    /// A new echo protocol, not attached to a port yet.
+    pub fn new() -> DatagramEcho {
+        DatagramEcho::default()
+    }
+}
+
+impl crate::datagram::DatagramProtocol for DatagramEcho {
+    fn make_connection(&mut self, transport: crate::datagram::DatagramTransport) {
+        self.transport = Some(transport);
+    }
+
+    fn datagram_received(&mut self, data: &[u8], from: &crate::stream::Address) {
+        if let Some(t) = &self.transport {
+            // A full send queue drops the echo, as a congested network would;
+            // say so rather than lose it silently.
+            if let Err(e) = t.write(data, Some(from)) {
+                tracing::debug!(target: "braid", "echo to {from} not sent: {e}");
+            }
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 pub(crate) mod big_vec;
 pub(crate) mod listen_fds;
+pub(crate) mod mmsg;
 pub(crate) mod prefetch;
 pub(crate) mod signal;
 pub(crate) mod tsc;
