@@ -478,6 +478,10 @@ impl<K: DatagramKind> FileDescriptor for DatagramPort<K> {
         Ok(())
     }
 
+    fn reads_errors(&self) -> bool {
+        true
+    }
+
     fn connection_lost(&self, _reason: Failure) {
         self.reading.set(false);
         self.close();

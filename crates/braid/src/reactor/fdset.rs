@@ -42,6 +42,14 @@ pub trait FileDescriptor {
         false
     }
 
+    /// True if an error or hang-up event should go to `do_read` (which
+    /// then reads the pending socket error) instead of disconnecting the
+    /// descriptor: a datagram socket, where an error is an ICMP report
+    /// about one datagram, not the end of anything.
+    fn reads_errors(&self) -> bool {
+        false
+    }
+
     /// The read side ended cleanly; only called when `half_closeable()`.
     fn read_connection_lost(&self, _reason: Failure) {}
 

@@ -680,7 +680,11 @@ impl Reactor {
             return;
         }
         let Slot { reader, writer } = slot;
-        if (ev.hangup || ev.error) && !ev.readable {
+        // A datagram socket reports an ICMP error as an error event with
+        // nothing to read; its reader consumes the error itself.
+        let error_only = (ev.hangup || ev.error) && !ev.readable;
+        let read_error = error_only && reader.as_ref().is_some_and(|r| r.reads_errors());
+        if error_only && !read_error {
             // Hang-up without input: whatever was pending has been read, so
             // a reader sees a clean end, a pure writer a lost connection.
             if let Some(r) = reader {
@@ -690,7 +694,7 @@ impl Reactor {
             }
             return;
         }
-        if ev.readable {
+        if ev.readable || read_error {
             if let Some(r) = reader {
                 if let Err(why) = self.call_descriptor(&r, ev.fd, true) {
                     self.disconnect(ev.fd, &r, why, true);
