@@ -500,7 +500,7 @@ reactor_test!(
     fn writes_after_stop_are_port_closed(r) {
         let (rec, _) = Rec::new();
         let port = r.listen_udp(0, rec, "127.0.0.1", 8192).unwrap();
-        let _ = port.stop_listening();
+        drop(port.stop_listening());
         match port.write(b"late", Some(&v4(9))) {
             Err(Error::PortClosed) => {}
             other => panic!("expected PortClosed, got {other:?}"),
