@@ -88,8 +88,8 @@ fn cannot_listen(addr: SocketAddr, e: impl Into<std::io::Error>) -> Error {
     Error::CannotListen { addr: format!("udp:{addr}"), source: e.into() }
 }
 
-/// Opens and binds a UDP socket; `reuse` sets `SO_REUSEADDR`, and
-/// `SO_REUSEPORT` too for `listen_multiple`.
+/// Opens and binds a UDP socket; `reuse` sets `SO_REUSEADDR`,
+/// `reuse_port` `SO_REUSEPORT`.
 fn bind_udp(addr: SocketAddr, reuse: bool, reuse_port: bool) -> Result<(OwnedFd, SocketAddr), Error> {
     let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
     let sock = rustix::net::socket_with(
@@ -132,11 +132,11 @@ impl Reactor {
     }
 
     /// Like [`listen_udp`](Reactor::listen_udp), for a port that joins
-    /// multicast groups (Twisted's `listenMulticast`): `SO_REUSEADDR` is
-    /// set, and with `listen_multiple` `SO_REUSEPORT` too, so several
-    /// sockets (in this process or others) can bind the same port and each
-    /// receives the group's datagrams. Join groups with
-    /// `transport.multicast()`.
+    /// multicast groups (Twisted's `listenMulticast`). With
+    /// `listen_multiple`, `SO_REUSEADDR` and `SO_REUSEPORT` are set, so
+    /// several sockets (in this process or others, all asking for it) can
+    /// bind the same port and each receives the group's datagrams. Join
+    /// groups with `transport.multicast()`.
     pub fn listen_multicast(
         &self,
         port: u16,
@@ -145,7 +145,7 @@ impl Reactor {
         listen_multiple: bool,
     ) -> Result<DatagramTransport, Error> {
         let addr = bind_address(port, interface)?;
-        let (sock, local) = bind_udp(addr, true, listen_multiple)?;
+        let (sock, local) = bind_udp(addr, listen_multiple, listen_multiple)?;
         self.start_udp(sock, local, protocol, DEFAULT_MAX_PACKET_SIZE)
     }
 
