@@ -124,15 +124,13 @@ fn run_for(r: &Reactor, how_long: Duration) {
     }
 }
 
-fn settle<T: 'static>(r: &Reactor, d: &braid::Deferred<T>) -> Result<T, String>
-where
-    T: Clone,
-{
+/// Runs the reactor until `d` has fired; its result, failures as text.
+fn settle<T: 'static>(r: &Reactor, d: &braid::Deferred<T>) -> Result<T, String> {
     let out = collect(d);
     let o = out.clone();
     run_until(r, move || o.borrow().is_some());
-    let result = out.borrow_mut().take().expect("settled");
-    result
+    let result = out.borrow_mut().take();
+    result.expect("settled")
 }
 
 /// A sender whose multicast goes out on v0.
