@@ -286,3 +286,120 @@ fn systemd_without_sockets_is_a_clear_error() {
     assert_ne!(code, 0);
     assert!(err.contains("no sockets were passed"), "{err}");
 }
+
+/// Starts `braid echo --udp 0` on `reactor`; returns it with its UDP port.
+fn start_udp(reactor: &str) -> Server {
+    let mut child = Command::new(BIN)
+        .args(["echo", "--udp", "0", "--interface", "127.0.0.1", "--reactor", reactor])
+        .env_remove("BRAID_REACTOR")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn braid");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let port = line
+        .split("echo listening on udp 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next().and_then(|p| p.parse().ok()));
+    let Some(port) = port else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("first line: {line:?}");
+    };
+    Server { child, port, stderr }
+}
+
+/// Python's `socket` module against `braid echo --udp` (RFC 862) on every
+/// reactor: datagrams of every size up to the packet limit come back whole
+/// and to the sender, an empty one too; one over the limit is dropped (and
+/// logged) without disturbing the next; SIGTERM exits 0.
+#[test]
+fn echoes_udp_datagrams_to_python_for_every_reactor() {
+    let script = "import socket, sys\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.settimeout(10)\n\
+        to = ('127.0.0.1', int(sys.argv[1]))\n\
+        sizes = [0, 1, 2, 63, 64, 65, 512, 1200, 1472, 4096, 8191, 8192] * 20\n\
+        sent = []\n\
+        for i, n in enumerate(sizes):\n\
+        \x20   msg = bytes((i + k) % 251 for k in range(n))\n\
+        \x20   sent.append(msg)\n\
+        \x20   s.sendto(msg, to)\n\
+        \x20   if i % 16 == 15:\n\
+        \x20       for _ in range(16): back, peer = s.recvfrom(65536); assert peer == to, peer; sent.remove(back)\n\
+        assert not sent, len(sent)\n\
+        s.sendto(b'x' * 9000, to)\n\
+        s.sendto(b'after the big one', to)\n\
+        back, _ = s.recvfrom(65536)\n\
+        assert back == b'after the big one', back[:40]\n\
+        sys.stdout.write('ok')\n";
+    for reactor in ["select", "poll", "epoll"] {
+        let mut server = start_udp(reactor);
+        let out =
+            Command::new("python3").args(["-c", script, &server.port.to_string()]).output().expect("python3");
+        assert!(out.status.success(), "{reactor}: python failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok", "{reactor}");
+        signal(&server.child, "-TERM");
+        assert_eq!(wait_exit(&mut server.child), 0, "{reactor}");
+        let mut rest = String::new();
+        server.stderr.read_to_string(&mut rest).unwrap();
+        assert!(
+            rest.contains("dropped a 9000-byte datagram"),
+            "{reactor}: the oversize datagram was not logged:\n{rest}"
+        );
+        assert!(rest.contains("SIGTERM"), "{rest}");
+    }
+}
+
+#[test]
+fn a_udp_port_in_use_is_a_one_line_error_naming_the_address() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, err) = run_to_end(&["echo", "--udp", &port, "--interface", "127.0.0.1"], None);
+    assert_eq!(code, 1);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("udp:127.0.0.1:{port}")), "{err}");
+}
+
+/// A datagram socket handed over the systemd way is served as a UDP echo.
+#[test]
+fn serves_a_socket_activated_datagram_socket() {
+    let launcher = "import os, socket, sys\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.bind(('127.0.0.1', 0))\n\
+        sys.stdout.write(str(s.getsockname()[1]) + '\\n')\n\
+        sys.stdout.flush()\n\
+        if s.fileno() != 3: os.dup2(s.fileno(), 3)\n\
+        os.set_inheritable(3, True)\n\
+        os.environ['LISTEN_FDS'] = '1'\n\
+        os.environ['LISTEN_PID'] = str(os.getpid())\n\
+        os.execv(sys.argv[1], [sys.argv[1], 'echo', '--systemd'])\n";
+    let mut child = Command::new("python3")
+        .args(["-c", launcher, BIN])
+        .env_remove("BRAID_REACTOR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut server = Server { child, port: 0, stderr };
+    let mut port = String::new();
+    stdout.read_line(&mut port).unwrap();
+    let port: u16 = port.trim().parse().expect("the launcher's port");
+    let mut line = String::new();
+    server.stderr.read_line(&mut line).unwrap();
+    assert!(
+        line.contains(&format!("echo listening on 127.0.0.1:{port} (from systemd")),
+        "first line: {line:?}"
+    );
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.send_to(b"activated datagram", ("127.0.0.1", port)).unwrap();
+    let mut buf = [0u8; 100];
+    let (n, _) = s.recv_from(&mut buf).expect("an echo");
+    assert_eq!(&buf[..n], b"activated datagram");
+    signal(&server.child, "-TERM");
+    assert_eq!(wait_exit(&mut server.child), 0);
+}
