@@ -732,3 +732,42 @@ reactor_test!(
         stop_and_wait(&r, &client);
     }
 );
+
+// A flood is read in bounded slices (Twisted's 256 KiB per readiness
+// event): a timer due at once gets its turn long before a backlog of
+// 1.5 MiB is drained, and every datagram is still delivered, one call
+// each. The receive buffer is forced large (as root) so the backlog fits.
+reactor_test!(
+    fn a_flood_is_read_in_bounded_slices(r) {
+        use rustix::net::{sockopt, AddressFamily};
+        let std_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sockopt::set_socket_recv_buffer_size_force(&std_sock, 16 << 20)
+            .expect("SO_RCVBUFFORCE needs root (CAP_NET_ADMIN); the tests run as root");
+        let to = std_sock.local_addr().unwrap();
+        let seen_by_timer = Rc::new(RefCell::new(None));
+        let delivered = Rc::new(std::cell::Cell::new(0usize));
+        let (rr, s, n) = (r.clone(), seen_by_timer.clone(), delivered.clone());
+        let (rec, log) = Rec::with(move |_, _, _| {
+            n.set(n.get() + 1);
+            if n.get() == 1 {
+                let (s, n) = (s.clone(), n.clone());
+                rr.call_later(Duration::ZERO, move || *s.borrow_mut() = Some(n.get()));
+            }
+        });
+        let server = r.adopt_datagram_port(std_sock, AddressFamily::INET, rec, 8192).unwrap();
+        const N: u32 = 1_500;
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..N {
+            client.send_to(&[&i.to_be_bytes()[..], &[0u8; 1020]].concat(), to).unwrap();
+        }
+        let l = log.clone();
+        run_until(&r, move || data_of(&l).len() == N as usize);
+        let first_slice = seen_by_timer.borrow().expect("the timer ran");
+        // One event reads at most 256 KiB plus the batch it was in.
+        assert!(first_slice <= 256 + 32, "{first_slice} datagrams were read before the timer ran");
+        let got: Vec<u32> =
+            data_of(&log).iter().map(|d| u32::from_be_bytes(d[..4].try_into().unwrap())).collect();
+        assert_eq!(got, (0..N).collect::<Vec<_>>());
+        stop_and_wait(&r, &server);
+    }
+);
