@@ -472,7 +472,10 @@ reactor_test!(
             vec![b"one".to_vec(), b"boom".to_vec(), b"two".to_vec(), b"boom".to_vec(), b"three".to_vec()]
         );
         assert_eq!(logs.matches("protocol bug").count(), 2, "{logs}");
-        assert!(logs.contains("in datagram_received for UDP port"), "{logs}");
+        // §4.9 item 6: the log prefix names the protocol.
+        let line = logs.lines().find(|l| l.contains("protocol bug")).unwrap();
+        assert!(line.contains("in datagram_received for UDP port 127.0.0.1:"), "{line}");
+        assert!(line.contains("(udp::Rec)"), "the line does not name the protocol: {line}");
     }
 );
 
@@ -769,5 +772,24 @@ reactor_test!(
             data_of(&log).iter().map(|d| u32::from_be_bytes(d[..4].try_into().unwrap())).collect();
         assert_eq!(got, (0..N).collect::<Vec<_>>());
         stop_and_wait(&r, &server);
+    }
+);
+
+// A reactor dropped with ports open closes them: the socket is released
+// (its address can be bound again) and the protocol is stopped.
+reactor_test!(
+    fn dropping_the_reactor_closes_its_ports(r) {
+        let (rec, log) = Rec::new();
+        let port = r.listen_udp(0, rec, "127.0.0.1", 8192).unwrap();
+        let addr = port.local_addr();
+        let path = temp_path("dropped");
+        let (urec, ulog) = Rec::new();
+        let unix = r.listen_unix_datagram(&path, urec, 8192, None).unwrap();
+        drop(r);
+        assert_eq!(log.borrow().last(), Some(&Ev::Stop));
+        assert_eq!(ulog.borrow().last(), Some(&Ev::Stop));
+        UdpSocket::bind(addr).expect("the port's socket is still open");
+        assert!(!path.exists(), "the socket file outlived the reactor");
+        assert!(!port.listening() && !unix.listening());
     }
 );

@@ -487,8 +487,13 @@ impl<K: DatagramKind> FileDescriptor for DatagramPort<K> {
         self.close();
     }
 
+    /// Names the port and its protocol (Twisted's `logPrefix` is the
+    /// protocol's), so a line about a failure says whose code it was.
     fn log_prefix(&self) -> String {
-        format!("{} port {}", K::NAME, self.local)
+        match &*self.protocol.borrow() {
+            Some(p) => format!("{} port {} ({})", K::NAME, self.local, p.name()),
+            None => format!("{} port {}", K::NAME, self.local),
+        }
     }
 }
 
