@@ -114,6 +114,27 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
+    /// A child process exited with status 0 (Twisted's `ProcessDone`).
+    ProcessDone,
+    /// A child process exited with another status or was killed by a
+    /// signal (Twisted's `ProcessTerminated`).
+    ProcessTerminated {
+        /// The exit status, if it exited.
+        exit_code: Option<i32>,
+        /// The signal that killed it, if one did.
+        signal: Option<i32>,
+    },
+    /// `signal_process` after the child exited (Twisted's `ProcessExitedAlready`).
+    ProcessExitedAlready,
+    /// A child descriptor that is not mapped (or not for writing).
+    NoSuchChildFd(i32),
+    /// A child process could not be started; names the program.
+    SpawnFailed {
+        /// The program, as given.
+        program: String,
+        /// Why.
+        source: io::Error,
+    },
     /// A user callback panicked; carries the panic message.
     Panicked(String),
     /// An operating-system error with a short description of what was tried.
@@ -179,6 +200,15 @@ impl fmt::Display for Error {
             Error::PortClosed => f.write_str("the port is closed"),
             Error::AlreadyConnected => f.write_str("the datagram port is already connected"),
             Error::MulticastJoin { group, source } => write!(f, "cannot join multicast group {group}: {source}"),
+            Error::ProcessDone => f.write_str("process finished with exit code 0"),
+            Error::ProcessTerminated { exit_code: Some(code), .. } => {
+                write!(f, "process ended with exit code {code}")
+            }
+            Error::ProcessTerminated { signal: Some(sig), .. } => write!(f, "process ended by signal {sig}"),
+            Error::ProcessTerminated { .. } => f.write_str("process ended"),
+            Error::ProcessExitedAlready => f.write_str("the process has exited already"),
+            Error::NoSuchChildFd(fd) => write!(f, "child descriptor {fd} is not mapped for writing"),
+            Error::SpawnFailed { program, source } => write!(f, "cannot run {program:?}: {source}"),
             Error::Panicked(msg) => write!(f, "callback panicked: {msg}"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }

@@ -30,6 +30,7 @@ pub mod datagram;
 pub mod defer;
 pub mod error;
 pub mod protocol;
+pub mod process;
 pub mod protocols;
 pub mod reactor;
 pub mod resolver;

@@ -70,6 +70,14 @@ pub enum Address {
         /// The port.
         port: u16,
     },
+    /// One of a child process's descriptors, seen from the parent end of
+    /// its pipe (Twisted's `_ProcessAddress`): no socket names it.
+    Process {
+        /// The child's process id.
+        pid: i32,
+        /// The descriptor number in the child (0 stdin, 1 stdout, ...).
+        fd: i32,
+    },
 }
 
 /// A UNIX-domain socket address: a filesystem path, a Linux abstract name, or
@@ -243,7 +251,7 @@ impl Address {
         match self {
             Address::Ip(a) => Some(a.port()),
             Address::Hostname { port, .. } => Some(*port),
-            Address::Unix(_) => None,
+            Address::Unix(_) | Address::Process { .. } => None,
         }
     }
 
@@ -282,17 +290,17 @@ impl Address {
             Address::Ip(SocketAddr::V4(_)) => Some(AddressFamily::INET),
             Address::Ip(SocketAddr::V6(_)) => Some(AddressFamily::INET6),
             Address::Unix(_) => Some(AddressFamily::UNIX),
-            Address::Hostname { .. } => None,
+            Address::Hostname { .. } | Address::Process { .. } => None,
         }
     }
 
     /// The address in the form rustix's `bind` and `connect` take.
-    /// `None` for a host name (resolve it first).
+    /// `None` for a host name (resolve it first) or a process pipe.
     pub fn to_sockaddr(&self) -> Option<SocketAddrAny> {
         match self {
             Address::Ip(a) => Some(SocketAddrAny::from(*a)),
             Address::Unix(u) => Some(SocketAddrAny::from(u.to_rustix())),
-            Address::Hostname { .. } => None,
+            Address::Hostname { .. } | Address::Process { .. } => None,
         }
     }
 
@@ -455,6 +463,7 @@ impl fmt::Display for Address {
             Address::Unix(u) => fmt::Display::fmt(u, f),
             Address::Hostname { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Address::Hostname { host, port } => write!(f, "{host}:{port}"),
+            Address::Process { pid, fd } => write!(f, "process {pid} fd {fd}"),
         }
     }
 }

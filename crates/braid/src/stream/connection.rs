@@ -335,6 +335,14 @@ impl<K: Kind> Connection<K> {
                 return Err((e, protocol));
             }
             self.set_io(Io::READING, true);
+        } else if K::HEARS_PEER_CLOSE {
+            // Watched, not reading: pausing does not apply, and the close
+            // unregisters every role at once.
+            if let Err(e) = reactor.add_reader(self.clone()) {
+                self.life.set(Life::Lost);
+                self.sock.take();
+                return Err((e, protocol));
+            }
         }
         *self.protocol.borrow_mut() = Some(protocol);
         let transport = Transport::new(self.clone());
@@ -603,6 +611,12 @@ impl<K: Kind> Flush for Connection<K> {
 }
 
 impl<K: Kind> FileDescriptor for Connection<K> {
+    fn reads_errors(&self) -> bool {
+        // A write-only kind is watched for reading only to hear its peer
+        // go away, which is an error event: `do_read` tells how it ended.
+        !K::READS
+    }
+
     fn fileno(&self) -> RawFd {
         if self.life.get() == Life::Lost {
             -1
@@ -612,6 +626,12 @@ impl<K: Kind> FileDescriptor for Connection<K> {
     }
 
     fn do_read(&self) -> Result<(), Failure> {
+        if !K::READS {
+            // Only a kind that hears its peer close is watched: this is it.
+            // Bytes still waiting are bytes the peer will never read.
+            let why = if self.buffered_len() > 0 { Error::ConnectionLost } else { Error::ConnectionDone };
+            return Err(Failure::new(why));
+        }
         let Some(reactor) = self.reactor.get() else { return Ok(()) };
         // Left over only if a protocol panicked mid-read: never send it.
         reactor.write_stage().clear();
@@ -661,8 +681,9 @@ impl<K: Kind> FileDescriptor for Connection<K> {
     }
 
     fn half_closeable(&self) -> bool {
-        if !K::WRITES {
-            // Nothing is left open once the only direction has ended.
+        if !K::WRITES || !K::READS {
+            // Nothing is left open once the only direction has ended (for
+            // a write-only kind, the "read" side is its peer going away).
             return false;
         }
         let Ok(mut p) = self.protocol.try_borrow_mut() else { return false };

@@ -31,6 +31,12 @@ pub(crate) trait Kind: Sized + 'static {
     /// connection ends when its write side does.
     const READS: bool = true;
 
+    /// For a kind that does not read: whether it is still watched for
+    /// reading, to hear the other end go away (a pipe's write end reports
+    /// its reader closing as an error event). Such a readiness ends the
+    /// connection.
+    const HEARS_PEER_CLOSE: bool = false;
+
     /// Whether bytes go out through the descriptor. A kind that does not
     /// write (a pipe's read end) is never registered for writing; writes to
     /// it are dropped, as after the write side is closed.

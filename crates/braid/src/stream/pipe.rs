@@ -3,14 +3,19 @@
 //! only the system calls differ (`read`/`write`/`writev`, since a pipe is
 //! not a socket), and a pipe end goes one way only.
 //!
+//! A pseudo-terminal's master is the third kind here: one descriptor read
+//! and written, whose end is `EIO` once the child side has closed.
+//!
 //! A read end is registered only for reading: the writer closing its end
 //! is the end of the stream (`ConnectionDone`), never a half-close, since
-//! nothing is left open. A write end is registered only for writing, and
-//! only while the kernel refuses bytes: the reader closing its end while
-//! bytes are buffered is reported as an error (EPOLLERR/POLLERR, or by
-//! `select` as writable, when the write fails with `EPIPE`), and the
-//! connection is lost (`ConnectionLost`). An idle write end is watched by
-//! nobody, so it learns that the reader went away at its next write.
+//! nothing is left open. A write end is registered for writing only while
+//! the kernel refuses bytes, and for "reading" all along, only to hear the
+//! reader close its end (a pipe's write end is never readable; the kernel
+//! reports the reader's close as an error event, which `select` shows as
+//! readable): that ends the connection (`ConnectionDone`), so a child's
+//! stdin is known closed when the child exits, written to or not. A write
+//! that meets the closed reader first fails with `EPIPE`
+//! (`ConnectionLost`).
 //!
 //! Half-closing a write end (`lose_write_connection`) is losing it; losing
 //! or aborting either end closes the descriptor (a pipe has no reset).
@@ -36,7 +41,10 @@ use super::Address;
 /// direction is part of the type so that the connection's checks of it
 /// compile away.
 pub(crate) struct Pipe<const WRITE_END: bool> {
-    _private: (),
+    /// Whose descriptor this is: the child's pid and its fd number (0 and
+    /// 0 for a pipe no process holds, as in the tests below).
+    pid: i32,
+    fd: i32,
 }
 
 /// The end a process writes to and we read from (its stdout or stderr).
@@ -45,22 +53,25 @@ pub(crate) type PipeReader = Pipe<false>;
 pub(crate) type PipeWriter = Pipe<true>;
 
 impl<const WRITE_END: bool> Pipe<WRITE_END> {
+    #[cfg(test)]
     pub fn new() -> Self {
-        Pipe { _private: () }
+        Pipe { pid: 0, fd: 0 }
+    }
+
+    /// The parent's end of child `pid`'s descriptor `fd`.
+    pub fn for_child(pid: i32, fd: i32) -> Self {
+        Pipe { pid, fd }
     }
 }
 
 impl<const WRITE_END: bool> Kind for Pipe<WRITE_END> {
     const NAME: &'static str = "pipe";
     const READS: bool = !WRITE_END;
+    const HEARS_PEER_CLOSE: bool = WRITE_END;
     const WRITES: bool = WRITE_END;
 
     fn peer(&self) -> Address {
-        // No address family names a pipe; the process address (the child's
-        // pid and which of its descriptors this is) comes with the
-        // processes issue. Until then, the closest thing there is: an
-        // unnamed stream end.
-        Address::unix_unnamed()
+        Address::Process { pid: self.pid, fd: self.fd }
     }
 
     #[inline]
@@ -82,6 +93,47 @@ impl<const WRITE_END: bool> Kind for Pipe<WRITE_END> {
         // Never reached: a write end's half-close is a full close (the
         // connection sees `READS` is false), and a read end has no write
         // side to shut. Closing the descriptor is the pipe's only shutdown.
+    }
+}
+
+/// A pseudo-terminal's master end, which carries both directions. Once
+/// every descriptor of the slave side is closed, Linux reports `EIO` on
+/// reads: that is the end of the stream.
+pub(crate) struct PtyMaster {
+    pid: i32,
+}
+
+impl PtyMaster {
+    pub fn for_child(pid: i32) -> Self {
+        PtyMaster { pid }
+    }
+}
+
+impl Kind for PtyMaster {
+    const NAME: &'static str = "pty";
+
+    fn peer(&self) -> Address {
+        Address::Process { pid: self.pid, fd: 0 }
+    }
+
+    fn recv(&self, fd: &OwnedFd, buf: &mut [u8]) -> Result<usize, Errno> {
+        match rustix::io::read(fd, buf) {
+            Err(Errno::IO) => Ok(0),
+            other => other,
+        }
+    }
+
+    fn send(&self, fd: &OwnedFd, data: &[u8]) -> Result<usize, Errno> {
+        rustix::io::write(fd, data)
+    }
+
+    fn send_vectored(&self, fd: &OwnedFd, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
+        rustix::io::writev(fd, bufs)
+    }
+
+    fn shutdown_write(&self, _fd: &OwnedFd) {
+        // A terminal has no half-close; losing the write side waits for the
+        // whole connection to close.
     }
 }
 
@@ -238,16 +290,19 @@ mod tests {
                 ..Default::default()
             };
             // While bytes arrive: the read end is never a writer, the write
-            // end never a reader, and the write end does wait as a writer.
+            // end is watched for reading only to hear its reader close, and
+            // the write end does wait as a writer.
             let (rfd, wfd) = (rd.as_raw_fd(), wr.as_raw_fd());
             let wrong = Rc::new(RefCell::new(Vec::new()));
             let writer_waited = Rc::new(Cell::new(false));
             let (rr, wrong2, waited) = (r.clone(), wrong.clone(), writer_waited.clone());
+            let wlog2 = wlog.clone();
             let check = move || {
+                let writer_open = !wlog2.borrow().iter().any(|e| e.starts_with("lost"));
                 let readers: Vec<_> = rr.get_readers().iter().map(|d| d.fileno()).collect();
                 let writers: Vec<_> = rr.get_writers().iter().map(|d| d.fileno()).collect();
-                if readers.contains(&wfd) {
-                    wrong2.borrow_mut().push("the write end is a reader");
+                if writer_open && !readers.contains(&wfd) {
+                    wrong2.borrow_mut().push("the write end does not listen for its reader's close");
                 }
                 if writers.contains(&rfd) {
                     wrong2.borrow_mut().push("the read end is a writer");

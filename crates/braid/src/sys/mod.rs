@@ -7,6 +7,7 @@ pub(crate) mod listen_fds;
 pub(crate) mod mmsg;
 pub(crate) mod prefetch;
 pub(crate) mod signal;
+pub(crate) mod spawn;
 pub(crate) mod tsc;
 pub(crate) mod unix_socket;
 pub(crate) mod waker;
