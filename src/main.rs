@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! braid echo --port 8000 [--udp 8000] [--interface 127.0.0.1] [--unix PATH [--mode 660]] [--reactor epoll]
+//! braid exec --port 8000 [--interface 127.0.0.1] [--max-children N] -- PROGRAM [ARGS...]
 //! ```
 //! A server runs until SIGINT or SIGTERM, then shuts down cleanly and exits
 //! with status 0. Bad arguments, an unknown reactor or a port in use end
@@ -28,6 +29,8 @@ struct Cli {
 enum Command {
     /// Echo server (RFC 862): sends back whatever it receives.
     Echo(cmd::echo::Args),
+    /// inetd-style server: each connection runs PROGRAM on its stdin/stdout.
+    Exec(cmd::exec::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         .init();
     let result = cmd::backend(cli.reactor.as_deref()).and_then(|backend| match cli.command {
         Command::Echo(args) => cmd::echo::run(backend, args),
+        Command::Exec(args) => cmd::exec::run(backend, args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

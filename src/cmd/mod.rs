@@ -3,6 +3,7 @@
 use braid::{Backend, Reactor};
 
 pub mod echo;
+pub mod exec;
 
 /// The backend named by `--reactor`, else by `BRAID_REACTOR`, else the
 /// platform default. An unknown name is an error listing the valid ones.

@@ -182,12 +182,15 @@ impl Command {
                 use std::os::unix::fs::PermissionsExt;
                 p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
             })
-            .ok_or_else(|| self.failed(std::io::Error::new(std::io::ErrorKind::NotFound, "not found on PATH")))
+            .ok_or_else(|| {
+                self.failed(std::io::Error::new(std::io::ErrorKind::NotFound, "not found on PATH"))
+            })
     }
 }
 
 fn cstring(bytes: &[u8], what: &Command) -> Result<CString, Error> {
-    CString::new(bytes).map_err(|_| what.failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte")))
+    CString::new(bytes)
+        .map_err(|_| what.failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte")))
 }
 
 /// What a child process's owner is told (Twisted's `ProcessProtocol`).
@@ -522,7 +525,8 @@ impl Reactor {
             pty_master = Some(master);
         } else {
             if command.fds.len() > 64 {
-                return Err(command.failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, "over 64 descriptors")));
+                return Err(command
+                    .failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, "over 64 descriptors")));
             }
             for (&child_fd, &how) in &command.fds {
                 match how {
@@ -678,10 +682,16 @@ impl ProcessTransport {
     fn writer(&self, fd: RawFd) -> Result<Transport, Error> {
         match self.process.ends.borrow().get(&fd) {
             Some(End::Writer(t)) | Some(End::Pty(t)) => Ok(t.clone()),
-            _ if fd == 0 => self.process.ends.borrow().get(&1).and_then(|e| match e {
-                End::Pty(t) => Some(t.clone()),
-                _ => None,
-            }).ok_or(Error::NoSuchChildFd(fd)),
+            _ if fd == 0 => self
+                .process
+                .ends
+                .borrow()
+                .get(&1)
+                .and_then(|e| match e {
+                    End::Pty(t) => Some(t.clone()),
+                    _ => None,
+                })
+                .ok_or(Error::NoSuchChildFd(fd)),
             _ => Err(Error::NoSuchChildFd(fd)),
         }
     }
@@ -745,9 +755,13 @@ impl ProcessTransport {
             return Err(Error::ProcessExitedAlready);
         }
         let sig = signal.signal_number().ok_or_else(|| {
-            Error::io("signal_process", std::io::Error::new(std::io::ErrorKind::InvalidInput, "unknown signal name"))
+            Error::io(
+                "signal_process",
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "unknown signal name"),
+            )
         })?;
-        spawn::kill(self.process.pid, sig).map_err(|e| Error::io(format!("signalling process {}", self.process.pid), e))
+        spawn::kill(self.process.pid, sig)
+            .map_err(|e| Error::io(format!("signalling process {}", self.process.pid), e))
     }
 
     /// Sets a pseudo-terminal child's window size (`TIOCSWINSZ`; the
@@ -824,6 +838,12 @@ impl Producer for ProcessTransport {
 
 impl std::fmt::Debug for ProcessTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ProcessTransport(pid {}, {}, {:?})", self.process.pid, self.process.name, self.process.life.get())
+        write!(
+            f,
+            "ProcessTransport(pid {}, {}, {:?})",
+            self.process.pid,
+            self.process.name,
+            self.process.life.get()
+        )
     }
 }

@@ -131,8 +131,8 @@ unsafe fn child(
             libc::_exit(127)
         }
     };
-    // SAFETY (whole block): each call is async-signal-safe and takes only
-    // plain integers or pointers into memory prepared before the fork.
+    // SAFETY: each call below is async-signal-safe and takes only plain
+    // integers or pointers into memory prepared before the fork.
     unsafe {
         // Signals: an empty mask, and SIGPIPE back to its default (Rust
         // ignores it, and an ignored signal stays ignored across exec).
@@ -145,15 +145,14 @@ unsafe fn child(
         // place (dup2 clears close-on-exec on the target).
         let mut temps = [0 as RawFd; 64];
         let n = plan.fds.len().min(temps.len());
-        for i in 0..n {
-            let t = libc::fcntl(plan.fds[i].1, libc::F_DUPFD, scratch);
-            if t < 0 {
+        for (temp, &(_, source)) in temps.iter_mut().zip(&plan.fds[..n]) {
+            *temp = libc::fcntl(source, libc::F_DUPFD, scratch);
+            if *temp < 0 {
                 fail(report);
             }
-            temps[i] = t;
         }
-        for i in 0..n {
-            if libc::dup2(temps[i], plan.fds[i].0) < 0 {
+        for (&temp, &(target, _)) in temps.iter().zip(&plan.fds[..n]) {
+            if libc::dup2(temp, target) < 0 {
                 fail(report);
             }
         }
@@ -173,10 +172,8 @@ unsafe fn child(
                 }
             }
         }
-        if plan.new_session_tty {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                fail(report);
-            }
+        if plan.new_session_tty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
+            fail(report);
         }
         if let Some(dir) = &plan.dir {
             if libc::chdir(dir.as_ptr()) != 0 {
@@ -245,7 +242,9 @@ pub(crate) fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: `master` is an open pty master; ptsname_r writes at most
     // `name.len()` bytes, NUL included.
     let ok = unsafe {
-        libc::grantpt(m) == 0 && libc::unlockpt(m) == 0 && libc::ptsname_r(m, name.as_mut_ptr(), name.len()) == 0
+        libc::grantpt(m) == 0
+            && libc::unlockpt(m) == 0
+            && libc::ptsname_r(m, name.as_mut_ptr(), name.len()) == 0
     };
     if !ok {
         return Err(io::Error::last_os_error());
