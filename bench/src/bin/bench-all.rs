@@ -524,13 +524,7 @@ impl Server {
 
     /// Server CPU time so far (utime + stime of all its threads), in ns.
     fn cpu_ns(&self, clk_tck: f64) -> Result<f64, String> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-            .map_err(|e| format!("reading /proc/{}/stat: {e}", self.pid))?;
-        // Fields after the ")" that closes the command name: state is field 3, utime 14, stime 15.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
-        Ok((ticks(11) + ticks(12)) / clk_tck * 1e9)
+        process_cpu_ns(self.pid, clk_tck)
     }
 
     /// Server CPU time so far in ns, exact: the sum of every thread's run time from
@@ -582,6 +576,17 @@ impl Server {
     }
 }
 
+/// CPU time so far of process `pid` (utime + stime of all its threads), in ns.
+fn process_cpu_ns(pid: u32, clk_tck: f64) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("reading /proc/{pid}/stat: {e}"))?;
+    // Fields after the ")" that closes the command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    Ok((ticks(11) + ticks(12)) / clk_tck * 1e9)
+}
+
 /// What the server looked like when the load generator printed a `MARK`.
 struct Mark {
     cpu_ns: f64,
@@ -613,6 +618,8 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
     let err = lines_of(child.stderr.take().expect("stderr"));
     let deadline = Instant::now() + sc.time_limit;
     let mut marks: BTreeMap<String, Mark> = BTreeMap::new();
+    // The load generator's own CPU time at each mark (it is the child: taskset execs it).
+    let mut loadgen_marks: BTreeMap<String, f64> = BTreeMap::new();
     let mut result: Option<BTreeMap<String, String>> = None;
     let mut error: Option<String> = None;
     loop {
@@ -653,6 +660,9 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
                     let _ = s.write_all(b"go\n");
                     let _ = s.flush();
                 }
+            }
+            if let Ok(ns) = process_cpu_ns(child.id(), cfg.clk_tck) {
+                loadgen_marks.insert(name.to_string(), ns);
             }
             marks.insert(name.to_string(), Mark { cpu_ns, exec_ns, rss });
         } else if let Some(fields) = line.strip_prefix("RESULT ") {
@@ -698,6 +708,9 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
         // Below 1 the server sometimes waited for datagrams: the load generator set the pace.
         let wall_ns = num("seconds").unwrap_or(f64::NAN) * 1e9;
         sample.extra.insert("busy", cpu / wall_ns);
+        if let (Some(a), Some(b)) = (loadgen_marks.get("start"), loadgen_marks.get("end")) {
+            sample.extra.insert("loadgen_busy", (b - a) / wall_ns);
+        }
     }
     if sc.name == "idle" {
         let conns = num("conns").unwrap_or(f64::NAN);
@@ -1284,6 +1297,10 @@ fn render_udp(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: &
         (
             "server busy".into(),
             Box::new(|m| format!("{:.0}%", m.extra.get("busy").copied().unwrap_or(f64::NAN) * 100.0)),
+        ),
+        (
+            "load generator busy".into(),
+            Box::new(|m| format!("{:.0}%", m.extra.get("loadgen_busy").copied().unwrap_or(f64::NAN) * 100.0)),
         ),
     ];
     for (sc, cells) in scenarios.iter().zip(results) {
