@@ -8,10 +8,12 @@
 //!   --reps N              repetitions (3)            --seconds S   length of timed scenarios (3)
 //!   --bulk-bytes N        bytes through bulk (1 GiB) --idle-conns N idle connections (10000)
 //!   --scenarios a,b       only these (pingpong, pingpong-1cpu, pipeline-100, pipeline-1000, bulk,
-//!                         accept, idle, short-idle)
+//!                         accept, idle, short-idle; UDP: udp-64-1, udp-64-64, udp-1200-1,
+//!                         udp-1200-64, datagram size and flows)
 //!   --short-count N       short-idle: connections per measured run (5000)
 //!   --short-rounds N      short-idle: measured runs per phase (5; quick: 3)
-//!   --servers a,b         only these (tokio, mio, braid-select, braid-poll, braid-epoll)
+//!   --servers a,b         only these (tokio, mio, tokio-udp, braid-select, braid-poll, braid-epoll);
+//!                         tokio and mio serve the TCP scenarios, tokio-udp the UDP ones, braid both
 //!   --no-timers           skip the timer benchmark    --no-build    do not run cargo build
 //!   --out PATH            where to write the report (default: BENCHMARKS.md at the repo root)
 //! ```
@@ -21,7 +23,8 @@
 //! and the load generator pinned to CPU 1 (`taskset`), and reads the server's utime+stime from
 //! /proc/PID/stat at the load generator's `MARK start` and `MARK end`, so server CPU per
 //! operation covers exactly the operations counted. Servers alternate within each repetition of
-//! a scenario; the report gives medians.
+//! a scenario; the report gives medians. UDP scenarios use `udp_loadgen` against
+//! `udp_echo_tokio` and `braid echo --udp`, and get a table of their own.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -1473,6 +1476,60 @@ mod tests {
         assert!((s.extra["none_cpu_ns"] - 1e5).abs() < 1e-6, "{}", s.extra["none_cpu_ns"]);
         assert!((s.extra["idle_ratio"] - 2.0).abs() < 1e-9);
         assert_eq!(s.extra["exact_cpu"], 0.0);
+    }
+
+    fn test_config(servers: &[&'static str], scenarios: &[&'static str]) -> Config {
+        Config {
+            reps: 1,
+            seconds: 1.0,
+            bulk_bytes: 1,
+            idle_conns: 1,
+            short_count: 1,
+            short_rounds: 1,
+            scenarios: scenarios.to_vec(),
+            servers: servers.to_vec(),
+            timers: false,
+            timer_rounds: None,
+            out: PathBuf::new(),
+            bin: PathBuf::new(),
+            root: PathBuf::new(),
+            taskset: false,
+            clk_tck: 100.0,
+            nproc: 2,
+            loadavg_before: String::new(),
+        }
+    }
+
+    #[test]
+    fn subset_keeps_each_transport_with_only_its_servers() {
+        let servers = ["tokio", "mio", "tokio-udp", "braid-epoll"];
+        let names = ["pingpong", "udp-64-64"];
+        let cfg = test_config(&servers, &names);
+        let scenarios: Vec<Scenario> = names.iter().map(|n| scenario(n, &cfg)).collect();
+        let cell = |tag: f64| Cell::Samples(vec![Sample { rate: tag, ..Sample::default() }]);
+        let results = vec![
+            vec![cell(1.0), cell(2.0), Cell::NotApplicable(String::new()), cell(4.0)],
+            vec![
+                Cell::NotApplicable(String::new()),
+                Cell::NotApplicable(String::new()),
+                cell(7.0),
+                cell(8.0),
+            ],
+        ];
+        let rate = |c: &Cell| match c {
+            Cell::Samples(v) => v[0].rate,
+            _ => f64::NAN,
+        };
+        let (tcp, tcp_sc, tcp_res) = subset(&cfg, &scenarios, &results, Transport::Tcp);
+        assert_eq!(tcp.servers, ["tokio", "mio", "braid-epoll"]);
+        assert_eq!(tcp_sc.iter().map(|s| s.name).collect::<Vec<_>>(), ["pingpong"]);
+        assert_eq!(tcp_res[0].iter().map(rate).collect::<Vec<_>>(), [1.0, 2.0, 4.0]);
+        let (udp, udp_sc, udp_res) = subset(&cfg, &scenarios, &results, Transport::Udp);
+        assert_eq!(udp.servers, ["tokio-udp", "braid-epoll"]);
+        assert_eq!(udp_sc.iter().map(|s| s.name).collect::<Vec<_>>(), ["udp-64-64"]);
+        assert_eq!(udp_res[0].iter().map(rate).collect::<Vec<_>>(), [7.0, 8.0]);
+        assert!(udp_sc[0].args.windows(2).any(|w| w == ["--flows", "64"]));
+        assert!(udp_sc[0].args.windows(2).any(|w| w == ["--size", "64"]));
     }
 
     #[test]

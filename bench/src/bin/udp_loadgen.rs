@@ -357,3 +357,27 @@ fn run(args: &Args, addr: SocketAddr) -> Res<Vec<String>> {
         field("rate", format!("{:.1}", ops as f64 / secs)),
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codec_round_trips_and_catches_any_changed_byte() {
+        let pattern = Pattern::new();
+        let codec = Codec { pattern: &pattern, size: 64 };
+        let mut d = [0u8; 64];
+        codec.encode(3, 1234, &mut d);
+        assert_eq!(codec.decode(3, &d), Ok(1234));
+        for i in 0..d.len() {
+            let mut bad = d;
+            bad[i] ^= 0x40;
+            assert!(codec.decode(3, &bad).is_err(), "byte {i} changed but accepted");
+        }
+        assert!(codec.decode(4, &d).is_err(), "another flow's datagram accepted");
+        assert!(codec.decode(3, &d[..63]).is_err(), "a short echo accepted");
+        let mut other = [0u8; 64];
+        codec.encode(3, 1235, &mut other);
+        assert_ne!(d[HEADER..], other[HEADER..], "consecutive datagrams carry the same payload");
+    }
+}
