@@ -1253,6 +1253,25 @@ fn render_echo(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: 
     let _ = writeln!(s, "\n</details>\n");
 }
 
+/// How many datagrams of `size` bytes a UDP socket with the default receive buffer queues
+/// before the kernel drops the rest: sends more than that to a socket that does not read.
+fn receive_buffer_holds(size: usize) -> Option<usize> {
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+    rx.set_nonblocking(true).ok()?;
+    let tx = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+    tx.connect(rx.local_addr().ok()?).ok()?;
+    let payload = vec![0u8; size];
+    for _ in 0..4096 {
+        tx.send(&payload).ok()?;
+    }
+    let mut buf = vec![0u8; size + 1];
+    let mut n = 0;
+    while n < 4096 && rx.recv(&mut buf).is_ok() {
+        n += 1;
+    }
+    Some(n)
+}
+
 /// The UDP echo section: medians, ratios to the tokio UDP echo, every repetition.
 fn render_udp(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: &mut String) {
     let pinning = if cfg.taskset { "server on CPU 0, load generator on CPU 1" } else { "no CPU pinning" };
@@ -1278,11 +1297,17 @@ fn render_udp(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: &
          itself. **Loss** is the share of datagrams sent that did not come back within the timeout. On \
          loopback the kernel drops a datagram only when the server socket's receive buffer is full \
          (RcvbufErrors in /proc/net/snmp). Every server keeps the default SO_RCVBUF, which holds a few \
-         hundred small datagrams (on the kernel this was written on, 256 of 64 B and 92 of 1,200 B), fewer \
-         than the 1,024 that 64 flows keep in flight: there the excess is dropped, counted lost after the \
+         hundred small datagrams (here {}), fewer than the 1,024 that 64 flows keep in flight: there \
+         the excess is dropped, counted lost after the \
          timeout and replaced, so the loss figure mostly reflects the timeout, and the window the server \
          actually sees is what its buffer holds, the same for every server. The target (DESIGN.md §11) is \
-         braid's server CPU per datagram ≤ 0.8× tokio's at 64 flows.\n"
+         braid's server CPU per datagram ≤ 0.8× tokio's at 64 flows.\n",
+        [64, 1200]
+            .map(|size| match receive_buffer_holds(size) {
+                Some(n) => format!("{n} of {size} B"),
+                None => format!("? of {size} B"),
+            })
+            .join(", ")
     );
     let _ = write!(s, "| scenario | figure |");
     for server in &cfg.servers {
