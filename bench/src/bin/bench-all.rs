@@ -533,12 +533,7 @@ impl Server {
     /// Server CPU time so far in ns, exact: the sum of every thread's run time from
     /// /proc/PID/task/*/schedstat. None if the kernel does not provide it.
     fn exec_ns(&self) -> Option<f64> {
-        let mut total = 0.0;
-        for entry in std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()? {
-            let stat = std::fs::read_to_string(entry.ok()?.path().join("schedstat")).ok()?;
-            total += stat.split_whitespace().next()?.parse::<f64>().ok()?;
-        }
-        Some(total)
+        schedstat_ns(self.pid).map(|(run, _)| run)
     }
 
     /// VmRSS in bytes.
@@ -577,6 +572,19 @@ impl Server {
         let _ = self.child.wait();
         Ok(())
     }
+}
+
+/// Process `pid`'s time so far in ns, summed over its threads from /proc/PID/task/*/schedstat:
+/// running, and runnable but waiting for a CPU. None if the kernel does not provide it.
+fn schedstat_ns(pid: u32) -> Option<(f64, f64)> {
+    let (mut run, mut wait) = (0.0, 0.0);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(entry.ok()?.path().join("schedstat")).ok()?;
+        let mut f = stat.split_whitespace().map(|v| v.parse::<f64>().ok());
+        run += f.next()??;
+        wait += f.next()??;
+    }
+    Some((run, wait))
 }
 
 /// CPU time so far of process `pid` (utime + stime of all its threads), in ns.
@@ -621,8 +629,10 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
     let err = lines_of(child.stderr.take().expect("stderr"));
     let deadline = Instant::now() + sc.time_limit;
     let mut marks: BTreeMap<String, Mark> = BTreeMap::new();
-    // The load generator's own CPU time at each mark (it is the child: taskset execs it).
+    // The load generator's own CPU time at each mark (it is the child: taskset execs it), and
+    // how long it and the server had waited for a CPU while runnable.
     let mut loadgen_marks: BTreeMap<String, f64> = BTreeMap::new();
+    let mut waits: BTreeMap<String, (Option<f64>, Option<f64>)> = BTreeMap::new();
     let mut result: Option<BTreeMap<String, String>> = None;
     let mut error: Option<String> = None;
     loop {
@@ -667,6 +677,8 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
             if let Ok(ns) = process_cpu_ns(child.id(), cfg.clk_tck) {
                 loadgen_marks.insert(name.to_string(), ns);
             }
+            let wait = |pid: u32| schedstat_ns(pid).map(|(_, w)| w);
+            waits.insert(name.to_string(), (wait(server.pid), wait(child.id())));
             marks.insert(name.to_string(), Mark { cpu_ns, exec_ns, rss });
         } else if let Some(fields) = line.strip_prefix("RESULT ") {
             result = Some(
@@ -713,6 +725,14 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
         sample.extra.insert("busy", cpu / wall_ns);
         if let (Some(a), Some(b)) = (loadgen_marks.get("start"), loadgen_marks.get("end")) {
             sample.extra.insert("loadgen_busy", (b - a) / wall_ns);
+        }
+        if let (Some(a), Some(b)) = (waits.get("start"), waits.get("end")) {
+            if let (Some(a), Some(b)) = (a.0, b.0) {
+                sample.extra.insert("server_wait", (b - a) / wall_ns);
+            }
+            if let (Some(a), Some(b)) = (a.1, b.1) {
+                sample.extra.insert("loadgen_wait", (b - a) / wall_ns);
+            }
         }
     }
     if sc.name == "idle" {
@@ -1293,8 +1313,9 @@ fn render_udp(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: &
         "**Server CPU per datagram** is the server's utime+stime between the load generator's start and end \
          marks divided by the datagrams echoed back. **Server busy** is that CPU time over the measured \
          wall time (start to last echo): below 100% the server sometimes waited for datagrams, so the load \
-         generator set the pace; the load generator's busy share beside it shows whether it had CPU 1 to \
-         itself. **Loss** is the share of datagrams sent that did not come back within the timeout. On \
+         generator set the pace. **Waiting for a CPU** is the time the server and the load generator were \
+         runnable but not running (schedstat), over the same wall time: other work on the machine took \
+         their CPU then, and throughput drops with it while CPU per datagram stays comparable. **Loss** is the share of datagrams sent that did not come back within the timeout. On \
          loopback the kernel drops a datagram only when the server socket's receive buffer is full \
          (RcvbufErrors in /proc/net/snmp). Every server keeps the default SO_RCVBUF, which holds a few \
          hundred small datagrams (here {}), fewer than the 1,024 that 64 flows keep in flight: there \
@@ -1333,6 +1354,14 @@ fn render_udp(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: &
         (
             "load generator busy".into(),
             Box::new(|m| format!("{:.0}%", m.extra.get("loadgen_busy").copied().unwrap_or(f64::NAN) * 100.0)),
+        ),
+        (
+            "server / load generator waiting for a CPU".into(),
+            Box::new(|m| {
+                let pct =
+                    |k: &str| m.extra.get(k).map_or("—".to_string(), |v| format!("{:.0}%", v * 100.0));
+                format!("{} / {}", pct("server_wait"), pct("loadgen_wait"))
+            }),
         ),
     ];
     for (sc, cells) in scenarios.iter().zip(results) {
