@@ -507,3 +507,20 @@ fn the_fallback_reaper_works_without_pidfds() {
     }
     common::in_child("the_fallback_reaper_works_without_pidfds", "1");
 }
+
+// A reactor dropped while its child runs leaves the child running (as
+// Twisted does); the pipes close, so the child sees EOF on stdin.
+reactor_test!(
+    fn dropping_the_reactor_leaves_children_running(r) {
+        let (p, _log) = rec();
+        let t = r.spawn_process(p, &Command::new("sleep").arg("30")).unwrap();
+        let pid = t.pid().unwrap();
+        drop(t);
+        drop(r);
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(!alive.is_empty() && !alive.contains(") Z "), "the child did not survive: {alive:?}");
+        let pid = rustix::process::Pid::from_raw(pid).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()).unwrap();
+    }
+);
