@@ -240,24 +240,25 @@ fn a_mode_without_a_unix_socket_is_refused() {
     assert!(err.contains("--unix"), "{err}");
 }
 
-/// `braid echo --systemd` serves on a listening socket handed over the way
-/// systemd does (descriptor 3, LISTEN_FDS=1, LISTEN_PID naming it). Python
-/// makes the socket and then becomes braid (exec keeps the pid).
-#[test]
-fn serves_a_socket_activated_listener() {
-    let launcher = "import os, socket, sys\n\
-        s = socket.socket()\n\
-        s.bind(('127.0.0.1', 0))\n\
-        s.listen(16)\n\
+/// Runs `braid echo --systemd` with one socket handed over the way systemd
+/// does (descriptor 3, LISTEN_FDS=1, LISTEN_PID naming it): Python makes
+/// the socket (`make` is its Python expression) and then becomes braid
+/// (exec keeps the pid). Returns the server and the socket's port, once
+/// braid has announced it.
+fn socket_activated(make: &str) -> (Server, u16) {
+    let launcher = format!(
+        "import os, socket, sys\n\
+        s = {make}\n\
         sys.stdout.write(str(s.getsockname()[1]) + '\\n')\n\
         sys.stdout.flush()\n\
         if s.fileno() != 3: os.dup2(s.fileno(), 3)\n\
         os.set_inheritable(3, True)\n\
         os.environ['LISTEN_FDS'] = '1'\n\
         os.environ['LISTEN_PID'] = str(os.getpid())\n\
-        os.execv(sys.argv[1], [sys.argv[1], 'echo', '--systemd'])\n";
+        os.execv(sys.argv[1], [sys.argv[1], 'echo', '--systemd'])\n"
+    );
     let mut child = Command::new("python3")
-        .args(["-c", launcher, BIN])
+        .args(["-c", &launcher, BIN])
         .env_remove("BRAID_REACTOR")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -275,6 +276,13 @@ fn serves_a_socket_activated_listener() {
         line.contains(&format!("echo listening on 127.0.0.1:{port} (from systemd")),
         "first line: {line:?}"
     );
+    (server, port)
+}
+
+/// `braid echo --systemd` serves on a listening socket systemd passed.
+#[test]
+fn serves_a_socket_activated_listener() {
+    let (mut server, port) = socket_activated("socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(16)");
     assert_eq!(echo_once(port, b"activated"), b"activated");
     signal(&server.child, "-TERM");
     assert_eq!(wait_exit(&mut server.child), 0);
@@ -365,35 +373,8 @@ fn a_udp_port_in_use_is_a_one_line_error_naming_the_address() {
 /// A datagram socket handed over the systemd way is served as a UDP echo.
 #[test]
 fn serves_a_socket_activated_datagram_socket() {
-    let launcher = "import os, socket, sys\n\
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-        s.bind(('127.0.0.1', 0))\n\
-        sys.stdout.write(str(s.getsockname()[1]) + '\\n')\n\
-        sys.stdout.flush()\n\
-        if s.fileno() != 3: os.dup2(s.fileno(), 3)\n\
-        os.set_inheritable(3, True)\n\
-        os.environ['LISTEN_FDS'] = '1'\n\
-        os.environ['LISTEN_PID'] = str(os.getpid())\n\
-        os.execv(sys.argv[1], [sys.argv[1], 'echo', '--systemd'])\n";
-    let mut child = Command::new("python3")
-        .args(["-c", launcher, BIN])
-        .env_remove("BRAID_REACTOR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut server = Server { child, port: 0, stderr };
-    let mut port = String::new();
-    stdout.read_line(&mut port).unwrap();
-    let port: u16 = port.trim().parse().expect("the launcher's port");
-    let mut line = String::new();
-    server.stderr.read_line(&mut line).unwrap();
-    assert!(
-        line.contains(&format!("echo listening on 127.0.0.1:{port} (from systemd")),
-        "first line: {line:?}"
-    );
+    let (mut server, port) =
+        socket_activated("socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 0))");
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.send_to(b"activated datagram", ("127.0.0.1", port)).unwrap();
