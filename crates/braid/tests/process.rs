@@ -524,3 +524,32 @@ reactor_test!(
         rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()).unwrap();
     }
 );
+
+/// Both ways of spawning (posix_spawn and fork+exec) must behave alike
+/// (Twisted's item 18 runs its environment tests for both): every other
+/// test in this file runs again, in a child test process, with
+/// BRAID_SPAWN=fork.
+#[test]
+fn every_process_test_also_passes_when_forking() {
+    if std::env::var_os("BRAID_SPAWN").is_some() {
+        // This is the copy inside that child run: the parent checks it.
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--skip", "every_process_test_also_passes_when_forking", "--test-threads=2"])
+        .env("BRAID_SPAWN", "fork")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "with BRAID_SPAWN=fork:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passed: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("test result: ok. ")?.split(' ').next()?.parse().ok())
+        .expect("a test summary");
+    assert!(passed >= 50, "only {passed} tests ran with BRAID_SPAWN=fork:\n{stdout}");
+}

@@ -28,7 +28,9 @@
 //! are not killed, and whoever waits for them next reaps them.
 //!
 //! # Spawning
-//! The child is forked and, before `execve`, only async-signal-safe calls
+//! Without a user, group or terminal to set up, the child is started with
+//! `posix_spawn` (a `vfork`-style clone in glibc: cheap for a large parent);
+//! otherwise it is forked and, before `execve`, only async-signal-safe calls
 //! run in it. It gets exactly the descriptors its [`Command`] maps for it
 //! (every other one is closed), an empty signal mask and `SIGPIPE` back to
 //! its default. A program that cannot be found or executed is an error
@@ -477,6 +479,13 @@ fn poll_children(reactor: &Reactor) {
     reactor.call_later(Duration::from_millis(100), move || poll_children(&r));
 }
 
+/// `BRAID_SPAWN=fork` makes every spawn fork, so tests can hold both ways
+/// of spawning to the same behaviour.
+fn forced_fork() -> bool {
+    std::env::var_os("BRAID_SPAWN").is_some_and(|v| v == "fork")
+}
+
+/// `BRAID_PIDFD=off` reaps as on a kernel without pidfds (for tests).
 fn pidfds_disabled() -> bool {
     std::env::var_os("BRAID_PIDFD").is_some_and(|v| v == "off")
 }
@@ -553,7 +562,7 @@ impl Reactor {
             gid: command.gid,
             uid: command.uid,
         };
-        let pid = spawn::spawn(&plan).map_err(|e| command.failed(e))?;
+        let pid = spawn::spawn(&plan, !forced_fork()).map_err(|e| command.failed(e))?;
         drop(childs);
         let pty_copy = pty_master.as_ref().and_then(|m| m.try_clone().ok());
         let process = Rc::new(Process {

@@ -1,5 +1,5 @@
-//! Starting a child process: `fork`, then in the child only
-//! async-signal-safe calls (`dup2`, `close`, `chdir`, `setsid`, the
+//! Starting a child process: `posix_spawn` where it can do the job, else
+//! `fork`, then in the child only async-signal-safe calls (`dup2`, `close`, `chdir`, `setsid`, the
 //! id changes, `execve`, `_exit`) on memory prepared before the fork.
 //!
 //! The child sees exactly the descriptors it was given: each mapped source
@@ -41,9 +41,87 @@ fn last_errno() -> i32 {
     io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// Starts `plan`: with `posix_spawn` (glibc's is a `vfork`-style clone,
+/// cheap whatever the parent's size) when no id or session change is
+/// asked for, else with [`fork_exec`]. Returns the child's pid once the
+/// program runs, or the exec's error (the child already reaped).
+pub(crate) fn spawn(plan: &SpawnPlan, allow_posix_spawn: bool) -> io::Result<i32> {
+    if allow_posix_spawn && plan.uid.is_none() && plan.gid.is_none() && !plan.new_session_tty {
+        posix_spawn(plan)
+    } else {
+        fork_exec(plan)
+    }
+}
+
+/// `posix_spawn` with file actions that build the descriptor map (through
+/// slots above every number in play, for crossed mappings), close the
+/// rest (`closefrom`), set the directory, an empty signal mask and
+/// SIGPIPE's default disposition.
+fn posix_spawn(plan: &SpawnPlan) -> io::Result<i32> {
+    let mut argv: Vec<*mut libc::c_char> = plan.argv.iter().map(|a| a.as_ptr() as *mut _).collect();
+    argv.push(std::ptr::null_mut());
+    let mut envp: Vec<*mut libc::c_char> = plan.env.iter().map(|e| e.as_ptr() as *mut _).collect();
+    envp.push(std::ptr::null_mut());
+    let highest = plan.fds.iter().map(|&(c, p)| c.max(p)).max().unwrap_or(2).max(2);
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) };
+    // SAFETY: the file actions and attributes are initialised before use
+    // and destroyed on every path; each call gets pointers to them and to
+    // NUL-terminated strings and arrays that outlive the call; the
+    // descriptors named are plain integers the child acts on.
+    unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut actions))?;
+        if let Err(e) = check(libc::posix_spawnattr_init(&mut attr)) {
+            libc::posix_spawn_file_actions_destroy(&mut actions);
+            return Err(e);
+        }
+        let result = (|| {
+            let scratch = highest + 1;
+            for (i, &(_, source)) in plan.fds.iter().enumerate() {
+                check(libc::posix_spawn_file_actions_adddup2(&mut actions, source, scratch + i as RawFd))?;
+            }
+            for (i, &(target, _)) in plan.fds.iter().enumerate() {
+                check(libc::posix_spawn_file_actions_adddup2(&mut actions, scratch + i as RawFd, target))?;
+            }
+            for fd in 0..=highest {
+                if !plan.fds.iter().any(|&(c, _)| c == fd) {
+                    check(libc::posix_spawn_file_actions_addclose(&mut actions, fd))?;
+                }
+            }
+            check(libc::posix_spawn_file_actions_addclosefrom_np(&mut actions, highest + 1))?;
+            if let Some(dir) = &plan.dir {
+                check(libc::posix_spawn_file_actions_addchdir_np(&mut actions, dir.as_ptr()))?;
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            let mut pipe_only: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut pipe_only);
+            libc::sigaddset(&mut pipe_only, libc::SIGPIPE);
+            check(libc::posix_spawnattr_setsigmask(&mut attr, &none))?;
+            check(libc::posix_spawnattr_setsigdefault(&mut attr, &pipe_only))?;
+            let flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+            check(libc::posix_spawnattr_setflags(&mut attr, flags as libc::c_short))?;
+            let mut pid = 0;
+            check(libc::posix_spawn(
+                &mut pid,
+                plan.program.as_ptr(),
+                &actions,
+                &attr,
+                argv.as_ptr(),
+                envp.as_ptr(),
+            ))?;
+            Ok(pid)
+        })();
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        libc::posix_spawnattr_destroy(&mut attr);
+        result
+    }
+}
+
 /// Forks and executes `plan`. Returns the child's pid once `execve`
 /// succeeded, or the exec's error (the child already reaped).
-pub(crate) fn spawn(plan: &SpawnPlan) -> io::Result<i32> {
+fn fork_exec(plan: &SpawnPlan) -> io::Result<i32> {
     let mut argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = plan.env.iter().map(|e| e.as_ptr()).collect();
