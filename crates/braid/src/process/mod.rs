@@ -34,8 +34,9 @@
 //! run in it. It gets exactly the descriptors its [`Command`] maps for it
 //! (every other one is closed), an empty signal mask and `SIGPIPE` back to
 //! its default. A program that cannot be found or executed is an error
-//! from `spawn_process` itself ([`Error::SpawnFailed`], naming it): the
-//! protocol is never started, and no zombie is left behind.
+//! from `spawn_process` itself ([`Error::SpawnFailed`], naming it), and the
+//! protocol hears the same reason in `process_ended`, its only call (it is
+//! never connected); no zombie is left behind.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -501,6 +502,46 @@ impl Reactor {
         protocol: impl ProcessProtocol + 'static,
         command: &Command,
     ) -> Result<ProcessTransport, Error> {
+        let mut protocol = protocol;
+        let (pid, pty_master, parents) = match start_child(command) {
+            Ok(started) => started,
+            Err(e) => {
+                // The protocol hears it too, as its last (and only) call.
+                let told = catch_panic(|| {
+                    protocol.process_ended(Failure::new(copy_error(&e)));
+                    Ok(())
+                });
+                if let Err(f) = told {
+                    log_failure(&format!("in process_ended for {:?}", command.program), &f);
+                }
+                return Err(e);
+            }
+        };
+        self.connect_child(protocol, command, pid, pty_master, parents)
+    }
+}
+
+/// A second copy of a spawn error, for the protocol and the caller both.
+fn copy_error(e: &Error) -> Error {
+    match e {
+        Error::SpawnFailed { program, source } => Error::SpawnFailed {
+            program: program.clone(),
+            source: source
+                .raw_os_error()
+                .map(std::io::Error::from_raw_os_error)
+                .unwrap_or_else(|| std::io::Error::new(source.kind(), source.to_string())),
+        },
+        other => Error::io("spawning a process", std::io::Error::other(other.to_string())),
+    }
+}
+
+/// The parent's ends of the child's pipes: child fd, direction, our end.
+type ParentEnds = Vec<(RawFd, ChildFd, OwnedFd)>;
+
+/// Builds everything the child needs and starts it: its pid, the pty
+/// master if it has one, and our ends of its pipes.
+fn start_child(command: &Command) -> Result<(i32, Option<OwnedFd>, ParentEnds), Error> {
+    {
         let program = command.resolve()?;
         let arg0 = command.arg0.clone().unwrap_or_else(|| command.program.clone());
         let mut argv = vec![cstring(arg0.as_bytes(), command)?];
@@ -521,7 +562,7 @@ impl Reactor {
 
         // The parent's ends (non-blocking) and the child's (blocking, closed
         // here once the child has its copies).
-        let mut parents: Vec<(RawFd, ChildFd, OwnedFd)> = Vec::new();
+        let mut parents: ParentEnds = Vec::new();
         let mut childs: Vec<OwnedFd> = Vec::new();
         let mut map: Vec<(RawFd, RawFd)> = Vec::new();
         let mut pty_master = None;
@@ -564,6 +605,19 @@ impl Reactor {
         };
         let pid = spawn::spawn(&plan, !forced_fork()).map_err(|e| command.failed(e))?;
         drop(childs);
+        Ok((pid, pty_master, parents))
+    }
+}
+
+impl Reactor {
+    fn connect_child(
+        &self,
+        protocol: impl ProcessProtocol + 'static,
+        command: &Command,
+        pid: i32,
+        pty_master: Option<OwnedFd>,
+        parents: ParentEnds,
+    ) -> Result<ProcessTransport, Error> {
         let pty_copy = pty_master.as_ref().and_then(|m| m.try_clone().ok());
         let process = Rc::new(Process {
             pid,
