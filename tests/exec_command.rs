@@ -12,6 +12,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_braid");
 struct Server {
     child: Child,
     port: u16,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Drop for Server {
@@ -43,11 +44,16 @@ fn start(extra: &[&str], program: &[&str]) -> Server {
         panic!("first line: {line:?}");
     };
     // Keep draining the log so the server never blocks on a full pipe.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
     std::thread::spawn(move || {
-        let mut sink = String::new();
-        let _ = stderr.read_to_string(&mut sink);
+        let mut line = String::new();
+        while stderr.read_line(&mut line).is_ok_and(|n| n > 0) {
+            sink.lock().unwrap().push_str(&line);
+            line.clear();
+        }
     });
-    Server { child, port }
+    Server { child, port, log }
 }
 
 fn connect(port: u16) -> TcpStream {
@@ -125,12 +131,20 @@ fn max_children_refuses_the_rest() {
 
 #[test]
 fn a_missing_program_closes_the_connection_and_keeps_serving() {
-    let server = start(&[], &["braid-no-such-program"]);
+    // With --max-children 1, a failed spawn that still counted as running
+    // would refuse every later connection.
+    let server = start(&["--max-children", "1"], &["braid-no-such-program"]);
     for _ in 0..3 {
         let mut s = connect(server.port);
         let mut got = Vec::new();
         assert_eq!(s.read_to_end(&mut got).unwrap(), 0);
     }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.log.lock().unwrap().matches("cannot run").count() < 3 {
+        assert!(Instant::now() < deadline, "log:\n{}", server.log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!server.log.lock().unwrap().contains("refusing"), "{}", server.log.lock().unwrap());
 }
 
 fn rss_kib(pid: u32) -> u64 {

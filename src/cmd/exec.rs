@@ -74,7 +74,7 @@ impl ProcessProtocol for Child {
     }
 
     fn process_ended(&mut self, reason: Failure) {
-        self.running.set(self.running.get() - 1);
+        self.running.set(self.running.get().saturating_sub(1));
         tracing::info!("[{} pid {}] {reason}", self.peer, self.pid);
     }
 }
@@ -83,11 +83,11 @@ impl Protocol for Connection {
     fn connection_made(&mut self, transport: Transport) {
         let child =
             Child { conn: transport.clone(), running: self.running.clone(), peer: self.peer.clone(), pid: 0 };
+        // Counted down in the child's process_ended, which a failed spawn
+        // calls too.
+        self.running.set(self.running.get() + 1);
         match self.reactor.spawn_process(child, &self.command) {
-            Ok(p) => {
-                self.running.set(self.running.get() + 1);
-                self.process = Some(p);
-            }
+            Ok(p) => self.process = Some(p),
             Err(e) => {
                 tracing::error!("[{}] {e}", self.peer);
                 transport.lose_connection();
