@@ -558,3 +558,28 @@ fn every_process_test_also_passes_when_forking() {
         .expect("a test summary");
     assert!(passed >= 50, "only {passed} tests ran with BRAID_SPAWN=fork:\n{stdout}");
 }
+
+// close_stdout closes our end: the child's next write gets SIGPIPE; the
+// other descriptors stay open until they end on their own.
+reactor_test!(
+    fn close_stdout_and_lose_connection(r) {
+        let (mut p, log) = rec();
+        p.on_made = Some(Box::new(|t| t.close_stdout()));
+        let cmd = sh("sleep 0.2; while true; do echo more; done");
+        r.spawn_process(p, &cmd).unwrap();
+        let l = log.clone();
+        run_until(&r, move || ended(&l));
+        let events = log.borrow().clone();
+        assert_eq!(events[1], Ev::Lost(1), "{events:?}");
+        assert!(events.contains(&Ev::Exited("signal 13".into())), "{events:?}");
+        // lose_connection closes all three: `cat` sees EOF and exits 0.
+        let (mut p, log) = rec();
+        p.on_made = Some(Box::new(|t| t.lose_connection()));
+        r.spawn_process(p, &Command::new("cat")).unwrap();
+        let l = log.clone();
+        run_until(&r, move || ended(&l));
+        for fd in 0..3 {
+            assert!(log.borrow().contains(&Ev::Lost(fd)), "{:?}", log.borrow());
+        }
+    }
+);
