@@ -28,6 +28,7 @@
 pub mod backend;
 pub mod datagram;
 pub mod defer;
+pub mod endpoints;
 pub mod error;
 pub mod process;
 pub mod protocol;

@@ -12,6 +12,12 @@ const FIRST: RawFd = 3;
 /// removed, so a second call (or a child process) finds none. Empty when
 /// the variables are absent or name another process.
 pub(crate) fn take() -> Result<Vec<OwnedFd>, String> {
+    Ok(take_named()?.into_iter().map(|(fd, _)| fd).collect())
+}
+
+/// Like [`take`], with each descriptor's name from `LISTEN_FDNAMES` (`""`
+/// where none was given).
+pub(crate) fn take_named() -> Result<Vec<(OwnedFd, String)>, String> {
     let (Ok(pid), Ok(count)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
         return Ok(Vec::new());
     };
@@ -25,6 +31,9 @@ pub(crate) fn take() -> Result<Vec<OwnedFd>, String> {
         .ok()
         .filter(|n| (0..=4096).contains(n))
         .ok_or_else(|| format!("LISTEN_FDS={count:?} is not a descriptor count"))?;
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|n| n.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
     std::env::remove_var("LISTEN_PID");
     std::env::remove_var("LISTEN_FDS");
     std::env::remove_var("LISTEN_FDNAMES");
@@ -48,7 +57,8 @@ pub(crate) fn take() -> Result<Vec<OwnedFd>, String> {
         // them again, and `fd` was checked to be open.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         let _ = rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC);
-        fds.push(owned);
+        let name = names.get((fd - FIRST) as usize).cloned().unwrap_or_default();
+        fds.push((owned, name));
     }
     Ok(fds)
 }

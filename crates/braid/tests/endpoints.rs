@@ -1,0 +1,268 @@
+//! Endpoint descriptions (Twisted reference §2.10, §4.13): servers and
+//! clients from strings, their errors, the registry. Each test on every
+//! backend, with real sockets on loopback.
+
+mod common;
+
+use std::cell::RefCell;
+use std::io::{Read, Write};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use braid::datagram::SharedDatagram;
+use braid::endpoints::{
+    self, client_from_string, connect_protocol, server_from_string, Description, Registry,
+};
+use braid::protocol::{Factory, IntoFactory, Protocol};
+use braid::protocols::echo::{DatagramEcho, Echo};
+use braid::{Address, Deferred, Reactor};
+use common::collect;
+
+fn run_until(r: &Reactor, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + common::WATCHDOG;
+    while !done() {
+        assert!(Instant::now() < deadline, "watchdog: the condition never held");
+        r.iterate(Some(Duration::from_millis(5))).expect("iterate");
+    }
+}
+
+fn settle<T: 'static>(r: &Reactor, d: &Deferred<T>) -> Result<T, String> {
+    let out = collect(d);
+    let o = out.clone();
+    run_until(r, move || o.borrow().is_some());
+    let v = out.borrow_mut().take();
+    v.expect("settled")
+}
+
+fn error_of(r: &Reactor, desc: &str) -> String {
+    match server_from_string(r, desc) {
+        Ok(ep) => panic!("{desc:?} parsed as {}", ep.describe()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Echoes through a std client on another thread while the reactor runs.
+fn echo_through(r: &Reactor, connect: impl FnOnce() -> std::net::TcpStream + Send + 'static) {
+    let client = std::thread::spawn(move || {
+        let mut s = connect();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"via an endpoint").unwrap();
+        let mut back = [0u8; 15];
+        s.read_exact(&mut back).unwrap();
+        back
+    });
+    run_until(r, || client.is_finished());
+    assert_eq!(&client.join().unwrap(), b"via an endpoint");
+}
+
+// §4.13 items 8 and 24: `tcp:` serves, with interface and backlog.
+reactor_test!(
+    fn tcp_server_listens_and_serves(r) {
+        let ep = server_from_string(&r, "tcp:0:interface=127.0.0.1:backlog=5").unwrap();
+        assert_eq!(ep.describe(), "tcp:127.0.0.1:0");
+        assert!(!ep.is_datagram());
+        let port = settle(&r, &ep.listen(Echo::new.into_shared())).expect("listen");
+        let addr = port.local_addr();
+        assert!(addr.ip().is_loopback() && addr.port() != 0);
+        echo_through(&r, move || std::net::TcpStream::connect(addr).unwrap());
+        // §4.13 item 8: a port in use fails the Deferred with CannotListen.
+        let busy = server_from_string(&r, &format!("tcp:{}:interface=127.0.0.1", addr.port())).unwrap();
+        let err = settle(&r, &busy.listen(Echo::new.into_shared())).err().expect("listening twice");
+        assert!(err.contains("cannot listen on 127.0.0.1:"), "{err}");
+    }
+);
+
+reactor_test!(
+    fn tcp6_server(r) {
+        let ep = server_from_string(&r, r"tcp6:0:interface=\:\:1").unwrap();
+        let port = settle(&r, &ep.listen(Echo::new.into_shared())).expect("listen");
+        let addr = port.local_addr();
+        assert!(addr.is_ipv6());
+        echo_through(&r, move || std::net::TcpStream::connect(addr).unwrap());
+    }
+);
+
+// §4.13 item 24: `unix:` with mode (octal) and lockfile.
+reactor_test!(
+    fn unix_server_with_mode_and_lockfile(r) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("braid-ep-{}-{:?}.sock", std::process::id(), std::thread::current().id()));
+        let _ = std::fs::remove_file(&path);
+        let desc = format!("unix:{}:mode=600:lockfile=1", endpoints::quote(path.to_str().unwrap()));
+        let ep = server_from_string(&r, &desc).unwrap();
+        let port = settle(&r, &ep.listen(Echo::new.into_shared())).expect("listen");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let lock = format!("{}.lock", path.display());
+        assert!(std::path::Path::new(&lock).exists(), "lockfile=1 makes the lock file");
+        // A unix: client endpoint reaches it.
+        let client = client_from_string(&r, &format!("unix:{}", endpoints::quote(path.to_str().unwrap()))).unwrap();
+        let got = Rc::new(RefCell::new(Vec::new()));
+        let t = settle(&r, &connect_protocol(&*client, Keep(got.clone()))).expect("connect");
+        t.write(b"over unix");
+        let g = got.clone();
+        run_until(&r, move || g.borrow().len() == 9);
+        assert_eq!(&*got.borrow(), b"over unix");
+        t.lose_connection();
+        settle(&r, &port.stop_listening()).unwrap();
+        assert!(!path.exists() && !std::path::Path::new(&lock).exists());
+    }
+);
+
+/// Keeps what arrives.
+struct Keep(Rc<RefCell<Vec<u8>>>);
+
+impl Protocol for Keep {
+    fn data_received(&mut self, data: &[u8]) {
+        self.0.borrow_mut().extend_from_slice(data);
+    }
+}
+
+// `udp:` (braid's own) listens for datagrams, and refuses a stream factory.
+reactor_test!(
+    fn udp_server_endpoint(r) {
+        let ep = server_from_string(&r, "udp:0:interface=127.0.0.1:maxPacketSize=2048").unwrap();
+        assert!(ep.is_datagram());
+        let refused = settle(&r, &ep.listen(Echo::new.into_shared())).err().expect("a stream factory on udp:");
+        assert!(refused.contains("datagram"), "{refused}");
+        let shared = SharedDatagram::new(DatagramEcho::new()).erase();
+        let port = settle(&r, &ep.listen_datagram(shared)).expect("listen");
+        assert_eq!(port.max_packet_size(), 2048);
+        let to = port.local_addr();
+        let client = std::thread::spawn(move || {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.send_to(b"datagram endpoint", to).unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.recv(&mut buf).unwrap();
+            buf[..n].to_vec()
+        });
+        run_until(&r, || client.is_finished());
+        assert_eq!(client.join().unwrap(), b"datagram endpoint");
+        assert!(server_from_string(&r, "udp:0").unwrap().describe().starts_with("udp:0"));
+    }
+);
+
+// §4.13 items 7, 27, 30: `tcp:` clients by position or keyword; the
+// Deferred fires with the transport after connection_made; refused fails.
+reactor_test!(
+    fn tcp_client_connects_or_fails(r) {
+        let port = r.listen_tcp("127.0.0.1:0", Echo::new, 50).unwrap().local_addr().port();
+        for desc in [format!("tcp:127.0.0.1:{port}"), format!("tcp:host=127.0.0.1:port={port}:timeout=5"), format!("tcp:127.0.0.1:port={port}:bindAddress=127.0.0.1")] {
+            let ep = client_from_string(&r, &desc).unwrap();
+            let got = Rc::new(RefCell::new(Vec::new()));
+            let t = settle(&r, &connect_protocol(&*ep, Keep(got.clone()))).unwrap_or_else(|e| panic!("{desc}: {e}"));
+            assert_eq!(t.peer(), Address::Ip(([127, 0, 0, 1], port).into()));
+            t.write(b"ping");
+            let g = got.clone();
+            run_until(&r, move || g.borrow().len() == 4);
+            t.lose_connection();
+        }
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let ep = client_from_string(&r, &format!("tcp:127.0.0.1:{dead}")).unwrap();
+        let err = settle(&r, &connect_protocol(&*ep, Keep(Rc::default()))).err().expect("refused");
+        assert!(err.contains("refused"), "{err}");
+        // §4.13 item 2: a factory that builds nothing fails the Deferred.
+        struct Nothing;
+        impl Factory for Nothing {
+            fn build_protocol(&mut self, _: &Address) -> Option<Box<dyn Protocol>> {
+                None
+            }
+        }
+        let ep = client_from_string(&r, &format!("tcp:127.0.0.1:{port}")).unwrap();
+        let err = settle(&r, &ep.connect(Box::new(Nothing))).err().expect("no protocol");
+        assert!(err.contains("NoProtocol"), "{err}");
+    }
+);
+
+// Errors name the field at fault; an unknown type lists the known ones.
+reactor_test!(
+    fn bad_descriptions_are_clear_errors(r) {
+        assert!(error_of(&r, "tpc:80").starts_with("unknown endpoint type 'tpc'"), "{}", error_of(&r, "tpc:80"));
+        assert_eq!(error_of(&r, "tcp:x"), "tcp: port 'x' is not a number");
+        assert_eq!(error_of(&r, "tcp:99999"), "tcp: port '99999' is not a number");
+        assert_eq!(error_of(&r, "tcp:80:interface=nowhere"), "tcp: interface 'nowhere' is not an IP address");
+        assert!(error_of(&r, "tcp:80:colour=red").contains("unknown argument 'colour'"));
+        assert_eq!(error_of(&r, "tcp"), "tcp: no port given");
+        assert!(error_of(&r, "tcp:80:81").contains("unexpected argument '81'"));
+        assert_eq!(error_of(&r, "unix:/x:mode=999"), "unix: mode '999' is not an octal file mode");
+        assert_eq!(error_of(&r, "unix:/x:lockfile=maybe"), "unix: lockfile 'maybe' is not 0 or 1");
+        assert!(error_of(&r, "systemd:domain=INET:index=0:name=x").contains("exactly one of index= and name="));
+        assert!(error_of(&r, "systemd:domain=IPX:index=0").contains("domain 'IPX'"));
+        assert!(error_of(&r, "tcp:80\\").contains("lone backslash"));
+        match client_from_string(&r, "tcp:localhost") {
+            Err(e) => assert_eq!(e.to_string(), "tcp: no port given"),
+            Ok(_) => panic!("a client without a port"),
+        }
+        match client_from_string(&r, "tcp:h:1:timeout=soon") {
+            Err(e) => assert_eq!(e.to_string(), "tcp: timeout 'soon' is not a number"),
+            Ok(_) => panic!("a bad timeout"),
+        }
+        // Kinds match case-insensitively (Twisted's prefixes do).
+        assert!(server_from_string(&r, "TCP:0").is_ok());
+    }
+);
+
+// A new kind is one registry entry.
+reactor_test!(
+    fn the_registry_takes_new_kinds(r) {
+        fn loopback(reactor: &Reactor, d: &Description) -> Result<Box<dyn endpoints::ServerEndpoint>, endpoints::EndpointError> {
+            let port = d.arg_or(0, "port").unwrap_or("0");
+            endpoints::Registry::default().server(reactor, &format!("tcp:{port}:interface=127.0.0.1"))
+        }
+        let mut registry = Registry::default();
+        registry.add_server("loopback", loopback);
+        let ep = registry.server(&r, "loopback:0").unwrap();
+        let port = settle(&r, &ep.listen(Echo::new.into_shared())).expect("listen");
+        assert!(port.local_addr().ip().is_loopback());
+        assert!(server_from_string(&r, "loopback:0").is_err(), "the default registry is untouched");
+    }
+);
+
+// The systemd: endpoint, in a child process that is handed a listening
+// socket the way systemd hands them (LISTEN_PID, LISTEN_FDS, names).
+#[test]
+fn systemd_endpoint_takes_a_passed_socket() {
+    if common::is_child() {
+        // The parent made descriptor 3 a listening TCP socket named "web".
+        let r = common::build(braid::Backend::Epoll);
+        let wrong = server_from_string(&r, "systemd:domain=INET6:name=web").unwrap();
+        let err = settle(&r, &wrong.listen(Echo::new.into_shared())).err().expect("an INET socket as INET6");
+        assert!(err.contains("another domain"), "{err}");
+        let missing = server_from_string(&r, "systemd:domain=INET:index=1").unwrap();
+        let err =
+            settle(&r, &missing.listen(Echo::new.into_shared())).err().expect("socket 1 was not passed");
+        assert!(err.contains("no socket 1 was passed (1 were)"), "{err}");
+        let ep = server_from_string(&r, "systemd:domain=INET:name=web").unwrap();
+        let port = settle(&r, &ep.listen(Echo::new.into_shared())).expect("the passed socket");
+        let addr = port.local_addr();
+        echo_through(&r, move || std::net::TcpStream::connect(addr).unwrap());
+        let again = server_from_string(&r, "systemd:domain=INET:index=0").unwrap();
+        let err = settle(&r, &again.listen(Echo::new.into_shared())).err().expect("one socket, one endpoint");
+        assert!(err.contains("in use by another endpoint"), "{err}");
+        return;
+    }
+    // Run a child whose descriptor 3 is a listening TCP socket.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let script = "import os, sys\nos.dup2(int(sys.argv[1]), 3)\nos.set_inheritable(3, True)\nos.environ['LISTEN_FDS'] = '1'\nos.environ['LISTEN_FDNAMES'] = 'web'\nos.environ['LISTEN_PID'] = str(os.getpid())\nos.execv(sys.argv[2], sys.argv[2:])\n";
+    use std::os::fd::AsRawFd;
+    let fd = listener.as_raw_fd();
+    rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::empty()).unwrap();
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &fd.to_string(),
+            exe.to_str().unwrap(),
+            "systemd_endpoint_takes_a_passed_socket",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("BRAID_TEST_CHILD", "1")
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("1 passed"), "{stdout}");
+}
