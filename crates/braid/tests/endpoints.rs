@@ -34,6 +34,14 @@ fn settle<T: 'static>(r: &Reactor, d: &Deferred<T>) -> Result<T, String> {
     v.expect("settled")
 }
 
+/// The failure of a result that must have failed.
+fn failure<T>(result: Result<T, String>, what: &str) -> String {
+    match result {
+        Ok(_) => panic!("{what}: it succeeded"),
+        Err(e) => e,
+    }
+}
+
 fn error_of(r: &Reactor, desc: &str) -> String {
     match server_from_string(r, desc) {
         Ok(ep) => panic!("{desc:?} parsed as {}", ep.describe()),
@@ -67,7 +75,7 @@ reactor_test!(
         echo_through(&r, move || std::net::TcpStream::connect(addr).unwrap());
         // §4.13 item 8: a port in use fails the Deferred with CannotListen.
         let busy = server_from_string(&r, &format!("tcp:{}:interface=127.0.0.1", addr.port())).unwrap();
-        let err = settle(&r, &busy.listen(Echo::new.into_shared())).err().expect("listening twice");
+        let err = failure(settle(&r, &busy.listen(Echo::new.into_shared())), "listening twice");
         assert!(err.contains("cannot listen on 127.0.0.1:"), "{err}");
     }
 );
@@ -122,7 +130,7 @@ reactor_test!(
     fn udp_server_endpoint(r) {
         let ep = server_from_string(&r, "udp:0:interface=127.0.0.1:maxPacketSize=2048").unwrap();
         assert!(ep.is_datagram());
-        let refused = settle(&r, &ep.listen(Echo::new.into_shared())).err().expect("a stream factory on udp:");
+        let refused = failure(settle(&r, &ep.listen(Echo::new.into_shared())), "a stream factory on udp:");
         assert!(refused.contains("datagram"), "{refused}");
         let shared = SharedDatagram::new(DatagramEcho::new()).erase();
         let port = settle(&r, &ep.listen_datagram(shared)).expect("listen");
@@ -159,7 +167,7 @@ reactor_test!(
         }
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let ep = client_from_string(&r, &format!("tcp:127.0.0.1:{dead}")).unwrap();
-        let err = settle(&r, &connect_protocol(&*ep, Keep(Rc::default()))).err().expect("refused");
+        let err = failure(settle(&r, &connect_protocol(&*ep, Keep(Rc::default()))), "refused");
         assert!(err.contains("refused"), "{err}");
         // §4.13 item 2: a factory that builds nothing fails the Deferred.
         struct Nothing;
@@ -169,7 +177,7 @@ reactor_test!(
             }
         }
         let ep = client_from_string(&r, &format!("tcp:127.0.0.1:{port}")).unwrap();
-        let err = settle(&r, &ep.connect(Box::new(Nothing))).err().expect("no protocol");
+        let err = failure(settle(&r, &ep.connect(Box::new(Nothing))), "no protocol");
         assert!(err.contains("NoProtocol"), "{err}");
     }
 );
@@ -226,18 +234,17 @@ fn systemd_endpoint_takes_a_passed_socket() {
         // The parent made descriptor 3 a listening TCP socket named "web".
         let r = common::build(braid::Backend::Epoll);
         let wrong = server_from_string(&r, "systemd:domain=INET6:name=web").unwrap();
-        let err = settle(&r, &wrong.listen(Echo::new.into_shared())).err().expect("an INET socket as INET6");
+        let err = failure(settle(&r, &wrong.listen(Echo::new.into_shared())), "an INET socket as INET6");
         assert!(err.contains("another domain"), "{err}");
         let missing = server_from_string(&r, "systemd:domain=INET:index=1").unwrap();
-        let err =
-            settle(&r, &missing.listen(Echo::new.into_shared())).err().expect("socket 1 was not passed");
+        let err = failure(settle(&r, &missing.listen(Echo::new.into_shared())), "socket 1 was not passed");
         assert!(err.contains("no socket 1 was passed (1 were)"), "{err}");
         let ep = server_from_string(&r, "systemd:domain=INET:name=web").unwrap();
         let port = settle(&r, &ep.listen(Echo::new.into_shared())).expect("the passed socket");
         let addr = port.local_addr();
         echo_through(&r, move || std::net::TcpStream::connect(addr).unwrap());
         let again = server_from_string(&r, "systemd:domain=INET:index=0").unwrap();
-        let err = settle(&r, &again.listen(Echo::new.into_shared())).err().expect("one socket, one endpoint");
+        let err = failure(settle(&r, &again.listen(Echo::new.into_shared())), "one socket, one endpoint");
         assert!(err.contains("in use by another endpoint"), "{err}");
         return;
     }
