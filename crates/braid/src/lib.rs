@@ -24,6 +24,7 @@
 // `clippy::undocumented_unsafe_blocks`, see the workspace lints).
 #![deny(unsafe_code)]
 
+pub mod app;
 #[allow(unsafe_code)]
 pub mod backend;
 pub mod datagram;
