@@ -1,16 +1,23 @@
 //! `braid`: ready-made servers on the braid reactor, like Twisted's `twist`.
 //!
 //! ```text
-//! braid echo --port 8000 [--udp 8000] [--interface 127.0.0.1] [--unix PATH [--mode 660]] [--reactor epoll]
-//! braid exec --port 8000 [--interface 127.0.0.1] [--max-children N] -- PROGRAM [ARGS...]
+//! braid [--reactor R] [--log-level L] [--log-format text|json] [--grace S] PLUGIN [--listen ENDPOINT]...
+//! braid echo --listen tcp:8000 --listen udp:8000 --listen unix:/run/echo.sock
+//! braid echo --port 8000 [--udp 8000] [--interface 127.0.0.1] [--unix PATH [--mode 660]] [--systemd]
+//! braid discard | chargen | daytime [--listen ENDPOINT]...
+//! braid portforward --listen tcp:8080 --connect tcp:example.org:80 [--connect-timeout 30]
+//! braid exec --listen tcp:8000 [--max-children N] -- PROGRAM [ARGS...]
 //! ```
-//! A server runs until SIGINT or SIGTERM, then shuts down cleanly and exits
-//! with status 0. Bad arguments, an unknown reactor or a port in use end
-//! the command with status 1 and a one-line message on stderr.
+//! Every plugin logs one line per listener with its real address, runs
+//! until SIGINT or SIGTERM, then closes its listeners, gives open
+//! connections `--grace` seconds to finish, and exits with status 0. Bad
+//! arguments, a bad endpoint, an unknown reactor or a port in use end the
+//! command with status 1 (clap's usage errors: 2) and a one-line message.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 mod cmd;
 
@@ -21,29 +28,69 @@ struct Cli {
     #[arg(long, global = true, value_name = "NAME")]
     reactor: Option<String>,
 
+    /// Least severe log level shown: error, warn, info, debug or trace.
+    #[arg(long, global = true, value_name = "LEVEL", default_value = "info")]
+    log_level: tracing::Level,
+
+    /// Log line format.
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
+
+    /// Seconds open connections get to finish at shutdown before they are
+    /// aborted.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 5.0)]
+    grace: f64,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Echo server (RFC 862): sends back whatever it receives.
     Echo(cmd::echo::Args),
+    /// Discard server (RFC 863): reads and drops everything.
+    Discard(cmd::discard::Args),
+    /// Character generator (RFC 864): an endless stream of lines.
+    Chargen(cmd::chargen::Args),
+    /// Daytime server (RFC 867): the date and time, then close.
+    Daytime(cmd::daytime::Args),
+    /// Port forwarder: each connection is relayed to --connect.
+    Portforward(cmd::portforward::Args),
     /// inetd-style server: each connection runs PROGRAM on its stdin/stdout.
     Exec(cmd::exec::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::INFO)
-        .with_target(false)
-        .init();
-    let result = cmd::backend(cli.reactor.as_deref()).and_then(|backend| match cli.command {
-        Command::Echo(args) => cmd::echo::run(backend, args),
-        Command::Exec(args) => cmd::exec::run(backend, args),
-    });
+        .with_max_level(cli.log_level)
+        .with_target(false);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let result = (|| {
+        let backend = cmd::backend(cli.reactor.as_deref())?;
+        let grace = Duration::try_from_secs_f64(cli.grace)
+            .map_err(|_| format!("--grace {}: give a number of seconds", cli.grace))?;
+        let common = cmd::Common { backend, grace };
+        match cli.command {
+            Command::Echo(args) => cmd::echo::run(common, args),
+            Command::Discard(args) => cmd::discard::run(common, args),
+            Command::Chargen(args) => cmd::chargen::run(common, args),
+            Command::Daytime(args) => cmd::daytime::run(common, args),
+            Command::Portforward(args) => cmd::portforward::run(common, args),
+            Command::Exec(args) => cmd::exec::run(common, args),
+        }
+    })();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

@@ -1,30 +1,43 @@
-//! `braid echo`: the echo server (RFC 862), on TCP, UDP, a UNIX socket,
-//! sockets systemd passed, or several of these at once.
+//! `braid echo`: the echo server (RFC 862) on every `--listen` endpoint,
+//! streams and datagrams alike. The older flags still work and name
+//! endpoints: `--port N [--interface IP]` is `tcp:N:interface=IP`,
+//! `--udp N` is `udp:N:interface=IP`, `--unix PATH [--mode M]` is
+//! `unix:PATH:mode=M:lockfile=0`, and `--systemd` serves every socket the
+//! service manager passed.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
+use braid::app::Service;
+use braid::datagram::SharedDatagram;
+use braid::endpoints::quote;
+use braid::protocol::IntoFactory;
 use braid::protocols::echo::{DatagramEcho, Echo};
-use braid::tcp::DEFAULT_BACKLOG;
-use braid::Backend;
+use braid::{Deferred, Failure, Reactor};
+
+use super::{Common, Serve};
 
 /// Arguments of `braid echo`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// TCP port to listen on (0 picks a free one).
-    #[arg(long, required_unless_present_any = ["unix", "systemd", "udp"])]
+    /// Where to listen, as an endpoint (tcp:8000, tcp6:8000, udp:8000,
+    /// unix:/run/echo.sock, systemd:domain=INET:index=0); repeatable.
+    #[arg(long, value_name = "ENDPOINT")]
+    listen: Vec<String>,
+    /// TCP port to listen on (0 picks a free one): `--listen tcp:PORT`.
+    #[arg(long)]
     port: Option<u16>,
+    /// Address for --port and --udp.
+    #[arg(long, default_value = "0.0.0.0")]
+    interface: IpAddr,
     /// UDP port to echo datagrams on (0 picks a free one).
     #[arg(long, value_name = "PORT")]
     udp: Option<u16>,
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0")]
-    interface: IpAddr,
     /// UNIX socket to listen on: a path, or an abstract name starting with `@`.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
-    /// Serve on the listening sockets systemd passed (socket activation:
-    /// LISTEN_PID, LISTEN_FDS).
+    /// Serve on the sockets systemd passed (socket activation:
+    /// LISTEN_PID, LISTEN_FDS), stream or datagram.
     #[arg(long)]
     systemd: bool,
     /// Permission bits of the UNIX socket file, in octal (e.g. 660).
@@ -40,51 +53,85 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 /// Serves echo until SIGINT or SIGTERM.
-pub fn run(backend: Backend, args: Args) -> Result<(), String> {
+pub fn run(common: Common, args: Args) -> Result<(), String> {
     // Before the reactor opens descriptors of its own.
     let inherited =
         if args.systemd { braid::stream::systemd_sockets().map_err(|e| e.to_string())? } else { Vec::new() };
-    let reactor = braid::install(backend).map_err(|e| e.to_string())?;
+    if args.systemd && inherited.is_empty() {
+        return Err(
+            "--systemd: no sockets were passed (LISTEN_PID/LISTEN_FDS not set for this process)".into()
+        );
+    }
+    let interface = quote(&args.interface.to_string());
+    let mut listens = Vec::new();
     if let Some(port) = args.port {
-        let addr = SocketAddr::new(args.interface, port);
-        let port = reactor.listen_tcp(addr, Echo::new, DEFAULT_BACKLOG).map_err(|e| e.to_string())?;
-        tracing::info!("echo listening on {} (reactor: {backend})", port.local_addr());
+        listens.push(format!("tcp:{port}:interface={interface}"));
     }
     if let Some(port) = args.udp {
-        let interface = args.interface.to_string();
-        let port = reactor
-            .listen_udp(port, DatagramEcho::new(), &interface, braid::udp::DEFAULT_MAX_PACKET_SIZE)
-            .map_err(|e| e.to_string())?;
-        tracing::info!("echo listening on udp {} (reactor: {backend})", port.local_addr());
+        listens.push(format!("udp:{port}:interface={interface}"));
     }
     if let Some(path) = &args.unix {
-        let port = reactor
-            .listen_unix(path, Echo::new, DEFAULT_BACKLOG, args.mode, false)
-            .map_err(|e| e.to_string())?;
-        tracing::info!("echo listening on {} (reactor: {backend})", port.host());
-    }
-    if args.systemd {
-        let sockets = inherited;
-        if sockets.is_empty() {
-            return Err(
-                "--systemd: no sockets were passed (LISTEN_PID/LISTEN_FDS not set for this process)".into()
-            );
+        let mut desc = format!("unix:{}:lockfile=0", quote(&path.to_string_lossy()));
+        if let Some(mode) = args.mode {
+            desc.push_str(&format!(":mode={mode:o}"));
         }
-        for socket in sockets {
+        listens.push(desc);
+    }
+    listens.extend(args.listen.iter().cloned());
+    if listens.is_empty() && !args.systemd {
+        listens.push("tcp:8000".into());
+    }
+    let reactor = braid::install(common.backend).map_err(|e| e.to_string())?;
+    let extra: Vec<Box<dyn Service>> = vec![Box::new(Adopted {
+        reactor: reactor.clone(),
+        sockets: inherited,
+        backend: common.backend,
+        ports: Vec::new(),
+    })];
+    let what = Serve {
+        name: "echo",
+        streams: Some(Echo::new.into_shared()),
+        datagrams: Some(SharedDatagram::new(DatagramEcho::new()).erase()),
+    };
+    super::serve_on(&reactor, common, &listens, what, extra)
+}
+
+/// Serves echo on the sockets systemd passed (`--systemd`).
+struct Adopted {
+    reactor: Reactor,
+    sockets: Vec<std::os::fd::OwnedFd>,
+    backend: braid::Backend,
+    ports: Vec<Box<dyn FnMut() -> Deferred<()>>>,
+}
+
+impl Service for Adopted {
+    fn start_service(&mut self) -> Result<(), Failure> {
+        for socket in std::mem::take(&mut self.sockets) {
             let datagram =
                 rustix::net::sockopt::socket_type(&socket).is_ok_and(|t| t == rustix::net::SocketType::DGRAM);
-            let host = if datagram {
-                let family = rustix::net::getsockname(&socket)
-                    .map(|a| a.address_family())
-                    .map_err(|e| format!("--systemd: {e}"))?;
+            if datagram {
+                let family =
+                    rustix::net::getsockname(&socket).map(|a| a.address_family()).map_err(Failure::new)?;
                 let max = braid::udp::DEFAULT_MAX_PACKET_SIZE;
-                let port = reactor.adopt_datagram_port(socket, family, DatagramEcho::new(), max);
-                port.map_err(|e| e.to_string())?.host()
+                let port = self.reactor.adopt_datagram_port(socket, family, DatagramEcho::new(), max)?;
+                tracing::info!("echo listening on {} (from systemd; reactor: {})", port.host(), self.backend);
+                self.ports.push(Box::new(move || port.stop_listening()));
             } else {
-                reactor.adopt_stream_port(socket, Echo::new).map_err(|e| e.to_string())?.host()
-            };
-            tracing::info!("echo listening on {host} (from systemd; reactor: {backend})");
+                let port = self.reactor.adopt_stream_port(socket, Echo::new)?;
+                tracing::info!("echo listening on {} (from systemd; reactor: {})", port.host(), self.backend);
+                self.ports.push(Box::new(move || port.stop_listening()));
+            }
         }
+        Ok(())
     }
-    super::serve(&reactor)
+
+    fn stop_service(&mut self) -> Deferred<()> {
+        let stops: Vec<Deferred<()>> = self.ports.iter_mut().map(|stop| stop()).collect();
+        self.ports.clear();
+        braid::defer::gather_results(stops).then(|r| r.map(|_| ()))
+    }
+
+    fn running(&self) -> bool {
+        !self.ports.is_empty()
+    }
 }

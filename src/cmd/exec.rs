@@ -8,21 +8,25 @@
 //! hold a descriptor and learn nothing.
 
 use std::cell::Cell;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::rc::Rc;
 
 use braid::process::{Command, ProcessProtocol, ProcessTransport};
-use braid::protocol::{Factory, HalfCloseable, Protocol};
-use braid::tcp::DEFAULT_BACKLOG;
-use braid::{Address, Backend, Failure, Reactor, Transport};
+use braid::protocol::{Factory, HalfCloseable, Protocol, SharedFactory};
+use braid::{Address, Failure, Reactor, Transport};
+
+use super::{Common, Serve};
 
 /// Arguments of `braid exec`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// TCP port to listen on (0 picks a free one).
+    /// Where to listen, as an endpoint; repeatable.
+    #[arg(long, value_name = "ENDPOINT")]
+    listen: Vec<String>,
+    /// TCP port to listen on (0 picks a free one): `--listen tcp:PORT`.
     #[arg(long)]
-    port: u16,
-    /// Address to listen on.
+    port: Option<u16>,
+    /// Address for --port.
     #[arg(long, default_value = "0.0.0.0")]
     interface: IpAddr,
     /// At most this many children at once; further connections are refused.
@@ -146,14 +150,17 @@ impl Factory for ExecFactory {
 }
 
 /// Serves until SIGINT or SIGTERM.
-pub fn run(backend: Backend, args: Args) -> Result<(), String> {
-    let reactor = braid::install(backend).map_err(|e| e.to_string())?;
+pub fn run(common: Common, args: Args) -> Result<(), String> {
+    let reactor = braid::install(common.backend).map_err(|e| e.to_string())?;
     let (program, rest) = args.command.split_first().ok_or("exec: no program given")?;
     let command = Rc::new(Command::new(program).args(rest).inherit_env());
     let factory =
         ExecFactory { reactor: reactor.clone(), command, running: Rc::default(), max: args.max_children };
-    let addr = SocketAddr::new(args.interface, args.port);
-    let port = reactor.listen_tcp(addr, factory, DEFAULT_BACKLOG).map_err(|e| e.to_string())?;
-    tracing::info!("exec listening on {} for {program} (reactor: {backend})", port.local_addr());
-    super::serve(&reactor)
+    let mut listens = args.listen.clone();
+    if let Some(port) = args.port {
+        listens
+            .push(format!("tcp:{port}:interface={}", braid::endpoints::quote(&args.interface.to_string())));
+    }
+    let what = Serve { name: "exec", streams: Some(SharedFactory::new(factory).erase()), datagrams: None };
+    super::serve_on(&reactor, common, &listens, what, Vec::new())
 }

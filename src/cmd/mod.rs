@@ -1,9 +1,24 @@
-//! One file per subcommand, plus what they share.
+//! One file per subcommand (plugin), plus what they share: serving a
+//! plugin's protocols on its `--listen` endpoints as a service tree, and
+//! the clean shutdown (listeners first, then open connections get a
+//! bounded grace period).
 
-use braid::{Backend, Reactor};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
+use braid::app::{Application, MultiService, Service, StreamServerEndpointService};
+use braid::datagram::{DatagramProtocol, SharedDatagram};
+use braid::endpoints::server_from_string;
+use braid::protocol::{Factory, FileDescriptorReceiver, HalfCloseable, Protocol, SharedFactory};
+use braid::{Address, Backend, Deferred, Failure, Reactor, Transport};
+
+pub mod chargen;
+pub mod daytime;
+pub mod discard;
 pub mod echo;
 pub mod exec;
+pub mod portforward;
 
 /// The backend named by `--reactor`, else by `BRAID_REACTOR`, else the
 /// platform default. An unknown name is an error listing the valid ones.
@@ -14,11 +29,223 @@ pub fn backend(flag: Option<&str>) -> Result<Backend, String> {
     }
 }
 
-/// Installs the reactor for this thread and runs it until SIGINT/SIGTERM.
-pub fn serve(reactor: &Reactor) -> Result<(), String> {
+/// What every plugin is run with.
+#[derive(Clone, Copy)]
+pub struct Common {
+    /// The polling backend.
+    pub backend: Backend,
+    /// How long open connections may take to finish at shutdown.
+    pub grace: Duration,
+}
+
+/// What a plugin serves: streams, datagrams, or both.
+pub struct Serve {
+    /// The plugin's name, for log lines.
+    pub name: &'static str,
+    /// Builds a protocol per connection.
+    pub streams: Option<SharedFactory<dyn Factory>>,
+    /// Handles datagrams on `udp:` endpoints.
+    pub datagrams: Option<SharedDatagram<dyn DatagramProtocol>>,
+}
+
+/// Installs the reactor, listens on every endpoint (logging one line each
+/// with the real address), and runs until SIGINT or SIGTERM. A bad
+/// endpoint or a port in use is an error before anything runs.
+pub fn serve(common: Common, listens: &[String], what: Serve) -> Result<(), String> {
+    let reactor = braid::install(common.backend).map_err(|e| e.to_string())?;
+    serve_on(&reactor, common, listens, what, Vec::new())
+}
+
+/// [`serve`] on an installed reactor, with services of the plugin's own
+/// (adopted sockets, say) started after the listeners.
+pub fn serve_on(
+    reactor: &Reactor,
+    common: Common,
+    listens: &[String],
+    what: Serve,
+    extra: Vec<Box<dyn Service>>,
+) -> Result<(), String> {
+    let open = Open::default();
+    let mut tree = MultiService::new();
+    // Added first, so stopped last: the listeners close before the
+    // connections are asked to finish.
+    tree.add_service(Box::new(Grace {
+        reactor: reactor.clone(),
+        open: open.clone(),
+        grace: common.grace,
+        running: false,
+    }))
+    .map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    for desc in listens {
+        let endpoint = server_from_string(reactor, desc).map_err(|e| format!("--listen {desc}: {e}"))?;
+        let service = if endpoint.is_datagram() {
+            let protocol = what
+                .datagrams
+                .clone()
+                .ok_or_else(|| format!("--listen {desc}: {} does not serve datagrams", what.name))?;
+            StreamServerEndpointService::datagrams(endpoint, protocol)
+        } else {
+            let factory = what
+                .streams
+                .clone()
+                .ok_or_else(|| format!("--listen {desc}: {} serves only datagrams", what.name))?;
+            let tracked: SharedFactory<dyn Factory> =
+                SharedFactory::new(Tracked { inner: factory, open: open.clone() }).erase();
+            StreamServerEndpointService::new(endpoint, tracked)
+        };
+        names.push(desc.clone());
+        tree.add_service(Box::new(Announce { inner: service, plugin: what.name, backend: common.backend }))
+            .map_err(|e| e.to_string())?;
+    }
+    for service in extra {
+        tree.add_service(service).map_err(|e| e.to_string())?;
+    }
+    if names.is_empty() && tree.len() == 1 {
+        return Err(format!("{}: nothing to listen on (give --listen ENDPOINT)", what.name));
+    }
+    let _app = Application::start(reactor, tree).map_err(|e| e.to_string())?;
     reactor.run().map_err(|e| e.to_string())?;
     if let Some(sig) = reactor.exit_signal() {
         tracing::info!("stopped by signal {sig}; clean shutdown");
     }
     Ok(())
+}
+
+/// Logs where a listener listens once it does.
+struct Announce {
+    inner: StreamServerEndpointService,
+    plugin: &'static str,
+    backend: Backend,
+}
+
+impl Service for Announce {
+    fn start_service(&mut self) -> Result<(), Failure> {
+        self.inner.start_service()?;
+        let shown = match self.inner.address() {
+            Some(Address::Ip(a)) if self.inner.describe().starts_with("udp") => format!("udp {a}"),
+            Some(a) => a.to_string(),
+            None => self.inner.describe(),
+        };
+        tracing::info!("{} listening on {shown} (reactor: {})", self.plugin, self.backend);
+        Ok(())
+    }
+
+    fn stop_service(&mut self) -> Deferred<()> {
+        self.inner.stop_service()
+    }
+
+    fn running(&self) -> bool {
+        self.inner.running()
+    }
+}
+
+/// The open connections, so the shutdown can wait for them.
+#[derive(Clone, Default)]
+struct Open(Rc<RefCell<slab::Slab<Transport>>>);
+
+/// Wraps a plugin's factory so its connections are counted.
+struct Tracked {
+    inner: SharedFactory<dyn Factory>,
+    open: Open,
+}
+
+impl Factory for Tracked {
+    fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
+        let inner = self.inner.with(|f| f.build_protocol(addr))?;
+        Some(Box::new(Counted { inner, open: self.open.clone(), key: None }))
+    }
+}
+
+struct Counted {
+    inner: Box<dyn Protocol>,
+    open: Open,
+    key: Option<usize>,
+}
+
+impl Protocol for Counted {
+    fn connection_made(&mut self, transport: Transport) {
+        self.key = Some(self.open.0.borrow_mut().insert(transport.clone()));
+        self.inner.connection_made(transport);
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        self.inner.data_received(data)
+    }
+    fn connection_lost(&mut self, reason: Failure) {
+        if let Some(k) = self.key.take() {
+            self.open.0.borrow_mut().try_remove(k);
+        }
+        self.inner.connection_lost(reason)
+    }
+    fn as_half_closeable(&mut self) -> Option<&mut dyn HalfCloseable> {
+        self.inner.as_half_closeable()
+    }
+    fn as_fd_receiver(&mut self) -> Option<&mut dyn FileDescriptorReceiver> {
+        self.inner.as_fd_receiver()
+    }
+}
+
+/// At shutdown: asks every open connection to finish (flush and close),
+/// waits up to the grace period, then aborts what is left.
+struct Grace {
+    reactor: Reactor,
+    open: Open,
+    grace: Duration,
+    running: bool,
+}
+
+impl Service for Grace {
+    fn start_service(&mut self) -> Result<(), Failure> {
+        self.running = true;
+        Ok(())
+    }
+
+    fn stop_service(&mut self) -> Deferred<()> {
+        self.running = false;
+        let open: Vec<Transport> = self.open.0.borrow().iter().map(|(_, t)| t.clone()).collect();
+        if open.is_empty() {
+            return Deferred::succeed(());
+        }
+        tracing::info!("closing {} open connection(s); grace period {:?}", open.len(), self.grace);
+        for t in &open {
+            t.unregister_producer();
+            t.lose_connection();
+        }
+        let done = Deferred::new();
+        wait_closed(
+            self.reactor.clone(),
+            self.open.clone(),
+            Instant::now() + self.grace,
+            done.clone(),
+            false,
+        );
+        done
+    }
+
+    fn running(&self) -> bool {
+        self.running
+    }
+}
+
+/// How long aborted connections may take to be gone before the shutdown
+/// goes on regardless.
+const AFTER_ABORT: Duration = Duration::from_secs(1);
+
+fn wait_closed(reactor: Reactor, open: Open, deadline: Instant, done: Deferred<()>, aborted: bool) {
+    if open.0.borrow().is_empty() || Instant::now() >= deadline + AFTER_ABORT {
+        let _ = done.callback(());
+        return;
+    }
+    let aborted = if !aborted && Instant::now() >= deadline {
+        let left: Vec<Transport> = open.0.borrow().iter().map(|(_, t)| t.clone()).collect();
+        tracing::warn!("grace period over: aborting {} connection(s)", left.len());
+        for t in left {
+            t.abort_connection();
+        }
+        true
+    } else {
+        aborted
+    };
+    let r = reactor.clone();
+    reactor.call_later(Duration::from_millis(10), move || wait_closed(r, open, deadline, done, aborted));
 }

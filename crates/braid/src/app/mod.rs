@@ -167,7 +167,12 @@ impl Application {
                 let _ = r.stop();
             }
         });
-        let a = app.clone();
+        app.stop_before_shutdown(reactor);
+        app
+    }
+
+    fn stop_before_shutdown(&self, reactor: &Reactor) {
+        let a = self.clone();
         reactor.add_system_event_trigger(Phase::Before, "shutdown", move || {
             let mut state = a.inner.borrow_mut();
             if state.service.running() {
@@ -176,7 +181,19 @@ impl Application {
                 Deferred::succeed(())
             }
         });
-        app
+    }
+
+    /// Starts `service` now, before the reactor runs (as Twisted's
+    /// `privilegedStartService` listens before the loop starts, so a port in
+    /// use is an error here rather than later), and stops it in the
+    /// reactor's *before shutdown* phase.
+    pub fn start(reactor: &Reactor, mut service: impl Service + 'static) -> Result<Application, Failure> {
+        service.start_service()?;
+        let app = Application {
+            inner: Rc::new(RefCell::new(AppState { service: Box::new(service), failure: None })),
+        };
+        app.stop_before_shutdown(reactor);
+        Ok(app)
     }
 
     /// Why the services did not start, if they did not.
