@@ -169,7 +169,7 @@ pub fn run(common: Common, args: Args) -> Result<(), String> {
     let endpoint: Rc<dyn ClientEndpoint> = Rc::from(
         client_from_string(&reactor, &desc).map_err(|e| format!("--connect {}: {e}", args.connect))?,
     );
-    tracing::info!("portforward to {}", endpoint.describe());
+    tracing::debug!("portforward to {}", endpoint.describe());
     let factory: SharedFactory<dyn Factory> = SharedFactory::new(Forwarder { endpoint }).erase();
     let what = Serve { name: "portforward", streams: Some(factory), datagrams: None };
     super::serve_on(&reactor, common, &args.listen, what, Vec::new())
