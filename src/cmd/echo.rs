@@ -4,9 +4,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use braid::protocol::{Factory, IntoFactory, SharedFactory};
 use braid::protocols::echo::{DatagramEcho, Echo};
 use braid::tcp::DEFAULT_BACKLOG;
-use braid::Backend;
+use braid::tls::{ServerConfig, TlsFactory};
+use braid::{Backend, Reactor};
 
 /// Arguments of `braid echo`.
 #[derive(clap::Args)]
@@ -30,6 +32,22 @@ pub struct Args {
     /// Permission bits of the UNIX socket file, in octal (e.g. 660).
     #[arg(long, value_name = "OCTAL", value_parser = parse_mode, requires = "unix")]
     mode: Option<u32>,
+    /// Serve TLS on the stream listeners (TCP, UNIX, systemd's): the
+    /// certificate chain, leaf first, in PEM.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, in PEM.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// The echo factory for a stream listener: wrapped in TLS when a
+/// certificate was given.
+fn stream_echo(reactor: &Reactor, tls: &Option<ServerConfig>) -> SharedFactory<dyn Factory> {
+    match tls {
+        Some(config) => TlsFactory::new(reactor, Echo::new, config.clone()).into_shared(),
+        None => Echo::new.into_shared(),
+    }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -44,11 +62,20 @@ pub fn run(backend: Backend, args: Args) -> Result<(), String> {
     // Before the reactor opens descriptors of its own.
     let inherited =
         if args.systemd { braid::stream::systemd_sockets().map_err(|e| e.to_string())? } else { Vec::new() };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(ServerConfig::from_pem_files(cert, key).map_err(|e| format!("--tls-cert/--tls-key: {e}"))?)
+        }
+        _ => None,
+    };
+    let over = if tls.is_some() { " over TLS" } else { "" };
     let reactor = braid::install(backend).map_err(|e| e.to_string())?;
     if let Some(port) = args.port {
         let addr = SocketAddr::new(args.interface, port);
-        let port = reactor.listen_tcp(addr, Echo::new, DEFAULT_BACKLOG).map_err(|e| e.to_string())?;
-        tracing::info!("echo listening on {} (reactor: {backend})", port.local_addr());
+        let port = reactor
+            .listen_tcp(addr, stream_echo(&reactor, &tls), DEFAULT_BACKLOG)
+            .map_err(|e| e.to_string())?;
+        tracing::info!("echo listening on {}{over} (reactor: {backend})", port.local_addr());
     }
     if let Some(port) = args.udp {
         let interface = args.interface.to_string();
@@ -59,9 +86,9 @@ pub fn run(backend: Backend, args: Args) -> Result<(), String> {
     }
     if let Some(path) = &args.unix {
         let port = reactor
-            .listen_unix(path, Echo::new, DEFAULT_BACKLOG, args.mode, false)
+            .listen_unix(path, stream_echo(&reactor, &tls), DEFAULT_BACKLOG, args.mode, false)
             .map_err(|e| e.to_string())?;
-        tracing::info!("echo listening on {} (reactor: {backend})", port.host());
+        tracing::info!("echo listening on {}{over} (reactor: {backend})", port.host());
     }
     if args.systemd {
         let sockets = inherited;
@@ -81,9 +108,13 @@ pub fn run(backend: Backend, args: Args) -> Result<(), String> {
                 let port = reactor.adopt_datagram_port(socket, family, DatagramEcho::new(), max);
                 port.map_err(|e| e.to_string())?.host()
             } else {
-                reactor.adopt_stream_port(socket, Echo::new).map_err(|e| e.to_string())?.host()
+                reactor
+                    .adopt_stream_port(socket, stream_echo(&reactor, &tls))
+                    .map_err(|e| e.to_string())?
+                    .host()
             };
-            tracing::info!("echo listening on {host} (from systemd; reactor: {backend})");
+            let over = if datagram { "" } else { over };
+            tracing::info!("echo listening on {host}{over} (from systemd; reactor: {backend})");
         }
     }
     super::serve(&reactor)
