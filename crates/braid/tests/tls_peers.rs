@@ -260,3 +260,60 @@ reactor_test! {
         assert_eq!(*got.borrow(), b"olleh\n", "{:?}", log.borrow());
     }
 }
+
+reactor_test! {
+    /// `openssl s_client -tls1_2` asks to renegotiate (its `R` command):
+    /// braid refuses (rustls answers no_renegotiation), the client gives
+    /// up, and braid's connection ends with a TLS error naming the alert;
+    /// before that, data flowed.
+    fn renegotiation_is_refused_with_a_tls_error(r) {
+        let ca = Ca::new();
+        let files = Files::new(&ca, &["localhost"]);
+        let config = ServerConfig::from_pem_files(&files.cert, &files.key).unwrap();
+        let log: Events = Default::default();
+        let (l, rr) = (log.clone(), r.clone());
+        let server = move || {
+            let rr = rr.clone();
+            Rec {
+                log: l.clone(),
+                on_data: Some(Box::new(|t, d| t.write(d))),
+                on_lost: Some(Box::new(move |_| one_done(&rr))),
+                ..Default::default()
+            }
+        };
+        let port = r.listen_ssl(local(), server, config, 50).unwrap().local_addr().port();
+        expect(2);
+        let mut cmd = tool("openssl");
+        cmd.args(["s_client", "-tls1_2", "-connect", &format!("127.0.0.1:{port}"), "-servername", "localhost"])
+            .arg("-CAfile")
+            .arg(&files.ca)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let echoed = beside(&r, move || {
+            let mut child = Reaped(cmd.spawn().unwrap());
+            let mut stdin = child.0.stdin.take().unwrap();
+            stdin.write_all(b"hi\n").unwrap();
+            let mut out = BufReader::new(child.0.stdout.take().unwrap());
+            let mut line = String::new();
+            let mut echoed = false;
+            while out.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if line == "hi\n" {
+                    echoed = true;
+                    break;
+                }
+                line.clear();
+            }
+            stdin.write_all(b"R\n").unwrap();
+            // It gives up on its own once refused; the rest of its output
+            // ends when it exits.
+            let mut rest = Vec::new();
+            let _ = out.read_to_end(&mut rest);
+            echoed
+        });
+        assert!(echoed, "the line was echoed before the renegotiation");
+        let log = log.borrow();
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert!(log[1].starts_with("lost: TLS error") && log[1].contains("alert"), "{log:?}");
+    }
+}
