@@ -407,3 +407,62 @@ fn a_bad_server_name_fails_connect_ssl_at_once() {
     let e = r.connect_ssl("bad name!", 443, Rec::default, ca.client(), None, None).unwrap_err();
     assert!(e.to_string().contains("bad name!"), "{e}");
 }
+
+reactor_test! {
+    /// `start_tls` on both sides of a live TCP connection (a
+    /// `StartTlsFactory` on each end): the line before it goes in the
+    /// clear, what follows is encrypted, and `lose_connection` right after
+    /// a write made after `start_tls` still delivers the write and ends
+    /// cleanly on both ends (Twisted's test_disconnectAfterWriteAfterStartTLS).
+    fn start_tls_on_both_sides_of_a_live_connection(r) {
+        let ca = Ca::new();
+        let done = stop_after(&r, 2);
+        let (slog, sdata): (Events, Rc<RefCell<Vec<u8>>>) = Default::default();
+        let (sl, sd, d, sc) = (slog.clone(), sdata.clone(), done.clone(), ca.server());
+        let server = move || {
+            let (d, sc) = (d.clone(), sc.clone());
+            Rec {
+                log: sl.clone(),
+                data: sd.clone(),
+                on_data: Some(Box::new(move |t, data| {
+                    if data == b"STARTTLS\r\n" {
+                        t.write(b"GO\r\n");
+                        t.tls().unwrap().start_tls_server(&sc).unwrap();
+                    }
+                })),
+                on_lost: Some(Box::new(move |_| d())),
+                ..Default::default()
+            }
+        };
+        let port = r.listen_tcp(local(), braid::tls::StartTlsFactory::new(&r, server), 50).unwrap();
+        let (clog, cdata): (Events, Rc<RefCell<Vec<u8>>>) = Default::default();
+        let (cl, cd, d, cc) = (clog.clone(), cdata.clone(), done.clone(), ca.client());
+        let client = move || {
+            let (d, cc) = (d.clone(), cc.clone());
+            Rec {
+                log: cl.clone(),
+                data: cd.clone(),
+                on_made: Some(Box::new(|t| {
+                    assert!(!t.tls().unwrap().handshake_complete());
+                    t.write(b"STARTTLS\r\n");
+                })),
+                on_data: Some(Box::new(move |t, data| {
+                    if data == b"GO\r\n" {
+                        t.tls().unwrap().start_tls_client(&cc, "localhost").unwrap();
+                        t.write(b"secret");
+                        t.lose_connection();
+                    }
+                })),
+                on_lost: Some(Box::new(move |_| d())),
+                ..Default::default()
+            }
+        };
+        let client = braid::tls::StartTlsFactory::new(&r, client);
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), client, None, None);
+        run_reactor(&r);
+        assert_eq!(*sdata.borrow(), b"STARTTLS\r\nsecret");
+        assert!(cdata.borrow().starts_with(b"GO\r\n"));
+        assert_eq!(*slog.borrow(), ["made", "lost: connection was closed cleanly"]);
+        assert_eq!(*clog.borrow(), ["made", "lost: connection was closed cleanly"]);
+    }
+}
