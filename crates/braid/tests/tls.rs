@@ -466,3 +466,107 @@ reactor_test! {
         assert_eq!(*clog.borrow(), ["made", "lost: connection was closed cleanly"]);
     }
 }
+
+/// Sets its flag when dropped, so a test sees the protocol freed.
+struct Freed {
+    flag: Rc<Cell<bool>>,
+    transport: Option<Transport>,
+    panic_in_made: bool,
+    on_lost: Box<dyn Fn()>,
+}
+
+impl braid::Protocol for Freed {
+    fn connection_made(&mut self, t: Transport) {
+        // Keeping the transport makes a cycle that the close must break.
+        self.transport = Some(t.clone());
+        if self.panic_in_made {
+            panic!("boom in connection_made");
+        }
+        t.write(b"x");
+        t.lose_connection();
+    }
+    fn data_received(&mut self, _: &[u8]) {}
+    fn connection_lost(&mut self, _: braid::Failure) {
+        (self.on_lost)()
+    }
+}
+
+impl Drop for Freed {
+    fn drop(&mut self) {
+        self.flag.set(true);
+    }
+}
+
+reactor_test! {
+    /// After a TLS connection closes (or its protocol panicked in
+    /// `connection_made`), nothing keeps the application protocol alive,
+    /// though it held its own transport (Twisted's
+    /// test_protocolGarbageAfterLostConnection); the port serves on.
+    fn the_protocol_is_freed_after_the_close(r) {
+        let ca = Ca::new();
+        let flags: Rc<RefCell<Vec<Rc<Cell<bool>>>>> = Default::default();
+        // The two clients and the second server protocol; the first never
+        // hears connection_lost (it panicked in connection_made).
+        let done = stop_after(&r, 3);
+        let (f, d) = (flags.clone(), done.clone());
+        let made = Rc::new(Cell::new(0));
+        let m = made.clone();
+        let server = move || {
+            let flag = Rc::new(Cell::new(false));
+            f.borrow_mut().push(flag.clone());
+            m.set(m.get() + 1);
+            let d = d.clone();
+            Freed { flag, transport: None, panic_in_made: m.get() == 1, on_lost: Box::new(d) }
+        };
+        let port = r.listen_ssl(local(), server, ca.server(), 50).unwrap().local_addr().port();
+        for _ in 0..2 {
+            let d = done.clone();
+            let client = move || {
+                let d = d.clone();
+                Rec { on_lost: Some(Box::new(move |_| d())), ..Default::default() }
+            };
+            r.connect_ssl("localhost", port, client, ca.client(), None, None).unwrap();
+        }
+        run_reactor(&r);
+        let flags = flags.borrow();
+        assert_eq!(flags.len(), 2);
+        assert!(flags.iter().all(|f| f.get()), "freed: {:?}", flags.iter().map(|f| f.get()).collect::<Vec<_>>());
+    }
+}
+
+/// A client factory that records how each connection ended.
+struct Told {
+    inner: Rec,
+    lost: Rc<RefCell<Vec<String>>>,
+    r: Reactor,
+}
+
+impl braid::Factory for Told {
+    fn build_protocol(&mut self, _: &braid::Address) -> Option<Box<dyn braid::Protocol>> {
+        Some(Box::new(std::mem::take(&mut self.inner)))
+    }
+}
+
+impl braid::ClientFactory for Told {
+    fn client_connection_lost(&mut self, _: &dyn braid::Connector, reason: braid::Failure) {
+        self.lost.borrow_mut().push(reason.to_string());
+        let _ = self.r.stop();
+    }
+}
+
+reactor_test! {
+    /// A client factory hears the reason its protocol heard (a TLS
+    /// error), not the clean close of the socket underneath.
+    fn the_client_factory_hears_the_tls_reason(r) {
+        let ca = Ca::new();
+        let config = ServerConfig::builder(ca.identity(&["elsewhere.example"])).build().unwrap();
+        let port = r.listen_ssl(local(), Rec::default, config, 50).unwrap().local_addr().port();
+        let lost: Rc<RefCell<Vec<String>>> = Default::default();
+        let factory = Told { inner: Rec::default(), lost: lost.clone(), r: r.clone() };
+        r.connect_ssl("localhost", port, factory, ca.client(), None, None).unwrap();
+        run_reactor(&r);
+        let lost = lost.borrow();
+        assert_eq!(lost.len(), 1);
+        assert!(lost[0].starts_with("TLS handshake failed"), "{lost:?}");
+    }
+}

@@ -56,7 +56,7 @@ use crate::reactor::{Reactor, ReactorTime};
 use crate::stream::{Address, StreamConnector};
 use crate::tcp::{ListeningPort, ToListenAddr};
 use crate::transport::Tls;
-use protocol::{Side, Timer, TlsState};
+use protocol::{ReasonSlot, Side, Timer, TlsState};
 
 /// Why TLS ended a connection: what rustls said, and whether it was in the
 /// handshake (a bad certificate, a name mismatch, not TLS at all) or later
@@ -182,20 +182,23 @@ impl Factory for TlsFactory {
 pub struct StartTlsFactory<F> {
     inner: F,
     timer: Timer,
+    last: ReasonSlot,
 }
 
 impl<F> StartTlsFactory<F> {
     /// Plain connections that can start TLS later; the handshake timeout
     /// runs on `reactor` (held weakly).
     pub fn new(reactor: &Reactor, factory: F) -> Self {
-        StartTlsFactory { inner: factory, timer: timer_for(reactor) }
+        StartTlsFactory { inner: factory, timer: timer_for(reactor), last: ReasonSlot::default() }
     }
 }
 
 impl<F: Factory> Factory for StartTlsFactory<F> {
     fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
         let app = self.inner.build_protocol(addr)?;
-        Some(Box::new(TlsProtocol::new(app, None, self.timer.clone())))
+        let p = TlsProtocol::new(app, None, self.timer.clone());
+        p.report_to(self.last.clone());
+        Some(Box::new(p))
     }
     fn start_factory(&mut self) {
         self.inner.start_factory()
@@ -212,7 +215,10 @@ impl<F: ClientFactory> ClientFactory for StartTlsFactory<F> {
     fn client_connection_failed(&mut self, connector: &dyn Connector, reason: Failure) {
         self.inner.client_connection_failed(connector, reason)
     }
+    /// Told the reason the application was given (a TLS error, say),
+    /// not how the transport below ended.
     fn client_connection_lost(&mut self, connector: &dyn Connector, reason: Failure) {
+        let reason = self.last.borrow_mut().take().unwrap_or(reason);
         self.inner.client_connection_lost(connector, reason)
     }
 }
@@ -225,6 +231,7 @@ pub struct TlsClientFactory<F> {
     config: ClientConfig,
     name: rustls::pki_types::ServerName<'static>,
     timer: Timer,
+    last: ReasonSlot,
 }
 
 impl<F> TlsClientFactory<F> {
@@ -237,7 +244,13 @@ impl<F> TlsClientFactory<F> {
         server_name: &str,
     ) -> Result<Self, Error> {
         let name = config::server_name(server_name)?;
-        Ok(TlsClientFactory { inner: factory, config, name, timer: timer_for(reactor) })
+        Ok(TlsClientFactory {
+            inner: factory,
+            config,
+            name,
+            timer: timer_for(reactor),
+            last: ReasonSlot::default(),
+        })
     }
 }
 
@@ -245,7 +258,9 @@ impl<F: Factory> Factory for TlsClientFactory<F> {
     fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
         let app = self.inner.build_protocol(addr)?;
         let side = Side::Client(self.config.clone(), self.name.clone());
-        Some(Box::new(TlsProtocol::new(app, Some(side), self.timer.clone())))
+        let p = TlsProtocol::new(app, Some(side), self.timer.clone());
+        p.report_to(self.last.clone());
+        Some(Box::new(p))
     }
     fn start_factory(&mut self) {
         self.inner.start_factory()
@@ -262,7 +277,10 @@ impl<F: ClientFactory> ClientFactory for TlsClientFactory<F> {
     fn client_connection_failed(&mut self, connector: &dyn Connector, reason: Failure) {
         self.inner.client_connection_failed(connector, reason)
     }
+    /// Told the reason the application was given (a TLS error, say),
+    /// not how the transport below ended.
     fn client_connection_lost(&mut self, connector: &dyn Connector, reason: Failure) {
+        let reason = self.last.borrow_mut().take().unwrap_or(reason);
         self.inner.client_connection_lost(connector, reason)
     }
 }

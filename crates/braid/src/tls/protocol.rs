@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::defer::Deferred;
 use crate::error::{Error, Failure};
-use crate::protocol::{HalfCloseable, Protocol};
+use crate::protocol::{FileDescriptorReceiver, HalfCloseable, Protocol};
 use crate::reactor::{DelayedCall, ReactorTime, WeakReactor};
 use crate::stream::Address;
 use crate::transport::{
@@ -162,7 +162,13 @@ pub(crate) struct TlsState {
     reason: RefCell<Option<Failure>>,
     handshake_timer: RefCell<Option<DelayedCall>>,
     waiters: RefCell<Vec<Deferred<()>>>,
+    /// Where the application's final reason is copied, for a client
+    /// factory to report instead of how the transport below ended.
+    report: RefCell<Option<ReasonSlot>>,
 }
+
+/// Holds the reason a TLS connection ended, once it has.
+pub(crate) type ReasonSlot = Rc<RefCell<Option<Failure>>>;
 
 /// The protocol that the transport below drives: TCP, UNIX, a test's
 /// `StringTransport`, anything with a [`Transport`]. It wraps the
@@ -221,6 +227,7 @@ impl TlsProtocol {
             reason: RefCell::new(None),
             handshake_timer: RefCell::new(None),
             waiters: RefCell::new(Vec::new()),
+            report: RefCell::new(None),
         });
         TlsProtocol { state }
     }
@@ -228,6 +235,29 @@ impl TlsProtocol {
     /// The transport the application protocol was given.
     pub fn transport(&self) -> Transport {
         Transport::new(self.state.clone())
+    }
+
+    /// Copies the application's final reason into `slot` when it is told.
+    pub(crate) fn report_to(&self, slot: ReasonSlot) {
+        *self.state.report.borrow_mut() = Some(slot);
+    }
+}
+
+/// The transport below dropped this layer (after `connection_lost`, or
+/// without it if the application's `connection_made` panicked): whatever
+/// is left is let go, so the application and its transport, which hold
+/// each other, are freed.
+impl Drop for TlsProtocol {
+    fn drop(&mut self) {
+        let s = &self.state;
+        s.cancel_timer();
+        s.life.set(Life::Lost);
+        let app = s.app.try_borrow_mut().ok().and_then(|mut a| a.take());
+        drop(app);
+        s.lower.borrow_mut().take();
+        s.producer.borrow_mut().take();
+        s.waiters.borrow_mut().clear();
+        s.queued.borrow_mut().clear();
     }
 }
 
@@ -254,6 +284,21 @@ impl Protocol for TlsProtocol {
         // Always: an end of stream must come here, to tell a clean TLS
         // close from a truncated one.
         Some(self)
+    }
+
+    fn as_fd_receiver(&mut self) -> Option<&mut dyn FileDescriptorReceiver> {
+        Some(self)
+    }
+}
+
+/// Descriptors a UNIX socket peer passes go to the application if it
+/// takes them (they are closed otherwise), as without TLS.
+impl FileDescriptorReceiver for TlsProtocol {
+    fn file_descriptor_received(&mut self, fd: std::os::fd::OwnedFd) {
+        self.state.call_app(move |p| match p.as_fd_receiver() {
+            Some(r) => r.file_descriptor_received(fd),
+            None => drop(fd),
+        });
     }
 }
 
@@ -686,6 +731,9 @@ impl TlsState {
         }
         if let Some(p) = self.producer.borrow_mut().take() {
             p.producer.stop_producing();
+        }
+        if let Some(slot) = self.report.borrow_mut().take() {
+            *slot.borrow_mut() = Some(reason.clone());
         }
         let app = self.app.borrow_mut().take();
         if let Some(mut app) = app {
