@@ -9,8 +9,9 @@
 //!   ([`Identity`], [`Roots`]) with SNI, ALPN, client certificates and a
 //!   lowest version; each error names the file and what is wrong.
 //! - The application's transport has a [`Tls`] side
-//!   ([`Transport::tls`]): peer certificates, ALPN, SNI name, version,
-//!   [`Tls::when_handshake_completed`], and [`Tls::start_tls`] on a
+//!   ([`Transport::tls`](crate::Transport::tls)): peer certificates,
+//!   ALPN, SNI name, version, [`Tls::when_handshake_completed`], and
+//!   [`Tls::start_tls_server`] / [`Tls::start_tls_client`] on a
 //!   connection made with [`StartTlsFactory`].
 //!
 //! Semantics through the layer:
