@@ -570,3 +570,60 @@ reactor_test! {
         assert!(lost[0].starts_with("TLS handshake failed"), "{lost:?}");
     }
 }
+
+reactor_test! {
+    /// What is written after `lose_connection` (or `lose_write_connection`)
+    /// in the same callback still goes out before close_notify, as it does
+    /// without TLS; the peer sees a clean close.
+    fn writes_after_lose_in_the_same_callback_are_sent(r) {
+        let ca = Ca::new();
+        let done = stop_after(&r, 4);
+        let d = done.clone();
+        let server = move || {
+            let d = d.clone();
+            Rec {
+                on_data: Some(Box::new(|t, data| {
+                    if data == b"half" {
+                        t.write(b"a");
+                        t.lose_write_connection();
+                        t.write(b"b");
+                    } else {
+                        t.write(b"c");
+                        t.lose_connection();
+                        t.write(b"d");
+                    }
+                })),
+                half: true,
+                on_read_closed: Some(Box::new(|t| t.lose_connection())),
+                on_lost: Some(Box::new(move |_| d())),
+                ..Default::default()
+            }
+        };
+        let port = r.listen_ssl(local(), server, ca.server(), 50).unwrap().local_addr().port();
+        let got: Rc<RefCell<Vec<Vec<u8>>>> = Default::default();
+        for msg in [&b"half"[..], &b"full"[..]] {
+            let (g, d) = (got.clone(), done.clone());
+            let client = move || {
+                let (g, d) = (g.clone(), d.clone());
+                let seen: Rc<RefCell<Vec<u8>>> = Default::default();
+                Rec {
+                    data: seen.clone(),
+                    on_made: Some(Box::new(move |t| t.write(msg))),
+                    half: true,
+                    // The server's write side ended: end ours too.
+                    on_read_closed: Some(Box::new(|t| t.lose_connection())),
+                    on_lost: Some(Box::new(move |_| {
+                        g.borrow_mut().push(seen.borrow().clone());
+                        d()
+                    })),
+                    ..Default::default()
+                }
+            };
+            r.connect_ssl("localhost", port, client, ca.client(), None, None).unwrap();
+        }
+        run_reactor(&r);
+        let mut got = got.borrow().clone();
+        got.sort();
+        assert_eq!(got, [b"ab".to_vec(), b"cd".to_vec()]);
+    }
+}

@@ -110,6 +110,8 @@ enum WriteSide {
     Open,
     /// `lose_write_connection`: close_notify once the handshake is done.
     ShutdownAsked,
+    /// close_notify sent; the write side below is shutting down.
+    NotifySent,
     Closed,
 }
 
@@ -162,6 +164,8 @@ pub(crate) struct TlsState {
     reason: RefCell<Option<Failure>>,
     handshake_timer: RefCell<Option<DelayedCall>>,
     waiters: RefCell<Vec<Deferred<()>>>,
+    /// A close is due at the end of the reactor's pass.
+    close_scheduled: Cell<bool>,
     /// Where the application's final reason is copied, for a client
     /// factory to report instead of how the transport below ended.
     report: RefCell<Option<ReasonSlot>>,
@@ -227,6 +231,7 @@ impl TlsProtocol {
             reason: RefCell::new(None),
             handshake_timer: RefCell::new(None),
             waiters: RefCell::new(Vec::new()),
+            close_scheduled: Cell::new(false),
             report: RefCell::new(None),
         });
         TlsProtocol { state }
@@ -672,47 +677,77 @@ impl TlsState {
         }
     }
 
-    /// Sends close_notify and closes below, once nothing holds the close
-    /// back (the handshake, a registered producer).
+    /// Closes once nothing holds the close back (the handshake, a
+    /// registered producer). The close itself waits for the end of the
+    /// reactor's pass, so what the application writes after
+    /// `lose_connection` in the same callback still goes out before
+    /// close_notify, as it would without TLS.
     fn finish_close(&self) {
-        if self.life.get() != Life::Disconnecting {
-            return;
-        }
-        match self.phase.get() {
-            Phase::Handshaking => return,
-            Phase::Failed => return,
-            Phase::Plain | Phase::Established => {}
-        }
-        if self.producer.borrow().is_some() && self.read_side.get() == ReadSide::Open {
-            // Twisted: a close waits for the producer to unregister.
-            return;
-        }
-        self.life.set(Life::Closing);
-        if self.phase.get() == Phase::Established && self.write_side.get() != WriteSide::Closed {
-            if let Some(conn) = self.tls.borrow_mut().as_mut() {
-                conn.send_close_notify();
-            }
-            self.send_tls();
-        }
-        self.release_below();
-        if let Some(lower) = self.lower() {
-            lower.lose_connection();
+        if self.close_ready() {
+            self.close_soon();
         }
     }
 
     fn finish_write_shutdown(&self) {
-        if self.write_side.get() != WriteSide::ShutdownAsked || self.phase.get() != Phase::Established {
+        if self.write_shutdown_ready() {
+            self.close_soon();
+        }
+    }
+
+    fn close_ready(&self) -> bool {
+        self.life.get() == Life::Disconnecting
+            && matches!(self.phase.get(), Phase::Plain | Phase::Established)
+            // Twisted: a close waits for the producer to unregister, unless
+            // the peer has closed already.
+            && (self.producer.borrow().is_none() || self.read_side.get() != ReadSide::Open)
+    }
+
+    fn write_shutdown_ready(&self) -> bool {
+        self.write_side.get() == WriteSide::ShutdownAsked
+            && self.phase.get() == Phase::Established
+            && self.producer.borrow().is_none()
+    }
+
+    fn close_soon(&self) {
+        if self.close_scheduled.replace(true) {
             return;
         }
-        if self.producer.borrow().is_some() {
-            return;
+        let reactor = match &self.timer {
+            Timer::Reactor(r) => r.get(),
+            Timer::None | Timer::Clock(_) => None,
+        };
+        match (reactor, self.me.upgrade()) {
+            (Some(reactor), Some(me)) => reactor.schedule_flush(me),
+            // No loop to wait for (a test double below): close now.
+            _ => self.run_close(),
         }
-        if let Some(conn) = self.tls.borrow_mut().as_mut() {
-            conn.send_close_notify();
-        }
-        self.send_tls();
-        if let Some(lower) = self.lower() {
-            lower.lose_write_connection();
+    }
+
+    fn run_close(&self) {
+        self.close_scheduled.set(false);
+        if self.close_ready() {
+            self.life.set(Life::Closing);
+            if self.phase.get() == Phase::Established
+                && matches!(self.write_side.get(), WriteSide::Open | WriteSide::ShutdownAsked)
+            {
+                if let Some(conn) = self.tls.borrow_mut().as_mut() {
+                    conn.send_close_notify();
+                }
+                self.send_tls();
+            }
+            self.release_below();
+            if let Some(lower) = self.lower() {
+                lower.lose_connection();
+            }
+        } else if self.write_shutdown_ready() {
+            self.write_side.set(WriteSide::NotifySent);
+            if let Some(conn) = self.tls.borrow_mut().as_mut() {
+                conn.send_close_notify();
+            }
+            self.send_tls();
+            if let Some(lower) = self.lower() {
+                lower.lose_write_connection();
+            }
         }
     }
 
@@ -780,23 +815,39 @@ impl TlsState {
         }
     }
 
+    /// Writes are taken until close_notify is sent: after
+    /// `lose_connection` or `lose_write_connection` too, as without TLS.
     fn takes_writes(&self) -> bool {
         matches!(self.life.get(), Life::Open | Life::Disconnecting)
-            && self.write_side.get() == WriteSide::Open
+            && matches!(self.write_side.get(), WriteSide::Open | WriteSide::ShutdownAsked)
+    }
+}
+
+impl crate::reactor::Flush for TlsState {
+    fn flush(&self) {
+        self.run_close()
     }
 }
 
 impl TransportOps for TlsState {
     fn write(&self, data: &[u8]) {
-        if !self.takes_writes() || data.is_empty() {
+        if data.is_empty() {
             return;
         }
-        match self.phase.get() {
-            Phase::Plain => {
+        if self.phase.get() == Phase::Plain {
+            // In the clear the transport below keeps its own rules.
+            if !matches!(self.life.get(), Life::Aborting | Life::Lost) {
                 if let Some(lower) = self.lower() {
                     lower.write(data);
                 }
             }
+            return;
+        }
+        if !self.takes_writes() {
+            return;
+        }
+        match self.phase.get() {
+            Phase::Plain => {}
             Phase::Handshaking => {
                 self.queued.borrow_mut().extend_from_slice(data);
                 self.pause_queue_producer();
@@ -844,7 +895,7 @@ impl TransportOps for TlsState {
     }
 
     fn lose_write_connection(&self) {
-        if !self.takes_writes() {
+        if !self.takes_writes() || self.write_side.get() != WriteSide::Open {
             return;
         }
         match self.phase.get() {
