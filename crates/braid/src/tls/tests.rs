@@ -773,3 +773,25 @@ fn a_bad_server_name_is_refused_at_once() {
     let e = TlsProtocol::client(Box::new(capp), &ca.client(), "not a name!", None).err().unwrap();
     assert!(e.to_string().contains("not a name!"), "{e}");
 }
+
+#[test]
+fn close_notify_during_the_handshake_ends_the_connection_at_once() {
+    let ca = Ca::new();
+    let (sapp, slog, _) = App::new();
+    let mut server = TlsProtocol::server(Box::new(sapp), &ca.server(), None);
+    let st = StringTransport::new();
+    st.connect(&mut server);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut peer = rustls::ClientConnection::new(ca.client().rustls().clone(), name).unwrap();
+    peer.send_close_notify();
+    let mut hello = Vec::new();
+    while peer.wants_write() {
+        peer.write_tls(&mut hello).unwrap();
+    }
+    st.feed(&mut server, &hello);
+    assert!(st.disconnecting(), "not left waiting for the handshake timeout");
+    st.lose(&mut server, Failure::new(Error::ConnectionDone));
+    let lost = slog.borrow_mut().lost.take().unwrap();
+    assert!(tls_error(&lost).during_handshake(), "{lost}");
+    assert!(lost.to_string().contains("CloseNotify"), "{lost}");
+}

@@ -3,6 +3,8 @@
 //! outside peers (openssl, curl) and `Identity::from_pem_files` read.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
