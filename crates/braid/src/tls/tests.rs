@@ -795,3 +795,24 @@ fn close_notify_during_the_handshake_ends_the_connection_at_once() {
     assert!(tls_error(&lost).during_handshake(), "{lost}");
     assert!(lost.to_string().contains("CloseNotify"), "{lost}");
 }
+
+#[test]
+fn optional_client_auth_lets_both_kinds_of_client_in() {
+    let ca = Ca::new();
+    let sc = ServerConfig::builder(ca.identity(&["localhost"]))
+        .client_auth(ClientAuth::Optional(ca.roots()))
+        .build()
+        .unwrap();
+    let with_cert =
+        ClientConfig::builder(ca.roots()).identity(ca.identity(&["client.example"])).build().unwrap();
+    for (cc, certs) in [(ca.client(), 0), (with_cert, 1)] {
+        let (capp, _, _) = App::new();
+        let (sapp, slog, str_) = App::new();
+        let mut p = Pair::with(cc, "localhost", sc.clone(), capp, sapp);
+        p.pump();
+        assert!(slog.borrow().lost.is_none(), "{:?}", slog.borrow().lost);
+        let tls = str_.borrow().as_ref().unwrap().tls().unwrap();
+        assert!(tls.handshake_complete());
+        assert_eq!(tls.peer_certificates().len(), certs);
+    }
+}
