@@ -627,3 +627,111 @@ reactor_test! {
         assert_eq!(got, [b"ab".to_vec(), b"cd".to_vec()]);
     }
 }
+
+/// Aborts in `data_received` in the way it is told, recording whether
+/// `connection_lost` ever came while its own call was on the stack.
+struct Aborter {
+    how: &'static str,
+    t: Option<Transport>,
+    inside: Rc<Cell<bool>>,
+    log: Events,
+    done: Box<dyn Fn()>,
+}
+
+impl braid::Protocol for Aborter {
+    fn connection_made(&mut self, t: Transport) {
+        self.t = Some(t);
+    }
+    fn data_received(&mut self, _: &[u8]) {
+        let t = self.t.clone().unwrap();
+        self.inside.set(true);
+        match self.how {
+            "twice" => {
+                t.abort_connection();
+                t.abort_connection();
+            }
+            "then lose" => {
+                t.abort_connection();
+                t.lose_connection();
+            }
+            "full buffer" => {
+                // More than the kernel takes at once: most is still
+                // buffered when the abort drops it.
+                t.write(&vec![9u8; 8 << 20]);
+                t.abort_connection();
+            }
+            "then panic" => {
+                t.abort_connection();
+                self.inside.set(false);
+                panic!("bug after abort");
+            }
+            _ => t.abort_connection(),
+        }
+        self.inside.set(false);
+    }
+    fn connection_lost(&mut self, reason: braid::Failure) {
+        let re_entered = if self.inside.get() { " (re-entered)" } else { "" };
+        self.log.borrow_mut().push(format!("{}: {reason}{re_entered}", self.how));
+        (self.done)()
+    }
+}
+
+reactor_test! {
+    /// `abort_connection` over TLS (Twisted's AbortConnectionMixin, run
+    /// for TLS): inside `data_received`, twice, followed by
+    /// `lose_connection`, with a full write buffer: the connection ends
+    /// with `ConnectionAborted`, never re-entrantly; if the protocol then
+    /// panics, the panic is the reason (an abort does not hide a bug).
+    fn abort_over_tls(r) {
+        let ca = Ca::new();
+        let hows = ["plain", "twice", "then lose", "full buffer", "then panic"];
+        let done = stop_after(&r, 2 * hows.len() as u32);
+        let log: Events = Default::default();
+        let queue = Rc::new(RefCell::new(hows.to_vec()));
+        let (l, d, q) = (log.clone(), done.clone(), queue.clone());
+        let server = move || {
+            let d = d.clone();
+            Aborter {
+                how: q.borrow_mut().remove(0),
+                t: None,
+                inside: Default::default(),
+                log: l.clone(),
+                done: Box::new(d),
+            }
+        };
+        let port = r.listen_ssl(local(), server, ca.server(), 50).unwrap().local_addr().port();
+        // One client at a time, so each server protocol gets its `how`.
+        fn next(r: &Reactor, ca: Rc<Ca>, port: u16, left: usize, done: impl Fn() + Clone + 'static) {
+            if left == 0 {
+                return;
+            }
+            let (rr, d, config, ca2) = (r.clone(), done.clone(), ca.client(), ca.clone());
+            let client = move || {
+                let (rr, d, ca) = (rr.clone(), d.clone(), ca2.clone());
+                Rec {
+                    on_made: Some(Box::new(|t| t.write(b"go"))),
+                    on_lost: Some(Box::new(move |_| {
+                        d();
+                        next(&rr, ca.clone(), port, left - 1, d.clone());
+                    })),
+                    ..Default::default()
+                }
+            };
+            r.connect_ssl("localhost", port, client, config, None, None).unwrap();
+        }
+        let ca = Rc::new(ca);
+        next(&r, ca, port, hows.len(), done);
+        run_reactor(&r);
+        let log = log.borrow();
+        assert_eq!(
+            *log,
+            [
+                "plain: connection was aborted",
+                "twice: connection was aborted",
+                "then lose: connection was aborted",
+                "full buffer: connection was aborted",
+                "then panic: callback panicked: bug after abort",
+            ]
+        );
+    }
+}
