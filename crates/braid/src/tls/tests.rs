@@ -816,3 +816,19 @@ fn optional_client_auth_lets_both_kinds_of_client_in() {
         assert_eq!(tls.peer_certificates().len(), certs);
     }
 }
+
+#[test]
+fn a_pull_producer_is_handed_to_the_transport_below_once_the_handshake_is_done() {
+    let ca = Ca::new();
+    let producer = Rc::new(CountingProducer { calls: RefCell::new(Vec::new()) });
+    let (mut capp, _, _) = App::new();
+    let prod = producer.clone();
+    capp.on_made = Some(Box::new(move |t| t.register_producer(prod, false).unwrap()));
+    let (sapp, _, _) = App::new();
+    let mut p = Pair::start(&ca, capp, sapp);
+    assert!(p.ct.producer().is_none(), "no chunk is asked for while nothing can be sent");
+    p.pump();
+    assert!(p.ct.producer().is_some() && !p.ct.streaming(), "a pull producer, below");
+    p.ct.producer().unwrap().resume_producing();
+    assert_eq!(*producer.calls.borrow(), vec!["resume"], "asked through the transport below");
+}
