@@ -147,6 +147,8 @@ pub(crate) struct TlsState {
     /// Never borrowed while user code runs.
     tls: RefCell<Option<rustls::Connection>>,
     lower: RefCell<Option<Transport>>,
+    /// The peer's address, kept after the transport below is let go.
+    peer: RefCell<Option<Address>>,
     app: RefCell<Option<Box<dyn Protocol>>>,
     phase: Cell<Phase>,
     life: Cell<Life>,
@@ -219,6 +221,7 @@ impl TlsProtocol {
             side: RefCell::new(side),
             tls: RefCell::new(None),
             lower: RefCell::new(None),
+            peer: RefCell::new(None),
             app: RefCell::new(Some(app)),
             phase: Cell::new(Phase::Plain),
             life: Cell::new(Life::Open),
@@ -269,6 +272,7 @@ impl Drop for TlsProtocol {
 impl Protocol for TlsProtocol {
     fn connection_made(&mut self, transport: Transport) {
         let s = &self.state;
+        *s.peer.borrow_mut() = Some(transport.peer());
         *s.lower.borrow_mut() = Some(transport);
         if let Some(side) = s.side.borrow_mut().take() {
             s.begin(side);
@@ -917,7 +921,7 @@ impl TransportOps for TlsState {
     }
 
     fn peer(&self) -> Address {
-        self.lower().map_or_else(Address::unix_unnamed, |l| l.peer())
+        self.peer.borrow().clone().unwrap_or_else(Address::unix_unnamed)
     }
 
     fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {

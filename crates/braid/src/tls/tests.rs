@@ -832,3 +832,17 @@ fn a_pull_producer_is_handed_to_the_transport_below_once_the_handshake_is_done()
     p.ct.producer().unwrap().resume_producing();
     assert_eq!(*producer.calls.borrow(), vec!["resume"], "asked through the transport below");
 }
+
+#[test]
+fn the_peer_address_is_the_transport_s_below_and_stays_after_the_close() {
+    let ca = Ca::new();
+    let (capp, _, ctr) = App::new();
+    let (sapp, _, _) = App::new();
+    let mut p = Pair::start(&ca, capp, sapp);
+    p.pump();
+    let t = ctr.borrow().clone().unwrap();
+    assert_eq!(t.peer(), p.ct.transport().peer());
+    assert_eq!(t.host(), p.ct.transport().host());
+    p.close_below(Error::ConnectionDone);
+    assert_eq!(t.peer(), p.ct.transport().peer());
+}
