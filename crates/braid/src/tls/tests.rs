@@ -32,8 +32,7 @@ impl Ca {
         Ca { pem: cert.pem(), issuer: rcgen::Issuer::new(params, key) }
     }
 
-    fn leaf_params(&self, names: &[&str], params: rcgen::CertificateParams) -> (String, String) {
-        let _ = names;
+    fn leaf_params(&self, params: rcgen::CertificateParams) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -43,7 +42,7 @@ impl Ca {
     fn leaf(&self, names: &[&str]) -> (String, String) {
         let params =
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        self.leaf_params(names, params)
+        self.leaf_params(params)
     }
 
     fn identity(&self, names: &[&str]) -> Identity {
@@ -384,7 +383,7 @@ fn expired_certificate_is_refused() {
     let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
     params.not_before = rcgen::date_time_ymd(2001, 1, 1);
     params.not_after = rcgen::date_time_ymd(2002, 1, 1);
-    let (c, k) = ca.leaf_params(&["localhost"], params);
+    let (c, k) = ca.leaf_params(params);
     let sc = ServerConfig::builder(Identity::from_pem(c.as_bytes(), k.as_bytes()).unwrap()).build().unwrap();
     let (capp, clog, _) = App::new();
     let (sapp, _, _) = App::new();
