@@ -261,7 +261,7 @@ fn python(script: &str, args: &[&str]) -> String {
 #[test]
 fn portforward_carries_256_mib_each_way() {
     let echo = start(&["echo", "--listen", "tcp:0:interface=127.0.0.1"], 1);
-    let dest = format!("tcp:{}", echo.addrs[0].replace(':', ":"));
+    let dest = format!("tcp:{}", echo.addrs[0]);
     let fwd = start(&["portforward", "--listen", "tcp:0:interface=127.0.0.1", "--connect", &dest], 1);
     let script = "import hashlib, socket, sys, threading\n\
         host, port = sys.argv[1].rsplit(':', 1)\n\

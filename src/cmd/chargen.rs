@@ -88,6 +88,7 @@ pub fn run(common: Common, args: Args) -> Result<(), String> {
         name: "chargen",
         streams: Some((|| Chargen { transport: None }).into_shared()),
         datagrams: Some(SharedDatagram::new(Chargen { transport: None }).erase()),
+        over: "",
     };
     super::serve(common, &args.listen, what)
 }

@@ -70,6 +70,7 @@ pub fn run(common: Common, args: Args) -> Result<(), String> {
         name: "daytime",
         streams: Some((|| Daytime { transport: None }).into_shared()),
         datagrams: Some(SharedDatagram::new(Daytime { transport: None }).erase()),
+        over: "",
     };
     super::serve(common, &args.listen, what)
 }

@@ -32,6 +32,7 @@ pub fn run(common: Common, args: Args) -> Result<(), String> {
         name: "discard",
         streams: Some((|| Discard).into_shared()),
         datagrams: Some(SharedDatagram::new(Discard).erase()),
+        over: "",
     };
     super::serve(common, &args.listen, what)
 }

@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use braid::app::Service;
 use braid::datagram::SharedDatagram;
 use braid::endpoints::quote;
-use braid::protocol::IntoFactory;
+use braid::protocol::{Factory, IntoFactory, SharedFactory};
 use braid::protocols::echo::{DatagramEcho, Echo};
+use braid::tls::{ServerConfig, TlsFactory};
 use braid::{Deferred, Failure, Reactor};
 
 use super::{Common, Serve};
@@ -43,6 +44,22 @@ pub struct Args {
     /// Permission bits of the UNIX socket file, in octal (e.g. 660).
     #[arg(long, value_name = "OCTAL", value_parser = parse_mode, requires = "unix")]
     mode: Option<u32>,
+    /// Serve TLS on the stream listeners (TCP, UNIX, systemd's): the
+    /// certificate chain, leaf first, in PEM.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, in PEM.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// The echo factory for a stream listener: wrapped in TLS when a
+/// certificate was given.
+fn stream_echo(reactor: &Reactor, tls: &Option<ServerConfig>) -> SharedFactory<dyn Factory> {
+    match tls {
+        Some(config) => TlsFactory::new(reactor, Echo::new, config.clone()).into_shared(),
+        None => Echo::new.into_shared(),
+    }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -57,6 +74,12 @@ pub fn run(common: Common, args: Args) -> Result<(), String> {
     // Before the reactor opens descriptors of its own.
     let inherited =
         if args.systemd { braid::stream::systemd_sockets().map_err(|e| e.to_string())? } else { Vec::new() };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(ServerConfig::from_pem_files(cert, key).map_err(|e| format!("--tls-cert/--tls-key: {e}"))?)
+        }
+        _ => None,
+    };
     if args.systemd && inherited.is_empty() {
         return Err(
             "--systemd: no sockets were passed (LISTEN_PID/LISTEN_FDS not set for this process)".into()
@@ -82,16 +105,20 @@ pub fn run(common: Common, args: Args) -> Result<(), String> {
         listens.push("tcp:8000".into());
     }
     let reactor = braid::install(common.backend).map_err(|e| e.to_string())?;
+    let over = if tls.is_some() { " over TLS" } else { "" };
     let extra: Vec<Box<dyn Service>> = vec![Box::new(Adopted {
         reactor: reactor.clone(),
         sockets: inherited,
         backend: common.backend,
         ports: Vec::new(),
+        streams: stream_echo(&reactor, &tls),
+        over,
     })];
     let what = Serve {
         name: "echo",
-        streams: Some(Echo::new.into_shared()),
+        streams: Some(stream_echo(&reactor, &tls)),
         datagrams: Some(SharedDatagram::new(DatagramEcho::new()).erase()),
+        over,
     };
     super::serve_on(&reactor, common, &listens, what, extra)
 }
@@ -102,6 +129,8 @@ struct Adopted {
     sockets: Vec<std::os::fd::OwnedFd>,
     backend: braid::Backend,
     ports: Vec<Box<dyn FnMut() -> Deferred<()>>>,
+    streams: SharedFactory<dyn Factory>,
+    over: &'static str,
 }
 
 impl Service for Adopted {
@@ -117,8 +146,13 @@ impl Service for Adopted {
                 tracing::info!("echo listening on {} (from systemd; reactor: {})", port.host(), self.backend);
                 self.ports.push(Box::new(move || port.stop_listening()));
             } else {
-                let port = self.reactor.adopt_stream_port(socket, Echo::new)?;
-                tracing::info!("echo listening on {} (from systemd; reactor: {})", port.host(), self.backend);
+                let port = self.reactor.adopt_stream_port(socket, self.streams.clone())?;
+                let over = self.over;
+                tracing::info!(
+                    "echo listening on {}{over} (from systemd; reactor: {})",
+                    port.host(),
+                    self.backend
+                );
                 self.ports.push(Box::new(move || port.stop_listening()));
             }
         }

@@ -161,6 +161,7 @@ pub fn run(common: Common, args: Args) -> Result<(), String> {
         listens
             .push(format!("tcp:{port}:interface={}", braid::endpoints::quote(&args.interface.to_string())));
     }
-    let what = Serve { name: "exec", streams: Some(SharedFactory::new(factory).erase()), datagrams: None };
+    let what =
+        Serve { name: "exec", streams: Some(SharedFactory::new(factory).erase()), datagrams: None, over: "" };
     super::serve_on(&reactor, common, &listens, what, Vec::new())
 }

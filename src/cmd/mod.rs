@@ -46,6 +46,8 @@ pub struct Serve {
     pub streams: Option<SharedFactory<dyn Factory>>,
     /// Handles datagrams on `udp:` endpoints.
     pub datagrams: Option<SharedDatagram<dyn DatagramProtocol>>,
+    /// Said after a stream listener's address (" over TLS").
+    pub over: &'static str,
 }
 
 /// Installs the reactor, listens on every endpoint (logging one line each
@@ -95,8 +97,13 @@ pub fn serve_on(
             StreamServerEndpointService::new(endpoint, tracked)
         };
         names.push(desc.clone());
-        tree.add_service(Box::new(Announce { inner: service, plugin: what.name, backend: common.backend }))
-            .map_err(|e| e.to_string())?;
+        tree.add_service(Box::new(Announce {
+            inner: service,
+            plugin: what.name,
+            backend: common.backend,
+            over: what.over,
+        }))
+        .map_err(|e| e.to_string())?;
     }
     for service in extra {
         tree.add_service(service).map_err(|e| e.to_string())?;
@@ -117,6 +124,7 @@ struct Announce {
     inner: StreamServerEndpointService,
     plugin: &'static str,
     backend: Backend,
+    over: &'static str,
 }
 
 impl Service for Announce {
@@ -124,7 +132,7 @@ impl Service for Announce {
         self.inner.start_service()?;
         let shown = match self.inner.address() {
             Some(Address::Ip(a)) if self.inner.describe().starts_with("udp") => format!("udp {a}"),
-            Some(a) => a.to_string(),
+            Some(a) => format!("{a}{}", self.over),
             None => self.inner.describe(),
         };
         tracing::info!("{} listening on {shown} (reactor: {})", self.plugin, self.backend);

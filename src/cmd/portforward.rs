@@ -171,6 +171,6 @@ pub fn run(common: Common, args: Args) -> Result<(), String> {
     );
     tracing::debug!("portforward to {}", endpoint.describe());
     let factory: SharedFactory<dyn Factory> = SharedFactory::new(Forwarder { endpoint }).erase();
-    let what = Serve { name: "portforward", streams: Some(factory), datagrams: None };
+    let what = Serve { name: "portforward", streams: Some(factory), datagrams: None, over: "" };
     super::serve_on(&reactor, common, &args.listen, what, Vec::new())
 }

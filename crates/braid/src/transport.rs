@@ -64,6 +64,11 @@ pub trait TransportOps {
     fn unix(self: Rc<Self>) -> Option<Rc<dyn UnixOptions>> {
         None
     }
+    /// The TLS side of this transport, if it is a TLS connection (or one
+    /// that may become one with `start_tls`).
+    fn tls(self: Rc<Self>) -> Option<Rc<dyn TlsOptions>> {
+        None
+    }
     /// Stops reading (the transport as a push producer).
     fn pause_producing(&self);
     /// Starts reading again.
@@ -159,6 +164,19 @@ impl Transport {
     /// `None` for any other kind of stream.
     pub fn unix(&self) -> Option<Unix> {
         self.ops.clone().unix().map(|ops| Unix { ops })
+    }
+
+    /// What only a TLS connection has (the peer's certificates, the
+    /// negotiated ALPN protocol, the SNI name, `start_tls`), or `None` for
+    /// a stream that is not wrapped in TLS (see the `tls` module).
+    pub fn tls(&self) -> Option<Tls> {
+        self.ops.clone().tls().map(|ops| Tls { ops })
+    }
+
+    /// The implementation behind this handle, for layers that wrap one
+    /// transport in another (TLS reaches the TCP options below it).
+    pub(crate) fn ops(&self) -> &Rc<dyn TransportOps> {
+        &self.ops
     }
 
     /// Stops reading until `resume_producing`.
@@ -289,6 +307,74 @@ impl Unix {
     /// `ConnectionDone` once the connection is closing.
     pub fn send_file_descriptor(&self, fd: impl Into<std::os::fd::OwnedFd>) -> Result<(), Error> {
         self.ops.send_file_descriptor(fd.into())
+    }
+}
+
+/// The side only a TLS transport has (implemented in the `tls` module).
+pub trait TlsOptions {
+    /// True once the handshake has finished.
+    fn handshake_complete(&self) -> bool;
+    /// The peer's certificate chain, leaf first, in DER (empty before the
+    /// handshake, or if the peer sent none).
+    fn peer_certificates(&self) -> Vec<Vec<u8>>;
+    /// The ALPN protocol both sides agreed on, if any.
+    fn alpn_protocol(&self) -> Option<Vec<u8>>;
+    /// The server name the client asked for (SNI): on a server, what the
+    /// client sent; on a client, what it sent.
+    fn server_name(&self) -> Option<String>;
+    /// The negotiated protocol version ("TLSv1.3", "TLSv1.2").
+    fn protocol_version(&self) -> Option<&'static str>;
+    /// True if the handshake resumed an earlier session.
+    fn resumed(&self) -> bool;
+    /// Fires once the handshake finishes, or fails with the reason the
+    /// connection ended before it did.
+    fn when_handshake_completed(&self) -> crate::defer::Deferred<()>;
+    /// The implementation, so the TLS layer can reach its own type
+    /// (`start_tls` takes a configuration this layer does not know).
+    fn as_any(self: Rc<Self>) -> Rc<dyn std::any::Any>;
+}
+
+/// A TLS transport's own side, from [`Transport::tls`].
+#[derive(Clone)]
+pub struct Tls {
+    pub(crate) ops: Rc<dyn TlsOptions>,
+}
+
+impl Tls {
+    /// True once the handshake has finished.
+    pub fn handshake_complete(&self) -> bool {
+        self.ops.handshake_complete()
+    }
+
+    /// The peer's certificate chain, leaf first, in DER.
+    pub fn peer_certificates(&self) -> Vec<Vec<u8>> {
+        self.ops.peer_certificates()
+    }
+
+    /// The negotiated ALPN protocol, if any.
+    pub fn alpn_protocol(&self) -> Option<Vec<u8>> {
+        self.ops.alpn_protocol()
+    }
+
+    /// The SNI server name of this connection, if one was sent.
+    pub fn server_name(&self) -> Option<String> {
+        self.ops.server_name()
+    }
+
+    /// The negotiated protocol version, once known.
+    pub fn protocol_version(&self) -> Option<&'static str> {
+        self.ops.protocol_version()
+    }
+
+    /// True if the handshake resumed an earlier session.
+    pub fn resumed(&self) -> bool {
+        self.ops.resumed()
+    }
+
+    /// A Deferred that fires once the handshake finishes (at once if it
+    /// already has), or fails with the reason the connection ended first.
+    pub fn when_handshake_completed(&self) -> crate::defer::Deferred<()> {
+        self.ops.when_handshake_completed()
     }
 }
 

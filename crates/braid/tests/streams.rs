@@ -1,10 +1,13 @@
 //! Stream behaviours every kind of byte stream shares (Twisted's
 //! `connectionmixins`): one test body, run once per backend **and** per
 //! stream kind: TCP over IPv4, TCP over IPv6, a UNIX socket file, a UNIX
-//! abstract name. The server side is braid; the client is a plain std
-//! socket on another thread, so each test sees what a real peer sees.
+//! abstract name, and TLS over TCP and over a UNIX socket. The server
+//! side is braid; the client is a plain std socket on another thread (for
+//! TLS, relayed through a rustls client), so each test sees what a real
+//! peer sees.
 
 mod common;
+mod tls_support;
 
 use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
@@ -27,6 +30,10 @@ enum StreamKind {
     Tcp6,
     UnixPath,
     UnixAbstract,
+    /// `listen_ssl` over TCP on 127.0.0.1.
+    TlsTcp,
+    /// A `TlsFactory` on a UNIX socket file.
+    TlsUnix,
 }
 
 /// Where a client connects.
@@ -35,6 +42,8 @@ enum Target {
     Ip(std::net::SocketAddr),
     Path(PathBuf),
     Abstract(Vec<u8>),
+    /// TLS to the server at the inner target, trusting this client config.
+    Tls(Box<Target>, std::sync::Arc<rustls::ClientConfig>),
 }
 
 /// A std client socket of either family.
@@ -52,6 +61,22 @@ impl Target {
                 use std::os::linux::net::SocketAddrExt;
                 let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).unwrap();
                 Client::Unix(UnixStream::connect_addr(&addr).expect("connect"))
+            }
+            Target::Tls(inner, config) => {
+                let end = match &**inner {
+                    Target::Ip(a) => tls_support::proxy::connect(
+                        TcpStream::connect(a).expect("connect"),
+                        config.clone(),
+                        "localhost",
+                    ),
+                    Target::Path(p) => tls_support::proxy::connect(
+                        UnixStream::connect(p).expect("connect"),
+                        config.clone(),
+                        "localhost",
+                    ),
+                    _ => unreachable!("TLS kinds are over TCP or a UNIX path"),
+                };
+                Client::Unix(end)
             }
         };
         c.set_timeout(WATCHDOG);
@@ -148,7 +173,25 @@ impl StreamKind {
                 let p = r.listen_unix(format!("@{unique}"), factory, 50, None, false).unwrap();
                 (p, Target::Abstract(unique.into_bytes()))
             }
+            StreamKind::TlsTcp => {
+                let ca = tls_support::Ca::new();
+                let p = r.listen_ssl("127.0.0.1:0", factory, ca.server(), 50).unwrap();
+                let a = p.local_addr();
+                (p, Target::Tls(Box::new(Target::Ip(a)), ca.rustls_client()))
+            }
+            StreamKind::TlsUnix => {
+                let ca = tls_support::Ca::new();
+                let path = std::env::temp_dir().join(format!("{unique}.sock"));
+                let _ = std::fs::remove_file(&path);
+                let factory = braid::tls::TlsFactory::new(r, factory, ca.server());
+                let p = r.listen_unix(&path, factory, 50, None, false).unwrap();
+                (p, Target::Tls(Box::new(Target::Path(path)), ca.rustls_client()))
+            }
         }
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, StreamKind::TlsTcp | StreamKind::TlsUnix)
     }
 }
 
@@ -172,6 +215,8 @@ macro_rules! stream_test {
             stream_test!(@kind $backend, tcp6, Tcp6);
             stream_test!(@kind $backend, unix_path, UnixPath);
             stream_test!(@kind $backend, unix_abstract, UnixAbstract);
+            stream_test!(@kind $backend, tls_tcp, TlsTcp);
+            stream_test!(@kind $backend, tls_unix, TlsUnix);
         }
     };
     (@kind $backend:ident, $test:ident, $kind:ident) => {
@@ -279,8 +324,9 @@ stream_test! {
             log: l.clone(),
             on_made: Some(Box::new(move |t| {
                 // Each kind offers its own options and only those.
-                let tcp = matches!(kind, StreamKind::Tcp4 | StreamKind::Tcp6);
+                let tcp = matches!(kind, StreamKind::Tcp4 | StreamKind::Tcp6 | StreamKind::TlsTcp);
                 assert_eq!((t.tcp().is_some(), t.unix().is_some()), (tcp, !tcp), "{kind:?}");
+                assert_eq!(t.tls().is_some(), kind.tls(), "{kind:?}");
             })),
             on_read_closed: Some(Box::new(|t| t.lose_connection())),
             ..Default::default()
