@@ -191,6 +191,9 @@ impl Protocol for Counted {
     fn as_fd_receiver(&mut self) -> Option<&mut dyn FileDescriptorReceiver> {
         self.inner.as_fd_receiver()
     }
+    fn handshake_completed(&mut self) {
+        self.inner.handshake_completed()
+    }
 }
 
 /// At shutdown: asks every open connection to finish (flush and close),

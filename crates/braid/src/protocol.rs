@@ -30,6 +30,12 @@ pub trait Protocol {
         let _ = reason;
     }
 
+    /// A TLS handshake on this connection finished (Twisted's
+    /// `IHandshakeListener.handshakeCompleted`): the peer's certificate,
+    /// ALPN and SNI are known now (`transport.tls()`). Never called on a
+    /// connection without TLS.
+    fn handshake_completed(&mut self) {}
+
     /// Return `Some(self)` to take part in half-close (see [`HalfCloseable`]).
     fn as_half_closeable(&mut self) -> Option<&mut dyn HalfCloseable> {
         None

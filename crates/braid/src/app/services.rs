@@ -204,6 +204,9 @@ impl Protocol for Watched {
     fn as_fd_receiver(&mut self) -> Option<&mut dyn FileDescriptorReceiver> {
         self.inner.as_fd_receiver()
     }
+    fn handshake_completed(&mut self) {
+        self.inner.handshake_completed()
+    }
 }
 
 impl Factory for Reporting {

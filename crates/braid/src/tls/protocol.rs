@@ -608,6 +608,9 @@ impl TlsState {
         for d in std::mem::take(&mut *self.waiters.borrow_mut()) {
             let _ = d.callback(());
         }
+        if !matches!(self.life.get(), Life::Lost | Life::Aborting) {
+            self.call_app(|p| p.handshake_completed());
+        }
         self.after_handshake();
     }
 

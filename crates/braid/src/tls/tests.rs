@@ -68,6 +68,10 @@ impl Ca {
 #[derive(Default)]
 struct Log {
     made: bool,
+    /// How many times handshake_completed ran, and how many data bytes
+    /// had arrived before the first.
+    handshakes: u32,
+    data_before_handshake: Option<usize>,
     data: Vec<u8>,
     lost: Option<Failure>,
     read_closed: bool,
@@ -102,6 +106,14 @@ impl Protocol for App {
             f(&transport);
         }
         *self.transport.borrow_mut() = Some(transport);
+    }
+    fn handshake_completed(&mut self) {
+        let mut log = self.log.borrow_mut();
+        log.handshakes += 1;
+        let before = log.data.len();
+        log.data_before_handshake.get_or_insert(before);
+        let t = self.transport.borrow().clone().unwrap();
+        assert!(t.tls().unwrap().handshake_complete(), "handshake_completed before the handshake was");
     }
     fn data_received(&mut self, data: &[u8]) {
         self.log.borrow_mut().data.extend_from_slice(data);
@@ -247,6 +259,23 @@ fn handshake_completed_deferred_fires_once_done() {
     assert!(fired.borrow().is_empty());
     p.pump();
     assert_eq!(*fired.borrow(), vec![true]);
+}
+
+// Twisted's IHandshakeListener: handshake_completed once per side, after
+// the handshake and before any application data.
+#[test]
+fn handshake_completed_is_called_once_before_data() {
+    let ca = Ca::new();
+    let (mut capp, clog, _) = App::new();
+    capp.on_made = Some(Box::new(|t| t.write(b"first")));
+    let (sapp, slog, _) = App::new();
+    let mut p = Pair::start(&ca, capp, sapp);
+    assert_eq!(clog.borrow().handshakes + slog.borrow().handshakes, 0, "called before the handshake");
+    p.pump();
+    assert_eq!(clog.borrow().handshakes, 1);
+    assert_eq!(slog.borrow().handshakes, 1);
+    assert_eq!(slog.borrow().data, b"first");
+    assert_eq!(slog.borrow().data_before_handshake, Some(0), "data came before handshake_completed");
 }
 
 #[test]
