@@ -41,6 +41,11 @@ struct Cli {
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = 5.0)]
     grace: f64,
 
+    /// Worker threads, each with its own reactor and its own SO_REUSEPORT
+    /// listener for every TCP endpoint (shared nothing); 0: one per CPU.
+    #[arg(long, global = true, value_name = "N", default_value_t = 1)]
+    workers: usize,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -51,7 +56,7 @@ enum LogFormat {
     Json,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 enum Command {
     /// Echo server (RFC 862): sends back whatever it receives.
     Echo(cmd::echo::Args),
@@ -65,6 +70,17 @@ enum Command {
     Portforward(cmd::portforward::Args),
     /// inetd-style server: each connection runs PROGRAM on its stdin/stdout.
     Exec(cmd::exec::Args),
+}
+
+fn run(common: cmd::Common, command: Command) -> Result<(), String> {
+    match command {
+        Command::Echo(args) => cmd::echo::run(common, args),
+        Command::Discard(args) => cmd::discard::run(common, args),
+        Command::Chargen(args) => cmd::chargen::run(common, args),
+        Command::Daytime(args) => cmd::daytime::run(common, args),
+        Command::Portforward(args) => cmd::portforward::run(common, args),
+        Command::Exec(args) => cmd::exec::run(common, args),
+    }
 }
 
 fn main() -> ExitCode {
@@ -81,15 +97,60 @@ fn main() -> ExitCode {
         let backend = cmd::backend(cli.reactor.as_deref())?;
         let grace = Duration::try_from_secs_f64(cli.grace)
             .map_err(|_| format!("--grace {}: give a number of seconds", cli.grace))?;
-        let common = cmd::Common { backend, grace };
-        match cli.command {
-            Command::Echo(args) => cmd::echo::run(common, args),
-            Command::Discard(args) => cmd::discard::run(common, args),
-            Command::Chargen(args) => cmd::chargen::run(common, args),
-            Command::Daytime(args) => cmd::daytime::run(common, args),
-            Command::Portforward(args) => cmd::portforward::run(common, args),
-            Command::Exec(args) => cmd::exec::run(common, args),
+        let common = cmd::Common { backend, grace, worker: None };
+        let workers = match cli.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        if workers == 1 {
+            return run(common, cli.command);
         }
+        if matches!(&cli.command, Command::Echo(args) if args.systemd()) {
+            return Err("--systemd cannot be shared by --workers (each socket serves one listener)".into());
+        }
+        // Each worker runs the plugin on a reactor of its own; SIGINT and
+        // SIGTERM reach every reactor, so all stop together. Workers start
+        // one after another: if one fails (a port in use), the ones
+        // running are stopped and the command fails.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        *cmd::RUNNING.lock().unwrap_or_else(|e| e.into_inner()) = Some(ready_tx);
+        let mut running: Vec<braid::Remote> = Vec::new();
+        let mut threads = Vec::new();
+        let mut first_error = None;
+        for i in 0..workers {
+            let (command, common) =
+                (cli.command.clone(), cmd::Common { worker: Some((i, workers)), ..common });
+            let thread = std::thread::Builder::new()
+                .name(format!("worker {i}"))
+                .spawn(move || run(common, command))
+                .map_err(|e| format!("starting the workers: {e}"))?;
+            let started = loop {
+                match ready_rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(remote) => break Some(remote),
+                    Err(_) if thread.is_finished() => break None,
+                    Err(_) => continue,
+                }
+            };
+            threads.push(thread);
+            match started {
+                Some(remote) => running.push(remote),
+                None => break,
+            }
+        }
+        if running.len() < workers {
+            for remote in &running {
+                let _ = remote.call_from_thread(|r| {
+                    let _ = r.stop();
+                });
+            }
+        }
+        for t in threads {
+            let result = t.join().unwrap_or_else(|_| Err("a worker panicked".into()));
+            if let (Err(e), None) = (result, &first_error) {
+                first_error = Some(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -41,7 +41,10 @@ fn start(args: &[&str], listeners: usize) -> Server {
             panic!("braid {args:?} ended before listening:\n{seen}");
         }
         seen.push_str(&line);
-        if let Some(rest) = line.split(" listening on ").nth(1) {
+        let announced = ["echo", "discard", "chargen", "daytime", "portforward", "exec"]
+            .iter()
+            .any(|p| line.contains(&format!(" {p} listening on ")));
+        if let Some(rest) = line.split(" listening on ").nth(1).filter(|_| announced) {
             addrs.push(rest.split(" (reactor").next().unwrap().trim().to_string());
         }
     }
@@ -388,4 +391,46 @@ fn portforward_backpressure_when_the_client_stalls() {
     let mut buf = vec![0u8; 74 * 100];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(buf[0], b' ');
+}
+
+/// `--workers 2`: two reactors, each with its own SO_REUSEPORT listener;
+/// connections are served by both; SIGTERM stops both, exit 0.
+#[test]
+fn two_workers_both_accept() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("tcp:{port}:interface=127.0.0.1");
+    let mut server = start(&["--workers", "2", "--log-level", "debug", "echo", "--listen", &listen], 2);
+    assert!(
+        server.log.lock().unwrap().contains("worker 0") && server.log.lock().unwrap().contains("worker 1")
+    );
+    for i in 0..64u32 {
+        let mut s = connect(&format!("127.0.0.1:{port}"));
+        s.write_all(&i.to_be_bytes()).unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, i.to_be_bytes());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = server.log.lock().unwrap().clone();
+        let served =
+            |w: u32| log.lines().any(|l| l.contains("accepted") && l.ends_with(&format!("on worker {w}")));
+        if served(0) && served(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "64 connections did not reach both workers:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&server.child, "-TERM");
+    assert_eq!(wait_exit(&mut server.child, Duration::from_secs(20)), 0);
+    // A port someone else holds: a clear error, and no worker left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = format!("tcp:{}:interface=127.0.0.1", taken.local_addr().unwrap().port());
+    let (code, err) = run_to_end(&["--workers", "2", "echo", "--listen", &busy]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot listen"), "{err}");
+    // Port 0 cannot be shared: a clear error.
+    let (code, err) = run_to_end(&["--workers", "2", "echo", "--listen", "tcp:0"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--workers needs a fixed port"), "{err}");
 }

@@ -15,7 +15,7 @@ use braid::{Address, Failure, Transport};
 use super::{Common, Serve};
 
 /// Arguments of `braid chargen`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Args {
     /// Where to listen, as an endpoint; repeatable (default tcp:19).
     #[arg(long, value_name = "ENDPOINT", default_value = "tcp:19")]

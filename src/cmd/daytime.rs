@@ -10,7 +10,7 @@ use braid::{Address, Transport};
 use super::{Common, Serve};
 
 /// Arguments of `braid daytime`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Args {
     /// Where to listen, as an endpoint; repeatable (default tcp:13).
     #[arg(long, value_name = "ENDPOINT", default_value = "tcp:13")]

@@ -8,7 +8,7 @@ use braid::Address;
 use super::{Common, Serve};
 
 /// Arguments of `braid discard`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Args {
     /// Where to listen, as an endpoint; repeatable (default tcp:9).
     #[arg(long, value_name = "ENDPOINT", default_value = "tcp:9")]

@@ -19,7 +19,7 @@ use braid::{Deferred, Failure, Reactor};
 use super::{Common, Serve};
 
 /// Arguments of `braid echo`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Args {
     /// Where to listen, as an endpoint (tcp:8000, tcp6:8000, udp:8000,
     /// unix:/run/echo.sock, systemd:domain=INET:index=0); repeatable.
@@ -67,6 +67,13 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok()
         .filter(|m| *m <= 0o7777)
         .ok_or_else(|| format!("{s:?} is not an octal file mode (say 660)"))
+}
+
+impl Args {
+    /// Whether `--systemd` was given.
+    pub fn systemd(&self) -> bool {
+        self.systemd
+    }
 }
 
 /// Serves echo until SIGINT or SIGTERM.

@@ -18,7 +18,7 @@ use braid::{Address, Failure, Reactor, Transport};
 use super::{Common, Serve};
 
 /// Arguments of `braid exec`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Args {
     /// Where to listen, as an endpoint; repeatable.
     #[arg(long, value_name = "ENDPOINT")]

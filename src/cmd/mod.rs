@@ -29,6 +29,12 @@ pub fn backend(flag: Option<&str>) -> Result<Backend, String> {
     }
 }
 
+/// With `--workers`: where each worker sends a handle to its reactor once
+/// it runs, so that main can start the next worker, or stop the ones
+/// running if one fails to start.
+pub static RUNNING: std::sync::Mutex<Option<std::sync::mpsc::Sender<braid::Remote>>> =
+    std::sync::Mutex::new(None);
+
 /// What every plugin is run with.
 #[derive(Clone, Copy)]
 pub struct Common {
@@ -36,6 +42,32 @@ pub struct Common {
     pub backend: Backend,
     /// How long open connections may take to finish at shutdown.
     pub grace: Duration,
+    /// With `--workers`: this thread's number and how many there are.
+    pub worker: Option<(usize, usize)>,
+}
+
+/// The endpoints worker `common.worker` listens on: with several workers,
+/// each has its own `SO_REUSEPORT` listener for every TCP endpoint (which
+/// needs a fixed port: with port 0 each would get another), and the other
+/// endpoints (UNIX, UDP, systemd) are served by worker 0 alone.
+fn for_worker(common: Common, listens: &[String]) -> Result<Vec<String>, String> {
+    let Some((index, _)) = common.worker else { return Ok(listens.to_vec()) };
+    let mut mine = Vec::new();
+    for desc in listens {
+        let d = braid::endpoints::parse(desc).map_err(|e| format!("--listen {desc}: {e}"))?;
+        let kind = d.kind.to_ascii_lowercase();
+        if kind == "tcp" || kind == "tcp6" {
+            if d.arg_or(0, "port") == Some("0") {
+                return Err(format!(
+                    "--listen {desc}: --workers needs a fixed port (with 0 each worker would get its own)"
+                ));
+            }
+            mine.push(format!("{desc}:reusePort=1"));
+        } else if index == 0 {
+            mine.push(desc.clone());
+        }
+    }
+    Ok(mine)
 }
 
 /// What a plugin serves: streams, datagrams, or both.
@@ -67,6 +99,7 @@ pub fn serve_on(
     what: Serve,
     extra: Vec<Box<dyn Service>>,
 ) -> Result<(), String> {
+    let listens = &for_worker(common, listens)?;
     let open = Open::default();
     let mut tree = MultiService::new();
     // Added first, so stopped last: the listeners close before the
@@ -92,8 +125,9 @@ pub fn serve_on(
                 .streams
                 .clone()
                 .ok_or_else(|| format!("--listen {desc}: {} serves only datagrams", what.name))?;
+            let worker = common.worker.map(|(i, _)| i);
             let tracked: SharedFactory<dyn Factory> =
-                SharedFactory::new(Tracked { inner: factory, open: open.clone() }).erase();
+                SharedFactory::new(Tracked { inner: factory, open: open.clone(), worker }).erase();
             StreamServerEndpointService::new(endpoint, tracked)
         };
         names.push(desc.clone());
@@ -102,6 +136,7 @@ pub fn serve_on(
             plugin: what.name,
             backend: common.backend,
             over: what.over,
+            worker: common.worker.map(|(i, _)| i),
         }))
         .map_err(|e| e.to_string())?;
     }
@@ -112,6 +147,12 @@ pub fn serve_on(
         return Err(format!("{}: nothing to listen on (give --listen ENDPOINT)", what.name));
     }
     let _app = Application::start(reactor, tree).map_err(|e| e.to_string())?;
+    if let Some(ready) = RUNNING.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        let remote = reactor.remote();
+        reactor.call_when_running(move || {
+            let _ = ready.send(remote);
+        });
+    }
     reactor.run().map_err(|e| e.to_string())?;
     if let Some(sig) = reactor.exit_signal() {
         tracing::info!("stopped by signal {sig}; clean shutdown");
@@ -125,6 +166,7 @@ struct Announce {
     plugin: &'static str,
     backend: Backend,
     over: &'static str,
+    worker: Option<usize>,
 }
 
 impl Service for Announce {
@@ -135,7 +177,12 @@ impl Service for Announce {
             Some(a) => format!("{a}{}", self.over),
             None => self.inner.describe(),
         };
-        tracing::info!("{} listening on {shown} (reactor: {})", self.plugin, self.backend);
+        match self.worker {
+            Some(w) => {
+                tracing::info!("{} listening on {shown} (reactor: {}, worker {w})", self.plugin, self.backend)
+            }
+            None => tracing::info!("{} listening on {shown} (reactor: {})", self.plugin, self.backend),
+        }
         Ok(())
     }
 
@@ -156,10 +203,15 @@ struct Open(Rc<RefCell<slab::Slab<Transport>>>);
 struct Tracked {
     inner: SharedFactory<dyn Factory>,
     open: Open,
+    worker: Option<usize>,
 }
 
 impl Factory for Tracked {
     fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
+        match self.worker {
+            Some(w) => tracing::debug!("accepted {addr} on worker {w}"),
+            None => tracing::debug!("accepted {addr}"),
+        }
         let inner = self.inner.with(|f| f.build_protocol(addr))?;
         Some(Box::new(Counted { inner, open: self.open.clone(), key: None }))
     }

@@ -3,7 +3,9 @@
 //! listen or connect, named by a string such as `tcp:8080:interface=127.0.0.1`
 //! (grammar in [`grammar`]).
 //!
-//! Servers: `tcp:PORT[:interface=IP][:backlog=N]`, `tcp6:PORT[:interface=::]`,
+//! Servers: `tcp:PORT[:interface=IP][:backlog=N][:reusePort=1]` (the last
+//! is braid's: `SO_REUSEPORT`, for one listener per worker thread),
+//! `tcp6:PORT[:interface=::]`,
 //! `unix:PATH[:mode=666][:backlog=50][:lockfile=1]`,
 //! `udp:PORT[:interface=IP][:maxPacketSize=8192]` (braid's own: a datagram
 //! endpoint), and `systemd:domain=INET|INET6|UNIX:index=N` or `name=NAME`
@@ -207,12 +209,13 @@ struct TcpServer {
     reactor: Reactor,
     addr: SocketAddr,
     backlog: u32,
+    reuse_port: bool,
     desc: String,
 }
 
 impl ServerEndpoint for TcpServer {
     fn listen(&self, factory: SharedFactory<dyn Factory>) -> Deferred<ListeningPort> {
-        settled(self.reactor.listen_tcp(self.addr, factory, self.backlog))
+        settled(self.reactor.listen_tcp_sharing(self.addr, factory, self.backlog, self.reuse_port))
     }
 
     fn describe(&self) -> String {
@@ -225,11 +228,12 @@ fn tcp_like(
     d: &Description,
     any: IpAddr,
 ) -> Result<Box<dyn ServerEndpoint>, EndpointError> {
-    d.only(&["port", "interface", "backlog"])?;
+    d.only(&["port", "interface", "backlog", "reusePort"])?;
     d.at_most(1)?;
     let addr = SocketAddr::new(interface_of(d, any)?, port_of(d)?);
     let desc = format!("{}:{}", d.kind, addr);
-    Ok(Box::new(TcpServer { reactor: reactor.clone(), addr, backlog: backlog_of(d)?, desc }))
+    let reuse_port = flag(d, "reusePort", false)?;
+    Ok(Box::new(TcpServer { reactor: reactor.clone(), addr, backlog: backlog_of(d)?, reuse_port, desc }))
 }
 
 fn tcp_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEndpoint>, EndpointError> {

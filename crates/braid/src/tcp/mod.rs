@@ -100,6 +100,20 @@ impl Reactor {
         factory: impl IntoFactory,
         backlog: u32,
     ) -> Result<ListeningPort, Error> {
+        self.listen_tcp_sharing(addr, factory, backlog, false)
+    }
+
+    /// Like [`listen_tcp`](Reactor::listen_tcp); with `reuse_port`, also
+    /// `SO_REUSEPORT`, so several sockets (one per worker thread, each on
+    /// its own reactor) can listen on the same address and the kernel
+    /// spreads the connections between them.
+    pub fn listen_tcp_sharing(
+        &self,
+        addr: impl ToListenAddr,
+        factory: impl IntoFactory,
+        backlog: u32,
+        reuse_port: bool,
+    ) -> Result<ListeningPort, Error> {
         let addr = addr.to_listen_addr()?;
         let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
         let sock = rustix::net::socket_with(
@@ -110,6 +124,9 @@ impl Reactor {
         )
         .map_err(|e| cannot_listen(addr, e))?;
         rustix::net::sockopt::set_socket_reuseaddr(&sock, true).map_err(|e| cannot_listen(addr, e))?;
+        if reuse_port {
+            rustix::net::sockopt::set_socket_reuseport(&sock, true).map_err(|e| cannot_listen(addr, e))?;
+        }
         rustix::net::bind(&sock, &addr).map_err(|e| cannot_listen(addr, e))?;
         rustix::net::listen(&sock, backlog.min(i32::MAX as u32) as i32)
             .map_err(|e| cannot_listen(addr, e))?;
