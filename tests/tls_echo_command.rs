@@ -138,3 +138,69 @@ fn tls_cert_without_a_key_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key"));
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A slow reader over TLS: a Python `ssl` client writes 96 MiB and reads
+/// nothing for a while. The echo over TLS stops reading once its buffers
+/// (plaintext queued and ciphertext below) are full, so the server's
+/// memory stays bounded; then the client reads everything back, intact.
+#[test]
+fn a_slow_reader_over_tls_keeps_the_server_bounded() {
+    let cert = Cert::new("slow");
+    let (server, line) = start(&cert.cert(), &cert.key());
+    let port = line.split("127.0.0.1:").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let pid = server.0.id();
+    let script = "import hashlib, socket, ssl, sys, threading, time\n\
+        ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+        raw = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=60)\n\
+        s = ctx.wrap_socket(raw, server_hostname='localhost')\n\
+        total = 96 << 20\n\
+        chunk = bytes(range(256)) * 1024\n\
+        sent = hashlib.sha256()\n\
+        def send():\n\
+        \x20   n = 0\n\
+        \x20   while n < total:\n\
+        \x20       s.sendall(chunk); sent.update(chunk); n += len(chunk)\n\
+        t = threading.Thread(target=send); t.start()\n\
+        time.sleep(2.0)\n\
+        print('stalled', flush=True)\n\
+        sys.stdin.readline()\n\
+        got = hashlib.sha256(); n = 0\n\
+        while n < total:\n\
+        \x20   data = s.recv(1 << 20)\n\
+        \x20   if not data: break\n\
+        \x20   got.update(data); n += len(data)\n\
+        t.join()\n\
+        assert n == total and got.digest() == sent.digest(), n\n\
+        print('ok', flush=True)\n";
+    let mut client = Reaped(
+        Command::new("python3")
+            .args(["-c", script, &port])
+            .arg(cert.cert())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3"),
+    );
+    let mut out = BufReader::new(client.0.stdout.take().unwrap());
+    let mut said = String::new();
+    out.read_line(&mut said).unwrap();
+    assert_eq!(said.trim(), "stalled");
+    let first = rss_kib(pid);
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let later = rss_kib(pid);
+    assert!(
+        later < first + 8 * 1024,
+        "the TLS echo grew from {first} KiB to {later} KiB while the client stalled"
+    );
+    assert!(later < 64 * 1024, "the TLS echo holds {later} KiB with one stalled client");
+    client.0.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    said.clear();
+    out.read_line(&mut said).unwrap();
+    assert_eq!(said.trim(), "ok");
+}
