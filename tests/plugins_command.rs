@@ -260,12 +260,23 @@ fn python(script: &str, args: &[&str]) -> String {
 }
 
 /// portforward in front of braid echo: 256 MiB each way, sha256 checked
-/// on both sides, the client half-closing through the forwarder.
-#[test]
-fn portforward_carries_256_mib_each_way() {
+/// on both sides, the client half-closing through the forwarder; copying
+/// and spliced. Returns the forwarder's log.
+fn carry_256_mib_each_way(splice: &str) -> String {
     let echo = start(&["echo", "--listen", "tcp:0:interface=127.0.0.1"], 1);
     let dest = format!("tcp:{}", echo.addrs[0]);
-    let fwd = start(&["portforward", "--listen", "tcp:0:interface=127.0.0.1", "--connect", &dest], 1);
+    let args = [
+        "--log-level",
+        "debug",
+        "portforward",
+        "--splice",
+        splice,
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--connect",
+        &dest,
+    ];
+    let fwd = start(&args, 1);
     let script = "import hashlib, socket, sys, threading\n\
         host, port = sys.argv[1].rsplit(':', 1)\n\
         s = socket.create_connection((host, int(port)), timeout=60)\n\
@@ -288,7 +299,22 @@ fn portforward_carries_256_mib_each_way() {
         assert n == total, n\n\
         assert got.hexdigest() == sent.hexdigest()\n\
         print('ok', n)\n";
-    assert_eq!(python(script, &[&fwd.addrs[0]]).trim(), format!("ok {}", 256 << 20));
+    assert_eq!(python(script, &[&fwd.addrs[0]]).trim(), format!("ok {}", 256 << 20), "--splice {splice}");
+    let log = fwd.log.lock().unwrap().clone();
+    log
+}
+
+#[test]
+fn portforward_carries_256_mib_each_way_copying() {
+    let log = carry_256_mib_each_way("off");
+    assert!(!log.contains("spliced"), "--splice off spliced:\n{log}");
+}
+
+/// With splice, the bytes go socket to pipe to socket in the kernel.
+#[test]
+fn portforward_carries_256_mib_each_way_spliced() {
+    let log = carry_256_mib_each_way("on");
+    assert!(log.contains("spliced"), "--splice on did not splice:\n{log}");
 }
 
 /// portforward in front of Python's HTTP server, with Python's HTTP client
@@ -368,18 +394,19 @@ fn portforward_to_a_refusing_destination_closes_the_client() {
 }
 
 /// Backpressure through the forwarder: chargen behind it, a client that
-/// does not read in front; the forwarder's memory stays flat.
+/// does not read in front; the forwarder's memory stays flat, copying or
+/// spliced.
 #[test]
 fn portforward_backpressure_when_the_client_stalls() {
+    backpressure("off");
+    backpressure("on");
+}
+
+fn backpressure(splice: &str) {
     let gen = start(&["chargen", "--listen", "tcp:0:interface=127.0.0.1"], 1);
+    let dest = format!("tcp:{}", gen.addrs[0]);
     let fwd = start(
-        &[
-            "portforward",
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-            "--connect",
-            &format!("tcp:{}", gen.addrs[0]),
-        ],
+        &["portforward", "--splice", splice, "--listen", "tcp:0:interface=127.0.0.1", "--connect", &dest],
         1,
     );
     let mut s = connect(&fwd.addrs[0]);
@@ -387,7 +414,7 @@ fn portforward_backpressure_when_the_client_stalls() {
     let first = rss_kib(fwd.child.id());
     std::thread::sleep(Duration::from_millis(1500));
     let later = rss_kib(fwd.child.id());
-    assert!(later < first + 4096, "the forwarder grew from {first} KiB to {later} KiB");
+    assert!(later < first + 4096, "--splice {splice}: the forwarder grew from {first} KiB to {later} KiB");
     let mut buf = vec![0u8; 74 * 100];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(buf[0], b' ');

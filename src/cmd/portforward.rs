@@ -7,7 +7,11 @@
 //! log line naming both.
 //!
 //! The client side is not read until the destination is connected: what
-//! it sends meanwhile waits in the kernel, not here.
+//! it sends meanwhile waits in the kernel, not here. With `--splice` (on
+//! by default where both sides are TCP) the pair is handed to the kernel
+//! (`braid::stream::splice_streams`): the bytes go socket to pipe to
+//! socket without being copied into this process, with the same
+//! backpressure and half-close.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -31,6 +35,22 @@ pub struct Args {
     /// Seconds to wait for the destination before giving up.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     connect_timeout: f64,
+    /// Relay TCP to TCP inside the kernel with splice(2) (`on`), copy
+    /// through user space (`off`), or splice where possible and copy
+    /// otherwise (`auto`).
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    splice: Splice,
+}
+
+/// `--splice`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Splice {
+    /// Always splice; a pair that cannot be spliced is closed.
+    On,
+    /// Never splice.
+    Off,
+    /// Splice where possible.
+    Auto,
 }
 
 /// The two ends of one forwarded connection.
@@ -38,6 +58,8 @@ pub struct Args {
 struct Pair {
     front: Option<Transport>,
     back: Option<Transport>,
+    /// The kernel relays the pair (splice): neither side reads itself.
+    spliced: bool,
 }
 
 type Shared = Rc<RefCell<Pair>>;
@@ -47,22 +69,27 @@ struct Front {
     pair: Shared,
     endpoint: Rc<dyn ClientEndpoint>,
     peer: Address,
+    splice: Splice,
+    reactor: Reactor,
 }
 
 /// The connection to the destination.
 struct Back {
     pair: Shared,
+    splice: Splice,
+    reactor: Reactor,
 }
 
 impl Protocol for Front {
     fn connection_made(&mut self, t: Transport) {
         t.pause_producing();
         self.pair.borrow_mut().front = Some(t.clone());
-        let back = Back { pair: self.pair.clone() };
+        let back = Back { pair: self.pair.clone(), splice: self.splice, reactor: self.reactor.clone() };
         let d = braid::endpoints::connect_protocol(&*self.endpoint, back);
-        let (front, peer, dest) = (t, self.peer.clone(), self.endpoint.describe());
+        let (front, peer, dest, pair) = (t, self.peer.clone(), self.endpoint.describe(), self.pair.clone());
         let _sink: braid::Deferred<()> = d.then(move |result| {
             match result {
+                Ok(_) if pair.borrow().spliced => {}
                 Ok(_) => front.resume_producing(),
                 Err(why) => {
                     tracing::warn!("portforward: {peer} closed: cannot reach {dest}: {why}");
@@ -106,6 +133,23 @@ impl Protocol for Back {
     fn connection_made(&mut self, t: Transport) {
         let front = self.pair.borrow().front.clone();
         if let Some(front) = front {
+            if self.splice != Splice::Off {
+                match braid::stream::splice_streams(&self.reactor, &front, &t) {
+                    Ok(_) => {
+                        tracing::debug!("portforward: {} and {} spliced", front.peer(), t.peer());
+                        self.pair.borrow_mut().spliced = true;
+                        self.pair.borrow_mut().back = Some(t);
+                        return;
+                    }
+                    Err(e) if self.splice == Splice::On => {
+                        tracing::warn!("portforward: --splice on, but {e}; closing");
+                        front.lose_connection();
+                        t.lose_connection();
+                        return;
+                    }
+                    Err(e) => tracing::debug!("portforward: copying, not splicing: {e}"),
+                }
+            }
             // Each side pauses the other's reading when its own buffer is full.
             let _ = front.register_producer(t.as_producer(), true);
             let _ = t.register_producer(front.as_producer(), true);
@@ -147,11 +191,19 @@ impl HalfCloseable for Back {
 
 struct Forwarder {
     endpoint: Rc<dyn ClientEndpoint>,
+    splice: Splice,
+    reactor: Reactor,
 }
 
 impl Factory for Forwarder {
     fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
-        Some(Box::new(Front { pair: Shared::default(), endpoint: self.endpoint.clone(), peer: addr.clone() }))
+        Some(Box::new(Front {
+            pair: Shared::default(),
+            endpoint: self.endpoint.clone(),
+            peer: addr.clone(),
+            splice: self.splice,
+            reactor: self.reactor.clone(),
+        }))
     }
 }
 
@@ -170,7 +222,8 @@ pub fn run(common: Common, args: Args) -> Result<(), String> {
         client_from_string(&reactor, &desc).map_err(|e| format!("--connect {}: {e}", args.connect))?,
     );
     tracing::debug!("portforward to {}", endpoint.describe());
-    let factory: SharedFactory<dyn Factory> = SharedFactory::new(Forwarder { endpoint }).erase();
+    let factory: SharedFactory<dyn Factory> =
+        SharedFactory::new(Forwarder { endpoint, splice: args.splice, reactor: reactor.clone() }).erase();
     let what = Serve { name: "portforward", streams: Some(factory), datagrams: None, over: "" };
     super::serve_on(&reactor, common, &args.listen, what, Vec::new())
 }

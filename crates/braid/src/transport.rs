@@ -257,6 +257,13 @@ pub trait TcpOptions {
     fn set_nodelay(&self, on: bool) -> Result<(), Error>;
     /// Turns TCP keep-alive probes on or off.
     fn set_keepalive(&self, on: bool) -> Result<(), Error>;
+
+    /// The connection itself, for braid's kernel relay
+    /// (`stream::splice_streams`); other implementations have none.
+    #[doc(hidden)]
+    fn splice_source(self: Rc<Self>) -> Option<Rc<dyn std::any::Any>> {
+        None
+    }
 }
 
 /// A TCP transport's own options, from [`Transport::tcp`].

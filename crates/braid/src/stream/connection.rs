@@ -881,6 +881,10 @@ impl<K: Kind> TransportOps for Connection<K> {
 }
 
 impl TcpOptions for Connection<Tcp> {
+    fn splice_source(self: Rc<Self>) -> Option<Rc<dyn std::any::Any>> {
+        Some(self)
+    }
+
     fn set_nodelay(&self, on: bool) -> Result<(), Error> {
         self.with_sock(|sock| rustix::net::sockopt::set_tcp_nodelay(sock, on))
             .ok_or(Error::ConnectionDone)?
@@ -896,6 +900,22 @@ impl TcpOptions for Connection<Tcp> {
 
 impl<K: Kind> Connection<K> {
     /// The kind's own state.
+    /// The descriptor number, as registered with the reactor.
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Runs `f` with the socket, unless it is closed.
+    pub(crate) fn with_socket<R>(&self, f: impl FnOnce(&OwnedFd) -> R) -> Option<R> {
+        self.with_sock(f)
+    }
+
+    /// Shuts the write side now (`SHUT_WR`), bypassing the buffer: for a
+    /// relay that writes to the socket itself.
+    pub(crate) fn shutdown_write_now(&self) {
+        self.with_sock(|sock| self.kind.shutdown_write(sock));
+    }
+
     pub(crate) fn kind(&self) -> &K {
         &self.kind
     }

@@ -13,9 +13,11 @@ pub(crate) mod listener;
 // Driven only by its tests until the processes issue spawns children.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod pipe;
+pub mod splice;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub mod unix_io;
 
 pub use address::{Address, AddressError, UnixAddr, UnixAddrKind};
 pub use adopt::systemd_sockets;
 pub use connector::StreamConnector;
+pub use splice::splice_streams;
