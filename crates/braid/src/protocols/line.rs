@@ -172,7 +172,7 @@ impl LineDecoder {
                 None => {
                     // A delimiter split across pushes may start in the last
                     // few bytes: search those again next time.
-                    self.search_from = self.pos.max(len - (self.delimiter.len() - 1));
+                    self.search_from = self.pos.max(len.saturating_sub(self.delimiter.len() - 1));
                     return None;
                 }
             },

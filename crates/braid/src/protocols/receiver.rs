@@ -64,18 +64,25 @@ trait Driver {
 pub(crate) struct Ctl<'a> {
     pub(crate) transport: &'a Transport,
     flow: &'a mut Flow,
+    /// A flow change asked for through a handle during a callback.
+    wanted: &'a Cell<Option<Flow>>,
     me: &'a Weak<dyn Driver>,
 }
 
 impl Ctl<'_> {
     /// A shorter-lived copy, to hand to one callback.
     pub(crate) fn reborrow(&mut self) -> Ctl<'_> {
-        Ctl { transport: self.transport, flow: &mut *self.flow, me: self.me }
+        Ctl { transport: self.transport, flow: &mut *self.flow, wanted: self.wanted, me: self.me }
     }
 
     /// True while messages may be delivered: running and not closing.
+    /// Takes up a flow change asked for through a handle first, so it
+    /// applies from the very next message.
     #[inline]
-    pub(crate) fn may_deliver(&self) -> bool {
+    pub(crate) fn may_deliver(&mut self) -> bool {
+        if let Some(to) = self.wanted.take() {
+            apply_flow(self.transport, self.flow, to);
+        }
         *self.flow == Flow::Running && self.transport.connected()
     }
 
@@ -265,11 +272,18 @@ impl<E: Engine> Receiver<E> {
     pub(crate) fn connection_made(&mut self, transport: Transport) {
         let shared = &*self.shared;
         let mut core = shared.core.borrow_mut();
+        // A pause or stop asked for before the connection reaches the
+        // transport now.
+        match core.flow {
+            Flow::Running => {}
+            Flow::Paused => transport.pause_producing(),
+            Flow::Stopped => transport.stop_producing(),
+        }
         core.transport = Some(transport);
         {
             let Core { engine, transport, flow, me } = &mut *core;
             if let Some(transport) = transport.as_ref() {
-                engine.connection_made(Ctl { transport, flow, me });
+                engine.connection_made(Ctl { transport, flow, wanted: &shared.wanted, me });
             }
         }
         core.run(shared);
@@ -294,11 +308,6 @@ impl<E: Engine> Core<E> {
     /// the callbacks, until nothing is left.
     fn run(&mut self, shared: &Shared<E>) {
         loop {
-            if let Some(to) = shared.wanted.take() {
-                if let Some(t) = &self.transport {
-                    apply_flow(t, &mut self.flow, to);
-                }
-            }
             {
                 let mut incoming = shared.incoming.borrow_mut();
                 if !incoming.is_empty() {
@@ -309,9 +318,16 @@ impl<E: Engine> Core<E> {
                 }
             }
             let Core { engine, transport, flow, me } = self;
-            if let Some(transport) = transport.as_ref() {
-                engine.pump(Ctl { transport, flow, me });
-            }
+            let Some(transport) = transport.as_ref() else {
+                // Not connected yet: remember the flow for when it is.
+                if let Some(to) = shared.wanted.take() {
+                    if *flow != Flow::Stopped {
+                        *flow = to;
+                    }
+                }
+                break;
+            };
+            engine.pump(Ctl { transport, flow, wanted: &shared.wanted, me });
             if shared.incoming.borrow().is_empty() && shared.wanted.get().is_none() {
                 break;
             }
