@@ -825,7 +825,7 @@ fn int_string_receivers_partial_delivers_nothing() {
     let mut p = Int32StringReceiver::new(Strings { log: log.clone(), ..Default::default() });
     let _tr = connected(&mut p);
     p.data_received(&[0, 0, 0, 5, b'a', b'b']);
-    p.data_received(&[b'c', b'd']);
+    p.data_received(b"cd");
     assert!(log.borrow().is_empty());
     assert_eq!(p.buffered(), Some(4));
     p.data_received(b"e");
