@@ -955,3 +955,203 @@ fn connection_lost_reaches_the_handler() {
     tr.lose(&mut p, Failure::new(braid::Error::ConnectionDone));
     assert_eq!(*log2.borrow(), vec![Ev::Lost]);
 }
+
+// ------------------------------------------------------- real sockets
+
+use braid::{Reactor, Transport};
+use common::run_reactor;
+
+/// Sends `payload` in small writes, collects the answer until `want`
+/// bytes came (then closes) or the server closes; stops the reactor once
+/// the connection is gone.
+struct Client {
+    payload: Vec<u8>,
+    want: usize,
+    got: Rc<RefCell<Vec<u8>>>,
+    t: Option<Transport>,
+    r: Reactor,
+}
+
+impl Protocol for Client {
+    fn connection_made(&mut self, t: Transport) {
+        for c in self.payload.chunks(1000) {
+            t.write(c);
+        }
+        self.t = Some(t);
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        self.got.borrow_mut().extend_from_slice(data);
+        if self.got.borrow().len() >= self.want {
+            self.t.as_ref().unwrap().lose_connection();
+        }
+    }
+    fn connection_lost(&mut self, _: Failure) {
+        let _ = self.r.stop();
+    }
+}
+
+/// Runs a server built by `server` on loopback, sends `payload`, and
+/// returns what came back (at most `want` bytes are waited for).
+fn exchange<P: Protocol + 'static>(
+    r: &Reactor,
+    server: impl FnMut() -> P + 'static,
+    payload: Vec<u8>,
+    want: usize,
+) -> Vec<u8> {
+    let port = r.listen_tcp("127.0.0.1:0", server, 50).unwrap();
+    let got = Rc::new(RefCell::new(Vec::new()));
+    let (g, rr) = (got.clone(), r.clone());
+    r.connect_tcp(
+        "127.0.0.1",
+        port.local_addr().port(),
+        move || Client { payload: payload.clone(), want, got: g.clone(), t: None, r: rr.clone() },
+        Some(std::time::Duration::from_secs(10)),
+        None,
+    );
+    run_reactor(r);
+    let out = got.borrow().clone();
+    out
+}
+
+/// Echoes lines uppercased, and raw data (after `len N`) as it is.
+struct UpperEcho {
+    raw_left: usize,
+}
+
+impl LineHandler for UpperEcho {
+    fn line_received(&mut self, cx: &mut LineContext<'_>, l: &[u8]) -> Result<(), Failure> {
+        cx.send_line(&l.to_ascii_uppercase());
+        if let Some(n) = l.strip_prefix(b"len ") {
+            self.raw_left = std::str::from_utf8(n)?.parse()?;
+            cx.set_raw_mode();
+        }
+        Ok(())
+    }
+    fn raw_data_received(&mut self, cx: &mut LineContext<'_>, data: &[u8]) -> Result<(), Failure> {
+        let take = self.raw_left.min(data.len());
+        cx.transport().write(&data[..take]);
+        self.raw_left -= take;
+        if self.raw_left == 0 {
+            cx.set_line_mode(&data[take..]);
+        }
+        Ok(())
+    }
+}
+
+reactor_test! {
+    /// A LineReceiver server over TCP: many lines and a large raw block,
+    /// answered in order.
+    fn line_receiver_over_tcp(r) {
+        let raw: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut payload = Vec::new();
+        let mut expect = Vec::new();
+        for i in 0..2000 {
+            payload.extend_from_slice(format!("line {i}\r\n").as_bytes());
+            expect.extend_from_slice(format!("LINE {i}\r\n").as_bytes());
+        }
+        payload.extend_from_slice(format!("len {}\r\n", raw.len()).as_bytes());
+        expect.extend_from_slice(format!("LEN {}\r\n", raw.len()).as_bytes());
+        payload.extend_from_slice(&raw);
+        expect.extend_from_slice(&raw);
+        payload.extend_from_slice(b"last\r\n");
+        expect.extend_from_slice(b"LAST\r\n");
+        let want = expect.len();
+        assert_eq!(exchange(&r, || LineReceiver::new(UpperEcho { raw_left: 0 }), payload, want), expect);
+    }
+}
+
+reactor_test! {
+    /// A LineReceiver that pauses after each line over TCP, resumed by a
+    /// timer: every line still arrives, in order.
+    fn line_receiver_pause_resume_over_tcp(r) {
+        struct Slow(Reactor);
+        impl LineHandler for Slow {
+            fn line_received(&mut self, cx: &mut LineContext<'_>, l: &[u8]) -> Result<(), Failure> {
+                cx.send_line(l);
+                cx.pause_producing();
+                let h = cx.handle();
+                self.0.call_later(std::time::Duration::from_millis(1), move || h.resume_producing());
+                Ok(())
+            }
+        }
+        let payload: Vec<u8> = (0..50).flat_map(|i| format!("{i}\r\n").into_bytes()).collect();
+        let want = payload.len();
+        let rr = r.clone();
+        assert_eq!(exchange(&r, move || LineReceiver::new(Slow(rr.clone())), payload.clone(), want), payload);
+    }
+}
+
+struct OnlyEcho;
+
+impl LineOnlyHandler for OnlyEcho {
+    fn line_received(&mut self, cx: &mut LineOnlyContext<'_>, l: &[u8]) -> Result<(), Failure> {
+        cx.send_line(l);
+        Ok(())
+    }
+}
+
+reactor_test! {
+    /// A LineOnlyReceiver server over TCP echoes every line; an over-long
+    /// one closes the connection.
+    fn line_only_receiver_over_tcp(r) {
+        let payload: Vec<u8> = (0..5000).flat_map(|i| format!("line number {i}\r\n").into_bytes()).collect();
+        let want = payload.len();
+        assert_eq!(exchange(&r, || LineOnlyReceiver::new(OnlyEcho), payload.clone(), want), payload);
+    }
+}
+
+reactor_test! {
+    /// An over-long line closes a LineOnlyReceiver's TCP connection after
+    /// the lines before it were answered.
+    fn line_only_receiver_over_long_line_over_tcp(r) {
+        let mut long = b"ok\r\n".to_vec();
+        long.extend(vec![b'x'; DEFAULT_MAX_LENGTH + 10]);
+        long.extend_from_slice(b"\r\nnever\r\n");
+        assert_eq!(exchange(&r, || LineOnlyReceiver::new(OnlyEcho), long, usize::MAX), b"ok\r\n");
+    }
+}
+
+reactor_test! {
+    /// A NetstringReceiver server over TCP echoes strings up to the
+    /// limit; a malformed netstring closes the connection.
+    fn netstring_receiver_over_tcp(r) {
+        let strings: Vec<Vec<u8>> = (0..20).map(|i| vec![i as u8; i * 5000]).collect();
+        let payload: Vec<u8> = strings.iter().flat_map(|s| netstring::encode(s)).collect();
+        let want = payload.len();
+        let echo = || NetstringReceiver::new(Strings { echo: true, ..Default::default() });
+        assert_eq!(exchange(&r, echo, payload.clone(), want), payload);
+    }
+}
+
+reactor_test! {
+    /// A malformed netstring closes the TCP connection after the good
+    /// ones before it were answered.
+    fn netstring_broken_peer_over_tcp(r) {
+        let echo = || NetstringReceiver::new(Strings { echo: true, ..Default::default() });
+        let bad = [netstring::encode(b"fine"), b"4:toolong,".to_vec(), netstring::encode(b"never")].concat();
+        assert_eq!(exchange(&r, echo, bad, usize::MAX), netstring::encode(b"fine"));
+    }
+}
+
+reactor_test! {
+    /// Int32StringReceiver over TCP echoes strings up to the limit; a
+    /// prefix over it closes the connection.
+    fn int32_string_receiver_over_tcp(r) {
+        let strings: Vec<Vec<u8>> = (0..20).map(|i| vec![i as u8; i * 5000]).collect();
+        let payload: Vec<u8> = strings.iter().flat_map(|s| PrefixWidth::Four.frame(s).unwrap()).collect();
+        let want = payload.len();
+        let echo = || Int32StringReceiver::new(Strings { echo: true, ..Default::default() });
+        assert_eq!(exchange(&r, echo, payload.clone(), want), payload);
+    }
+}
+
+reactor_test! {
+    /// A length prefix over the limit closes the TCP connection after the
+    /// strings before it were answered.
+    fn int32_length_limit_exceeded_over_tcp(r) {
+        let echo = || Int32StringReceiver::new(Strings { echo: true, ..Default::default() });
+        let fine = PrefixWidth::Four.frame(b"fine").unwrap();
+        let bad = [fine.clone(), vec![0, 1, 0x86, 0xa0], PrefixWidth::Four.frame(b"never").unwrap()].concat();
+        assert_eq!(exchange(&r, echo, bad, usize::MAX), fine);
+    }
+}
