@@ -136,10 +136,52 @@ fn receiver_properties(config: u8, chunks: &[&[u8]]) {
     handle.resume_producing();
 }
 
+/// Records what it is given and never closes, so its record can be
+/// compared with the bare decoder's events.
+struct Recorder(Rc<RefCell<Vec<(u8, Vec<u8>)>>>);
+
+impl LineHandler for Recorder {
+    fn line_received(&mut self, _: &mut LineContext<'_>, line: &[u8]) -> Result<(), Failure> {
+        self.0.borrow_mut().push((b'L', line.to_vec()));
+        Ok(())
+    }
+
+    fn line_length_exceeded(&mut self, _: &mut LineContext<'_>, remainder: &[u8]) {
+        self.0.borrow_mut().push((b'T', remainder.to_vec()));
+    }
+}
+
+/// The receiver (which parses input in place while its buffer is empty)
+/// and the decoder (which always buffers) agree on every event.
+fn receiver_matches_decoder(config: u8, chunks: &[&[u8]]) {
+    let delim = DELIMITERS[usize::from(config % 3)];
+    let max = usize::from(config / 3) % 40;
+    let record = Rc::new(RefCell::new(Vec::new()));
+    let mut p = LineReceiver::with_options(Recorder(record.clone()), Delimiter::new(delim).unwrap(), max);
+    let tr = StringTransport::new();
+    tr.connect(&mut p);
+    let mut d = LineDecoder::new(Delimiter::new(delim).unwrap(), max);
+    let mut expect = Vec::new();
+    for chunk in chunks {
+        p.data_received(chunk);
+        d.push(chunk);
+        while let Some(event) = d.next_event() {
+            expect.push(match event {
+                LineEvent::Line(l) => (b'L', l.to_vec()),
+                LineEvent::TooLong(r) => (b'T', r.to_vec()),
+                LineEvent::Raw(_) => unreachable!("no raw mode here"),
+            });
+        }
+        assert_eq!(p.buffered(), Some(d.unparsed().len()));
+    }
+    assert_eq!(*record.borrow(), expect, "receiver and decoder disagree");
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&config, script)) = data.split_first() else { return };
     decoder_properties(config, script);
     if let Some((config, chunks)) = script::config_and_chunks(data) {
         receiver_properties(config, &chunks);
+        receiver_matches_decoder(config, &chunks);
     }
 });

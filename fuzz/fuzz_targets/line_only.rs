@@ -7,8 +7,15 @@
 
 mod script;
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use braid::protocols::delimiter::Delimiter;
-use braid::protocols::line_only::{LineOnlyDecoder, LineOnlyEvent};
+use braid::protocols::line_only::{
+    LineOnlyContext, LineOnlyDecoder, LineOnlyEvent, LineOnlyHandler, LineOnlyReceiver,
+};
+use braid::testing::StringTransport;
+use braid::{Failure, Protocol};
 use libfuzzer_sys::fuzz_target;
 
 const DELIMITERS: [&[u8]; 3] = [b"\r\n", b"\n", b"END"];
@@ -41,6 +48,20 @@ fn decode(d: &mut LineOnlyDecoder, chunks: &[&[u8]], delim: &[u8], max: usize) -
     out
 }
 
+/// Records what it is given and never closes.
+struct Recorder(Rc<RefCell<Vec<Ev>>>);
+
+impl LineOnlyHandler for Recorder {
+    fn line_received(&mut self, _: &mut LineOnlyContext<'_>, line: &[u8]) -> Result<(), Failure> {
+        self.0.borrow_mut().push(Ev::Line(line.to_vec()));
+        Ok(())
+    }
+
+    fn line_length_exceeded(&mut self, _: &mut LineOnlyContext<'_>, _: &[u8]) {
+        self.0.borrow_mut().push(Ev::TooLong);
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((config, chunks)) = script::config_and_chunks(data) else { return };
     let delim = DELIMITERS[usize::from(config % 3)];
@@ -48,6 +69,17 @@ fuzz_target!(|data: &[u8]| {
     let new = || LineOnlyDecoder::new(Delimiter::new(delim).unwrap(), max);
     let mut a = new();
     let chunked = decode(&mut a, &chunks, delim, max);
+    // The receiver parses in place while its buffer is empty; it must
+    // agree with the decoder, which always buffers.
+    let record = Rc::new(RefCell::new(Vec::new()));
+    let mut p = LineOnlyReceiver::with_options(Recorder(record.clone()), Delimiter::new(delim).unwrap(), max);
+    let tr = StringTransport::new();
+    tr.connect(&mut p);
+    for chunk in &chunks {
+        p.data_received(chunk);
+    }
+    assert_eq!(*record.borrow(), chunked, "receiver and decoder disagree");
+    assert_eq!(p.buffered(), Some(a.unparsed().len()));
     let whole: Vec<u8> = chunks.concat();
     let mut b = new();
     let at_once = decode(&mut b, &[&whole], delim, max);

@@ -85,8 +85,16 @@ pub(crate) enum FrameKind {
     TooLong,
 }
 
-/// A message as offsets into the decoder's buffer, so it can be handed
-/// out while the receiver's other state is borrowed mutably.
+/// A message as offsets into the decoder's buffer (or an input slice), so
+/// it can be handed out while the receiver's other state is borrowed
+/// mutably.
+/// What [`LineDecoder::scan`] found: a message and where parsing goes on,
+/// or the need for more input and where to search next.
+pub(crate) enum Scan {
+    Frame(Frame, usize),
+    Need(usize),
+}
+
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Frame {
     pub(crate) kind: FrameKind,
@@ -148,38 +156,61 @@ impl LineDecoder {
     }
 
     pub(crate) fn next_frame(&mut self) -> Option<Frame> {
-        let len = self.buf.len();
-        if self.pos == len {
-            return None;
+        match self.scan(&self.buf, self.pos, self.search_from) {
+            Scan::Frame(frame, next) => {
+                self.pos = next;
+                self.search_from = next;
+                Some(frame)
+            }
+            Scan::Need(search_from) => {
+                self.search_from = search_from;
+                None
+            }
         }
-        let frame = match self.mode {
-            LineMode::Raw => Frame { kind: FrameKind::Raw, start: self.pos, end: len },
-            LineMode::Line => match self.delimiter.find_in(&self.buf[self.search_from..]) {
+    }
+
+    /// Finds the next message in `hay[pos..]`, no delimiter starting in
+    /// `pos..search_from`. `hay` is the buffer, or a fresh input slice
+    /// parsed in place while the buffer is empty.
+    pub(crate) fn scan(&self, hay: &[u8], pos: usize, search_from: usize) -> Scan {
+        let len = hay.len();
+        if pos == len {
+            return Scan::Need(pos);
+        }
+        let rest = |kind| Scan::Frame(Frame { kind, start: pos, end: len }, len);
+        match self.mode {
+            LineMode::Raw => rest(FrameKind::Raw),
+            LineMode::Line => match self.delimiter.find_in(&hay[search_from..]) {
+                Some(i) if search_from + i - pos > self.max_length => rest(FrameKind::TooLong),
                 Some(i) => {
-                    let at = self.search_from + i;
-                    if at - self.pos > self.max_length {
-                        Frame { kind: FrameKind::TooLong, start: self.pos, end: len }
-                    } else {
-                        let frame = Frame { kind: FrameKind::Line, start: self.pos, end: at };
-                        self.pos = at + self.delimiter.len();
-                        self.search_from = self.pos;
-                        return Some(frame);
-                    }
+                    let at = search_from + i;
+                    Scan::Frame(
+                        Frame { kind: FrameKind::Line, start: pos, end: at },
+                        at + self.delimiter.len(),
+                    )
                 }
-                None if len - self.pos >= self.max_length.saturating_add(self.delimiter.len()) => {
-                    Frame { kind: FrameKind::TooLong, start: self.pos, end: len }
+                None if len - pos >= self.max_length.saturating_add(self.delimiter.len()) => {
+                    rest(FrameKind::TooLong)
                 }
-                None => {
-                    // A delimiter split across pushes may start in the last
-                    // few bytes: search those again next time.
-                    self.search_from = self.pos.max(len.saturating_sub(self.delimiter.len() - 1));
-                    return None;
-                }
+                // A delimiter split across pushes may start in the last few
+                // bytes: search those again next time.
+                None => Scan::Need(pos.max(len.saturating_sub(self.delimiter.len() - 1))),
             },
-        };
-        self.pos = len;
-        self.search_from = len;
-        Some(frame)
+        }
+    }
+
+    /// True if nothing is buffered.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    /// Buffers the unparsed tail of an input slice parsed in place (the
+    /// buffer being empty); no delimiter starts in its first `searched` bytes.
+    pub(crate) fn keep_tail(&mut self, tail: &[u8], searched: usize) {
+        self.buf.clear();
+        self.buf.extend_from_slice(tail);
+        self.pos = 0;
+        self.search_from = searched.min(tail.len());
     }
 
     pub(crate) fn frame_bytes(&self, frame: &Frame) -> &[u8] {
@@ -342,6 +373,23 @@ impl<H> LineEngine<H> {
     }
 }
 
+/// Calls the handler for one message; an `Err` names the callback.
+fn deliver<H: LineHandler>(
+    handler: &mut H,
+    kind: FrameKind,
+    cx: &mut LineContext<'_>,
+    bytes: &[u8],
+) -> Result<(), (&'static str, Failure)> {
+    match kind {
+        FrameKind::Line => handler.line_received(cx, bytes).map_err(|f| ("line_received", f)),
+        FrameKind::Raw => handler.raw_data_received(cx, bytes).map_err(|f| ("raw_data_received", f)),
+        FrameKind::TooLong => {
+            handler.line_length_exceeded(cx, bytes);
+            Ok(())
+        }
+    }
+}
+
 impl<H: LineHandler + 'static> Engine for LineEngine<H> {
     fn connection_made(&mut self, ctl: Ctl<'_>) {
         let LineEngine { decoder, handler, req } = self;
@@ -352,6 +400,51 @@ impl<H: LineHandler + 'static> Engine for LineEngine<H> {
 
     fn push(&mut self, data: &[u8]) {
         self.decoder.push(data)
+    }
+
+    /// With nothing buffered, parses `data` where it lies and buffers only
+    /// what is left: one copy less for every complete line.
+    fn receive(&mut self, data: &[u8], mut ctl: Ctl<'_>) {
+        if !self.decoder.is_empty() {
+            self.decoder.push(data);
+            return self.pump(ctl);
+        }
+        let (mut pos, mut searched) = (0, 0);
+        while ctl.may_deliver() {
+            let (frame, next) = match self.decoder.scan(data, pos, searched) {
+                Scan::Frame(frame, next) => (frame, next),
+                Scan::Need(search_from) => {
+                    searched = search_from;
+                    break;
+                }
+            };
+            pos = next;
+            searched = next;
+            let LineEngine { decoder, handler, req } = self;
+            let mut cx =
+                LineContext { ctl: ctl.reborrow(), req, rest: &data[pos..], delimiter: &decoder.delimiter };
+            let result = deliver(handler, frame.kind, &mut cx, &data[frame.start..frame.end]);
+            if let Err((what, failure)) = result {
+                ctl.fail(what, failure);
+                return;
+            }
+            if req.cleared {
+                req.cleared = false;
+                pos = data.len();
+                searched = pos;
+            }
+            if let Some(mode) = req.mode.take() {
+                decoder.set_mode(mode);
+            }
+            if !req.extra.is_empty() {
+                // The extra goes after the rest of `data`: from here on,
+                // parse from the buffer.
+                decoder.keep_tail(&data[pos..], searched - pos);
+                self.apply_requests();
+                return self.pump(ctl);
+            }
+        }
+        self.decoder.keep_tail(&data[pos..], searched - pos);
     }
 
     fn pump(&mut self, mut ctl: Ctl<'_>) {
@@ -365,16 +458,7 @@ impl<H: LineHandler + 'static> Engine for LineEngine<H> {
                 rest: decoder.unparsed(),
                 delimiter: &decoder.delimiter,
             };
-            let result = match frame.kind {
-                FrameKind::Line => handler.line_received(&mut cx, bytes).map_err(|f| ("line_received", f)),
-                FrameKind::Raw => {
-                    handler.raw_data_received(&mut cx, bytes).map_err(|f| ("raw_data_received", f))
-                }
-                FrameKind::TooLong => {
-                    handler.line_length_exceeded(&mut cx, bytes);
-                    Ok(())
-                }
-            };
+            let result = deliver(handler, frame.kind, &mut cx, bytes);
             self.apply_requests();
             if let Err((what, failure)) = result {
                 ctl.fail(what, failure);

@@ -31,6 +31,13 @@ pub enum LineOnlyEvent<'a> {
     TooLong(&'a [u8]),
 }
 
+/// What a scan found: a line (or an over-long one) and where parsing goes
+/// on, or the need for more input and where to search next.
+enum Scan {
+    Found { too_long: bool, start: usize, end: usize, next: usize },
+    Need(usize),
+}
+
 /// The parser of [`LineOnlyReceiver`], with no I/O. Invariant: after
 /// `next_event` returned `None`, fewer than `max_length + delimiter
 /// length` bytes stay buffered.
@@ -68,31 +75,47 @@ impl LineOnlyDecoder {
 
     /// The next line, or over-long line, or `None` when more input is needed.
     pub fn next_event(&mut self) -> Option<LineOnlyEvent<'_>> {
-        let len = self.buf.len();
-        let dlen = self.delimiter.len();
-        match self.delimiter.find_in(&self.buf[self.search_from..]) {
-            Some(i) => {
-                let (start, end) = (self.pos, self.search_from + i);
-                self.pos = end + dlen;
-                self.search_from = self.pos;
+        match self.scan(&self.buf, self.pos, self.search_from) {
+            Scan::Found { too_long, start, end, next } => {
+                self.pos = next;
+                self.search_from = next;
                 let line = &self.buf[start..end];
-                Some(if line.len() > self.max_length {
-                    LineOnlyEvent::TooLong(line)
-                } else {
-                    LineOnlyEvent::Line(line)
-                })
+                Some(if too_long { LineOnlyEvent::TooLong(line) } else { LineOnlyEvent::Line(line) })
             }
-            None if len - self.pos >= self.max_length.saturating_add(dlen) => {
-                let start = self.pos;
-                self.pos = len;
-                self.search_from = len;
-                Some(LineOnlyEvent::TooLong(&self.buf[start..]))
-            }
-            None => {
-                self.search_from = self.pos.max(len.saturating_sub(dlen - 1));
+            Scan::Need(search_from) => {
+                self.search_from = search_from;
                 None
             }
         }
+    }
+
+    /// Finds the next line in `hay[pos..]`, no delimiter starting in
+    /// `pos..search_from`: the buffer, or an input slice parsed in place.
+    fn scan(&self, hay: &[u8], pos: usize, search_from: usize) -> Scan {
+        let len = hay.len();
+        let dlen = self.delimiter.len();
+        match self.delimiter.find_in(&hay[search_from..]) {
+            Some(i) => {
+                let end = search_from + i;
+                Scan::Found { too_long: end - pos > self.max_length, start: pos, end, next: end + dlen }
+            }
+            None if len - pos >= self.max_length.saturating_add(dlen) => {
+                Scan::Found { too_long: true, start: pos, end: len, next: len }
+            }
+            None => Scan::Need(pos.max(len.saturating_sub(dlen - 1))),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    /// Buffers the unparsed tail of an input slice parsed in place.
+    fn keep_tail(&mut self, tail: &[u8], searched: usize) {
+        self.buf.clear();
+        self.buf.extend_from_slice(tail);
+        self.pos = 0;
+        self.search_from = searched.min(tail.len());
     }
 
     /// The bytes buffered and not handed out yet.
@@ -172,6 +195,38 @@ impl<H: LineOnlyHandler + 'static> Engine for LineOnlyEngine<H> {
 
     fn push(&mut self, data: &[u8]) {
         self.decoder.push(data)
+    }
+
+    /// With nothing buffered, parses `data` where it lies and buffers only
+    /// what is left.
+    fn receive(&mut self, data: &[u8], mut ctl: Ctl<'_>) {
+        if !self.decoder.is_empty() {
+            self.decoder.push(data);
+            return self.pump(ctl);
+        }
+        let LineOnlyEngine { decoder, handler, delimiter } = self;
+        let (mut pos, mut searched) = (0, 0);
+        while ctl.may_deliver() {
+            let (too_long, line) = match decoder.scan(data, pos, searched) {
+                Scan::Found { too_long, start, end, next } => {
+                    pos = next;
+                    searched = next;
+                    (too_long, &data[start..end])
+                }
+                Scan::Need(search_from) => {
+                    searched = search_from;
+                    break;
+                }
+            };
+            let mut cx = LineOnlyContext { ctl: ctl.reborrow(), delimiter };
+            if too_long {
+                handler.line_length_exceeded(&mut cx, line);
+            } else if let Err(failure) = handler.line_received(&mut cx, line) {
+                ctl.fail("line_received", failure);
+                return;
+            }
+        }
+        decoder.keep_tail(&data[pos..], searched - pos);
     }
 
     fn pump(&mut self, mut ctl: Ctl<'_>) {

@@ -49,6 +49,12 @@ pub(crate) trait Engine: 'static {
     /// Delivers complete messages until none is left or
     /// [`Ctl::may_deliver`] says stop.
     fn pump(&mut self, ctl: Ctl<'_>);
+    /// New input while connected: buffers it and delivers (an engine may
+    /// parse it in place instead).
+    fn receive(&mut self, data: &[u8], ctl: Ctl<'_>) {
+        self.push(data);
+        self.pump(ctl);
+    }
     /// The connection is gone.
     fn connection_lost(&mut self, reason: Failure);
 }
@@ -339,10 +345,17 @@ impl<E: Engine> Driver for Shared<E> {
     fn feed(&self, data: &[u8]) {
         match self.core.try_borrow_mut() {
             Ok(mut core) => {
-                if core.accepts_input() {
-                    core.engine.push(data);
-                    core.run(self);
+                if !core.accepts_input() {
+                    return;
                 }
+                let Core { engine, transport, flow, me } = &mut *core;
+                match transport.as_ref() {
+                    Some(transport) => {
+                        engine.receive(data, Ctl { transport, flow, wanted: &self.wanted, me })
+                    }
+                    None => engine.push(data),
+                }
+                core.run(self);
             }
             Err(_) => self.incoming.borrow_mut().extend_from_slice(data),
         }
