@@ -1,5 +1,5 @@
 //! Ready-made protocols, and the building blocks that wrap your own:
-//! line receivers ([`line`], [`line_only`]), netstrings ([`netstring`])
+//! line receivers ([`line`](mod@line), [`line_only`]), netstrings ([`netstring`])
 //! and length-prefixed strings ([`prefixed`]), Twisted's
 //! `twisted.protocols.basic`.
 //!

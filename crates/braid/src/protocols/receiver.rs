@@ -1,7 +1,7 @@
 //! What every framing receiver shares: the transport, pausing, and the
 //! re-entrancy guard.
 //!
-//! A receiver (lines, netstrings, length prefixes) is a [`Protocol`] that
+//! A receiver (lines, netstrings, length prefixes) is a [`Protocol`](crate::Protocol) that
 //! owns a pure decoder and the user's handler, kept together in one
 //! `Rc<RefCell<..>>` so a [`ReceiverHandle`] can reach them later, from a
 //! timer or from another connection (a proxy registering the receiver as

@@ -4,6 +4,11 @@
 //! and its 16- and 32-bit siblings). One [`StringHandler`] works under
 //! either framing, as Twisted's `stringReceived` does; the framing only
 //! changes what [`StringContext::send_string`] writes.
+//!
+//! The callbacks run with the receiver borrowed: a pause or close asked
+//! for in one applies before the next string, and bytes fed through a
+//! [`ReceiverHandle`](super::receiver::ReceiverHandle) meanwhile are only
+//! buffered (see [`receiver`](super::receiver)).
 
 use std::fmt;
 
