@@ -124,7 +124,8 @@ mod tests {
         assert_eq!(d.find_in(b"\r\n"), Some(0));
         assert_eq!(d.find_in(b""), None);
         let long = Delimiter::new(b"-=-").unwrap();
-        assert_eq!(long.find_in(b"--=--=-x"), Some(3));
+        assert_eq!(long.find_in(b"--=--=-x"), Some(1));
+        assert_eq!(long.find_in(b"-=x-=-"), Some(3));
     }
 
     #[test]
