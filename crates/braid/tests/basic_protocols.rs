@@ -1155,3 +1155,25 @@ reactor_test! {
         assert_eq!(exchange(&r, echo, bad, usize::MAX), fine);
     }
 }
+
+reactor_test! {
+    /// Int8StringReceiver over TCP echoes strings of every length its
+    /// prefix allows.
+    fn int8_string_receiver_over_tcp(r) {
+        let payload: Vec<u8> = (0..=255usize).flat_map(|n| PrefixWidth::One.frame(&vec![n as u8; n]).unwrap()).collect();
+        let want = payload.len();
+        let echo = || Int8StringReceiver::new(Strings { echo: true, ..Default::default() });
+        assert_eq!(exchange(&r, echo, payload.clone(), want), payload);
+    }
+}
+
+reactor_test! {
+    /// Int16StringReceiver over TCP echoes strings up to its limit.
+    fn int16_string_receiver_over_tcp(r) {
+        let payload: Vec<u8> =
+            (0..40usize).flat_map(|n| PrefixWidth::Two.frame(&vec![n as u8; n * 2000]).unwrap()).collect();
+        let want = payload.len();
+        let echo = || Int16StringReceiver::with_max_length(Strings { echo: true, ..Default::default() }, 65_535);
+        assert_eq!(exchange(&r, echo, payload.clone(), want), payload);
+    }
+}
