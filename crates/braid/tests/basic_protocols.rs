@@ -1171,7 +1171,7 @@ reactor_test! {
     /// Int16StringReceiver over TCP echoes strings up to its limit.
     fn int16_string_receiver_over_tcp(r) {
         let payload: Vec<u8> =
-            (0..40usize).flat_map(|n| PrefixWidth::Two.frame(&vec![n as u8; n * 2000]).unwrap()).collect();
+            (0..40usize).flat_map(|n| PrefixWidth::Two.frame(&vec![n as u8; n * 1600]).unwrap()).collect();
         let want = payload.len();
         let echo = || Int16StringReceiver::with_max_length(Strings { echo: true, ..Default::default() }, 65_535);
         assert_eq!(exchange(&r, echo, payload.clone(), want), payload);
