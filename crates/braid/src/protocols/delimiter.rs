@@ -134,6 +134,18 @@ mod tests {
         assert_eq!(long.find_in(b"-=x-=-"), Some(3));
     }
 
+    proptest::proptest! {
+        /// The word-at-a-time search finds what a naive search finds.
+        #[test]
+        fn find_in_agrees_with_a_naive_search(
+            hay in proptest::collection::vec(proptest::sample::select(vec![b'\r', b'\n', b'a', 0x80, 0xff]), 0..100),
+            delim in proptest::collection::vec(proptest::sample::select(vec![b'\r', b'\n', b'a']), 1..4),
+        ) {
+            let naive = hay.windows(delim.len()).position(|w| w == delim.as_slice());
+            proptest::prop_assert_eq!(Delimiter::new(&delim).unwrap().find_in(&hay), naive);
+        }
+    }
+
     #[test]
     fn an_empty_delimiter_is_refused() {
         assert!(Delimiter::new(b"").is_none());
