@@ -1,3 +1,19 @@
-//! Ready-made protocols.
+//! Ready-made protocols, and the building blocks that wrap your own:
+//! line receivers ([`line`](mod@line), [`line_only`]), netstrings ([`netstring`])
+//! and length-prefixed strings ([`prefixed`]), Twisted's
+//! `twisted.protocols.basic`.
+//!
+//! Each receiver keeps its parser (a `*Decoder`: push bytes, pull
+//! messages, no I/O) apart from the [`Protocol`](crate::Protocol) that
+//! feeds it, so the parsers can be property-tested and fuzzed on their
+//! own. The machinery they share (pausing, re-entrancy, handles) is in
+//! [`receiver`].
 
+pub mod delimiter;
 pub mod echo;
+pub mod line;
+pub mod line_only;
+pub mod netstring;
+pub mod prefixed;
+pub mod receiver;
+pub mod strings;
