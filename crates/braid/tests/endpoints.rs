@@ -3,6 +3,7 @@
 //! backend, with real sockets on loopback.
 
 mod common;
+mod tls_support;
 
 use std::cell::RefCell;
 use std::io::{Read, Write};
@@ -273,3 +274,58 @@ fn systemd_endpoint_takes_a_passed_socket() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("1 passed"), "{stdout}");
 }
+
+// `ssl:` servers and `tls:` clients: a TLS echo through endpoint strings,
+// the server's certificate checked against the host name; bad files are
+// errors naming them.
+reactor_test!(
+    fn ssl_server_and_tls_client(r) {
+        // An IP name: connecting by name would need the resolver's threads,
+        // which start only when the reactor runs, not under `iterate`.
+        let ca = tls_support::Ca::new();
+        let files = tls_support::Files::new(&ca, &["127.0.0.1"]);
+        let q = |p: &std::path::Path| endpoints::quote(p.to_str().unwrap());
+        let desc = format!("ssl:0:interface=127.0.0.1:privateKey={}:certKey={}", q(&files.key), q(&files.cert));
+        let ep = server_from_string(&r, &desc).unwrap();
+        let port = settle(&r, &ep.listen(Echo::new.into_shared())).expect("listen");
+        let p = port.local_addr().port();
+        for kind in ["tls", "ssl"] {
+            let client = client_from_string(&r, &format!("{kind}:127.0.0.1:{p}:trustRoots={}", q(&files.ca))).unwrap();
+            let got = Rc::new(RefCell::new(Vec::new()));
+            let t = settle(&r, &connect_protocol(&*client, Keep(got.clone()))).expect("connect");
+            t.write(b"over tls");
+            let g = got.clone();
+            run_until(&r, move || g.borrow().len() == 8);
+            assert_eq!(&*got.borrow(), b"over tls", "{kind}");
+            assert!(t.tls().is_some(), "{kind}: the transport is a TLS one");
+            t.lose_connection();
+        }
+        // A name the certificate does not carry fails the connection.
+        struct Lost(Rc<RefCell<Option<String>>>);
+        impl Protocol for Lost {
+            fn data_received(&mut self, _: &[u8]) {}
+            fn connection_lost(&mut self, reason: braid::Failure) {
+                *self.0.borrow_mut() = Some(reason.to_string());
+            }
+        }
+        let other = tls_support::Files::new(&ca, &["localhost"]);
+        let desc = format!("ssl:0:interface=127.0.0.1:privateKey={}:certKey={}", q(&other.key), q(&other.cert));
+        let ep = server_from_string(&r, &desc).unwrap();
+        let misnamed = settle(&r, &ep.listen(Echo::new.into_shared())).expect("listen").local_addr().port();
+        let wrong = client_from_string(&r, &format!("tls:127.0.0.1:{misnamed}:trustRoots={}", q(&files.ca))).unwrap();
+        let why = Rc::new(RefCell::new(None));
+        let _ = settle(&r, &connect_protocol(&*wrong, Lost(why.clone())));
+        let w = why.clone();
+        run_until(&r, move || w.borrow().is_some());
+        let why = why.borrow().clone().unwrap();
+        assert!(why.to_lowercase().contains("certificate"), "{why}");
+        let no_key = error_of(&r, "ssl:0");
+        assert_eq!(no_key, "ssl: no privateKey given");
+        let missing = error_of(&r, "ssl:0:privateKey=/nonexistent/key.pem");
+        assert!(missing.contains("/nonexistent/key.pem"), "{missing}");
+        match client_from_string(&r, "tls:localhost:1:trustRoots=/nonexistent/ca.pem") {
+            Err(e) => assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}"),
+            Ok(_) => panic!("a missing CA file"),
+        }
+    }
+);

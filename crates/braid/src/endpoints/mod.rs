@@ -12,8 +12,13 @@
 //! (a socket passed by the service manager). Clients:
 //! `tcp:HOST:PORT[:timeout=30][:bindAddress=IP]` (every resolved address
 //! is tried, staggered, as Twisted's `HostnameEndpoint`) and
-//! `unix:PATH[:timeout=30][:lockfile=0]`. TLS kinds come with the TLS
-//! layer. A [`Registry`] maps kinds to parsers: a new kind is one entry.
+//! `unix:PATH[:timeout=30][:lockfile=0]`. TLS: the server
+//! `ssl:PORT:privateKey=KEY.pem[:certKey=CERT.pem][:extraCertChain=CHAIN.pem][:interface=IP][:backlog=N]`
+//! (certKey defaults to privateKey, as in Twisted: one file holding both),
+//! and the clients `tls:HOST:PORT[:timeout=30][:bindAddress=IP][:trustRoots=CA.pem]`
+//! (also as `ssl:`; without trustRoots, the system's roots), which check
+//! the server's certificate against HOST. A [`Registry`] maps kinds to
+//! parsers: a new kind is one entry.
 //!
 //! Listening and connecting hand back Deferreds, as in Twisted: a server's
 //! fires with its port, a client's with the connection's transport once it
@@ -115,8 +120,11 @@ impl Default for Registry {
         r.add_server("unix", unix_server);
         r.add_server("udp", udp_server);
         r.add_server("systemd", systemd_server);
+        r.add_server("ssl", ssl_server);
         r.add_client("tcp", tcp_client);
         r.add_client("unix", unix_client);
+        r.add_client("tls", tls_client);
+        r.add_client("ssl", tls_client);
         r
     }
 }
@@ -542,6 +550,10 @@ fn timeout_of(d: &Description) -> Result<Duration, EndpointError> {
 }
 
 fn tcp_client(reactor: &Reactor, d: &Description) -> Result<Box<dyn ClientEndpoint>, EndpointError> {
+    Ok(Box::new(tcp_client_parts(reactor, d)?))
+}
+
+fn tcp_client_parts(reactor: &Reactor, d: &Description) -> Result<TcpClient, EndpointError> {
     d.only(&["host", "port", "timeout", "bindAddress"])?;
     d.at_most(2)?;
     let host = d.arg_or(0, "host").ok_or_else(|| EndpointError("tcp: no host given".into()))?;
@@ -555,13 +567,7 @@ fn tcp_client(reactor: &Reactor, d: &Description) -> Result<Box<dyn ClientEndpoi
             0,
         )),
     };
-    Ok(Box::new(TcpClient {
-        reactor: reactor.clone(),
-        host: host.to_owned(),
-        port,
-        timeout: timeout_of(d)?,
-        bind,
-    }))
+    Ok(TcpClient { reactor: reactor.clone(), host: host.to_owned(), port, timeout: timeout_of(d)?, bind })
 }
 
 /// `unix:` clients.
@@ -595,4 +601,99 @@ fn unix_client(reactor: &Reactor, d: &Description) -> Result<Box<dyn ClientEndpo
         timeout: timeout_of(d)?,
         lockfile: flag(d, "lockfile", false)?,
     }))
+}
+
+/// `ssl:` servers: TCP with every protocol wrapped in TLS.
+struct SslServer {
+    tcp: TcpServer,
+    config: crate::tls::ServerConfig,
+}
+
+impl ServerEndpoint for SslServer {
+    fn listen(&self, factory: SharedFactory<dyn Factory>) -> Deferred<ListeningPort> {
+        let tls = crate::tls::TlsFactory::new(&self.tcp.reactor, factory, self.config.clone());
+        settled(self.tcp.reactor.listen_tcp(self.tcp.addr, tls, self.tcp.backlog))
+    }
+
+    fn describe(&self) -> String {
+        format!("ssl:{}", self.tcp.addr)
+    }
+}
+
+fn ssl_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEndpoint>, EndpointError> {
+    d.only(&["port", "interface", "backlog", "privateKey", "certKey", "extraCertChain"])?;
+    d.at_most(1)?;
+    let key = d.get("privateKey").ok_or_else(|| EndpointError("ssl: no privateKey given".into()))?;
+    let cert = d.get("certKey").unwrap_or(key);
+    // The chain: the certificate file, then any extra chain (intermediates).
+    let mut chain = std::fs::read(cert).map_err(|e| EndpointError(format!("ssl: certKey '{cert}': {e}")))?;
+    if let Some(extra) = d.get("extraCertChain") {
+        let more =
+            std::fs::read(extra).map_err(|e| EndpointError(format!("ssl: extraCertChain '{extra}': {e}")))?;
+        if !chain.ends_with(b"\n") {
+            chain.push(b'\n');
+        }
+        chain.extend_from_slice(&more);
+    }
+    let key_pem = std::fs::read(key).map_err(|e| EndpointError(format!("ssl: privateKey '{key}': {e}")))?;
+    let identity =
+        crate::tls::Identity::from_pem(&chain, &key_pem).map_err(|e| EndpointError(format!("ssl: {e}")))?;
+    let config = crate::tls::ServerConfig::builder(identity)
+        .build()
+        .map_err(|e| EndpointError(format!("ssl: {e}")))?;
+    let addr = SocketAddr::new(interface_of(d, IpAddr::V4(Ipv4Addr::UNSPECIFIED))?, port_of(d)?);
+    let tcp = TcpServer {
+        reactor: reactor.clone(),
+        addr,
+        backlog: backlog_of(d)?,
+        reuse_port: false,
+        desc: String::new(),
+    };
+    Ok(Box::new(SslServer { tcp, config }))
+}
+
+/// `tls:` clients.
+struct TlsClient {
+    tcp: TcpClient,
+    config: crate::tls::ClientConfig,
+}
+
+impl ClientEndpoint for TlsClient {
+    fn connect(&self, factory: Box<dyn Factory>) -> Deferred<Transport> {
+        let done = Deferred::new();
+        let wrapping = Wrapping { factory, done: done.clone() };
+        let tcp = &self.tcp;
+        match crate::tls::TlsClientFactory::new(&tcp.reactor, wrapping, self.config.clone(), &tcp.host) {
+            Ok(tls) => {
+                tcp.reactor.connect_tcp(&tcp.host, tcp.port, tls, Some(tcp.timeout), tcp.bind);
+            }
+            Err(e) => {
+                let _ = done.errback(Failure::new(e));
+            }
+        }
+        done
+    }
+
+    fn describe(&self) -> String {
+        format!("tls:{}:{}", self.tcp.host, self.tcp.port)
+    }
+}
+
+fn tls_client(reactor: &Reactor, d: &Description) -> Result<Box<dyn ClientEndpoint>, EndpointError> {
+    d.only(&["host", "port", "timeout", "bindAddress", "trustRoots"])?;
+    let plain = Description {
+        kind: d.kind.clone(),
+        args: d.args.clone(),
+        kwargs: d.kwargs.iter().filter(|(k, _)| k != "trustRoots").cloned().collect(),
+    };
+    let tcp = tcp_client_parts(reactor, &plain)?;
+    let roots = match d.get("trustRoots") {
+        Some(path) => crate::tls::Roots::from_pem_file(path)
+            .map_err(|e| EndpointError(format!("{}: trustRoots: {e}", d.kind)))?,
+        None => crate::tls::Roots::system()
+            .map_err(|e| EndpointError(format!("{}: the system's roots: {e}", d.kind)))?,
+    };
+    let config =
+        crate::tls::ClientConfig::new(roots).map_err(|e| EndpointError(format!("{}: {e}", d.kind)))?;
+    Ok(Box::new(TlsClient { tcp, config }))
 }
