@@ -1675,7 +1675,8 @@ fn render_tls(
     let _ = writeln!(
         s,
         "## TLS echo\n\nServers: `tls_echo_tokio` (tokio-rustls {} on tokio current_thread, a task per \
-         connection that runs the handshake, then reads into a 64 KiB buffer, `write_all`s and flushes; \
+         connection that runs the handshake, then reads into a 64 KiB buffer (which dominates its idle \
+         memory), `write_all`s and flushes; \
          TCP_NODELAY on accepted sockets, since without it Nagle holds the first echo behind the \
          unacknowledged session tickets until the client's delayed ACK) and `braid echo --tls-cert \
          --tls-key` on each backend. Both on rustls {} with the `ring` provider, TLS 1.2 and 1.3, rustls's \
