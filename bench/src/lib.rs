@@ -4,10 +4,13 @@
 //! - `echo_tokio`, `echo_mio`: the peers braid is measured against;
 //! - `loadgen`: the single-threaded load generator (pingpong, pipeline, bulk, accept, idle,
 //!   short-idle);
+//! - `tls_echo_tokio`, `tls_loadgen`, `tls_state`: the TLS echo peer on tokio-rustls, the
+//!   rustls client that loads TLS echo servers, and the in-memory measure of rustls's own
+//!   per-connection state;
 //! - `bench-all`: runs every scenario against every server and writes BENCHMARKS.md.
 //!
-//! This file holds the few helpers they share: argument parsing, the descriptor limit and
-//! the byte pattern the load generator sends and checks.
+//! This file holds the few helpers they share: argument parsing, the descriptor limit,
+//! the byte pattern the load generator sends and checks, and the TLS configurations.
 
 use std::time::Duration;
 
@@ -154,6 +157,102 @@ impl Pattern {
     /// The stream base of connection `id`, so connections carry different bytes.
     pub fn base(id: u64) -> u64 {
         id.wrapping_mul(7_919) % PATTERN_PERIOD as u64
+    }
+}
+
+/// The TLS settings every TLS peer and client here uses, so they differ from braid's own in
+/// nothing that costs CPU: rustls with the `ring` provider, TLS 1.2 and 1.3, resumption as
+/// rustls has it by default.
+pub mod tls {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    /// The `ring` provider, named rather than taken from the process default (as braid does).
+    pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// Where [`write_identity`] put a test CA, a leaf it signed for `localhost` and 127.0.0.1,
+    /// and the leaf's key.
+    pub struct Files {
+        /// The CA certificate, which clients trust.
+        pub ca: std::path::PathBuf,
+        /// The server's certificate (leaf only).
+        pub cert: std::path::PathBuf,
+        /// The server's private key (PKCS#8).
+        pub key: std::path::PathBuf,
+    }
+
+    /// Makes a fresh CA and a leaf certificate (ECDSA P-256, rcgen's default) into `dir`:
+    /// test keys are made at run time, never kept.
+    pub fn write_identity(dir: &Path) -> Result<Files, String> {
+        let err = |e: rcgen::Error| format!("making the test certificate: {e}");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "braid bench CA");
+        let ca_key = rcgen::KeyPair::generate().map_err(err)?;
+        let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .map_err(err)?;
+        let leaf_key = rcgen::KeyPair::generate().map_err(err)?;
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).map_err(err)?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let files = Files { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") };
+        for (path, text) in
+            [(&files.ca, ca_cert.pem()), (&files.cert, leaf.pem()), (&files.key, leaf_key.serialize_pem())]
+        {
+            std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        }
+        Ok(files)
+    }
+
+    /// The certificates in the PEM file at `path`.
+    pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+        let certs: Result<Vec<_>, _> =
+            CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?.collect();
+        let certs = certs.map_err(|e| format!("{}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate in it", path.display()));
+        }
+        Ok(certs)
+    }
+
+    /// A server configuration for the certificate and key in these PEM files, built as braid's
+    /// `ServerConfig::build` builds it (versions, provider, resumption defaults).
+    pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+        let chain = certs(cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(config))
+    }
+
+    /// A client trusting the CA in the PEM file `ca`. With `resume` it keeps session tickets in
+    /// memory and offers them on later connections (rustls's default); without, it never
+    /// resumes, so every handshake is a full one.
+    pub fn client_config(ca: &Path, resume: bool) -> Result<Arc<rustls::ClientConfig>, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs(ca)? {
+            roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        if !resume {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
+        Ok(Arc::new(config))
     }
 }
 

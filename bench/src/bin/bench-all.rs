@@ -9,11 +9,14 @@
 //!   --bulk-bytes N        bytes through bulk (1 GiB) --idle-conns N idle connections (10000)
 //!   --scenarios a,b       only these (pingpong, pingpong-1cpu, pipeline-100, pipeline-1000, bulk,
 //!                         accept, idle, short-idle; UDP: udp-64-1, udp-64-64, udp-1200-1,
-//!                         udp-1200-64, datagram size and flows)
+//!                         udp-1200-64, datagram size and flows; TLS: tls-bulk, tls-handshake,
+//!                         tls-resume, tls-idle)
+//!   --tls-bulk-bytes N    bytes through tls-bulk (256 MiB)
 //!   --short-count N       short-idle: connections per measured run (5000)
 //!   --short-rounds N      short-idle: measured runs per phase (5; quick: 3)
-//!   --servers a,b         only these (tokio, mio, tokio-udp, braid-select, braid-poll, braid-epoll);
-//!                         tokio and mio serve the TCP scenarios, tokio-udp the UDP ones, braid both
+//!   --servers a,b         only these (tokio, mio, tokio-udp, tokio-rustls, braid-select, braid-poll,
+//!                         braid-epoll); tokio and mio serve the TCP scenarios, tokio-udp the UDP
+//!                         ones, tokio-rustls the TLS ones, braid all three
 //!   --no-timers           skip the timer benchmark    --no-build    do not run cargo build
 //!   --out PATH            where to write the report (default: BENCHMARKS.md at the repo root)
 //! ```
@@ -24,7 +27,10 @@
 //! /proc/PID/stat at the load generator's `MARK start` and `MARK end`, so server CPU per
 //! operation covers exactly the operations counted. Servers alternate within each repetition of
 //! a scenario; the report gives medians. UDP scenarios use `udp_loadgen` against
-//! `udp_echo_tokio` and `braid echo --udp`, and get a table of their own.
+//! `udp_echo_tokio` and `braid echo --udp`, and get a table of their own. TLS scenarios use
+//! `tls_loadgen` against `tls_echo_tokio` and `braid echo --tls-cert --tls-key`, with a CA and
+//! certificate made at run time in a temporary directory (removed at the end), and get a table
+//! of their own, beside `tls_state`'s measure of rustls's own memory per connection.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -36,8 +42,9 @@ use std::time::{Duration, Instant};
 
 use braid_bench::{die, Args};
 
-const SERVER_NAMES: [&str; 6] = ["tokio", "mio", "tokio-udp", "braid-select", "braid-poll", "braid-epoll"];
-const SCENARIO_NAMES: [&str; 12] = [
+const SERVER_NAMES: [&str; 7] =
+    ["tokio", "mio", "tokio-udp", "tokio-rustls", "braid-select", "braid-poll", "braid-epoll"];
+const SCENARIO_NAMES: [&str; 16] = [
     "pingpong",
     "pingpong-1cpu",
     "pipeline-100",
@@ -50,6 +57,10 @@ const SCENARIO_NAMES: [&str; 12] = [
     "udp-64-64",
     "udp-1200-1",
     "udp-1200-64",
+    "tls-bulk",
+    "tls-handshake",
+    "tls-resume",
+    "tls-idle",
 ];
 /// select(2) can only watch descriptors below FD_SETSIZE.
 const FD_SETSIZE: usize = 1024;
@@ -59,6 +70,7 @@ struct Config {
     reps: usize,
     seconds: f64,
     bulk_bytes: u64,
+    tls_bulk_bytes: u64,
     idle_conns: usize,
     short_count: u64,
     short_rounds: usize,
@@ -73,6 +85,33 @@ struct Config {
     clk_tck: f64,
     nproc: usize,
     loadavg_before: String,
+    /// The TLS certificate, key and CA, when a TLS scenario runs.
+    tls: Option<std::sync::Arc<TlsFiles>>,
+}
+
+/// The test CA and server identity made for this run, in a directory of their own that goes
+/// away with this value.
+struct TlsFiles {
+    dir: PathBuf,
+    files: braid_bench::tls::Files,
+}
+
+impl TlsFiles {
+    fn make() -> Result<TlsFiles, String> {
+        let dir = std::env::temp_dir().join(format!("braid-bench-tls-{}", std::process::id()));
+        let files = braid_bench::tls::write_identity(&dir)?;
+        Ok(TlsFiles { dir, files })
+    }
+
+    fn path(p: &Path) -> String {
+        p.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// What a scenario's load goes over, which picks the servers and the load generator.
@@ -82,6 +121,8 @@ enum Transport {
     Tcp,
     /// UDP echo, driven by `udp_loadgen`.
     Udp,
+    /// TLS echo over TCP, driven by `tls_loadgen`.
+    Tls,
 }
 
 /// One scenario: the load generator's arguments and how to present its figures.
@@ -110,6 +151,8 @@ struct Sample {
     /// short-idle: server CPU per connection of each measured run, for each phase (none idle,
     /// idle open, after they closed).
     runs_cpu_ns: [Vec<f64>; 3],
+    /// TLS: the protocol version and cipher suite negotiated.
+    negotiated: String,
 }
 
 #[derive(Clone)]
@@ -150,6 +193,7 @@ fn main() {
         reps: args.num("reps", if quick { 1 } else { 3 }).max(1),
         seconds: args.num("seconds", if quick { 1.0 } else { 3.0 }),
         bulk_bytes: args.num("bulk-bytes", if quick { 256 << 20 } else { 1 << 30 }),
+        tls_bulk_bytes: args.num("tls-bulk-bytes", 256u64 << 20).max(1 << 20),
         idle_conns: args.num("idle-conns", 10_000),
         short_count: args.num("short-count", 5_000u64).max(1),
         short_rounds: args.num("short-rounds", if quick { 3 } else { 5usize }).clamp(1, 100),
@@ -164,12 +208,23 @@ fn main() {
         clk_tck: clock_ticks(),
         nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         loadavg_before: loadavg(),
+        tls: None,
     };
 
     if !args.flag("no-build") {
         build(&cfg.root);
     }
-    for exe in ["braid", "echo_tokio", "echo_mio", "loadgen", "udp_echo_tokio", "udp_loadgen"] {
+    for exe in [
+        "braid",
+        "echo_tokio",
+        "echo_mio",
+        "loadgen",
+        "udp_echo_tokio",
+        "udp_loadgen",
+        "tls_echo_tokio",
+        "tls_loadgen",
+        "tls_state",
+    ] {
         if !cfg.bin.join(exe).exists() {
             die(&format!("{} missing: run `cargo build --release --workspace`", cfg.bin.join(exe).display()));
         }
@@ -191,8 +246,12 @@ fn main() {
         eprintln!("bench-all: taskset not found: running without CPU pinning");
     }
 
+    if cfg.scenarios.iter().any(|n| n.starts_with("tls-")) {
+        cfg.tls = Some(std::sync::Arc::new(TlsFiles::make().unwrap_or_else(|e| die(&e))));
+    }
     let started = Instant::now();
     let scenarios: Vec<Scenario> = cfg.scenarios.iter().map(|n| scenario(n, &cfg)).collect();
+    let tls_state = if cfg.scenarios.contains(&"tls-idle") { run_tls_state(&cfg) } else { None };
     let mut results: Vec<Vec<Cell>> = Vec::new();
     for sc in &scenarios {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); cfg.servers.len()];
@@ -247,7 +306,8 @@ fn main() {
     let echo_seconds = started.elapsed().as_secs_f64();
 
     let timers = if cfg.timers { run_timers(&cfg) } else { None };
-    let report = render(&cfg, &scenarios, &results, timers.as_deref(), echo_seconds, nofile);
+    let report =
+        render(&cfg, &scenarios, &results, timers.as_deref(), tls_state.as_ref(), echo_seconds, nofile);
     if let Some(dir) = cfg.out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -421,16 +481,73 @@ fn scenario(name: &'static str, cfg: &Config) -> Scenario {
                 loadgen_cpu: 1,
             }
         }
+        "tls-bulk" => Scenario {
+            name,
+            transport: Transport::Tls,
+            title: format!("TLS bulk: {} through 1 connection", fmt_bytes(cfg.tls_bulk_bytes as f64)),
+            args: vec![
+                "bulk".into(),
+                "--bytes".into(),
+                cfg.tls_bulk_bytes.to_string(),
+                "--seconds".into(),
+                "120".into(),
+            ],
+            conns: 1,
+            rate_unit: "MiB",
+            op: "MiB",
+            time_limit: Duration::from_secs(180),
+            loadgen_cpu: 1,
+        },
+        "tls-handshake" | "tls-resume" => {
+            let resume = name == "tls-resume";
+            let mut args = timed(&["handshake", "--workers", "32", "--size", "64"]);
+            if resume {
+                args.push("--resume".into());
+            }
+            Scenario {
+                name,
+                transport: Transport::Tls,
+                title: format!(
+                    "TLS {} handshakes: connect, handshake, one 64 B round trip, close; 32 at a time",
+                    if resume { "resumed" } else { "full" }
+                ),
+                args,
+                conns: 33,
+                rate_unit: "handshakes",
+                op: "handshake",
+                time_limit: limit + Duration::from_secs(60),
+                loadgen_cpu: 1,
+            }
+        }
+        "tls-idle" => Scenario {
+            name,
+            transport: Transport::Tls,
+            title: format!("TLS idle: {} connections open (each after a full handshake and one 64 B round trip)", cfg.idle_conns),
+            args: vec![
+                "idle".into(),
+                "--conns".into(),
+                cfg.idle_conns.to_string(),
+                "--workers".into(),
+                "32".into(),
+                "--wait-stdin".into(),
+            ],
+            conns: cfg.idle_conns + 1,
+            rate_unit: "connections",
+            op: "connection",
+            time_limit: Duration::from_secs(300),
+            loadgen_cpu: 1,
+        },
         _ => unreachable!(),
     }
 }
 
 /// Whether `server` takes part in `sc`: the tokio and mio TCP peers only in TCP scenarios,
-/// the tokio UDP peer only in UDP ones, braid in both.
+/// the tokio UDP peer only in UDP ones, the tokio-rustls peer only in TLS ones, braid in all.
 fn serves(server: &str, sc: &Scenario) -> bool {
     match sc.transport {
-        Transport::Tcp => server != "tokio-udp",
+        Transport::Tcp => server == "tokio" || server == "mio" || server.starts_with("braid"),
         Transport::Udp => server == "tokio-udp" || server.starts_with("braid"),
+        Transport::Tls => server == "tokio-rustls" || server.starts_with("braid"),
     }
 }
 
@@ -482,12 +599,18 @@ impl Server {
             "tokio" => pinned(cfg, 0, "echo_tokio"),
             "mio" => pinned(cfg, 0, "echo_mio"),
             "tokio-udp" => pinned(cfg, 0, "udp_echo_tokio"),
+            "tokio-rustls" => pinned(cfg, 0, "tls_echo_tokio"),
             _ => {
                 let mut c = pinned(cfg, 0, "braid");
                 c.args(["echo", "--interface", "127.0.0.1", "--reactor", &name["braid-".len()..]]);
                 c
             }
         };
+        if transport == Transport::Tls {
+            let tls = cfg.tls.as_ref().ok_or("no TLS certificate was made")?;
+            cmd.args(["--tls-cert", &TlsFiles::path(&tls.files.cert)]);
+            cmd.args(["--tls-key", &TlsFiles::path(&tls.files.key)]);
+        }
         let port_flag = match (transport, name.starts_with("braid")) {
             (Transport::Udp, true) => "--udp",
             _ => "--port",
@@ -619,9 +742,14 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
     let exe = match sc.transport {
         Transport::Tcp => "loadgen",
         Transport::Udp => "udp_loadgen",
+        Transport::Tls => "tls_loadgen",
     };
     let mut cmd = pinned(cfg, sc.loadgen_cpu, exe);
     cmd.args(&sc.args).args(["--addr", &server.addr]);
+    if sc.transport == Transport::Tls {
+        let tls = cfg.tls.as_ref().ok_or("no TLS certificate was made")?;
+        cmd.args(["--ca", &TlsFiles::path(&tls.files.ca)]);
+    }
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| format!("starting loadgen: {e}"))?;
     let mut stdin: Option<ChildStdin> = child.stdin.take();
@@ -710,14 +838,39 @@ fn drive_loadgen(cfg: &Config, server: &Server, sc: &Scenario) -> Result<Sample,
     if sc.name == "short-idle" {
         return short_idle_sample(&r, &marks);
     }
-    let (from, to) = if sc.name == "idle" { ("pingpong", "end") } else { ("start", "end") };
-    let cpu = mark(to)?.cpu_ns - mark(from)?.cpu_ns;
+    let (from, to) = match sc.name {
+        "idle" => ("pingpong", "end"),
+        "tls-idle" => ("start", "ready"),
+        _ => ("start", "end"),
+    };
+    // TLS runs read the exact run time where the kernel gives it (every mark has it or none).
+    let exact = sc.transport == Transport::Tls && marks.values().all(|m| m.exec_ns.is_some());
+    let cpu_at = |m: &Mark| if exact { m.exec_ns.unwrap_or(f64::NAN) } else { m.cpu_ns };
+    let cpu = cpu_at(mark(to)?) - cpu_at(mark(from)?);
     let mut sample =
         Sample { ops, rate: num("rate").unwrap_or(f64::NAN), cpu_per_op_ns: cpu / ops, ..Sample::default() };
-    for key in ["p50_us", "p99_us", "gbps", "errors", "port_busy", "loss", "lost"] {
+    for key in ["p50_us", "p99_us", "gbps", "errors", "port_busy", "loss", "lost", "resumed"] {
         if let Some(v) = num(key) {
             sample.extra.insert(key, v);
         }
+    }
+    if sc.transport == Transport::Tls {
+        let text = |k: &str| r.get(k).map_or("?", String::as_str);
+        sample.negotiated = format!("{} {}", text("version"), text("suite"));
+        sample.extra.insert("exact_cpu", if exact { 1.0 } else { 0.0 });
+    }
+    if sc.name == "tls-idle" {
+        let conns = num("conns").unwrap_or(f64::NAN);
+        sample.extra.insert("rss_per_conn", (mark("ready")?.rss - mark("start")?.rss) / conns);
+    }
+    if sc.transport == Transport::Tls && sc.name != "tls-idle" {
+        // Near 1 the load generator, a rustls client doing as much crypto as the server, set
+        // the pace, and throughput says little about the server.
+        let wall_ns = num("seconds").unwrap_or(f64::NAN) * 1e9;
+        if let (Some(a), Some(b)) = (loadgen_marks.get("start"), loadgen_marks.get("end")) {
+            sample.extra.insert("loadgen_busy", (b - a) / wall_ns);
+        }
+        sample.extra.insert("busy", cpu / wall_ns);
     }
     if sc.transport == Transport::Udp {
         // Below 1 the server sometimes waited for datagrams: the load generator set the pace.
@@ -779,6 +932,7 @@ fn short_idle_sample(r: &BTreeMap<String, String>, marks: &BTreeMap<String, Mark
         cpu_per_op_ns: cpu1,
         extra: BTreeMap::new(),
         runs_cpu_ns: [runs0, runs1, runs2],
+        negotiated: String::new(),
     };
     sample.extra.insert("none_cpu_ns", cpu0);
     sample.extra.insert("none_rate", rate0);
@@ -792,6 +946,41 @@ fn short_idle_sample(r: &BTreeMap<String, String>, marks: &BTreeMap<String, Mark
         }
     }
     Ok(sample)
+}
+
+/// rustls's own memory per idle server connection, from `tls_state` (pinned to the servers'
+/// CPU), in bytes; None, with a message, if it failed.
+fn run_tls_state(cfg: &Config) -> Option<f64> {
+    let tls = cfg.tls.as_ref()?;
+    let mut cmd = pinned(cfg, 0, "tls_state");
+    cmd.args(["--conns", &cfg.idle_conns.to_string()])
+        .args(["--tls-cert", &TlsFiles::path(&tls.files.cert)])
+        .args(["--tls-key", &TlsFiles::path(&tls.files.key)])
+        .args(["--ca", &TlsFiles::path(&tls.files.ca)]);
+    eprintln!("bench-all: measuring rustls's own state per connection (tls_state)");
+    match cmd.stderr(Stdio::inherit()).output() {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let v = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("RESULT "))
+                .flat_map(str::split_whitespace)
+                .find_map(|kv| kv.strip_prefix("rss_per_conn="))
+                .and_then(|v| v.parse().ok());
+            if v.is_none() {
+                eprintln!("bench-all: tls_state printed no rss_per_conn");
+            }
+            v
+        }
+        Ok(o) => {
+            eprintln!("bench-all: tls_state failed ({})", o.status);
+            None
+        }
+        Err(e) => {
+            eprintln!("bench-all: tls_state: {e}");
+            None
+        }
+    }
 }
 
 /// Runs the timer benchmark (bench/src/bin/timers.rs) if it is built, and returns its markdown.
@@ -942,6 +1131,7 @@ fn render(
     scenarios: &[Scenario],
     results: &[Vec<Cell>],
     timers: Option<&str>,
+    tls_state: Option<&f64>,
     echo_seconds: f64,
     nofile: Option<u64>,
 ) -> String {
@@ -976,6 +1166,10 @@ fn render(
     let (udp_cfg, udp_scenarios, udp_results) = subset(cfg, scenarios, results, Transport::Udp);
     if !udp_scenarios.is_empty() {
         render_udp(&udp_cfg, &udp_scenarios, &udp_results, &mut s);
+    }
+    let (tls_cfg, tls_scenarios, tls_results) = subset(cfg, scenarios, results, Transport::Tls);
+    if !tls_scenarios.is_empty() {
+        render_tls(&tls_cfg, &tls_scenarios, &tls_results, tls_state.copied(), &mut s);
     }
 
     match timers {
@@ -1469,6 +1663,302 @@ fn render_udp(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: &
     let _ = writeln!(s, "\n</details>\n");
 }
 
+/// The TLS echo section: medians, ratios to tokio-rustls against the targets, every repetition.
+fn render_tls(
+    cfg: &Config,
+    scenarios: &[&Scenario],
+    results: &[Vec<Cell>],
+    rustls_state: Option<f64>,
+    s: &mut String,
+) {
+    let pinning = if cfg.taskset { "server on CPU 0, load generator on CPU 1" } else { "no CPU pinning" };
+    let _ = writeln!(
+        s,
+        "## TLS echo\n\nServers: `tls_echo_tokio` (tokio-rustls {} on tokio current_thread, a task per \
+         connection that runs the handshake, then reads into a 64 KiB buffer (which dominates its idle \
+         memory), `write_all`s and flushes; \
+         TCP_NODELAY on accepted sockets, since without it Nagle holds the first echo behind the \
+         unacknowledged session tickets until the client's delayed ACK) and `braid echo --tls-cert \
+         --tls-key` on each backend. Both on rustls {} with the `ring` provider, TLS 1.2 and 1.3, rustls's \
+         default resumption (a stateful session cache), and the same certificate: a CA and an ECDSA P-256 \
+         leaf for localhost made with rcgen at the start of the run, in a temporary directory removed at \
+         the end. The load generator (`tls_loadgen`, one thread, a rustls client on mio) verifies the \
+         chain against that CA and checks every echoed byte. All on 127.0.0.1; {pinning}; a fresh server \
+         for every measurement; servers alternate within each repetition; {} repetition(s), medians shown.\n",
+        locked_version(&cfg.root, "tokio-rustls"),
+        locked_version(&cfg.root, "rustls"),
+        cfg.reps
+    );
+    let _ = writeln!(
+        s,
+        "**Server CPU** is the run time of the server's threads (/proc/PID/task/*/schedstat; utime+stime \
+         where the kernel lacks it) between the load generator's marks, over the operations counted. \
+         `tls-bulk` streams through one connection with up to 4 MiB in flight. `tls-handshake` and \
+         `tls-resume` keep 32 connections in progress for {} s, each: connect, handshake, one 64 B round \
+         trip, close_notify, close with SO_LINGER 0 (RST, as in `accept`, so no TIME_WAIT piles up); after \
+         a warm-up of 200. Full handshakes come from a client without a session cache; resumed ones from \
+         32 clients each with its own cache kept across its connections (rustls keeps only a few TLS 1.3 \
+         tickets per server name, fewer than 32 connections in progress take); the share resumed is shown. \
+         `tls-idle` opens {} connections, 32 at a time, each with a full handshake and one 64 B round trip, \
+         and divides the server's VmRSS growth by them (RLIMIT_NOFILE permitting: the run fails rather \
+         than measure fewer). rustls's own state per connection is `tls_state`: in one process with no \
+         sockets or event loop, a rustls client and server make the same handshake and round trip in \
+         memory, the client is dropped and the server kept, {} times; its VmRSS growth per connection is \
+         the floor any rustls server pays. The targets (DESIGN.md §11, issue 14): braid ≤ 1.0× tokio-rustls \
+         server CPU per MiB, ≥ 1.0× its handshakes/s, idle ≤ rustls's own state + 256 B.\n",
+        cfg.seconds, cfg.idle_conns, cfg.idle_conns
+    );
+    let _ = write!(s, "| scenario | figure |");
+    for server in &cfg.servers {
+        let _ = write!(s, " {server} |");
+    }
+    let _ = write!(s, "\n|---|---|");
+    for _ in &cfg.servers {
+        let _ = write!(s, "---:|");
+    }
+    s.push('\n');
+    let mut notes: Vec<String> = Vec::new();
+    // (version and suite, where): one line if every run agreed.
+    let mut negotiated: Vec<(String, String)> = Vec::new();
+    for (sc, cells) in scenarios.iter().zip(results) {
+        let meds: Vec<Option<Sample>> = cells
+            .iter()
+            .map(|c| match c {
+                Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
+                _ => None,
+            })
+            .collect();
+        for (server, cell) in cfg.servers.iter().zip(cells) {
+            if let Cell::Samples(v) = cell {
+                for x in v {
+                    let n = (x.negotiated.clone(), format!("{} with {server}", sc.name));
+                    if !negotiated.contains(&n) {
+                        negotiated.push(n);
+                    }
+                }
+            }
+        }
+        let mut rows: Vec<Row> = Vec::new();
+        if sc.name == "tls-idle" {
+            rows.push((
+                "server RSS per idle TLS connection".into(),
+                Box::new(|m| format!("**{}**", fmt_bytes(m.extra["rss_per_conn"]))),
+            ));
+            rows.push((
+                "server CPU to open one (full handshake + 1 round trip)".into(),
+                Box::new(|m| fmt_ns(m.cpu_per_op_ns)),
+            ));
+            rows.push(("connections opened/s".into(), Box::new(|m| fmt_rate(m.rate))));
+        } else {
+            rows.push((format!("{}/s", sc.rate_unit), Box::new(|m| fmt_rate(m.rate))));
+            if sc.name == "tls-bulk" {
+                rows.push(("GB/s".into(), Box::new(|m| format!("{:.3}", m.extra["gbps"]))));
+            }
+            rows.push((
+                format!("**server CPU per {}**", sc.op),
+                Box::new(|m| format!("**{}**", fmt_ns(m.cpu_per_op_ns))),
+            ));
+            rows.push((
+                "server / load generator busy".into(),
+                Box::new(|m| {
+                    let pct =
+                        |k: &str| m.extra.get(k).map_or("—".to_string(), |v| format!("{:.0}%", v * 100.0));
+                    format!("{} / {}", pct("busy"), pct("loadgen_busy"))
+                }),
+            ));
+            if sc.name != "tls-bulk" {
+                rows.push((
+                    "share resumed".into(),
+                    Box::new(|m| {
+                        format!("{:.1}%", m.extra.get("resumed").copied().unwrap_or(f64::NAN) * 100.0)
+                    }),
+                ));
+            }
+        }
+        for (i, (figure, f)) in rows.iter().enumerate() {
+            let label = if i == 0 { sc.title.as_str() } else { "" };
+            let _ = write!(s, "| {label} | {figure} |");
+            for (cell, m) in cells.iter().zip(&meds) {
+                let text = match (cell, m) {
+                    (_, Some(m)) => f(m),
+                    (Cell::NotApplicable(why), _) => {
+                        if i == 0 && !why.is_empty() && !notes.contains(why) {
+                            notes.push(why.clone());
+                        }
+                        "n/a".into()
+                    }
+                    (Cell::Failed(e), _) => {
+                        if i == 0 {
+                            notes.push(format!("{}: {e}", sc.name));
+                        }
+                        "FAILED".into()
+                    }
+                    _ => "—".into(),
+                };
+                let _ = write!(s, " {text} |");
+            }
+            s.push('\n');
+        }
+    }
+    s.push('\n');
+    for n in &notes {
+        let _ = writeln!(s, "- n/a or FAILED: {n}");
+    }
+    let _ = writeln!(
+        s,
+        "- busy: CPU time over the measured wall time; the load generator's is tick-granular \
+         utime+stime, so it can read a little over 100%. Where the load generator is near 100% it set \
+         the pace, and throughput ratios then say little: server CPU per operation is the figure."
+    );
+    let _ = writeln!(
+        s,
+        "- rustls's own state per idle server connection (`tls_state`, {} connections): {}",
+        cfg.idle_conns,
+        rustls_state.map_or("not measured".to_string(), fmt_bytes)
+    );
+    negotiated.sort();
+    let mut kinds: Vec<&str> = negotiated.iter().map(|(n, _)| n.as_str()).collect();
+    kinds.dedup();
+    let text = match kinds.as_slice() {
+        [] => "—".to_string(),
+        [one] => format!("{one} in every run"),
+        _ => negotiated.iter().map(|(n, w)| format!("{w}: {n}")).collect::<Vec<_>>().join("; "),
+    };
+    let _ = writeln!(s, "- negotiated: {text}\n");
+
+    let peer = cfg.servers.iter().position(|n| *n == "tokio-rustls");
+    let braids: Vec<usize> =
+        cfg.servers.iter().enumerate().filter(|(_, n)| n.starts_with("braid")).map(|(i, _)| i).collect();
+    if braids.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "### braid against tokio-rustls\n\nRatios of medians, braid ÷ tokio-rustls, each against its \
+         target; the idle row compares braid's RSS per connection with rustls's own state + 256 B.\n"
+    );
+    let _ = writeln!(s, "| scenario | braid backend | figure | braid | tokio-rustls | braid ÷ tokio-rustls | target | met |\n|---|---|---|---:|---:|---:|---|---|");
+    let met = |ok: Option<bool>| match ok {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "—",
+    };
+    for (sc, cells) in scenarios.iter().zip(results) {
+        let med = |i: Option<usize>| -> Option<Sample> {
+            match cells.get(i?)? {
+                Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
+                _ => None,
+            }
+        };
+        let tokio = med(peer);
+        for &b in &braids {
+            let backend = &cfg.servers[b]["braid-".len()..];
+            let Some(m) = med(Some(b)) else {
+                let _ = writeln!(s, "| {} | {backend} | | n/a | | | | |", sc.name);
+                continue;
+            };
+            let q =
+                |f: &dyn Fn(&Sample) -> f64| tokio.as_ref().map(|p| f(&m) / f(p)).filter(|x| x.is_finite());
+            let tk = |f: &dyn Fn(&Sample) -> f64, show: &dyn Fn(f64) -> String| {
+                tokio.as_ref().map_or("—".into(), |p| show(f(p)))
+            };
+            let cpu = |x: &Sample| x.cpu_per_op_ns;
+            let rate = |x: &Sample| x.rate;
+            let row = |s: &mut String,
+                       figure: &str,
+                       braid: String,
+                       peer: String,
+                       r: Option<f64>,
+                       target: &str,
+                       ok: Option<bool>| {
+                let _ = writeln!(
+                    s,
+                    "| {} | {backend} | {figure} | {braid} | {peer} | {} | {target} | {} |",
+                    sc.name,
+                    r.map_or("—".into(), |r| format!("**{r:.2}**")),
+                    met(ok)
+                );
+            };
+            match sc.name {
+                "tls-bulk" => {
+                    let r = q(&cpu);
+                    row(
+                        s,
+                        "server CPU per MiB",
+                        fmt_ns(m.cpu_per_op_ns),
+                        tk(&cpu, &fmt_ns),
+                        r,
+                        "≤ 1.00",
+                        r.map(|r| r <= 1.0),
+                    );
+                    row(s, "MiB/s", fmt_rate(m.rate), tk(&rate, &fmt_rate), q(&rate), "", None);
+                }
+                "tls-handshake" | "tls-resume" => {
+                    let r = q(&rate);
+                    row(
+                        s,
+                        "handshakes/s",
+                        fmt_rate(m.rate),
+                        tk(&rate, &fmt_rate),
+                        r,
+                        "≥ 1.00",
+                        r.map(|r| r >= 1.0),
+                    );
+                    row(
+                        s,
+                        "server CPU per handshake",
+                        fmt_ns(m.cpu_per_op_ns),
+                        tk(&cpu, &fmt_ns),
+                        q(&cpu),
+                        "",
+                        None,
+                    );
+                }
+                _ => {
+                    let rss = |x: &Sample| x.extra["rss_per_conn"];
+                    let limit = rustls_state.map(|st| st + 256.0);
+                    row(
+                        s,
+                        "RSS per idle connection",
+                        fmt_bytes(rss(&m)),
+                        tk(&rss, &fmt_bytes),
+                        q(&rss),
+                        &limit.map_or("rustls state + 256 B".to_string(), |l| {
+                            format!("≤ {} (rustls state + 256 B)", fmt_bytes(l))
+                        }),
+                        limit.map(|l| rss(&m) <= l),
+                    );
+                }
+            }
+        }
+    }
+    s.push('\n');
+
+    let _ = writeln!(
+        s,
+        "<details><summary>Every repetition, TLS (throughput; server CPU per operation)</summary>\n"
+    );
+    for (sc, cells) in scenarios.iter().zip(results) {
+        let _ = writeln!(s, "- {}:", sc.name);
+        for (server, cell) in cfg.servers.iter().zip(cells) {
+            if let Cell::Samples(v) = cell {
+                let reps: Vec<String> = v
+                    .iter()
+                    .map(|x| {
+                        let mut one = format!("{} ; {}", fmt_rate(x.rate), fmt_ns(x.cpu_per_op_ns));
+                        if let Some(rss) = x.extra.get("rss_per_conn") {
+                            one.push_str(&format!(" ; {}/conn", fmt_bytes(*rss)));
+                        }
+                        one
+                    })
+                    .collect();
+                let _ = writeln!(s, "  - {server}: {}", reps.join(" · "));
+            }
+        }
+    }
+    let _ = writeln!(s, "\n</details>\n");
+}
+
 /// A row of the medians table: its label and how to show one server's medians.
 type Row = (String, Box<dyn Fn(&Sample) -> String>);
 
@@ -1555,6 +2045,8 @@ mod tests {
             clk_tck: 100.0,
             nproc: 2,
             loadavg_before: String::new(),
+            tls: None,
+            tls_bulk_bytes: 1,
         }
     }
 
@@ -1588,6 +2080,26 @@ mod tests {
         assert_eq!(udp_res[0].iter().map(rate).collect::<Vec<_>>(), [7.0, 8.0]);
         assert!(udp_sc[0].args.windows(2).any(|w| w == ["--flows", "64"]));
         assert!(udp_sc[0].args.windows(2).any(|w| w == ["--size", "64"]));
+    }
+
+    #[test]
+    fn tls_scenarios_take_only_the_tls_peer_and_braid() {
+        let servers = ["tokio", "mio", "tokio-udp", "tokio-rustls", "braid-epoll"];
+        let names = ["bulk", "tls-bulk", "tls-resume"];
+        let cfg = test_config(&servers, &names);
+        let scenarios: Vec<Scenario> = names.iter().map(|n| scenario(n, &cfg)).collect();
+        let taking = |sc: &Scenario| servers.iter().copied().filter(|s| serves(s, sc)).collect::<Vec<_>>();
+        assert_eq!(taking(&scenarios[0]), ["tokio", "mio", "braid-epoll"]);
+        assert_eq!(taking(&scenarios[1]), ["tokio-rustls", "braid-epoll"]);
+        assert!(scenarios[2].args.iter().any(|a| a == "--resume"));
+        assert!(!scenarios[1].args.iter().any(|a| a == "--resume"));
+        let results: Vec<Vec<Cell>> = names
+            .iter()
+            .map(|_| servers.iter().map(|_| Cell::NotApplicable(String::new())).collect())
+            .collect();
+        let (tls, tls_sc, _) = subset(&cfg, &scenarios, &results, Transport::Tls);
+        assert_eq!(tls.servers, ["tokio-rustls", "braid-epoll"]);
+        assert_eq!(tls_sc.iter().map(|s| s.name).collect::<Vec<_>>(), ["tls-bulk", "tls-resume"]);
     }
 
     #[test]
