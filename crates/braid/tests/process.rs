@@ -295,11 +295,20 @@ reactor_test!(
         let (p, log) = rec();
         let t = r.spawn_process(p, &Command::new("sleep").arg("30")).unwrap();
         let pid = t.pid().unwrap();
-        let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
-            .collect();
-        fds.sort();
+        // Right after exec the dynamic loader may hold a library open for a
+        // moment; what was inherited stays. Wait (boundedly) for 0, 1, 2.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let fds = loop {
+            let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+                .collect();
+            fds.sort();
+            if fds == [0, 1, 2] || Instant::now() > deadline {
+                break fds;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert_eq!(fds, vec![0, 1, 2], "the child has other descriptors (fd {} leaked?)", leaky.as_raw_fd());
         t.signal_process("KILL").unwrap();
         let l = log.clone();
@@ -481,7 +490,9 @@ reactor_test!(
             t.set_window_size(40, 100).unwrap();
             t.write(b"typed\n");
         }));
-        let cmd = sh("tty; stty size; read x; echo got:$x").pty(true);
+        // The window size is set right after the spawn: the child looks at
+        // it only after the input, which is written after that.
+        let cmd = sh("read x; tty; stty size; echo got:$x").pty(true);
         r.spawn_process(p, &cmd).unwrap();
         let l = log.clone();
         run_until(&r, move || ended(&l));

@@ -731,6 +731,16 @@ impl<K: Kind> TransportOps for Connection<K> {
         if self.has(Io::IN_READ) && self.buffered_len() == 0 {
             let Some(reactor) = self.reactor.get() else { return };
             let mut stage = reactor.write_stage();
+            let high = self.out.borrow().as_ref().map_or(DEFAULT_HIGH_WATER, |o| o.high as usize);
+            if stage.len() + data.len() > high {
+                // A burst past the high-water mark: into the connection's
+                // own buffer, where a registered producer is paused.
+                drop(stage);
+                self.unstage();
+                self.out_mut().push(data);
+                self.after_write();
+                return;
+            }
             let mut sent = 0;
             if stage.is_empty() && data.len() >= DIRECT_WRITE {
                 // Large, and nothing queued ahead of it: send it now rather

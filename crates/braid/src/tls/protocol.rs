@@ -37,7 +37,27 @@ pub(crate) enum Timer {
     Clock(Rc<dyn ReactorTime>),
 }
 
+/// Buffers every TLS connection on a reactor borrows for one call (the
+/// ciphertext going out, the plaintext coming in), so a connection
+/// allocates nothing per chunk and an idle one holds no buffer.
+#[derive(Default)]
+struct Scratch {
+    out: Cell<Vec<u8>>,
+    plain: Cell<Vec<u8>>,
+}
+
+/// A borrowed scratch buffer grows to what a pass needs; one that grew
+/// beyond this is given back to the allocator.
+const SCRATCH_KEEP: usize = 1 << 20;
+
 impl Timer {
+    fn scratch(&self) -> Option<Rc<Scratch>> {
+        match self {
+            Timer::Reactor(r) => r.get().map(|r| r.extension::<Scratch>()),
+            Timer::None | Timer::Clock(_) => None,
+        }
+    }
+
     fn schedule(&self, delay: Duration, f: Box<dyn FnOnce()>) -> Option<DelayedCall> {
         match self {
             Timer::None => None,
@@ -407,21 +427,32 @@ impl TlsState {
 
     /// Moves whatever rustls has to send to the transport below.
     fn send_tls(&self) {
-        let out = {
+        let scratch = self.timer.scratch();
+        let mut out = scratch.as_ref().map(|s| s.out.take()).unwrap_or_default();
+        out.clear();
+        {
             let mut tls = self.tls.borrow_mut();
-            let Some(conn) = tls.as_mut() else { return };
-            let mut out = Vec::new();
-            while conn.wants_write() {
-                if conn.write_tls(&mut out).is_err() {
-                    break;
+            if let Some(conn) = tls.as_mut() {
+                while conn.wants_write() {
+                    if conn.write_tls(&mut out).is_err() {
+                        break;
+                    }
                 }
             }
-            out
-        };
+        }
         if !out.is_empty() {
             if let Some(lower) = self.lower() {
-                lower.write_vec(out);
+                // The transport sends what it can at once and copies only
+                // the rest: the buffer goes back for the next call.
+                lower.write(&out);
             }
+        }
+        if let Some(s) = scratch {
+            out.clear();
+            if out.capacity() > SCRATCH_KEEP {
+                out = Vec::new();
+            }
+            s.out.set(out);
         }
     }
 
@@ -522,7 +553,11 @@ impl TlsState {
             return;
         }
         let mut input = data;
-        let mut plain = Vec::new();
+        // `plain` keeps its length (initialised bytes) between calls; `got`
+        // counts what this call put in it, so nothing is zeroed twice.
+        let scratch = self.timer.scratch();
+        let mut plain = scratch.as_ref().map(|s| s.plain.take()).unwrap_or_default();
+        let mut got = 0;
         let mut error = None;
         let mut closed = false;
         let was_handshaking;
@@ -544,10 +579,11 @@ impl TlsState {
                     Ok(state) => {
                         let n = state.plaintext_bytes_to_read();
                         if n > 0 {
-                            let at = plain.len();
-                            plain.resize(at + n, 0);
-                            if conn.reader().read_exact(&mut plain[at..]).is_err() {
-                                plain.truncate(at);
+                            if plain.len() < got + n {
+                                plain.resize(got + n, 0);
+                            }
+                            if conn.reader().read_exact(&mut plain[got..got + n]).is_ok() {
+                                got += n;
                             }
                         }
                         closed = state.peer_has_closed();
@@ -569,8 +605,14 @@ impl TlsState {
         if was_handshaking && !handshaking && error.is_none() {
             self.handshake_done();
         }
-        if !plain.is_empty() && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
-            self.call_app(|p| p.data_received(&plain));
+        if got > 0 && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
+            self.call_app(|p| p.data_received(&plain[..got]));
+        }
+        if let Some(s) = scratch {
+            if plain.len() > SCRATCH_KEEP {
+                plain = Vec::new();
+            }
+            s.plain.set(plain);
         }
         if let Some(e) = error {
             return self.fail(e);
