@@ -461,3 +461,22 @@ fn two_workers_both_accept() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--workers needs a fixed port"), "{err}");
 }
+
+/// `--log-format json`: one JSON object per line, the listening line among them.
+#[test]
+fn json_log_lines() {
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "daytime", "--listen", "tcp:0:interface=127.0.0.1"])
+        .env_remove("BRAID_REACTOR")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let script = "import json, sys\nv = json.loads(sys.argv[1])\nprint(v['level'], v['fields']['message'])\n";
+    let out = python(script, &[line.trim()]);
+    assert!(out.starts_with("INFO daytime listening on 127.0.0.1:"), "{out} from {line}");
+}

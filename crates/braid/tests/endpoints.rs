@@ -329,3 +329,58 @@ reactor_test!(
         }
     }
 );
+
+// `tls:DIR`: the certificate is chosen by the name the client asks for
+// (SNI), from NAME.pem files holding chain and key; a client verifying a
+// name proves it got that name's certificate.
+reactor_test!(
+    fn tls_server_chooses_the_certificate_by_name(r) {
+        let ca = tls_support::Ca::new();
+        let dir = std::env::temp_dir().join(format!("braid-sni-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["a.test", "b.test"] {
+            let (cert, key) = ca.leaf(&[name]);
+            std::fs::write(dir.join(format!("{name}.pem")), format!("{cert}{key}")).unwrap();
+        }
+        let desc = format!("tls:{}:port=0:interface=127.0.0.1", endpoints::quote(dir.to_str().unwrap()));
+        let ep = server_from_string(&r, &desc).unwrap();
+        let port = settle(&r, &ep.listen(Echo::new.into_shared())).expect("listen").local_addr().port();
+        let connect = |name: &str| {
+            let got = Rc::new(RefCell::new(Vec::new()));
+            let lost = Rc::new(RefCell::new(None::<String>));
+            struct Probe(Rc<RefCell<Vec<u8>>>, Rc<RefCell<Option<String>>>);
+            impl Protocol for Probe {
+                fn connection_made(&mut self, t: braid::Transport) {
+                    t.write(b"sni");
+                }
+                fn data_received(&mut self, d: &[u8]) {
+                    self.0.borrow_mut().extend_from_slice(d);
+                }
+                fn connection_lost(&mut self, why: braid::Failure) {
+                    *self.1.borrow_mut() = Some(why.to_string());
+                }
+            }
+            let (g, l) = (got.clone(), lost.clone());
+            let mut once = Some(Probe(g, l));
+            let factory = move || once.take().expect("one connection");
+            let tls = braid::tls::TlsClientFactory::new(&r, factory, ca.client(), name).unwrap();
+            r.connect_tcp("127.0.0.1", port, tls, None, None);
+            let (g, l) = (got.clone(), lost.clone());
+            run_until(&r, move || g.borrow().len() == 3 || l.borrow().is_some());
+            let echoed = got.borrow().clone();
+            let why = lost.borrow().clone();
+            (echoed, why)
+        };
+        assert_eq!(connect("a.test").0, b"sni");
+        assert_eq!(connect("b.test").0, b"sni");
+        let (echoed, lost) = connect("c.test");
+        assert!(echoed.is_empty(), "a name without a file got a certificate that verified");
+        assert!(lost.is_some_and(|w| w.to_lowercase().contains("certificate")));
+        assert!(error_of(&r, "tls:/nonexistent/dir").contains("/nonexistent/dir"));
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        assert!(error_of(&r, &format!("tls:{}", endpoints::quote(empty.to_str().unwrap()))).contains("no NAME.pem"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+);

@@ -15,6 +15,11 @@
 //! `unix:PATH[:timeout=30][:lockfile=0]`. TLS: the server
 //! `ssl:PORT:privateKey=KEY.pem[:certKey=CERT.pem][:extraCertChain=CHAIN.pem][:interface=IP][:backlog=N]`
 //! (certKey defaults to privateKey, as in Twisted: one file holding both),
+//! and `tls:DIRECTORY[:port=443][:interface=::][:backlog=50]`, which
+//! chooses the certificate by the name the client asks for (SNI): each
+//! `NAME.pem` in the directory holds that name's chain and key; a client
+//! that names none, or a name without a file, gets the first file's
+//! (sorted by name),
 //! and the clients `tls:HOST:PORT[:timeout=30][:bindAddress=IP][:trustRoots=CA.pem]`
 //! (also as `ssl:`; without trustRoots, the system's roots), which check
 //! the server's certificate against HOST. A [`Registry`] maps kinds to
@@ -121,6 +126,7 @@ impl Default for Registry {
         r.add_server("udp", udp_server);
         r.add_server("systemd", systemd_server);
         r.add_server("ssl", ssl_server);
+        r.add_server("tls", tls_server);
         r.add_client("tcp", tcp_client);
         r.add_client("unix", unix_client);
         r.add_client("tls", tls_client);
@@ -696,4 +702,50 @@ fn tls_client(reactor: &Reactor, d: &Description) -> Result<Box<dyn ClientEndpoi
     let config =
         crate::tls::ClientConfig::new(roots).map_err(|e| EndpointError(format!("{}: {e}", d.kind)))?;
     Ok(Box::new(TlsClient { tcp, config }))
+}
+
+/// `tls:` servers: TLS over TCP with a certificate per server name, read
+/// from a directory of `NAME.pem` files (chain and key in one file).
+fn tls_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEndpoint>, EndpointError> {
+    d.only(&["path", "port", "interface", "backlog"])?;
+    d.at_most(1)?;
+    let dir =
+        d.arg_or(0, "path").ok_or_else(|| EndpointError("tls: no certificate directory given".into()))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| EndpointError(format!("tls: directory '{dir}': {e}")))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+        .collect();
+    files.sort();
+    let mut identities = Vec::new();
+    for file in &files {
+        let pem =
+            std::fs::read(file).map_err(|e| EndpointError(format!("tls: '{}': {e}", file.display())))?;
+        let identity = crate::tls::Identity::from_pem(&pem, &pem)
+            .map_err(|e| EndpointError(format!("tls: '{}': {e}", file.display())))?;
+        let name = file.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        identities.push((name, identity));
+    }
+    let Some((_, default)) = identities.first().cloned() else {
+        return Err(EndpointError(format!("tls: no NAME.pem certificate files in '{dir}'")));
+    };
+    let mut builder = crate::tls::ServerConfig::builder(default);
+    for (name, identity) in identities {
+        builder = builder.sni(&name, identity);
+    }
+    let config = builder.build().map_err(|e| EndpointError(format!("tls: {e}")))?;
+    let port = match d.get("port") {
+        None => 443,
+        Some(p) => d.number(p, "port")?,
+    };
+    let addr = SocketAddr::new(interface_of(d, IpAddr::V6(Ipv6Addr::UNSPECIFIED))?, port);
+    let tcp = TcpServer {
+        reactor: reactor.clone(),
+        addr,
+        backlog: backlog_of(d)?,
+        reuse_port: false,
+        desc: String::new(),
+    };
+    Ok(Box::new(SslServer { tcp, config }))
 }
