@@ -384,3 +384,61 @@ reactor_test!(
         let _ = std::fs::remove_dir_all(&dir);
     }
 );
+
+// §4.13 item 7: cancelling the connect Deferred while the attempt is
+// pending stops it and fails the Deferred with Cancelled. The attempt is
+// kept pending by a listener whose backlog is full (the kernel then drops
+// the SYN and retries).
+reactor_test!(
+    fn cancelling_a_connect_stops_the_attempt(r) {
+        let listener = socket2_free_listener(1);
+        let addr = listener.local_addr().unwrap();
+        // Fill the backlog: these are never accepted.
+        let fillers: Vec<std::net::TcpStream> = (0..4)
+            .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+            .collect();
+        assert!(!fillers.is_empty());
+        let ep = client_from_string(&r, &format!("tcp:127.0.0.1:{}:timeout=20", addr.port())).unwrap();
+        let made = Rc::new(RefCell::new(false));
+        struct Made(Rc<RefCell<bool>>);
+        impl Protocol for Made {
+            fn connection_made(&mut self, _: braid::Transport) {
+                *self.0.borrow_mut() = true;
+            }
+            fn data_received(&mut self, _: &[u8]) {}
+        }
+        let d = connect_protocol(&*ep, Made(made.clone()));
+        run_for(&r, Duration::from_millis(200));
+        let result = collect(&d);
+        assert!(result.borrow().is_none(), "the attempt was not pending (backlog not full?)");
+        d.cancel();
+        let res = result.clone();
+        run_until(&r, move || res.borrow().is_some());
+        let err = failure(result.borrow_mut().take().unwrap(), "a cancelled connect");
+        assert!(err.contains("cancelled"), "{err}");
+        // Empty the backlog: a retried SYN from an attempt that was not
+        // stopped would now connect (the kernel retries after 1 s).
+        listener.set_nonblocking(true).unwrap();
+        while listener.accept().is_ok() {}
+        drop(fillers);
+        run_for(&r, Duration::from_millis(1500));
+        while listener.accept().is_ok() {}
+        assert!(!*made.borrow(), "the cancelled attempt connected later");
+    }
+);
+
+/// A listening socket with a small backlog, made without the socket2 crate.
+fn socket2_free_listener(backlog: i32) -> std::net::TcpListener {
+    use rustix::net::{bind, listen, socket, AddressFamily, SocketType};
+    let s = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&s, &std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    listen(&s, backlog).unwrap();
+    std::net::TcpListener::from(s)
+}
+
+fn run_for(r: &Reactor, how_long: Duration) {
+    let end = Instant::now() + how_long;
+    while Instant::now() < end {
+        r.iterate(Some(Duration::from_millis(5))).expect("iterate");
+    }
+}

@@ -31,9 +31,11 @@
 
 pub mod grammar;
 
+use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -46,7 +48,7 @@ use crate::protocol::{
     ClientFactory, Connector, Factory, FileDescriptorReceiver, HalfCloseable, Protocol, SharedFactory,
 };
 use crate::reactor::Reactor;
-use crate::stream::Address;
+use crate::stream::{Address, StreamConnector};
 use crate::tcp::ListeningPort;
 use crate::transport::Transport;
 
@@ -531,11 +533,26 @@ struct TcpClient {
     bind: Option<SocketAddr>,
 }
 
+/// A Deferred whose cancellation stops the attempt (Twisted's
+/// `ConnectingCancelledError`: the factory hears `Cancelled`, which fails
+/// the Deferred), and the slot the attempt's connector goes in.
+fn cancellable() -> (Deferred<Transport>, Rc<RefCell<Option<StreamConnector>>>) {
+    let slot: Rc<RefCell<Option<StreamConnector>>> = Rc::default();
+    let s = slot.clone();
+    let done = Deferred::with_canceller(move |_| {
+        if let Some(c) = s.borrow_mut().take() {
+            let _ = c.stop_connecting();
+        }
+    });
+    (done, slot)
+}
+
 impl ClientEndpoint for TcpClient {
     fn connect(&self, factory: Box<dyn Factory>) -> Deferred<Transport> {
-        let done = Deferred::new();
+        let (done, slot) = cancellable();
         let wrapping = Wrapping { factory, done: done.clone() };
-        self.reactor.connect_tcp(&self.host, self.port, wrapping, Some(self.timeout), self.bind);
+        *slot.borrow_mut() =
+            Some(self.reactor.connect_tcp(&self.host, self.port, wrapping, Some(self.timeout), self.bind));
         done
     }
 
@@ -586,9 +603,10 @@ struct UnixClient {
 
 impl ClientEndpoint for UnixClient {
     fn connect(&self, factory: Box<dyn Factory>) -> Deferred<Transport> {
-        let done = Deferred::new();
+        let (done, slot) = cancellable();
         let wrapping = Wrapping { factory, done: done.clone() };
-        self.reactor.connect_unix(&self.path, wrapping, Some(self.timeout), self.lockfile);
+        *slot.borrow_mut() =
+            Some(self.reactor.connect_unix(&self.path, wrapping, Some(self.timeout), self.lockfile));
         done
     }
 
@@ -666,12 +684,13 @@ struct TlsClient {
 
 impl ClientEndpoint for TlsClient {
     fn connect(&self, factory: Box<dyn Factory>) -> Deferred<Transport> {
-        let done = Deferred::new();
+        let (done, slot) = cancellable();
         let wrapping = Wrapping { factory, done: done.clone() };
         let tcp = &self.tcp;
         match crate::tls::TlsClientFactory::new(&tcp.reactor, wrapping, self.config.clone(), &tcp.host) {
             Ok(tls) => {
-                tcp.reactor.connect_tcp(&tcp.host, tcp.port, tls, Some(tcp.timeout), tcp.bind);
+                *slot.borrow_mut() =
+                    Some(tcp.reactor.connect_tcp(&tcp.host, tcp.port, tls, Some(tcp.timeout), tcp.bind));
             }
             Err(e) => {
                 let _ = done.errback(Failure::new(e));
