@@ -18,6 +18,7 @@
 //!                         braid-epoll); tokio and mio serve the TCP scenarios, tokio-udp the UDP
 //!                         ones, tokio-rustls the TLS ones, braid all three
 //!   --no-timers           skip the timer benchmark    --no-build    do not run cargo build
+//!   --no-extras           skip the side benchmarks (portforward against a tokio proxy, line parsing)
 //!   --out PATH            where to write the report (default: BENCHMARKS.md at the repo root)
 //! ```
 //!
@@ -77,6 +78,8 @@ struct Config {
     scenarios: Vec<&'static str>,
     servers: Vec<&'static str>,
     timers: bool,
+    /// Run the side benchmarks (portforward, lines).
+    extras: bool,
     timer_rounds: Option<usize>,
     out: PathBuf,
     bin: PathBuf,
@@ -166,7 +169,7 @@ fn main() {
     if cfg!(debug_assertions) {
         die("build with --release: `cargo run --release -p braid-bench --bin bench-all`");
     }
-    let args = Args::parse(&["quick", "no-timers", "no-build"]);
+    let args = Args::parse(&["quick", "no-timers", "no-build", "no-extras"]);
     let quick = args.flag("quick");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
     let bin = std::env::current_exe()
@@ -200,6 +203,7 @@ fn main() {
         scenarios: pick("scenarios", &SCENARIO_NAMES),
         servers: pick("servers", &SERVER_NAMES),
         timers: !args.flag("no-timers"),
+        extras: !args.flag("no-extras"),
         timer_rounds: if quick { Some(1) } else { None },
         out: args.get("out").map(PathBuf::from).unwrap_or(default_out),
         bin,
@@ -305,9 +309,24 @@ fn main() {
     }
     let echo_seconds = started.elapsed().as_secs_f64();
 
+    let mut extras = Vec::new();
+    if cfg.extras {
+        let (reps, bytes, secs) = (cfg.reps.to_string(), cfg.bulk_bytes.to_string(), cfg.seconds.to_string());
+        let pf = ["--reps", reps.as_str(), "--bulk-bytes", bytes.as_str(), "--seconds", secs.as_str()];
+        extras.extend(run_section(&cfg, "portforward", "## Port forwarding", &pf));
+        extras.extend(run_section(&cfg, "lines", "## Line parsing", &[]));
+    }
     let timers = if cfg.timers { run_timers(&cfg) } else { None };
-    let report =
-        render(&cfg, &scenarios, &results, timers.as_deref(), tls_state.as_ref(), echo_seconds, nofile);
+    let report = render(
+        &cfg,
+        &scenarios,
+        &results,
+        &extras,
+        timers.as_deref(),
+        tls_state.as_ref(),
+        echo_seconds,
+        nofile,
+    );
     if let Some(dir) = cfg.out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -983,6 +1002,30 @@ fn run_tls_state(cfg: &Config) -> Option<f64> {
     }
 }
 
+/// Runs one of the side benchmarks that print their own markdown section
+/// (`portforward`, `lines`), if it is built; returns the section from `heading` on.
+fn run_section(cfg: &Config, exe: &str, heading: &str, args: &[&str]) -> Option<String> {
+    if !cfg.bin.join(exe).exists() {
+        eprintln!("bench-all: no {exe} binary; its section is left out");
+        return None;
+    }
+    eprintln!("bench-all: running {exe}");
+    match Command::new(cfg.bin.join(exe)).args(args).stderr(Stdio::inherit()).output() {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.find(heading).map(|i| text[i..].trim_end().to_string() + "\n")
+        }
+        Ok(o) => {
+            eprintln!("bench-all: {exe} failed ({})", o.status);
+            None
+        }
+        Err(e) => {
+            eprintln!("bench-all: {exe}: {e}");
+            None
+        }
+    }
+}
+
 /// Runs the timer benchmark (bench/src/bin/timers.rs) if it is built, and returns its markdown.
 fn run_timers(cfg: &Config) -> Option<String> {
     if !cfg.bin.join("timers").exists() {
@@ -1126,10 +1169,12 @@ fn locked_version(root: &Path, krate: &str) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn render(
     cfg: &Config,
     scenarios: &[Scenario],
     results: &[Vec<Cell>],
+    extras: &[String],
     timers: Option<&str>,
     tls_state: Option<&f64>,
     echo_seconds: f64,
@@ -1172,6 +1217,9 @@ fn render(
         render_tls(&tls_cfg, &tls_scenarios, &tls_results, tls_state.copied(), &mut s);
     }
 
+    for section in extras {
+        let _ = writeln!(s, "{}\n\n_(Run by `bench-all` after the echo scenarios.)_\n", section.trim_end());
+    }
     match timers {
         Some(section) => {
             let _ = writeln!(s, "{}", section.trim_end());
@@ -2037,6 +2085,7 @@ mod tests {
             scenarios: scenarios.to_vec(),
             servers: servers.to_vec(),
             timers: false,
+            extras: false,
             timer_rounds: None,
             out: PathBuf::new(),
             bin: PathBuf::new(),
