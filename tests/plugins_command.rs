@@ -402,6 +402,37 @@ fn portforward_backpressure_when_the_client_stalls() {
     backpressure("on");
 }
 
+/// The other direction: a destination that accepts and never reads, a
+/// client that uploads; the forwarder stops reading the client, so its
+/// memory stays flat and the client's writes stall.
+#[test]
+fn portforward_backpressure_when_the_destination_stalls() {
+    for splice in ["off", "on"] {
+        let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dest = format!("tcp:{}", sink.local_addr().unwrap());
+        let fwd = start(
+            &["portforward", "--splice", splice, "--listen", "tcp:0:interface=127.0.0.1", "--connect", &dest],
+            1,
+        );
+        let client = connect(&fwd.addrs[0]);
+        let (_held, _) = sink.accept().unwrap();
+        let mut writer = client.try_clone().unwrap();
+        writer.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+        let first = rss_kib(fwd.child.id());
+        let chunk = vec![5u8; 1 << 20];
+        let mut written = 0usize;
+        while written < (256 << 20) && writer.write_all(&chunk).is_ok() {
+            written += chunk.len();
+        }
+        let later = rss_kib(fwd.child.id());
+        assert!(written < (256 << 20), "--splice {splice}: 256 MiB went into a destination that never reads");
+        assert!(
+            later < first + 8192,
+            "--splice {splice}: the forwarder grew from {first} KiB to {later} KiB"
+        );
+    }
+}
+
 fn backpressure(splice: &str) {
     let gen = start(&["chargen", "--listen", "tcp:0:interface=127.0.0.1"], 1);
     let dest = format!("tcp:{}", gen.addrs[0]);
