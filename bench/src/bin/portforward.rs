@@ -65,6 +65,7 @@ fn start(mut cmd: Command, what: &str) -> (Child, String) {
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     die(&format!("{what} did not say where it listens"))
 }
 

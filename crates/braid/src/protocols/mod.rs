@@ -1,7 +1,8 @@
 //! Ready-made protocols, and the building blocks that wrap your own:
 //! line receivers ([`line`](mod@line), [`line_only`]), netstrings ([`netstring`])
-//! and length-prefixed strings ([`prefixed`]), Twisted's
-//! `twisted.protocols.basic`.
+//! and length-prefixed strings ([`prefixed`]), a file sender
+//! ([`file_sender`]), Twisted's `twisted.protocols.basic`; and the small RFC
+//! services of `twisted.protocols.wire` ([`wire`], [`echo`]).
 //!
 //! Each receiver keeps its parser (a `*Decoder`: push bytes, pull
 //! messages, no I/O) apart from the [`Protocol`](crate::Protocol) that
@@ -11,9 +12,11 @@
 
 pub mod delimiter;
 pub mod echo;
+pub mod file_sender;
 pub mod line;
 pub mod line_only;
 pub mod netstring;
 pub mod prefixed;
 pub mod receiver;
 pub mod strings;
+pub mod wire;
