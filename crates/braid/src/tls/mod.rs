@@ -177,6 +177,42 @@ impl Factory for TlsFactory {
     }
 }
 
+/// `Factory` and `ClientFactory` for a wrapper with fields `inner`,
+/// `timer` and `last` and a `side()`: each protocol it builds runs inside a
+/// TLS layer, and a client factory hears the reason the application was
+/// given (a TLS error, say), not how the transport below ended.
+macro_rules! wrapping_factory {
+    ($name:ident) => {
+        impl<F: Factory> Factory for $name<F> {
+            fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
+                let app = self.inner.build_protocol(addr)?;
+                let p = TlsProtocol::new(app, self.side(), self.timer.clone());
+                p.report_to(self.last.clone());
+                Some(Box::new(p))
+            }
+            fn start_factory(&mut self) {
+                self.inner.start_factory()
+            }
+            fn stop_factory(&mut self) {
+                self.inner.stop_factory()
+            }
+        }
+
+        impl<F: ClientFactory> ClientFactory for $name<F> {
+            fn started_connecting(&mut self, connector: &dyn Connector) {
+                self.inner.started_connecting(connector)
+            }
+            fn client_connection_failed(&mut self, connector: &dyn Connector, reason: Failure) {
+                self.inner.client_connection_failed(connector, reason)
+            }
+            fn client_connection_lost(&mut self, connector: &dyn Connector, reason: Failure) {
+                let reason = self.last.borrow_mut().take().unwrap_or(reason);
+                self.inner.client_connection_lost(connector, reason)
+            }
+        }
+    };
+}
+
 /// Wraps a factory so that every protocol it builds starts in the clear
 /// and may switch to TLS with [`Tls::start_tls_server`] or
 /// [`Tls::start_tls_client`] (Twisted's `startTLS`), on either side.
@@ -194,35 +230,13 @@ impl<F> StartTlsFactory<F> {
     }
 }
 
-impl<F: Factory> Factory for StartTlsFactory<F> {
-    fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
-        let app = self.inner.build_protocol(addr)?;
-        let p = TlsProtocol::new(app, None, self.timer.clone());
-        p.report_to(self.last.clone());
-        Some(Box::new(p))
-    }
-    fn start_factory(&mut self) {
-        self.inner.start_factory()
-    }
-    fn stop_factory(&mut self) {
-        self.inner.stop_factory()
+impl<F> StartTlsFactory<F> {
+    fn side(&self) -> Option<Side> {
+        None
     }
 }
 
-impl<F: ClientFactory> ClientFactory for StartTlsFactory<F> {
-    fn started_connecting(&mut self, connector: &dyn Connector) {
-        self.inner.started_connecting(connector)
-    }
-    fn client_connection_failed(&mut self, connector: &dyn Connector, reason: Failure) {
-        self.inner.client_connection_failed(connector, reason)
-    }
-    /// Told the reason the application was given (a TLS error, say),
-    /// not how the transport below ended.
-    fn client_connection_lost(&mut self, connector: &dyn Connector, reason: Failure) {
-        let reason = self.last.borrow_mut().take().unwrap_or(reason);
-        self.inner.client_connection_lost(connector, reason)
-    }
-}
+wrapping_factory!(StartTlsFactory);
 
 /// Wraps a client factory so that every protocol it builds runs over TLS
 /// as the client side, checking the server's certificate against one
@@ -255,36 +269,13 @@ impl<F> TlsClientFactory<F> {
     }
 }
 
-impl<F: Factory> Factory for TlsClientFactory<F> {
-    fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
-        let app = self.inner.build_protocol(addr)?;
-        let side = Side::Client(self.config.clone(), self.name.clone());
-        let p = TlsProtocol::new(app, Some(side), self.timer.clone());
-        p.report_to(self.last.clone());
-        Some(Box::new(p))
-    }
-    fn start_factory(&mut self) {
-        self.inner.start_factory()
-    }
-    fn stop_factory(&mut self) {
-        self.inner.stop_factory()
+impl<F> TlsClientFactory<F> {
+    fn side(&self) -> Option<Side> {
+        Some(Side::Client(self.config.clone(), self.name.clone()))
     }
 }
 
-impl<F: ClientFactory> ClientFactory for TlsClientFactory<F> {
-    fn started_connecting(&mut self, connector: &dyn Connector) {
-        self.inner.started_connecting(connector)
-    }
-    fn client_connection_failed(&mut self, connector: &dyn Connector, reason: Failure) {
-        self.inner.client_connection_failed(connector, reason)
-    }
-    /// Told the reason the application was given (a TLS error, say),
-    /// not how the transport below ended.
-    fn client_connection_lost(&mut self, connector: &dyn Connector, reason: Failure) {
-        let reason = self.last.borrow_mut().take().unwrap_or(reason);
-        self.inner.client_connection_lost(connector, reason)
-    }
-}
+wrapping_factory!(TlsClientFactory);
 
 impl Reactor {
     /// Listens for TLS connections over TCP on `addr` (Twisted's
