@@ -92,7 +92,36 @@ pub trait TransportOps {
     fn into_producer(self: Rc<Self>) -> Option<Rc<dyn Producer>> {
         None
     }
+    /// Puts a layer (TLS, from `start_tls`) between this live connection
+    /// and its protocol: see [`Layer`]. Only the stream connection can.
+    #[doc(hidden)]
+    fn insert_layer(self: Rc<Self>, make: MakeLayer) -> Result<(), Error> {
+        drop(make);
+        Err(Error::io(
+            "starting TLS",
+            std::io::Error::new(std::io::ErrorKind::Unsupported, "this transport cannot take a layer"),
+        ))
+    }
 }
+
+/// A protocol layer started on a live connection (TLS by `start_tls`):
+/// from then on the application's calls on the transport it already holds
+/// go to the layer's [`upper`](Layer::upper) side, and what the connection
+/// reads goes to the layer's protocol, which wraps the application's.
+#[doc(hidden)]
+pub trait Layer {
+    /// What the application's transport calls reach from now on.
+    fn upper(&self) -> Rc<dyn TransportOps>;
+    /// Takes the application's protocol and returns the protocol the
+    /// connection drives in its place. Called once no call into the
+    /// application's protocol is on the stack.
+    fn adopt(self: Box<Self>, app: Box<dyn crate::protocol::Protocol>) -> Box<dyn crate::protocol::Protocol>;
+}
+
+/// Builds a [`Layer`] over the connection's own side below it (a transport
+/// that bypasses the layer), on the connection's reactor.
+#[doc(hidden)]
+pub type MakeLayer = Box<dyn FnOnce(Transport, &crate::reactor::Reactor) -> Box<dyn Layer>>;
 
 /// The handle a protocol keeps to write to its connection and close it.
 /// Cloning is cheap; every clone drives the same connection.

@@ -34,6 +34,9 @@ enum StreamKind {
     TlsTcp,
     /// A `TlsFactory` on a UNIX socket file.
     TlsUnix,
+    /// A plain TCP listener whose protocols call `start_tls_server` on
+    /// their live transport first thing (the layer put in place).
+    StartTlsTcp,
 }
 
 /// Where a client connects.
@@ -187,11 +190,54 @@ impl StreamKind {
                 let p = r.listen_unix(&path, factory, 50, None, false).unwrap();
                 (p, Target::Tls(Box::new(Target::Path(path)), ca.rustls_client()))
             }
+            StreamKind::StartTlsTcp => {
+                let ca = tls_support::Ca::new();
+                let factory = StartTlsFirst { inner: factory.into_shared(), config: ca.server() };
+                let p = r.listen_tcp("127.0.0.1:0", factory, 50).unwrap();
+                let a = p.local_addr();
+                (p, Target::Tls(Box::new(Target::Ip(a)), ca.rustls_client()))
+            }
         }
     }
 
     fn tls(self) -> bool {
-        matches!(self, StreamKind::TlsTcp | StreamKind::TlsUnix)
+        matches!(self, StreamKind::TlsTcp | StreamKind::TlsUnix | StreamKind::StartTlsTcp)
+    }
+}
+
+/// Builds the inner factory's protocols behind one that starts TLS on its
+/// plain transport before handing it on.
+struct StartTlsFirst {
+    inner: braid::protocol::SharedFactory<dyn braid::protocol::Factory>,
+    config: braid::tls::ServerConfig,
+}
+
+impl braid::protocol::Factory for StartTlsFirst {
+    fn build_protocol(&mut self, addr: &braid::Address) -> Option<Box<dyn Protocol>> {
+        let inner = self.inner.with(|f| f.build_protocol(addr))?;
+        Some(Box::new(StartsTls { inner, config: self.config.clone() }))
+    }
+}
+
+struct StartsTls {
+    inner: Box<dyn Protocol>,
+    config: braid::tls::ServerConfig,
+}
+
+impl Protocol for StartsTls {
+    fn connection_made(&mut self, t: Transport) {
+        assert!(t.tls().is_none());
+        t.start_tls_server(&self.config).unwrap();
+        self.inner.connection_made(t)
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        self.inner.data_received(data)
+    }
+    fn connection_lost(&mut self, reason: Failure) {
+        self.inner.connection_lost(reason)
+    }
+    fn as_half_closeable(&mut self) -> Option<&mut dyn HalfCloseable> {
+        self.inner.as_half_closeable()
     }
 }
 
@@ -217,6 +263,7 @@ macro_rules! stream_test {
             stream_test!(@kind $backend, unix_abstract, UnixAbstract);
             stream_test!(@kind $backend, tls_tcp, TlsTcp);
             stream_test!(@kind $backend, tls_unix, TlsUnix);
+            stream_test!(@kind $backend, start_tls_tcp, StartTlsTcp);
         }
     };
     (@kind $backend:ident, $test:ident, $kind:ident) => {
@@ -324,7 +371,7 @@ stream_test! {
             log: l.clone(),
             on_made: Some(Box::new(move |t| {
                 // Each kind offers its own options and only those.
-                let tcp = matches!(kind, StreamKind::Tcp4 | StreamKind::Tcp6 | StreamKind::TlsTcp);
+                let tcp = matches!(kind, StreamKind::Tcp4 | StreamKind::Tcp6 | StreamKind::TlsTcp | StreamKind::StartTlsTcp);
                 assert_eq!((t.tcp().is_some(), t.unix().is_some()), (tcp, !tcp), "{kind:?}");
                 assert_eq!(t.tls().is_some(), kind.tls(), "{kind:?}");
             })),

@@ -6,6 +6,18 @@
 //! Writes: appended to the connection's buffer and sent at the end of the
 //! reactor pass with one `write`/`writev`; only when the kernel refuses
 //! (EAGAIN) does the connection ask to be watched for writability.
+//!
+//! Layers: `start_tls` on a live connection puts a layer (TLS) between the
+//! connection and its protocol without a new transport handle. The handle
+//! the application holds keeps pointing here; once a layer is started its
+//! calls are passed to the layer's upper side, and the layer writes below
+//! through [`Below`], which bypasses it. The layer's protocol takes the
+//! application's place in the protocol slot only when no call into the
+//! application is on the stack (the slot is borrowed while one is), so it
+//! never re-enters a protocol: until then, writes already go through the
+//! layer, and nothing is read. Bytes written before the layer started stay
+//! in this connection's buffer (or the reactor's stage) ahead of the
+//! layer's, so they leave first and in the clear.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -23,7 +35,10 @@ use crate::reactor::{
 };
 use crate::stream::kind::Tcp;
 use crate::stream::Address;
-use crate::transport::{Producer, TcpOptions, Transport, TransportOps, UnixOptions, DEFAULT_HIGH_WATER};
+use crate::transport::{
+    Layer, MakeLayer, Producer, TcpOptions, TlsOptions, Transport, TransportOps, UnixOptions,
+    DEFAULT_HIGH_WATER,
+};
 
 /// Small writes are copied into the tail chunk up to this size; an owned
 /// buffer at least this large is queued as its own chunk, without a copy.
@@ -158,6 +173,20 @@ impl OutBuf {
 
 type OnLost = Box<dyn FnOnce(Failure)>;
 
+/// A connection's seldom-used state.
+#[derive(Default)]
+struct Rare {
+    /// Set when the connection must close while one of its protocol's own
+    /// calls is on the stack: the close (with this reason) is made from
+    /// the loop instead, so `connection_lost` never re-enters the protocol.
+    doomed: Option<Failure>,
+    /// The layer started on this connection, which the application's
+    /// transport calls reach from then on.
+    upper: Option<Rc<dyn TransportOps>>,
+    /// The layer, until it takes the protocol's place.
+    pending: Option<Box<dyn Layer>>,
+}
+
 /// How far the connection is from closed. One value, so that a connection
 /// cannot be both aborting and lost, say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,6 +226,12 @@ bitflags::bitflags! {
         const FLUSH_QUEUED = 1 << 4;
         /// Inside `do_read`: writes gather in the reactor's stage.
         const IN_READ = 1 << 5;
+        /// A layer (TLS) was started on the connection: the application's
+        /// transport calls go to it (see [`Rare::upper`]).
+        const LAYERED = 1 << 6;
+        /// The layer waits to take the protocol's place until the call
+        /// into the protocol now on the stack returns.
+        const LAYER_PENDING = 1 << 7;
     }
 }
 
@@ -258,10 +293,8 @@ pub(crate) struct Connection<K: Kind> {
     /// producer on every connection, and a box would cost each of them an
     /// allocation.
     mode: Cell<Mode>,
-    /// Set when the connection must close while one of its protocol's own
-    /// calls is on the stack: the close (with this reason) is made from
-    /// the loop instead, so `connection_lost` never re-enters the protocol.
-    doomed: Cell<Option<Box<Failure>>>,
+    /// What few connections need, boxed so the others do not pay for it.
+    rare: Cell<Option<Box<Rare>>>,
     /// Told after the protocol's `connection_lost` (a client's connector).
     on_lost: Cell<Option<OnLost>>,
 }
@@ -286,7 +319,7 @@ impl<K: Kind> Connection<K> {
             io: Cell::new(if K::READS { Io::empty() } else { Io::READ_CLOSED }),
             producer: Cell::new(None),
             mode: Cell::new(Mode::Pull),
-            doomed: Cell::new(None),
+            rare: Cell::new(None),
             on_lost: Cell::new(None),
         })
     }
@@ -352,6 +385,7 @@ impl<K: Kind> Connection<K> {
             }
             Ok(())
         });
+        self.adopt_layer();
         if let Err(failure) = made {
             log_failure(&format!("in connection_made of {}", self.log_prefix()), &failure);
             // Never made: no further calls, not even connection_lost.
@@ -370,6 +404,7 @@ impl<K: Kind> Connection<K> {
             }
             Ok(())
         });
+        self.adopt_layer();
         match result {
             Ok(()) => true,
             Err(failure) => {
@@ -377,6 +412,99 @@ impl<K: Kind> Connection<K> {
                 self.close(failure);
                 false
             }
+        }
+    }
+
+    /// Runs `f` on the seldom-used state, creating it if need be. `f` must
+    /// not call user code.
+    fn with_rare<R>(&self, f: impl FnOnce(&mut Rare) -> R) -> R {
+        let mut rare = self.rare.take().unwrap_or_default();
+        let r = f(&mut rare);
+        self.rare.set(Some(rare));
+        r
+    }
+
+    /// Runs `f` on the seldom-used state if there is any.
+    fn peek_rare<R>(&self, f: impl FnOnce(&mut Rare) -> R) -> Option<R> {
+        let mut rare = self.rare.take()?;
+        let r = f(&mut rare);
+        self.rare.set(Some(rare));
+        Some(r)
+    }
+
+    /// The layer the application's transport calls go to, if one was
+    /// started.
+    #[inline]
+    fn upper(&self) -> Option<Rc<dyn TransportOps>> {
+        if !self.has(Io::LAYERED) {
+            return None;
+        }
+        self.peek_rare(|r| r.upper.clone()).flatten()
+    }
+
+    /// Starts a layer (TLS) on this live connection. What was written
+    /// before stays below it, in order, and goes out as it was; what the
+    /// application writes from now on goes through the layer. The
+    /// application's producer, pause and buffer limits move up to the
+    /// layer, which paces them from now on; reading resumes below if the
+    /// application had paused it, since a handshake needs to read (the
+    /// layer pauses it again after).
+    fn start_layer(self: Rc<Self>, make: MakeLayer) -> Result<(), Error> {
+        if self.has(Io::LAYERED) {
+            return Err(Error::io(
+                "starting TLS",
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "TLS is already started on this connection",
+                ),
+            ));
+        }
+        if self.life.get() != Life::Open || self.write_side.get() != WriteSide::Open {
+            return Err(Error::ConnectionDone);
+        }
+        let reactor = self.reactor.get().ok_or(Error::ReactorGone)?;
+        let producer = self.producer.take().map(|p| (p, self.mode.get()));
+        let paused = self.has(Io::PAUSED);
+        let limits = self.out.borrow().as_ref().map(|o| (o.high as usize, o.low as usize));
+        let below = Transport::new(Rc::new(Below(self.clone())));
+        let layer = make(below, &reactor);
+        let upper = layer.upper();
+        self.with_rare(|r| {
+            r.upper = Some(upper.clone());
+            r.pending = Some(layer);
+        });
+        self.set_io(Io::LAYERED | Io::LAYER_PENDING, true);
+        if paused {
+            self.raw_resume_producing();
+            upper.pause_producing();
+        }
+        if let Some((high, low)) = limits {
+            upper.set_write_buffer_limits(high, low);
+        }
+        if let Some((p, mode)) = producer {
+            let _ = upper.register_producer(p.clone(), mode != Mode::Pull);
+            if mode == Mode::StreamingPaused {
+                // Paused for a buffer the layer does not count: the layer
+                // pauses it again by its own measure.
+                self.call_producer("resume_producing", &p, |p| p.resume_producing());
+            }
+        }
+        self.adopt_layer();
+        Ok(())
+    }
+
+    /// Puts a started layer in the protocol's place, wrapping it, unless a
+    /// call into the protocol is on the stack: then this runs again when
+    /// that call returns.
+    fn adopt_layer(&self) {
+        if !self.has(Io::LAYER_PENDING) {
+            return;
+        }
+        let Ok(mut slot) = self.protocol.try_borrow_mut() else { return };
+        self.set_io(Io::LAYER_PENDING, false);
+        let Some(layer) = self.peek_rare(|r| r.pending.take()).flatten() else { return };
+        if let Some(app) = slot.take() {
+            *slot = Some(layer.adopt(app));
         }
     }
 
@@ -535,14 +663,15 @@ impl<K: Kind> Connection<K> {
         if self.protocol.try_borrow_mut().is_err() {
             // Inside one of the protocol's own calls (a producer it
             // registered panicked, say): abort now, tell it from the loop.
-            if let Some(earlier) = self.doomed.replace(Some(Box::new(reason))) {
-                self.doomed.set(Some(earlier));
-            }
+            self.with_rare(|r| {
+                r.doomed.get_or_insert(reason);
+            });
             self.life.set(Life::Aborting);
             self.queue_flush();
             return;
         }
-        let reason = self.doomed.take().map_or(reason, |b| *b);
+        self.adopt_layer();
+        let reason = self.peek_rare(|r| r.doomed.take()).flatten().unwrap_or(reason);
         let was = self.life.replace(Life::Lost);
         // Removed under the fd it was registered with: O(1), although
         // `fileno()` already reports the connection closed.
@@ -718,13 +847,11 @@ impl<K: Kind> Producer for Connection<K> {
     }
 }
 
-impl<K: Kind> TransportOps for Connection<K> {
-    fn into_producer(self: Rc<Self>) -> Option<Rc<dyn Producer>> {
-        Some(self)
-    }
-
+/// What the connection does itself; the application's calls come here
+/// unless a layer was started on the connection (see [`Layer`]).
+impl<K: Kind> Connection<K> {
     #[inline]
-    fn write(&self, data: &[u8]) {
+    fn raw_write(&self, data: &[u8]) {
         if self.closing() || self.write_side.get() == WriteSide::Closed || data.is_empty() {
             return;
         }
@@ -758,7 +885,7 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.after_write();
     }
 
-    fn write_vec(&self, data: Vec<u8>) {
+    fn raw_write_vec(&self, data: Vec<u8>) {
         if self.closing() || self.write_side.get() == WriteSide::Closed || data.is_empty() {
             return;
         }
@@ -767,7 +894,7 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.after_write();
     }
 
-    fn write_sequence(&self, data: &[&[u8]]) {
+    fn raw_write_sequence(&self, data: &[&[u8]]) {
         if self.closing() || self.write_side.get() == WriteSide::Closed {
             return;
         }
@@ -781,7 +908,7 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.after_write();
     }
 
-    fn lose_connection(&self) {
+    fn raw_lose_connection(&self) {
         if self.life.get() != Life::Open {
             return;
         }
@@ -790,7 +917,7 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.queue_flush();
     }
 
-    fn abort_connection(&self) {
+    fn raw_abort_connection(&self) {
         if self.closing() {
             return;
         }
@@ -800,10 +927,10 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.queue_flush();
     }
 
-    fn lose_write_connection(&self) {
+    fn raw_lose_write_connection(&self) {
         if !K::READS {
             // Writing is all it does: ending it ends the connection.
-            return self.lose_connection();
+            return self.raw_lose_connection();
         }
         if self.closing() || self.write_side.get() != WriteSide::Open {
             return;
@@ -812,39 +939,21 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.queue_flush();
     }
 
-    fn host(&self) -> Option<Address> {
-        self.with_sock(|sock| {
-            rustix::net::getsockname(sock).ok().and_then(|a| Address::from_sockaddr(&a).ok())
-        })?
-    }
-
-    fn peer(&self) -> Address {
-        self.kind.peer()
-    }
-
-    fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {
-        K::tcp_options(self)
-    }
-
-    fn unix(self: Rc<Self>) -> Option<Rc<dyn UnixOptions>> {
-        K::unix_options(self)
-    }
-
-    fn pause_producing(&self) {
+    fn raw_pause_producing(&self) {
         self.set_io(Io::PAUSED, true);
         self.stop_reading();
     }
 
-    fn resume_producing(&self) {
+    fn raw_resume_producing(&self) {
         self.set_io(Io::PAUSED, false);
         self.start_reading();
     }
 
-    fn stop_producing(&self) {
-        self.lose_connection();
+    fn raw_stop_producing(&self) {
+        self.raw_lose_connection();
     }
 
-    fn register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
+    fn raw_register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
         if self.producer().is_some() {
             return Err(Error::io(
                 "registering a producer",
@@ -866,7 +975,7 @@ impl<K: Kind> TransportOps for Connection<K> {
         Ok(())
     }
 
-    fn unregister_producer(&self) {
+    fn raw_unregister_producer(&self) {
         self.producer.take();
         // A close that waited for the producer can go on now.
         if self.life.get() == Life::Disconnecting || self.write_side.get() == WriteSide::ShutdownAsked {
@@ -874,24 +983,220 @@ impl<K: Kind> TransportOps for Connection<K> {
         }
     }
 
-    fn set_write_buffer_limits(&self, high: usize, low: usize) {
+    fn raw_set_write_buffer_limits(&self, high: usize, low: usize) {
         let high = u32::try_from(high).unwrap_or(u32::MAX);
         let mut out = self.out_mut();
         out.high = high;
         out.low = u32::try_from(low).unwrap_or(u32::MAX).min(high);
     }
 
-    fn buffered(&self) -> usize {
+    fn raw_buffered(&self) -> usize {
         self.buffered_len()
     }
 
-    fn connected(&self) -> bool {
+    fn raw_connected(&self) -> bool {
         self.life.get() == Life::Open
+    }
+}
+
+impl<K: Kind> TransportOps for Connection<K> {
+    fn into_producer(self: Rc<Self>) -> Option<Rc<dyn Producer>> {
+        Some(self)
+    }
+
+    fn host(&self) -> Option<Address> {
+        self.with_sock(|sock| {
+            rustix::net::getsockname(sock).ok().and_then(|a| Address::from_sockaddr(&a).ok())
+        })?
+    }
+
+    fn peer(&self) -> Address {
+        self.kind.peer()
+    }
+
+    fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {
+        K::tcp_options(self)
+    }
+
+    fn unix(self: Rc<Self>) -> Option<Rc<dyn UnixOptions>> {
+        K::unix_options(self)
+    }
+
+    fn tls(self: Rc<Self>) -> Option<Rc<dyn TlsOptions>> {
+        self.upper().and_then(|up| up.tls())
+    }
+
+    fn insert_layer(self: Rc<Self>, make: MakeLayer) -> Result<(), Error> {
+        self.start_layer(make)
+    }
+
+    #[inline]
+    fn write(&self, data: &[u8]) {
+        match self.upper() {
+            None => self.raw_write(data),
+            Some(up) => up.write(data),
+        }
+    }
+
+    fn write_vec(&self, data: Vec<u8>) {
+        match self.upper() {
+            None => self.raw_write_vec(data),
+            Some(up) => up.write_vec(data),
+        }
+    }
+
+    fn write_sequence(&self, data: &[&[u8]]) {
+        match self.upper() {
+            None => self.raw_write_sequence(data),
+            Some(up) => up.write_sequence(data),
+        }
+    }
+
+    fn lose_connection(&self) {
+        match self.upper() {
+            None => self.raw_lose_connection(),
+            Some(up) => up.lose_connection(),
+        }
+    }
+
+    fn abort_connection(&self) {
+        match self.upper() {
+            None => self.raw_abort_connection(),
+            Some(up) => up.abort_connection(),
+        }
+    }
+
+    fn lose_write_connection(&self) {
+        match self.upper() {
+            None => self.raw_lose_write_connection(),
+            Some(up) => up.lose_write_connection(),
+        }
+    }
+
+    fn pause_producing(&self) {
+        match self.upper() {
+            None => self.raw_pause_producing(),
+            Some(up) => up.pause_producing(),
+        }
+    }
+
+    fn resume_producing(&self) {
+        match self.upper() {
+            None => self.raw_resume_producing(),
+            Some(up) => up.resume_producing(),
+        }
+    }
+
+    fn stop_producing(&self) {
+        match self.upper() {
+            None => self.raw_stop_producing(),
+            Some(up) => up.stop_producing(),
+        }
+    }
+
+    fn register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
+        match self.upper() {
+            None => self.raw_register_producer(producer, streaming),
+            Some(up) => up.register_producer(producer, streaming),
+        }
+    }
+
+    fn unregister_producer(&self) {
+        match self.upper() {
+            None => self.raw_unregister_producer(),
+            Some(up) => up.unregister_producer(),
+        }
+    }
+
+    fn set_write_buffer_limits(&self, high: usize, low: usize) {
+        match self.upper() {
+            None => self.raw_set_write_buffer_limits(high, low),
+            Some(up) => up.set_write_buffer_limits(high, low),
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        match self.upper() {
+            None => self.raw_buffered(),
+            Some(up) => up.buffered(),
+        }
+    }
+
+    fn connected(&self) -> bool {
+        match self.upper() {
+            None => self.raw_connected(),
+            Some(up) => up.connected(),
+        }
+    }
+}
+
+/// The connection's own side under a layer: the layer's transport below,
+/// whose calls bypass the layer.
+struct Below<K: Kind>(Rc<Connection<K>>);
+
+impl<K: Kind> TransportOps for Below<K> {
+    fn write(&self, data: &[u8]) {
+        self.0.raw_write(data)
+    }
+    fn write_vec(&self, data: Vec<u8>) {
+        self.0.raw_write_vec(data)
+    }
+    fn write_sequence(&self, data: &[&[u8]]) {
+        self.0.raw_write_sequence(data)
+    }
+    fn lose_connection(&self) {
+        self.0.raw_lose_connection()
+    }
+    fn abort_connection(&self) {
+        self.0.raw_abort_connection()
+    }
+    fn lose_write_connection(&self) {
+        self.0.raw_lose_write_connection()
+    }
+    fn host(&self) -> Option<Address> {
+        self.0.host()
+    }
+    fn peer(&self) -> Address {
+        self.0.peer()
+    }
+    fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {
+        K::tcp_options(self.0.clone())
+    }
+    fn unix(self: Rc<Self>) -> Option<Rc<dyn UnixOptions>> {
+        K::unix_options(self.0.clone())
+    }
+    fn pause_producing(&self) {
+        self.0.raw_pause_producing()
+    }
+    fn resume_producing(&self) {
+        self.0.raw_resume_producing()
+    }
+    fn stop_producing(&self) {
+        self.0.raw_stop_producing()
+    }
+    fn register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
+        self.0.raw_register_producer(producer, streaming)
+    }
+    fn unregister_producer(&self) {
+        self.0.raw_unregister_producer()
+    }
+    fn set_write_buffer_limits(&self, high: usize, low: usize) {
+        self.0.raw_set_write_buffer_limits(high, low)
+    }
+    fn buffered(&self) -> usize {
+        self.0.raw_buffered()
+    }
+    fn connected(&self) -> bool {
+        self.0.raw_connected()
     }
 }
 
 impl TcpOptions for Connection<Tcp> {
     fn splice_source(self: Rc<Self>) -> Option<Rc<dyn std::any::Any>> {
+        // Under a layer the bytes on the socket are not the application's.
+        if self.has(Io::LAYERED) {
+            return None;
+        }
         Some(self)
     }
 

@@ -13,6 +13,10 @@
 //!   ALPN, SNI name, version, [`Tls::when_handshake_completed`], and
 //!   [`Tls::start_tls_server`] / [`Tls::start_tls_client`] on a
 //!   connection made with [`StartTlsFactory`].
+//! - [`Transport::start_tls_server`](crate::Transport::start_tls_server) /
+//!   [`start_tls_client`](crate::Transport::start_tls_client) switch any
+//!   live stream connection to TLS (Twisted's `startTLS`): the layer is
+//!   put between the connection and its protocol in place.
 //!
 //! Semantics through the layer:
 //! - `connection_made` reaches the application at once (Twisted's
@@ -105,9 +109,45 @@ impl fmt::Display for TlsError {
 
 impl std::error::Error for TlsError {}
 
+impl crate::Transport {
+    /// Starts TLS on this live connection as the server side (Twisted's
+    /// `startTLS`): what was written before goes out in the clear, in
+    /// order; what is written after is encrypted (queued until the
+    /// handshake is done); every byte received after this call is read as
+    /// TLS. Bytes that arrived with the ones that asked for TLS (in the
+    /// same `data_received`) stay the application's, as in Twisted: a
+    /// peer should wait for the answer before it starts its handshake.
+    ///
+    /// Works on every stream connection (TCP, UNIX, adopted) and on one
+    /// made by a [`StartTlsFactory`]; the transport the application holds
+    /// becomes the TLS transport (its [`tls`](crate::Transport::tls) side
+    /// appears), and the application's producer and pause move with it.
+    /// Fails if TLS is already on, or the connection is closing.
+    pub fn start_tls_server(&self, config: &ServerConfig) -> Result<(), Error> {
+        self.start_tls(Side::Server(config.clone()))
+    }
+
+    /// The same as the client side, checking the server's certificate
+    /// against `server_name`.
+    pub fn start_tls_client(&self, config: &ClientConfig, server_name: &str) -> Result<(), Error> {
+        let name = config::server_name(server_name)?;
+        self.start_tls(Side::Client(config.clone(), name))
+    }
+
+    fn start_tls(&self, side: Side) -> Result<(), Error> {
+        if let Some(tls) = self.tls() {
+            return tls.state()?.start_tls(side);
+        }
+        self.ops().clone().insert_layer(Box::new(move |below, reactor| {
+            TlsProtocol::layered(side, timer_for(reactor), below)
+        }))
+    }
+}
+
 impl Tls {
     /// Starts TLS on a connection that was in the clear (one built by a
-    /// [`StartTlsFactory`]), as the server side. What was written before
+    /// [`StartTlsFactory`]), as the server side; the same as
+    /// [`Transport::start_tls_server`](crate::Transport::start_tls_server). What was written before
     /// goes out in the clear, what is written after is encrypted (queued
     /// until the handshake is done); every byte received after this call
     /// is read as TLS. Fails if TLS is already on, or the connection is

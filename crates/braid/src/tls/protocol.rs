@@ -22,7 +22,7 @@ use crate::protocol::{FileDescriptorReceiver, HalfCloseable, Protocol};
 use crate::reactor::{DelayedCall, ReactorTime, WeakReactor};
 use crate::stream::Address;
 use crate::transport::{
-    Producer, TcpOptions, TlsOptions, Transport, TransportOps, UnixOptions, DEFAULT_HIGH_WATER,
+    Layer, Producer, TcpOptions, TlsOptions, Transport, TransportOps, UnixOptions, DEFAULT_HIGH_WATER,
 };
 
 use super::config::{ClientConfig, ServerConfig};
@@ -188,6 +188,14 @@ pub(crate) struct TlsState {
     waiters: RefCell<Vec<Deferred<()>>>,
     /// A close is due at the end of the reactor's pass.
     close_scheduled: Cell<bool>,
+    /// Plaintext decrypted while the application was paused (it came in
+    /// the same read as the end of the handshake, or before the pause
+    /// reached the transport below), delivered once it resumes.
+    held: RefCell<Vec<u8>>,
+    /// The peer's close_notify came behind held plaintext (or while paused).
+    held_close: Cell<bool>,
+    /// Held plaintext is due for delivery at the end of the reactor's pass.
+    release_scheduled: Cell<bool>,
     /// Where the application's final reason is copied, for a client
     /// factory to report instead of how the transport below ended.
     report: RefCell<Option<ReasonSlot>>,
@@ -234,7 +242,24 @@ impl TlsProtocol {
         Self::new(app, None, clock.map_or(Timer::None, Timer::Clock))
     }
 
+    /// A session started on a live connection (`Transport::start_tls_*`):
+    /// `lower` is the connection's own side, below the layer. The
+    /// application's protocol comes later, through [`Layer::adopt`], once
+    /// no call into it is on the stack; it got `connection_made` long ago.
+    pub(crate) fn layered(side: Side, timer: Timer, lower: Transport) -> Box<dyn Layer> {
+        let layer = Self::build(None, None, timer);
+        let s = &layer.state;
+        *s.peer.borrow_mut() = Some(lower.peer());
+        *s.lower.borrow_mut() = Some(lower);
+        s.begin(side);
+        Box::new(layer)
+    }
+
     pub(crate) fn new(app: Box<dyn Protocol>, side: Option<Side>, timer: Timer) -> Self {
+        Self::build(Some(app), side, timer)
+    }
+
+    fn build(app: Option<Box<dyn Protocol>>, side: Option<Side>, timer: Timer) -> Self {
         let state = Rc::new_cyclic(|me| TlsState {
             me: me.clone(),
             timer,
@@ -242,7 +267,7 @@ impl TlsProtocol {
             tls: RefCell::new(None),
             lower: RefCell::new(None),
             peer: RefCell::new(None),
-            app: RefCell::new(Some(app)),
+            app: RefCell::new(app),
             phase: Cell::new(Phase::Plain),
             life: Cell::new(Life::Open),
             write_side: Cell::new(WriteSide::Open),
@@ -255,6 +280,9 @@ impl TlsProtocol {
             handshake_timer: RefCell::new(None),
             waiters: RefCell::new(Vec::new()),
             close_scheduled: Cell::new(false),
+            held: RefCell::new(Vec::new()),
+            held_close: Cell::new(false),
+            release_scheduled: Cell::new(false),
             report: RefCell::new(None),
         });
         TlsProtocol { state }
@@ -268,6 +296,17 @@ impl TlsProtocol {
     /// Copies the application's final reason into `slot` when it is told.
     pub(crate) fn report_to(&self, slot: ReasonSlot) {
         *self.state.report.borrow_mut() = Some(slot);
+    }
+}
+
+impl Layer for TlsProtocol {
+    fn upper(&self) -> Rc<dyn TransportOps> {
+        self.state.clone()
+    }
+
+    fn adopt(self: Box<Self>, app: Box<dyn Protocol>) -> Box<dyn Protocol> {
+        *self.state.app.borrow_mut() = Some(app);
+        self
     }
 }
 
@@ -605,8 +644,15 @@ impl TlsState {
         if was_handshaking && !handshaking && error.is_none() {
             self.handshake_done();
         }
+        // A paused application gets nothing until it resumes, and what
+        // waits for it keeps its place ahead of what comes after.
+        let hold = self.app_paused.get() || !self.held.borrow().is_empty() || self.held_close.get();
         if got > 0 && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
-            self.call_app(|p| p.data_received(&plain[..got]));
+            if hold {
+                self.held.borrow_mut().extend_from_slice(&plain[..got]);
+            } else {
+                self.call_app(|p| p.data_received(&plain[..got]));
+            }
         }
         if let Some(s) = scratch {
             if plain.len() > SCRATCH_KEEP {
@@ -618,6 +664,48 @@ impl TlsState {
             return self.fail(e);
         }
         if closed {
+            if hold {
+                self.held_close.set(true);
+            } else {
+                self.peer_closed();
+            }
+        }
+    }
+
+    /// Delivers what was held for a paused application, from the loop
+    /// (never inside the application's own call to `resume_producing`).
+    fn release_soon(&self) {
+        if self.held.borrow().is_empty() && !self.held_close.get() {
+            return;
+        }
+        if self.release_scheduled.replace(true) {
+            return;
+        }
+        let reactor = match &self.timer {
+            Timer::Reactor(r) => r.get(),
+            Timer::None | Timer::Clock(_) => None,
+        };
+        match (reactor, self.me.upgrade()) {
+            (Some(reactor), Some(me)) => reactor.schedule_flush(me),
+            _ => self.release_held(),
+        }
+    }
+
+    fn release_held(&self) {
+        self.release_scheduled.set(false);
+        if self.app_paused.get() || self.app.try_borrow_mut().is_err() {
+            // Paused again, or (with no loop to wait for) inside the
+            // application: it stays held for the next resume.
+            return;
+        }
+        let data = std::mem::take(&mut *self.held.borrow_mut());
+        if !data.is_empty() && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
+            self.call_app(|p| p.data_received(&data));
+        }
+        if self.app_paused.get() {
+            return;
+        }
+        if self.held_close.replace(false) && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
             self.peer_closed();
         }
     }
@@ -874,7 +962,12 @@ impl TlsState {
 
 impl crate::reactor::Flush for TlsState {
     fn flush(&self) {
-        self.run_close()
+        if self.release_scheduled.get() {
+            self.release_held();
+        }
+        if self.close_scheduled.get() {
+            self.run_close();
+        }
     }
 }
 
@@ -995,6 +1088,7 @@ impl TransportOps for TlsState {
         if let Some(lower) = self.lower() {
             lower.resume_producing();
         }
+        self.release_soon();
     }
 
     fn stop_producing(&self) {
