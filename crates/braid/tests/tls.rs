@@ -786,13 +786,7 @@ fn start_tls_on_plain_connections(r: Reactor, unix: bool) {
     let (sl, sg, d, sc) = (slog.clone(), sgot.clone(), done.clone(), ca.server());
     let server = move || {
         let d = d.clone();
-        Upgrading {
-            transport: None,
-            config: sc.clone(),
-            got: sg.clone(),
-            log: sl.clone(),
-            done: Box::new(d),
-        }
+        Upgrading { transport: None, config: sc.clone(), got: sg.clone(), log: sl.clone(), done: Box::new(d) }
     };
     let data = payload(1 << 20);
     let (clog, cgot): (Events, Rc<RefCell<Vec<u8>>>) = Default::default();
