@@ -860,11 +860,22 @@ impl<K: Kind> Connection<K> {
             let mut stage = reactor.write_stage();
             let high = self.out.borrow().as_ref().map_or(DEFAULT_HIGH_WATER, |o| o.high as usize);
             if stage.len() + data.len() > high {
-                // A burst past the high-water mark: into the connection's
-                // own buffer, where a registered producer is paused.
+                // A burst past the high-water mark. With nothing queued
+                // ahead of it, what the kernel takes now is neither copied
+                // nor counted; the rest goes to the connection's own
+                // buffer, where a registered producer is paused. (A send
+                // error is left for the flush to find, as below.)
+                let sent = if stage.is_empty() {
+                    self.with_sock(|sock| self.kind.send(sock, data).unwrap_or(0)).unwrap_or(0)
+                } else {
+                    0
+                };
                 drop(stage);
+                if sent == data.len() {
+                    return;
+                }
                 self.unstage();
-                self.out_mut().push(data);
+                self.out_mut().push(&data[sent..]);
                 self.after_write();
                 return;
             }
