@@ -36,6 +36,11 @@
 //! - Producers: the application's producer is paced by the ciphertext
 //!   buffered below once the handshake is done, and by the queued
 //!   plaintext before; `buffered()` counts both.
+//! - Memory: the session runs on rustls's unbuffered API, decrypting and
+//!   encrypting in buffers each reactor lends its TLS connections for one
+//!   call, so an idle connection holds only rustls's session state (no
+//!   read or write buffer); a record split across reads is kept until it
+//!   completes (at most 80 KiB, else the connection fails).
 //! - Bad input (not TLS, a bad certificate, a name mismatch, a truncated
 //!   record, a handshake that does not finish in 30 s by default) ends
 //!   that connection only, with a [`TlsError`] (or `TimedOut`,
@@ -43,6 +48,7 @@
 
 mod config;
 mod protocol;
+mod session;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -80,10 +86,6 @@ impl TlsError {
 
     pub(crate) fn session(e: rustls::Error) -> Self {
         TlsError { during_handshake: false, message: e.to_string(), error: Some(e) }
-    }
-
-    pub(crate) fn record(message: String) -> Self {
-        TlsError { during_handshake: false, message, error: None }
     }
 
     /// True if the handshake failed (as opposed to a later record).

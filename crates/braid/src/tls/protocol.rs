@@ -12,7 +12,6 @@
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
-use std::io::{Read, Write};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
@@ -26,6 +25,7 @@ use crate::transport::{
 };
 
 use super::config::{ClientConfig, ServerConfig};
+use super::session::Session;
 use super::TlsError;
 
 /// Where the handshake timer is scheduled. A reactor is held weakly, as
@@ -44,6 +44,7 @@ pub(crate) enum Timer {
 struct Scratch {
     out: Cell<Vec<u8>>,
     plain: Cell<Vec<u8>>,
+    incoming: Cell<Vec<u8>>,
 }
 
 /// A borrowed scratch buffer grows to what a pass needs; one that grew
@@ -81,16 +82,8 @@ impl Side {
         }
     }
 
-    fn connect(self) -> Result<rustls::Connection, rustls::Error> {
-        let mut conn: rustls::Connection = match self {
-            Side::Server(c) => rustls::ServerConnection::new(c.rustls)?.into(),
-            Side::Client(c, name) => rustls::ClientConnection::new(c.rustls, name)?.into(),
-        };
-        // This layer drains rustls's output after every write and counts
-        // what it holds itself, so rustls's own limit would only refuse
-        // writes (and lose data).
-        conn.set_buffer_limit(None);
-        Ok(conn)
+    fn connect(self) -> Result<Session, rustls::Error> {
+        Session::new(self)
     }
 }
 
@@ -165,7 +158,7 @@ pub(crate) struct TlsState {
     /// What `start_tls` or `connection_made` turns into a session.
     side: RefCell<Option<Side>>,
     /// Never borrowed while user code runs.
-    tls: RefCell<Option<rustls::Connection>>,
+    tls: RefCell<Option<Session>>,
     lower: RefCell<Option<Transport>>,
     /// The peer's address, kept after the transport below is let go.
     peer: RefCell<Option<Address>>,
@@ -472,13 +465,14 @@ impl TlsState {
         {
             let mut tls = self.tls.borrow_mut();
             if let Some(conn) = tls.as_mut() {
-                while conn.wants_write() {
-                    if conn.write_tls(&mut out).is_err() {
-                        break;
-                    }
-                }
+                conn.flush(&mut out);
             }
         }
+        self.send_out(scratch, out);
+    }
+
+    /// Sends `out` below and gives the buffer back to the scratch.
+    fn send_out(&self, scratch: Option<Rc<Scratch>>, mut out: Vec<u8>) {
         if !out.is_empty() {
             if let Some(lower) = self.lower() {
                 // The transport sends what it can at once and copies only
@@ -497,13 +491,40 @@ impl TlsState {
 
     /// Encrypts `data` and sends it.
     fn encrypt(&self, data: &[u8]) {
+        self.encrypt_all(&[data])
+    }
+
+    /// Encrypts each piece and sends them all with one write below.
+    fn encrypt_all(&self, data: &[&[u8]]) {
+        let scratch = self.timer.scratch();
+        let mut out = scratch.as_ref().map(|s| s.out.take()).unwrap_or_default();
+        out.clear();
+        let mut failed = None;
         {
             let mut tls = self.tls.borrow_mut();
             let Some(conn) = tls.as_mut() else { return };
-            // Unlimited buffer (see `Side::connect`): this takes it all.
-            let _ = conn.writer().write_all(data);
+            for d in data.iter().filter(|d| !d.is_empty()) {
+                if let Err(e) = conn.encrypt(d, &mut out) {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        self.send_tls();
+        self.send_out(scratch, out);
+        if let Some(e) = failed {
+            self.fail(Failure::new(TlsError::session(e)));
+        }
+    }
+
+    /// Encrypts a close_notify and sends it.
+    fn send_close_notify(&self) {
+        let scratch = self.timer.scratch();
+        let mut out = scratch.as_ref().map(|s| s.out.take()).unwrap_or_default();
+        out.clear();
+        if let Some(conn) = self.tls.borrow_mut().as_mut() {
+            conn.close_notify(&mut out);
+        }
+        self.send_out(scratch, out);
     }
 
     /// Records `reason` as why the session ended and closes the
@@ -591,55 +612,42 @@ impl TlsState {
         if matches!(self.life.get(), Life::Lost | Life::Aborting) || self.read_side.get() != ReadSide::Open {
             return;
         }
-        let mut input = data;
-        // `plain` keeps its length (initialised bytes) between calls; `got`
-        // counts what this call put in it, so nothing is zeroed twice.
         let scratch = self.timer.scratch();
         let mut plain = scratch.as_ref().map(|s| s.plain.take()).unwrap_or_default();
-        let mut got = 0;
+        plain.clear();
+        let mut out = scratch.as_ref().map(|s| s.out.take()).unwrap_or_default();
+        out.clear();
+        let mut incoming = scratch.as_ref().map(|s| s.incoming.take()).unwrap_or_default();
         let mut error = None;
-        let mut closed = false;
+        let closed;
         let was_handshaking;
         let handshaking;
         {
             let mut tls = self.tls.borrow_mut();
             let Some(conn) = tls.as_mut() else { return };
             was_handshaking = conn.is_handshaking();
-            while !input.is_empty() && error.is_none() && !closed {
-                match conn.read_tls(&mut input) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        error = Some(Failure::new(TlsError::record(e.to_string())));
-                        break;
-                    }
-                }
-                match conn.process_new_packets() {
-                    Ok(state) => {
-                        let n = state.plaintext_bytes_to_read();
-                        if n > 0 {
-                            if plain.len() < got + n {
-                                plain.resize(got + n, 0);
-                            }
-                            if conn.reader().read_exact(&mut plain[got..got + n]).is_ok() {
-                                got += n;
-                            }
-                        }
-                        closed = state.peer_has_closed();
-                    }
-                    Err(e) => {
-                        error = Some(Failure::new(if conn.is_handshaking() {
-                            TlsError::handshake(e)
-                        } else {
-                            TlsError::session(e)
-                        }));
-                    }
-                }
+            let read = conn.read(data, &mut incoming, &mut out, &mut plain);
+            closed = read.peer_closed;
+            if let Some(e) = read.error {
+                error = Some(Failure::new(if conn.is_handshaking() {
+                    TlsError::handshake(e)
+                } else {
+                    TlsError::session(e)
+                }));
             }
             handshaking = conn.is_handshaking();
         }
+        if let Some(s) = scratch.as_ref() {
+            if incoming.capacity() > SCRATCH_KEEP {
+                incoming = Vec::new();
+            }
+            s.incoming.set(incoming);
+        }
+        let got = plain.len();
         if error.is_none() {
-            self.send_tls();
+            self.send_out(scratch.clone(), out);
+        } else if let Some(s) = scratch.as_ref() {
+            s.out.set(out);
         }
         if was_handshaking && !handshaking && error.is_none() {
             self.handshake_done();
@@ -756,7 +764,7 @@ impl TlsState {
     /// The peer sent close_notify.
     fn peer_closed(&self) {
         self.read_side.set(ReadSide::CloseNotify);
-        let tls13 = self.tls.borrow().as_ref().and_then(|c| c.protocol_version())
+        let tls13 = self.tls.borrow().as_ref().and_then(|c| c.common().protocol_version())
             == Some(rustls::ProtocolVersion::TLSv1_3);
         let mut half = false;
         if tls13 && self.life.get() == Life::Open {
@@ -867,10 +875,7 @@ impl TlsState {
             if self.phase.get() == Phase::Established
                 && matches!(self.write_side.get(), WriteSide::Open | WriteSide::ShutdownAsked)
             {
-                if let Some(conn) = self.tls.borrow_mut().as_mut() {
-                    conn.send_close_notify();
-                }
-                self.send_tls();
+                self.send_close_notify();
             }
             self.release_below();
             if let Some(lower) = self.lower() {
@@ -878,10 +883,7 @@ impl TlsState {
             }
         } else if self.write_shutdown_ready() {
             self.write_side.set(WriteSide::NotifySent);
-            if let Some(conn) = self.tls.borrow_mut().as_mut() {
-                conn.send_close_notify();
-            }
-            self.send_tls();
+            self.send_close_notify();
             if let Some(lower) = self.lower() {
                 lower.lose_write_connection();
             }
@@ -1001,14 +1003,7 @@ impl TransportOps for TlsState {
 
     fn write_sequence(&self, data: &[&[u8]]) {
         if self.phase.get() == Phase::Established && self.takes_writes() {
-            {
-                let mut tls = self.tls.borrow_mut();
-                let Some(conn) = tls.as_mut() else { return };
-                for d in data {
-                    let _ = conn.writer().write_all(d);
-                }
-            }
-            return self.send_tls();
+            return self.encrypt_all(data);
         }
         for d in data {
             self.write(d);
@@ -1154,23 +1149,20 @@ impl TlsOptions for TlsState {
 
     fn peer_certificates(&self) -> Vec<Vec<u8>> {
         let tls = self.tls.borrow();
-        let certs = tls.as_ref().and_then(|c| c.peer_certificates());
+        let certs = tls.as_ref().and_then(|c| c.common().peer_certificates());
         certs.map_or_else(Vec::new, |cs| cs.iter().map(|c| c.as_ref().to_vec()).collect())
     }
 
     fn alpn_protocol(&self) -> Option<Vec<u8>> {
-        self.tls.borrow().as_ref().and_then(|c| c.alpn_protocol().map(<[u8]>::to_vec))
+        self.tls.borrow().as_ref().and_then(|c| c.common().alpn_protocol().map(<[u8]>::to_vec))
     }
 
     fn server_name(&self) -> Option<String> {
-        match self.tls.borrow().as_ref()? {
-            rustls::Connection::Server(s) => s.server_name().map(str::to_string),
-            rustls::Connection::Client(_) => None,
-        }
+        self.tls.borrow().as_ref()?.server_name().map(str::to_string)
     }
 
     fn protocol_version(&self) -> Option<&'static str> {
-        match self.tls.borrow().as_ref()?.protocol_version()? {
+        match self.tls.borrow().as_ref()?.common().protocol_version()? {
             rustls::ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
             rustls::ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),
             _ => Some("other"),
@@ -1178,7 +1170,8 @@ impl TlsOptions for TlsState {
     }
 
     fn resumed(&self) -> bool {
-        self.tls.borrow().as_ref().and_then(|c| c.handshake_kind()) == Some(rustls::HandshakeKind::Resumed)
+        self.tls.borrow().as_ref().and_then(|c| c.common().handshake_kind())
+            == Some(rustls::HandshakeKind::Resumed)
     }
 
     fn when_handshake_completed(&self) -> Deferred<()> {
