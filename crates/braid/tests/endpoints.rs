@@ -442,3 +442,66 @@ fn run_for(r: &Reactor, how_long: Duration) {
         r.iterate(Some(Duration::from_millis(5))).expect("iterate");
     }
 }
+
+/// Answers every name with one address, and keeps the names it was asked.
+struct Recording {
+    asked: Rc<RefCell<Vec<String>>>,
+    answer: std::net::SocketAddr,
+}
+
+impl braid::resolver::Resolver for Recording {
+    fn resolve(&self, _: &Reactor, host: &str, port: u16) -> Deferred<Vec<std::net::SocketAddr>> {
+        self.asked.borrow_mut().push(host.to_owned());
+        let mut answer = self.answer;
+        answer.set_port(port);
+        Deferred::succeed(vec![answer])
+    }
+}
+
+// §4.13 items 18 and 19: an international name is resolved and connected
+// in its IDNA form, and shown so; a name with no IDNA form parses but
+// fails the connect, naming the host. No real DNS: a recording resolver.
+reactor_test!(
+    fn client_host_names_are_idna_encoded(r) {
+        let port = r.listen_tcp("127.0.0.1:0", Echo::new, 50).unwrap().local_addr().port();
+        let asked = Rc::new(RefCell::new(Vec::new()));
+        r.install_resolver(Rc::new(Recording { asked: asked.clone(), answer: ([127, 0, 0, 1], 0).into() }));
+        for kind in ["tcp", "TCP"] {
+            let ep = client_from_string(&r, &format!("{kind}:Bu\u{308}cher.example:{port}")).unwrap();
+            assert_eq!(ep.describe(), format!("tcp:xn--bcher-kva.example:{port}"));
+            let got = Rc::new(RefCell::new(Vec::new()));
+            let t = settle(&r, &connect_protocol(&*ep, Keep(got.clone()))).expect("connect");
+            t.write(b"idna");
+            let g = got.clone();
+            run_until(&r, move || g.borrow().len() == 4);
+            t.lose_connection();
+        }
+        assert_eq!(*asked.borrow(), ["xn--bcher-kva.example", "xn--bcher-kva.example"]);
+        let direct = endpoints::HostnameEndpoint::new(&r, "bücher.example", port);
+        assert_eq!(direct.host(), &endpoints::Host::Name("xn--bcher-kva.example".into()));
+        assert_eq!(direct.to_string(), format!("xn--bcher-kva.example:{port}"));
+        assert_eq!(client_from_string(&r, r"tcp:\:\:1:80").unwrap().describe(), "tcp:[::1]:80");
+        // A bad name: parsed, then the connect fails naming it, unresolved.
+        let bad = client_from_string(&r, &format!("tcp:a..b:{port}")).expect("a bad name still parses");
+        let err = failure(settle(&r, &connect_protocol(&*bad, Keep(Rc::default()))), "a bad name");
+        assert!(err.contains("'a..b'") && err.contains("IDNA"), "{err}");
+        assert_eq!(asked.borrow().len(), 2, "a bad name was looked up");
+        let bad_tls = client_from_string(&r, &format!("tls:a..b:{port}:trustRoots={}", endpoints::quote(&tls_ca_file())))
+            .expect("a bad TLS name still parses");
+        let err = failure(settle(&r, &connect_protocol(&*bad_tls, Keep(Rc::default()))), "a bad TLS name");
+        assert!(err.contains("'a..b'"), "{err}");
+    }
+);
+
+/// A CA bundle file for clients that must parse but never connect.
+fn tls_ca_file() -> String {
+    let ca = tls_support::Ca::new();
+    let files = tls_support::Files::new(&ca, &["127.0.0.1"]);
+    let path = std::env::temp_dir().join(format!(
+        "braid-ep-ca-{}-{:?}.pem",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::copy(&files.ca, &path).unwrap();
+    path.to_str().unwrap().to_owned()
+}

@@ -11,7 +11,9 @@
 //! endpoint), and `systemd:domain=INET|INET6|UNIX:index=N` or `name=NAME`
 //! (a socket passed by the service manager). Clients:
 //! `tcp:HOST:PORT[:timeout=30][:bindAddress=IP]` (every resolved address
-//! is tried, staggered, as Twisted's `HostnameEndpoint`) and
+//! is tried, staggered, as Twisted's `HostnameEndpoint`; a name in any
+//! script is kept, resolved and shown in its IDNA form, and one with no
+//! such form fails the connect, not the parse: see [`HostnameEndpoint`]) and
 //! `unix:PATH[:timeout=30][:lockfile=0]`. TLS: the server
 //! `ssl:PORT:privateKey=KEY.pem[:certKey=CERT.pem][:extraCertChain=CHAIN.pem][:interface=IP][:backlog=N]`
 //! (certKey defaults to privateKey, as in Twisted: one file holding both),
@@ -30,6 +32,7 @@
 //! is made (or fails with why it was not).
 
 pub mod grammar;
+mod hostname;
 
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -40,6 +43,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 pub use grammar::{parse, quote, Description, EndpointError};
+pub use hostname::{Host, HostnameEndpoint};
 
 use crate::datagram::{DatagramProtocol, DatagramTransport, SharedDatagram};
 use crate::defer::Deferred;
@@ -457,9 +461,9 @@ fn systemd_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEn
 
 /// Wraps a user's factory for a client endpoint: fires the Deferred with
 /// the transport at `connection_made`, or fails it.
-struct Wrapping {
-    factory: Box<dyn Factory>,
-    done: Deferred<Transport>,
+pub(super) struct Wrapping {
+    pub(super) factory: Box<dyn Factory>,
+    pub(super) done: Deferred<Transport>,
 }
 
 /// The user's protocol, and the Deferred to fire when it is made.
@@ -524,19 +528,10 @@ impl ClientFactory for Wrapping {
     }
 }
 
-/// `tcp:` clients.
-struct TcpClient {
-    reactor: Reactor,
-    host: String,
-    port: u16,
-    timeout: Duration,
-    bind: Option<SocketAddr>,
-}
-
 /// A Deferred whose cancellation stops the attempt (Twisted's
 /// `ConnectingCancelledError`: the factory hears `Cancelled`, which fails
 /// the Deferred), and the slot the attempt's connector goes in.
-fn cancellable() -> (Deferred<Transport>, Rc<RefCell<Option<StreamConnector>>>) {
+pub(super) fn cancellable() -> (Deferred<Transport>, Rc<RefCell<Option<StreamConnector>>>) {
     let slot: Rc<RefCell<Option<StreamConnector>>> = Rc::default();
     let s = slot.clone();
     let done = Deferred::with_canceller(move |_| {
@@ -545,20 +540,6 @@ fn cancellable() -> (Deferred<Transport>, Rc<RefCell<Option<StreamConnector>>>) 
         }
     });
     (done, slot)
-}
-
-impl ClientEndpoint for TcpClient {
-    fn connect(&self, factory: Box<dyn Factory>) -> Deferred<Transport> {
-        let (done, slot) = cancellable();
-        let wrapping = Wrapping { factory, done: done.clone() };
-        *slot.borrow_mut() =
-            Some(self.reactor.connect_tcp(&self.host, self.port, wrapping, Some(self.timeout), self.bind));
-        done
-    }
-
-    fn describe(&self) -> String {
-        format!("tcp:{}:{}", self.host, self.port)
-    }
 }
 
 fn timeout_of(d: &Description) -> Result<Duration, EndpointError> {
@@ -576,7 +557,7 @@ fn tcp_client(reactor: &Reactor, d: &Description) -> Result<Box<dyn ClientEndpoi
     Ok(Box::new(tcp_client_parts(reactor, d)?))
 }
 
-fn tcp_client_parts(reactor: &Reactor, d: &Description) -> Result<TcpClient, EndpointError> {
+fn tcp_client_parts(reactor: &Reactor, d: &Description) -> Result<HostnameEndpoint, EndpointError> {
     d.only(&["host", "port", "timeout", "bindAddress"])?;
     d.at_most(2)?;
     let host = d.arg_or(0, "host").ok_or_else(|| EndpointError("tcp: no host given".into()))?;
@@ -590,7 +571,7 @@ fn tcp_client_parts(reactor: &Reactor, d: &Description) -> Result<TcpClient, End
             0,
         )),
     };
-    Ok(TcpClient { reactor: reactor.clone(), host: host.to_owned(), port, timeout: timeout_of(d)?, bind })
+    Ok(HostnameEndpoint::new(reactor, host, port).with_timeout(timeout_of(d)?).with_bind_address(bind))
 }
 
 /// `unix:` clients.
@@ -678,7 +659,7 @@ fn ssl_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEndpoi
 
 /// `tls:` clients.
 struct TlsClient {
-    tcp: TcpClient,
+    tcp: HostnameEndpoint,
     config: crate::tls::ClientConfig,
 }
 
@@ -686,12 +667,15 @@ impl ClientEndpoint for TlsClient {
     fn connect(&self, factory: Box<dyn Factory>) -> Deferred<Transport> {
         let (done, slot) = cancellable();
         let wrapping = Wrapping { factory, done: done.clone() };
-        let tcp = &self.tcp;
-        match crate::tls::TlsClientFactory::new(&tcp.reactor, wrapping, self.config.clone(), &tcp.host) {
-            Ok(tls) => {
-                *slot.borrow_mut() =
-                    Some(tcp.reactor.connect_tcp(&tcp.host, tcp.port, tls, Some(tcp.timeout), tcp.bind));
-            }
+        // The certificate is checked against the name's ASCII form: the
+        // form certificates carry.
+        let dialled = self.tcp.host().ascii().and_then(|name| {
+            let tls =
+                crate::tls::TlsClientFactory::new(self.tcp.reactor(), wrapping, self.config.clone(), &name)?;
+            self.tcp.dial(tls)
+        });
+        match dialled {
+            Ok(connector) => *slot.borrow_mut() = Some(connector),
             Err(e) => {
                 let _ = done.errback(Failure::new(e));
             }
@@ -700,7 +684,7 @@ impl ClientEndpoint for TlsClient {
     }
 
     fn describe(&self) -> String {
-        format!("tls:{}:{}", self.tcp.host, self.tcp.port)
+        format!("tls:{}", self.tcp)
     }
 }
 
