@@ -330,23 +330,26 @@ reactor_test!(
     }
 );
 
-// `tls:DIR`: the certificate is chosen by the name the client asks for
-// (SNI), from NAME.pem files holding chain and key; a client verifying a
-// name proves it got that name's certificate.
+// §4.13 item 23, `tls:DIR`: the certificate is chosen by the name the
+// client asks for (SNI), from NAME.pem files holding chain and key; a
+// client verifying a name proves it got that name's certificate. A
+// wildcard file serves a name one label below it; a client that sends no
+// name gets the default (the first file), which verifies; an unknown name
+// gets the default too, so verifying the unknown name fails.
 reactor_test!(
     fn tls_server_chooses_the_certificate_by_name(r) {
         let ca = tls_support::Ca::new();
         let dir = std::env::temp_dir().join(format!("braid-sni-{}-{:?}", std::process::id(), std::thread::current().id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        for name in ["a.test", "b.test"] {
+        for name in ["a.test", "b.test", "*.wild.test"] {
             let (cert, key) = ca.leaf(&[name]);
             std::fs::write(dir.join(format!("{name}.pem")), format!("{cert}{key}")).unwrap();
         }
         let desc = format!("tls:{}:port=0:interface=127.0.0.1", endpoints::quote(dir.to_str().unwrap()));
         let ep = server_from_string(&r, &desc).unwrap();
         let port = settle(&r, &ep.listen(Echo::new.into_shared())).expect("listen").local_addr().port();
-        let connect = |name: &str| {
+        let connect = |name: &str, config: braid::tls::ClientConfig| {
             let got = Rc::new(RefCell::new(Vec::new()));
             let lost = Rc::new(RefCell::new(None::<String>));
             struct Probe(Rc<RefCell<Vec<u8>>>, Rc<RefCell<Option<String>>>);
@@ -364,7 +367,7 @@ reactor_test!(
             let (g, l) = (got.clone(), lost.clone());
             let mut once = Some(Probe(g, l));
             let factory = move || once.take().expect("one connection");
-            let tls = braid::tls::TlsClientFactory::new(&r, factory, ca.client(), name).unwrap();
+            let tls = braid::tls::TlsClientFactory::new(&r, factory, config, name).unwrap();
             r.connect_tcp("127.0.0.1", port, tls, None, None);
             let (g, l) = (got.clone(), lost.clone());
             run_until(&r, move || g.borrow().len() == 3 || l.borrow().is_some());
@@ -372,18 +375,107 @@ reactor_test!(
             let why = lost.borrow().clone();
             (echoed, why)
         };
-        assert_eq!(connect("a.test").0, b"sni");
-        assert_eq!(connect("b.test").0, b"sni");
-        let (echoed, lost) = connect("c.test");
-        assert!(echoed.is_empty(), "a name without a file got a certificate that verified");
-        assert!(lost.is_some_and(|w| w.to_lowercase().contains("certificate")));
+        assert_eq!(connect("a.test", ca.client()).0, b"sni");
+        assert_eq!(connect("b.test", ca.client()).0, b"sni");
+        assert_eq!(connect("x.wild.test", ca.client()).0, b"sni", "the wildcard file serves x.wild.test");
+        // No SNI at all: the default (a.test, the first non-wildcard file).
+        let mut quiet = (*ca.rustls_client()).clone();
+        quiet.enable_sni = false;
+        let quiet = braid::tls::ClientConfig::from_rustls(std::sync::Arc::new(quiet));
+        assert_eq!(connect("a.test", quiet).0, b"sni", "no SNI: the default certificate verifies");
+        for unknown in ["c.test", "x.y.wild.test"] {
+            let (echoed, lost) = connect(unknown, ca.client());
+            assert!(echoed.is_empty(), "{unknown}: a name without a file got a certificate that verified");
+            assert!(lost.is_some_and(|w| w.to_lowercase().contains("certificate")));
+        }
         assert!(error_of(&r, "tls:/nonexistent/dir").contains("/nonexistent/dir"));
         let empty = dir.join("empty");
         std::fs::create_dir_all(&empty).unwrap();
-        assert!(error_of(&r, &format!("tls:{}", endpoints::quote(empty.to_str().unwrap()))).contains("no NAME.pem"));
+        let err = error_of(&r, &format!("tls:{}", endpoints::quote(empty.to_str().unwrap())));
+        assert!(err.contains("no usable certificate in") && err.contains(empty.to_str().unwrap()), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 );
+
+/// Log lines written while `f` runs on this thread, at every level.
+fn captured_log<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
+    (out, text)
+}
+
+// §4.13 item 23: in a certificate directory, a key without a certificate
+// (and a key that does not match, and a file with no PEM) is a warning
+// naming the file; a certificate without a key is ignored, logged only at
+// debug; a directory with nothing usable is an error naming it.
+#[test]
+fn sni_directory_warns_about_files_it_cannot_serve() {
+    let ca = tls_support::Ca::new();
+    let dir = std::env::temp_dir().join(format!("braid-sni-warn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = ca.leaf(&["good.test"]);
+    let (other_cert, other_key) = ca.leaf(&["other.test"]);
+    std::fs::write(dir.join("good.test.pem"), format!("{cert}{key}")).unwrap();
+    std::fs::write(dir.join("keyonly.test.pem"), &other_key).unwrap();
+    std::fs::write(dir.join("certonly.test.pem"), &other_cert).unwrap();
+    std::fs::write(dir.join("mismatch.test.pem"), format!("{other_cert}{key}")).unwrap();
+    std::fs::write(dir.join("junk.test.pem"), "not PEM at all\n").unwrap();
+    std::fs::write(dir.join("notes.txt"), "not a .pem file: not read").unwrap();
+    let (loaded, log) = captured_log(|| endpoints::sni::SniDirectory::load(&dir));
+    let sni = loaded.expect("good.test.pem is usable");
+    let warnings = sni.warnings().join("\n");
+    let path = |f: &str| dir.join(f).display().to_string();
+    assert!(
+        warnings.contains(&format!("'{}': a private key without a certificate", path("keyonly.test.pem"))),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains(&format!("'{}': the private key does not match", path("mismatch.test.pem"))),
+        "{warnings}"
+    );
+    assert!(warnings.contains(&path("junk.test.pem")), "{warnings}");
+    assert_eq!(sni.warnings().len(), 3, "{warnings}");
+    assert!(!warnings.contains("certonly"), "a certificate without a key is not a warning: {warnings}");
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line for {needle}: {log}"))
+            .to_owned()
+    };
+    assert!(line("keyonly.test.pem").contains("WARN"), "{log}");
+    assert!(line("mismatch.test.pem").contains("WARN"), "{log}");
+    let ignored = line("certonly.test.pem");
+    assert!(ignored.contains("DEBUG") && ignored.contains("a certificate without a private key"), "{log}");
+    // What was skipped serves nobody: those names get the default.
+    for name in ["keyonly.test", "certonly.test", "mismatch.test", "junk.test"] {
+        assert_eq!(sni.chosen_for(Some(name)), "good.test", "{name}");
+    }
+    // Nothing usable at all: an error naming the directory.
+    std::fs::remove_file(dir.join("good.test.pem")).unwrap();
+    let r = common::build(braid::Backend::Poll);
+    let err = error_of(&r, &format!("tls:{}", endpoints::quote(dir.to_str().unwrap())));
+    assert!(err.contains(&format!("no usable certificate in '{}'", dir.display())), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 // §4.13 item 7: cancelling the connect Deferred while the attempt is
 // pending stops it and fails the Deferred with Cancelled. The attempt is

@@ -19,9 +19,10 @@
 //! (certKey defaults to privateKey, as in Twisted: one file holding both),
 //! and `tls:DIRECTORY[:port=443][:interface=::][:backlog=50]`, which
 //! chooses the certificate by the name the client asks for (SNI): each
-//! `NAME.pem` in the directory holds that name's chain and key; a client
-//! that names none, or a name without a file, gets the first file's
-//! (sorted by name),
+//! `NAME.pem` in the directory holds that name's chain and key,
+//! `*.DOMAIN.pem` serves one label below DOMAIN; a client that names none,
+//! or a name without a file, gets the first file's (sorted by name); files
+//! that cannot serve are skipped with a warning, see [`sni`]),
 //! and the clients `tls:HOST:PORT[:timeout=30][:bindAddress=IP][:trustRoots=CA.pem]`
 //! (also as `ssl:`; without trustRoots, the system's roots), which check
 //! the server's certificate against HOST. A [`Registry`] maps kinds to
@@ -33,6 +34,7 @@
 
 pub mod grammar;
 mod hostname;
+pub mod sni;
 
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -714,30 +716,7 @@ fn tls_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEndpoi
     d.at_most(1)?;
     let dir =
         d.arg_or(0, "path").ok_or_else(|| EndpointError("tls: no certificate directory given".into()))?;
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| EndpointError(format!("tls: directory '{dir}': {e}")))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "pem"))
-        .collect();
-    files.sort();
-    let mut identities = Vec::new();
-    for file in &files {
-        let pem =
-            std::fs::read(file).map_err(|e| EndpointError(format!("tls: '{}': {e}", file.display())))?;
-        let identity = crate::tls::Identity::from_pem(&pem, &pem)
-            .map_err(|e| EndpointError(format!("tls: '{}': {e}", file.display())))?;
-        let name = file.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        identities.push((name, identity));
-    }
-    let Some((_, default)) = identities.first().cloned() else {
-        return Err(EndpointError(format!("tls: no NAME.pem certificate files in '{dir}'")));
-    };
-    let mut builder = crate::tls::ServerConfig::builder(default);
-    for (name, identity) in identities {
-        builder = builder.sni(&name, identity);
-    }
-    let config = builder.build().map_err(|e| EndpointError(format!("tls: {e}")))?;
+    let config = sni::SniDirectory::load(dir)?.server_config()?;
     let port = match d.get("port") {
         None => 443,
         Some(p) => d.number(p, "port")?,
