@@ -135,6 +135,7 @@ impl Default for Registry {
         r.add_server("systemd", systemd_server);
         r.add_server("ssl", ssl_server);
         r.add_server("tls", tls_server);
+        r.add_server("stdio", stdio_server);
         r.add_client("tcp", tcp_client);
         r.add_client("unix", unix_client);
         r.add_client("tls", tls_client);
@@ -459,6 +460,43 @@ fn systemd_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEn
         }
     );
     Ok(Box::new(SystemdServer { reactor: reactor.clone(), domain, index, name, desc }))
+}
+
+/// Whether a `stdio:` endpoint has taken this process's standard I/O.
+static STDIO_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `stdio:` servers (Twisted's `StandardIOEndpoint`): one protocol on this
+/// process's standard input and output, built for [`Address::Pipe`]; the
+/// port's `stop_listening` closes it. Standard I/O can be taken once.
+struct StdioServer {
+    reactor: Reactor,
+}
+
+impl ServerEndpoint for StdioServer {
+    fn listen(&self, factory: SharedFactory<dyn Factory>) -> Deferred<ListeningPort> {
+        use std::sync::atomic::Ordering;
+        if STDIO_TAKEN.swap(true, Ordering::SeqCst) {
+            return Deferred::fail(Failure::new(EndpointError(
+                "stdio: standard I/O is in use by another endpoint already".into(),
+            )));
+        }
+        let port = crate::stdio::StdioFds::process()
+            .and_then(|fds| factory.with(|f| crate::stdio::listen_stdio(&self.reactor, f, fds)));
+        settled(port)
+    }
+
+    fn describe(&self) -> String {
+        "stdio:".into()
+    }
+}
+
+fn stdio_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEndpoint>, EndpointError> {
+    d.only(&[])?;
+    // `stdio:` has one empty field.
+    if let Some(extra) = d.args.iter().find(|a| !a.is_empty()) {
+        return Err(EndpointError(format!("stdio: unexpected argument '{extra}' (stdio: takes none)")));
+    }
+    Ok(Box::new(StdioServer { reactor: reactor.clone() }))
 }
 
 /// Wraps a user's factory for a client endpoint: fires the Deferred with
