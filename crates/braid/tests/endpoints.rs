@@ -397,31 +397,6 @@ reactor_test!(
     }
 );
 
-/// Log lines written while `f` runs on this thread, at every level.
-fn captured_log<T>(f: impl FnOnce() -> T) -> (T, String) {
-    #[derive(Clone, Default)]
-    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let sink = Sink::default();
-    let writer = sink.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
-    let text = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
-    (out, text)
-}
-
 // §4.13 item 23: in a certificate directory, a key without a certificate
 // (and a key that does not match, and a file with no PEM) is a warning
 // naming the file; a certificate without a key is ignored, logged only at
@@ -440,7 +415,7 @@ fn sni_directory_warns_about_files_it_cannot_serve() {
     std::fs::write(dir.join("mismatch.test.pem"), format!("{other_cert}{key}")).unwrap();
     std::fs::write(dir.join("junk.test.pem"), "not PEM at all\n").unwrap();
     std::fs::write(dir.join("notes.txt"), "not a .pem file: not read").unwrap();
-    let (loaded, log) = captured_log(|| endpoints::sni::SniDirectory::load(&dir));
+    let (loaded, log) = common::capture_logs(|| endpoints::sni::SniDirectory::load(&dir));
     let sni = loaded.expect("good.test.pem is usable");
     let warnings = sni.warnings().join("\n");
     let path = |f: &str| dir.join(f).display().to_string();
@@ -597,3 +572,215 @@ fn tls_ca_file() -> String {
     std::fs::copy(&files.ca, &path).unwrap();
     path.to_str().unwrap().to_owned()
 }
+
+// §4.13 item 10: the process endpoint keeps its spawn parameters, with
+// Twisted's defaults (no arguments, an empty environment, this directory,
+// this user and group, no terminal, the usual descriptors, stderr logged).
+#[test]
+fn process_endpoint_keeps_its_parameters() {
+    use braid::process::ChildFd;
+    use endpoints::{ClientEndpoint, ProcessEndpoint, StderrPolicy};
+    let r = common::build(braid::Backend::Poll);
+    let ep = ProcessEndpoint::new(&r, "/bin/cat");
+    assert_eq!(ep.program(), "/bin/cat");
+    assert!(ep.arguments().is_empty());
+    assert!(ep.environment().is_empty());
+    assert_eq!(ep.working_dir(), None);
+    assert_eq!((ep.user(), ep.group()), (None, None));
+    assert!(!ep.uses_pty());
+    assert_eq!(ep.descriptor_map(), None);
+    assert_eq!(ep.stderr_policy(), StderrPolicy::Log);
+    let ep = ProcessEndpoint::new(&r, "sh")
+        .args(["-c", "true"])
+        .env("A", "1")
+        .path("/tmp")
+        .uid(1)
+        .gid(2)
+        .pty(true)
+        .child_fds([(0, ChildFd::ToChild), (1, ChildFd::FromChild)])
+        .stderr(StderrPolicy::Drop);
+    assert_eq!(ep.arguments(), ["-c", "true"]);
+    assert_eq!(ep.environment(), [("A".into(), "1".into())]);
+    assert_eq!(ep.working_dir(), Some(std::path::Path::new("/tmp")));
+    assert_eq!((ep.user(), ep.group()), (Some(1), Some(2)));
+    assert!(ep.uses_pty());
+    assert_eq!(ep.descriptor_map(), Some(&[(0, ChildFd::ToChild), (1, ChildFd::FromChild)][..]));
+    assert_eq!(ep.stderr_policy(), StderrPolicy::Drop);
+    assert_eq!(ep.describe(), "process:sh -c true");
+}
+
+/// Records what a process endpoint's protocol hears.
+#[derive(Default)]
+struct Heard {
+    log: Rc<RefCell<Vec<String>>>,
+    data: Rc<RefCell<Vec<u8>>>,
+}
+
+impl Protocol for Heard {
+    fn connection_made(&mut self, _: braid::Transport) {
+        self.log.borrow_mut().push("made".into());
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        self.data.borrow_mut().extend_from_slice(data);
+    }
+    fn connection_lost(&mut self, why: braid::Failure) {
+        let what = match why.braid_error() {
+            Some(braid::Error::ConnectionDone) => "done".to_string(),
+            Some(braid::Error::ConnectionLost) => "lost".to_string(),
+            _ => format!("other: {why}"),
+        };
+        self.log.borrow_mut().push(format!("lost: {what}"));
+    }
+}
+
+fn iterate_for(r: &Reactor, passes: usize) {
+    for _ in 0..passes {
+        r.iterate(Some(Duration::from_millis(5))).expect("iterate");
+    }
+}
+
+// §4.13 items 10-12 with /bin/cat: connect spawns it and fires with the
+// transport after connection_made; the factory is given the process's
+// address; writes reach stdin and stdout comes back as data_received;
+// pausing stops reading the child, resuming reads again; the transport is
+// a consumer and a producer, and no TCP, UNIX or TLS transport; closing
+// stdin ends cat with status 0: connection_lost(ConnectionDone).
+reactor_test!(
+    fn process_endpoint_talks_to_cat(r) {
+        use endpoints::ProcessEndpoint;
+        let addrs = Rc::new(RefCell::new(Vec::new()));
+        struct Recording(Rc<RefCell<Vec<Address>>>, Heard);
+        impl Factory for Recording {
+            fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
+                self.0.borrow_mut().push(addr.clone());
+                Some(Box::new(std::mem::take(&mut self.1)))
+            }
+        }
+        let heard = Heard::default();
+        let (log, data) = (heard.log.clone(), heard.data.clone());
+        let ep = ProcessEndpoint::new(&r, "/bin/cat");
+        let t = settle(&r, &endpoints::ClientEndpoint::connect(&ep, Box::new(Recording(addrs.clone(), heard)))).expect("spawn cat");
+        assert_eq!(*log.borrow(), ["made"], "connection_made ran before the Deferred fired");
+        let Address::Process { pid, fd: 0 } = t.peer() else { panic!("peer {:?}", t.peer()) };
+        assert!(pid > 0);
+        assert_eq!(*addrs.borrow(), [t.peer()]);
+        assert_eq!(t.host(), Some(t.peer()));
+        assert!(t.tcp().is_none() && t.unix().is_none() && t.tls().is_none());
+        assert!(t.connected());
+        t.write(b"hello");
+        t.write_sequence(&[&b", "[..], &b"cat"[..]]);
+        let d = data.clone();
+        run_until(&r, move || d.borrow().len() == 10);
+        assert_eq!(&*data.borrow(), b"hello, cat");
+        // Paused: cat's answer waits in its pipe.
+        t.pause_producing();
+        t.write(b"!");
+        iterate_for(&r, 40);
+        assert_eq!(data.borrow().len(), 10, "read while paused");
+        t.resume_producing();
+        let d = data.clone();
+        run_until(&r, move || d.borrow().len() == 11);
+        // A consumer: a producer registers (and is paused above the mark).
+        struct Idle(Rc<RefCell<Vec<&'static str>>>);
+        impl braid::Producer for Idle {
+            fn pause_producing(&self) {
+                self.0.borrow_mut().push("pause");
+            }
+            fn resume_producing(&self) {
+                self.0.borrow_mut().push("resume");
+            }
+            fn stop_producing(&self) {}
+        }
+        let marks = Rc::new(RefCell::new(Vec::new()));
+        t.set_write_buffer_limits(1024, 0);
+        t.pause_producing();
+        t.register_producer(Rc::new(Idle(marks.clone())), true).unwrap();
+        t.write_vec(vec![b'x'; 1 << 20]);
+        iterate_for(&r, 20);
+        assert_eq!(*marks.borrow(), ["pause"], "stdin's producer was not paused");
+        assert!(t.buffered() > 1024);
+        t.resume_producing();
+        let m = marks.clone();
+        run_until(&r, move || m.borrow().len() == 2);
+        t.unregister_producer();
+        let d = data.clone();
+        run_until(&r, move || d.borrow().len() == 11 + (1 << 20));
+        t.lose_write_connection();
+        let l = log.clone();
+        run_until(&r, move || l.borrow().len() == 2);
+        assert_eq!(*log.borrow(), ["made", "lost: done"]);
+        assert_eq!(t.host(), None);
+        assert!(!t.connected());
+    }
+);
+
+// §4.13 item 12: any status but 0, or a signal, is ConnectionLost;
+// lose_connection closes the pipes (cat exits 0: ConnectionDone); the
+// environment and directory given reach the child.
+reactor_test!(
+    fn process_endpoint_ends(r) {
+        use endpoints::ProcessEndpoint;
+        let run = |ep: ProcessEndpoint, close: bool| {
+            let heard = Heard::default();
+            let (log, data) = (heard.log.clone(), heard.data.clone());
+            let t = settle(&r, &connect_protocol(&ep, heard)).expect("spawn");
+            if close {
+                t.lose_connection();
+                assert!(!t.connected());
+            }
+            let l = log.clone();
+            run_until(&r, move || l.borrow().len() == 2);
+            let said = String::from_utf8_lossy(&data.borrow()).into_owned();
+            let end = log.borrow()[1].clone();
+            (end, said)
+        };
+        let sh = |script: &str| ProcessEndpoint::new(&r, "/bin/sh").args(["-c", script]);
+        assert_eq!(run(sh("exit 3"), false).0, "lost: lost");
+        assert_eq!(run(sh("kill -9 $$"), false).0, "lost: lost");
+        assert_eq!(run(sh("exit 0"), false).0, "lost: done");
+        assert_eq!(run(ProcessEndpoint::new(&r, "/bin/cat"), true).0, "lost: done");
+        let (end, said) = run(sh("echo \"$GREETING\"; pwd").env("GREETING", "hi").path("/"), false);
+        assert_eq!((end.as_str(), said.as_str()), ("lost: done", "hi\n/\n"));
+        // A program that cannot be started fails the connect, naming it.
+        let missing = ProcessEndpoint::new(&r, "/nonexistent/braid-program");
+        let err = failure(settle(&r, &connect_protocol(&missing, Heard::default())), "a missing program");
+        assert!(err.contains("/nonexistent/braid-program"), "{err}");
+        // A factory that builds nothing fails it with NoProtocol.
+        struct Nothing;
+        impl Factory for Nothing {
+            fn build_protocol(&mut self, _: &Address) -> Option<Box<dyn Protocol>> {
+                None
+            }
+        }
+        let err = failure(settle(&r, &endpoints::ClientEndpoint::connect(&sh("sleep 30"), Box::new(Nothing))), "no protocol");
+        assert!(err.contains("NoProtocol"), "{err}");
+    }
+);
+
+// §4.13 item 12: stderr is logged (a warning naming the process) or
+// dropped, by policy; it is never data_received.
+reactor_test!(
+    fn process_endpoint_stderr_policy(r) {
+        use endpoints::{ProcessEndpoint, StderrPolicy};
+        for policy in [StderrPolicy::Log, StderrPolicy::Drop] {
+            let heard = Heard::default();
+            let (log, data) = (heard.log.clone(), heard.data.clone());
+            let ep = ProcessEndpoint::new(&r, "/bin/sh").args(["-c", "echo out; echo oops-on-stderr >&2"]).stderr(policy);
+            let ((), logged) = common::capture_logs(|| {
+                settle(&r, &connect_protocol(&ep, heard)).expect("spawn");
+                let l = log.clone();
+                run_until(&r, move || l.borrow().len() == 2);
+            });
+            assert_eq!(&*data.borrow(), b"out\n", "{policy:?}");
+            assert_eq!(log.borrow()[1], "lost: done");
+            let line = logged.lines().find(|l| l.contains("oops-on-stderr"));
+            match policy {
+                StderrPolicy::Log => {
+                    let line = line.unwrap_or_else(|| panic!("stderr was not logged: {logged}"));
+                    assert!(line.contains("WARN") && line.contains("(/bin/sh) stderr"), "{line}");
+                }
+                StderrPolicy::Drop => assert!(line.is_none(), "stderr was logged: {logged}"),
+            }
+        }
+    }
+);

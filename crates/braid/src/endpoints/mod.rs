@@ -34,6 +34,7 @@
 
 pub mod grammar;
 mod hostname;
+mod process;
 pub mod sni;
 
 use std::cell::RefCell;
@@ -46,6 +47,7 @@ use std::time::Duration;
 
 pub use grammar::{parse, quote, Description, EndpointError};
 pub use hostname::{Host, HostnameEndpoint};
+pub use process::{ProcessEndpoint, StderrPolicy};
 
 use crate::datagram::{DatagramProtocol, DatagramTransport, SharedDatagram};
 use crate::defer::Deferred;
