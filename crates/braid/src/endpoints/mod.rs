@@ -23,18 +23,22 @@
 //! `*.DOMAIN.pem` serves one label below DOMAIN; a client that names none,
 //! or a name without a file, gets the first file's (sorted by name); files
 //! that cannot serve are skipped with a warning, see [`sni`]),
+//! `stdio:` (Twisted's `StandardIOEndpoint`: one protocol, built for
+//! [`Address::Pipe`], on this process's standard input and output; see
+//! [`crate::stdio`]),
 //! and the clients `tls:HOST:PORT[:timeout=30][:bindAddress=IP][:trustRoots=CA.pem]`
 //! (also as `ssl:`; without trustRoots, the system's roots), which check
-//! the server's certificate against HOST. A [`Registry`] maps kinds to
-//! parsers: a new kind is one entry.
+//! the server's certificate against HOST's IDNA form. A [`Registry`] maps
+//! kinds to parsers: a new kind is one entry. Built in code only: the
+//! [`ProcessEndpoint`], whose connect starts a program and speaks to it.
 //!
 //! Listening and connecting hand back Deferreds, as in Twisted: a server's
 //! fires with its port, a client's with the connection's transport once it
 //! is made (or fails with why it was not).
 
 pub mod grammar;
-mod hostname;
-mod process;
+pub mod hostname;
+pub mod process;
 pub mod sni;
 
 use std::cell::RefCell;
