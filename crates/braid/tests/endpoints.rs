@@ -720,14 +720,18 @@ reactor_test!(
 reactor_test!(
     fn process_endpoint_ends(r) {
         use endpoints::ProcessEndpoint;
-        let run = |ep: ProcessEndpoint, close: bool| {
+        // How to end it: 0 waits for the child, 1 loses the connection, 2
+        // stops the transport as a producer.
+        let run = |ep: ProcessEndpoint, close: u8| {
             let heard = Heard::default();
             let (log, data) = (heard.log.clone(), heard.data.clone());
             let t = settle(&r, &connect_protocol(&ep, heard)).expect("spawn");
-            if close {
-                t.lose_connection();
-                assert!(!t.connected());
+            match close {
+                1 => t.lose_connection(),
+                2 => t.stop_producing(),
+                _ => {}
             }
+            assert_eq!(t.connected(), close == 0);
             let l = log.clone();
             run_until(&r, move || l.borrow().len() == 2);
             let said = String::from_utf8_lossy(&data.borrow()).into_owned();
@@ -735,11 +739,12 @@ reactor_test!(
             (end, said)
         };
         let sh = |script: &str| ProcessEndpoint::new(&r, "/bin/sh").args(["-c", script]);
-        assert_eq!(run(sh("exit 3"), false).0, "lost: lost");
-        assert_eq!(run(sh("kill -9 $$"), false).0, "lost: lost");
-        assert_eq!(run(sh("exit 0"), false).0, "lost: done");
-        assert_eq!(run(ProcessEndpoint::new(&r, "/bin/cat"), true).0, "lost: done");
-        let (end, said) = run(sh("echo \"$GREETING\"; pwd").env("GREETING", "hi").path("/"), false);
+        assert_eq!(run(sh("exit 3"), 0).0, "lost: lost");
+        assert_eq!(run(sh("kill -9 $$"), 0).0, "lost: lost");
+        assert_eq!(run(sh("exit 0"), 0).0, "lost: done");
+        assert_eq!(run(ProcessEndpoint::new(&r, "/bin/cat"), 1).0, "lost: done");
+        assert_eq!(run(ProcessEndpoint::new(&r, "/bin/cat"), 2).0, "lost: done");
+        let (end, said) = run(sh("echo \"$GREETING\"; pwd").env("GREETING", "hi").path("/"), 0);
         assert_eq!((end.as_str(), said.as_str()), ("lost: done", "hi\n/\n"));
         // A program that cannot be started fails the connect, naming it.
         let missing = ProcessEndpoint::new(&r, "/nonexistent/braid-program");

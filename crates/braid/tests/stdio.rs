@@ -445,6 +445,30 @@ fn stdio_endpoint_in_a_child_process() {
     assert!(out.ends_with("over the endpoint\n"), "{out:?}");
 }
 
+// §4.13 items 9 and 10 together: the same child, started through a
+// ProcessEndpoint, echoes through its `stdio:` endpoint; it ends with
+// status 0 once its input is closed (ConnectionDone).
+reactor_test!(
+    fn stdio_child_through_a_process_endpoint(r) {
+        use braid::endpoints::{connect_protocol, ProcessEndpoint, StderrPolicy};
+        let exe = std::env::current_exe().unwrap();
+        let ep = ProcessEndpoint::new(&r, exe)
+            .args(["stdio_endpoint_in_a_child_process", "--exact", "--nocapture", "--test-threads=1"])
+            .env(common::CHILD_ENV, "1")
+            .stderr(StderrPolicy::Drop);
+        let log = Log::default();
+        let data = Rc::new(RefCell::new(Vec::new()));
+        let t = settle(&r, &connect_protocol(&ep, Rec { log: log.clone(), data: data.clone(), ..Default::default() }));
+        t.write(b"through both endpoints\n");
+        t.lose_write_connection();
+        let l = log.clone();
+        run_until(&r, move || l.borrow().len() == 2);
+        assert_eq!(*log.borrow(), ["made", "lost: done"]);
+        let out = String::from_utf8_lossy(&data.borrow()).into_owned();
+        assert!(out.ends_with("through both endpoints\n"), "{out:?}");
+    }
+);
+
 fn settle<T: 'static>(r: &Reactor, d: &braid::Deferred<T>) -> T {
     let out = common::collect(d);
     let o = out.clone();
