@@ -18,6 +18,12 @@
 //! layer, and nothing is read. Bytes written before the layer started stay
 //! in this connection's buffer (or the reactor's stage) ahead of the
 //! layer's, so they leave first and in the clear.
+//!
+//! Files: `write_file` queues part of a regular file, remembering how many
+//! buffered bytes go before it; the send path sends those, then the file
+//! with sendfile(2) (a bounded part per turn, for fairness), then what was
+//! written after. The file never enters the buffer, so a slow reader of a
+//! large file costs no memory.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -118,26 +124,40 @@ impl OutBuf {
 
     /// Writes as much as the kernel takes; `Ok(true)` when all is sent.
     pub fn send<K: Kind>(&mut self, kind: &K, fd: &OwnedFd) -> Result<bool, Errno> {
-        while self.len > 0 {
-            let result = if self.rest.is_empty() {
-                kind.send(fd, &self.first[self.head..])
+        self.send_upto(kind, fd, usize::MAX)
+    }
+
+    /// Writes at most the first `limit` bytes; `Ok(true)` when they (or
+    /// all there is, if less) are sent.
+    pub fn send_upto<K: Kind>(&mut self, kind: &K, fd: &OwnedFd, mut limit: usize) -> Result<bool, Errno> {
+        while self.len > 0 && limit > 0 {
+            let want = self.len.min(limit);
+            let result = if self.rest.is_empty() || self.first.len() - self.head >= want {
+                kind.send(fd, &self.first[self.head..self.head + want])
             } else {
                 let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
                 iov[0] = IoSlice::new(&self.first[self.head..]);
                 let mut n = 1;
+                let mut room = want - iov[0].len();
                 for c in self.rest.iter().take(MAX_IOV - 1) {
-                    iov[n] = IoSlice::new(c);
+                    if room == 0 {
+                        break;
+                    }
+                    let take = c.len().min(room);
+                    iov[n] = IoSlice::new(&c[..take]);
+                    room -= take;
                     n += 1;
                 }
                 kind.send_vectored(fd, &iov[..n])
             };
             match result {
                 Ok(n) => {
-                    let full = n == self.len;
+                    let full = n == want;
                     self.consume(n);
+                    limit -= n;
                     if !full {
                         // A short write means the socket buffer is full.
-                        return Ok(self.len == 0);
+                        return Ok(self.len == 0 || limit == 0);
                     }
                 }
                 Err(Errno::INTR) => continue,
@@ -185,7 +205,24 @@ struct Rare {
     upper: Option<Rc<dyn TransportOps>>,
     /// The layer, until it takes the protocol's place.
     pending: Option<Box<dyn Layer>>,
+    /// Files queued by `write_file`, in order.
+    files: VecDeque<FileSegment>,
 }
+
+/// Part of a file to send with sendfile(2), after the bytes that were
+/// buffered when it was queued and before those written after.
+struct FileSegment {
+    file: Rc<std::fs::File>,
+    offset: u64,
+    left: u64,
+    /// Bytes of the buffer that go before the file: after the previous
+    /// queued file, or from the front for the first.
+    ahead: usize,
+}
+
+/// How much one sendfile(2) call asks for, so one big file does not keep
+/// the loop from other connections.
+const SENDFILE_CHUNK: usize = 1 << 20;
 
 /// How far the connection is from closed. One value, so that a connection
 /// cannot be both aborting and lost, say.
@@ -213,7 +250,7 @@ enum WriteSide {
 bitflags::bitflags! {
     /// What the connection is doing now; these vary independently.
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-    struct Io: u8 {
+    struct Io: u16 {
         /// Registered with the reactor as a reader.
         const READING = 1;
         /// Registered as a writer (the kernel buffer was full).
@@ -232,6 +269,8 @@ bitflags::bitflags! {
         /// The layer waits to take the protocol's place until the call
         /// into the protocol now on the stack returns.
         const LAYER_PENDING = 1 << 7;
+        /// A file is queued to go out by sendfile(2) (see [`FileSegment`]).
+        const FILE = 1 << 8;
     }
 }
 
@@ -571,6 +610,9 @@ impl<K: Kind> Connection<K> {
 
     /// Sends what is buffered; on a full socket, asks for writability.
     fn send_buffered(&self) -> Result<(), Failure> {
+        if self.has(Io::FILE) && !self.send_file_segment()? {
+            return self.wait_writable();
+        }
         let sent = self.with_sock(|sock| loop {
             if self.buffered_len() == 0 && self.kind.needs_carrier_byte() {
                 // Descriptors must travel with at least one byte.
@@ -609,13 +651,7 @@ impl<K: Kind> Connection<K> {
             return Ok(());
         }
         if !drained {
-            if !self.has(Io::WRITING) {
-                let me = self.rc().ok_or_else(|| Failure::new(Error::ConnectionLost))?;
-                let reactor = self.reactor.get().ok_or_else(|| Failure::new(Error::ReactorGone))?;
-                reactor.add_writer(me).map_err(Failure::new)?;
-                self.set_io(Io::WRITING, true);
-            }
-            return Ok(());
+            return self.wait_writable();
         }
         if self.replace_io(Io::WRITING, false) {
             if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
@@ -623,6 +659,96 @@ impl<K: Kind> Connection<K> {
             }
         }
         self.drained()
+    }
+
+    /// Asks to be told when the socket takes more.
+    fn wait_writable(&self) -> Result<(), Failure> {
+        if !self.has(Io::WRITING) {
+            let me = self.rc().ok_or_else(|| Failure::new(Error::ConnectionLost))?;
+            let reactor = self.reactor.get().ok_or_else(|| Failure::new(Error::ReactorGone))?;
+            reactor.add_writer(me).map_err(Failure::new)?;
+            self.set_io(Io::WRITING, true);
+        }
+        Ok(())
+    }
+
+    /// Sends the bytes queued ahead of a file, then (a bounded part of)
+    /// the file; true once the file is all sent.
+    fn send_file_segment(&self) -> Result<bool, Failure> {
+        loop {
+            match self.send_first_file()? {
+                Some(true) => {}
+                Some(false) => return Ok(false),
+                None => {
+                    self.set_io(Io::FILE, false);
+                    return Ok(true);
+                }
+            }
+        }
+    }
+
+    /// Sends what goes before the first queued file and a bounded part of
+    /// it: `Some(true)` when it is all sent, `None` when none is queued.
+    fn send_first_file(&self) -> Result<Option<bool>, Failure> {
+        let Some(mut seg) = self.peek_rare(|r| r.files.pop_front()).flatten() else {
+            return Ok(None);
+        };
+        let result = self.with_sock(|sock| -> Result<bool, Errno> {
+            if seg.ahead > 0 {
+                let before = self.buffered_len();
+                let done = match self.out.borrow_mut().as_mut() {
+                    Some(out) => out.send_upto(&self.kind, sock, seg.ahead)?,
+                    None => true,
+                };
+                seg.ahead = seg.ahead.saturating_sub(before - self.buffered_len());
+                if !done || seg.ahead > 0 {
+                    return Ok(false);
+                }
+            }
+            let want = seg.left.min(SENDFILE_CHUNK as u64) as usize;
+            loop {
+                match rustix::fs::sendfile(sock, &*seg.file, Some(&mut seg.offset), want) {
+                    // The file is shorter than what was queued.
+                    Ok(0) => return Err(Errno::NODATA),
+                    Ok(n) => {
+                        seg.left -= n as u64;
+                        // One chunk per turn: the loop comes back for more
+                        // once the socket is writable, after the others.
+                        return Ok(seg.left == 0);
+                    }
+                    Err(Errno::INTR) => continue,
+                    Err(Errno::AGAIN) => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        match result {
+            None => Ok(Some(false)),
+            Some(Ok(true)) => Ok(Some(true)),
+            Some(Ok(false)) => {
+                self.with_rare(|r| r.files.push_front(seg));
+                Ok(Some(false))
+            }
+            Some(Err(Errno::PIPE) | Err(Errno::CONNRESET)) => Err(Failure::new(Error::ConnectionLost)),
+            Some(Err(Errno::NODATA)) => Err(Failure::new(Error::io(
+                format!("sending a file to a {} connection", K::NAME),
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file ended before the bytes queued",
+                ),
+            ))),
+            Some(Err(e)) => {
+                Err(Failure::new(Error::io(format!("sending a file to a {} connection", K::NAME), e.into())))
+            }
+        }
+    }
+
+    /// Drops a queued file (the connection is aborting or closed).
+    fn drop_file(&self) {
+        if self.has(Io::FILE) {
+            self.set_io(Io::FILE, false);
+            drop(self.peek_rare(|r| std::mem::take(&mut r.files)));
+        }
     }
 
     /// Everything buffered is sent: feed a pull producer, or finish a close.
@@ -686,6 +812,7 @@ impl<K: Kind> Connection<K> {
             drop(sock);
         }
         *self.out.borrow_mut() = None;
+        self.drop_file();
         let prefix = self.log_prefix();
         if let Some(producer) = self.producer.take() {
             run_logged(
@@ -855,7 +982,7 @@ impl<K: Kind> Connection<K> {
         if self.closing() || self.write_side.get() == WriteSide::Closed || data.is_empty() {
             return;
         }
-        if self.has(Io::IN_READ) && self.buffered_len() == 0 {
+        if self.has(Io::IN_READ) && self.buffered_len() == 0 && !self.has(Io::FILE) {
             let Some(reactor) = self.reactor.get() else { return };
             let mut stage = reactor.write_stage();
             let high = self.out.borrow().as_ref().map_or(DEFAULT_HIGH_WATER, |o| o.high as usize);
@@ -935,6 +1062,7 @@ impl<K: Kind> Connection<K> {
         self.life.set(Life::Aborting);
         self.stop_reading();
         *self.out.borrow_mut() = None;
+        self.drop_file();
         self.queue_flush();
     }
 
@@ -1002,7 +1130,37 @@ impl<K: Kind> Connection<K> {
     }
 
     fn raw_buffered(&self) -> usize {
-        self.buffered_len()
+        let file = if self.has(Io::FILE) {
+            self.peek_rare(|r| r.files.iter().map(|f| f.left).sum::<u64>()).unwrap_or(0)
+        } else {
+            0
+        };
+        self.buffered_len() + usize::try_from(file).unwrap_or(usize::MAX)
+    }
+
+    /// Queues `len` bytes of `file` from `offset` to go out by sendfile(2)
+    /// after what is buffered (see `Transport::write_file`).
+    fn raw_write_file(&self, file: &Rc<std::fs::File>, offset: u64, len: u64) -> bool {
+        if self.closing() || self.write_side.get() == WriteSide::Closed {
+            // Ignored, as writes after the end are.
+            return true;
+        }
+        if self.kind.needs_carrier_byte() || !file.metadata().is_ok_and(|m| m.is_file()) {
+            return false;
+        }
+        if len == 0 {
+            return true;
+        }
+        self.unstage();
+        let buffered = self.buffered_len();
+        self.with_rare(|r| {
+            let before: usize = r.files.iter().map(|f| f.ahead).sum();
+            let ahead = buffered.saturating_sub(before);
+            r.files.push_back(FileSegment { file: file.clone(), offset, left: len, ahead });
+        });
+        self.set_io(Io::FILE, true);
+        self.queue_flush();
+        true
     }
 
     fn raw_connected(&self) -> bool {
@@ -1133,6 +1291,13 @@ impl<K: Kind> TransportOps for Connection<K> {
         }
     }
 
+    fn write_file(&self, file: &Rc<std::fs::File>, offset: u64, len: u64) -> bool {
+        match self.upper() {
+            None => self.raw_write_file(file, offset, len),
+            Some(up) => up.write_file(file, offset, len),
+        }
+    }
+
     fn connected(&self) -> bool {
         match self.upper() {
             None => self.raw_connected(),
@@ -1196,6 +1361,9 @@ impl<K: Kind> TransportOps for Below<K> {
     }
     fn buffered(&self) -> usize {
         self.0.raw_buffered()
+    }
+    fn write_file(&self, file: &Rc<std::fs::File>, offset: u64, len: u64) -> bool {
+        self.0.raw_write_file(file, offset, len)
     }
     fn connected(&self) -> bool {
         self.0.raw_connected()
@@ -1374,6 +1542,7 @@ impl<K: Kind> Connection<K> {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
     use proptest::prelude::*;
     use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
