@@ -686,7 +686,14 @@ impl TlsState {
         if self.held.borrow().is_empty() && !self.held_close.get() {
             return;
         }
-        if self.release_scheduled.replace(true) {
+        self.at_end_of_pass(&self.release_scheduled, || self.release_held());
+    }
+
+    /// Sets `flag` and runs this layer's `Flush` at the end of the reactor's
+    /// pass (once, however often asked); with no loop to wait for (a test
+    /// double below), runs `now` at once.
+    fn at_end_of_pass(&self, flag: &Cell<bool>, now: impl FnOnce()) {
+        if flag.replace(true) {
             return;
         }
         let reactor = match &self.timer {
@@ -695,7 +702,7 @@ impl TlsState {
         };
         match (reactor, self.me.upgrade()) {
             (Some(reactor), Some(me)) => reactor.schedule_flush(me),
-            _ => self.release_held(),
+            _ => now(),
         }
     }
 
@@ -854,18 +861,7 @@ impl TlsState {
     }
 
     fn close_soon(&self) {
-        if self.close_scheduled.replace(true) {
-            return;
-        }
-        let reactor = match &self.timer {
-            Timer::Reactor(r) => r.get(),
-            Timer::None | Timer::Clock(_) => None,
-        };
-        match (reactor, self.me.upgrade()) {
-            (Some(reactor), Some(me)) => reactor.schedule_flush(me),
-            // No loop to wait for (a test double below): close now.
-            _ => self.run_close(),
-        }
+        self.at_end_of_pass(&self.close_scheduled, || self.run_close());
     }
 
     fn run_close(&self) {

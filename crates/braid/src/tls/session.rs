@@ -312,38 +312,54 @@ fn read<D>(
     }
 }
 
-/// Appends what `f` writes to `out`, growing `out` to the size rustls asks for.
-fn encode(
-    out: &mut Vec<u8>,
-    mut f: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
-) -> Result<(), rustls::Error> {
-    let len = out.len();
-    let mut room = 512;
-    loop {
-        out.resize(len + room, 0);
-        match f(&mut out[len..]) {
-            Ok(n) => {
-                out.truncate(len + n);
-                return Ok(());
-            }
-            Err(EncodeError::InsufficientSize(s)) => room = s.required_size,
-            Err(e) => {
-                out.truncate(len);
-                return Err(rustls::Error::General(e.to_string()));
-            }
+/// rustls's "the buffer is too small" answer, from either kind of call.
+trait TooSmall: std::fmt::Display {
+    /// The size needed, if that is what went wrong.
+    fn required(&self) -> Option<usize>;
+}
+
+impl TooSmall for EncodeError {
+    fn required(&self) -> Option<usize> {
+        match self {
+            EncodeError::InsufficientSize(s) => Some(s.required_size),
+            _ => None,
         }
     }
 }
 
+impl TooSmall for EncryptError {
+    fn required(&self) -> Option<usize> {
+        match self {
+            EncryptError::InsufficientSize(s) => Some(s.required_size),
+            _ => None,
+        }
+    }
+}
+
+/// Appends what `f` writes to `out`, growing `out` to the size rustls asks for.
+fn encode<E: TooSmall>(
+    out: &mut Vec<u8>,
+    f: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> Result<(), rustls::Error> {
+    append(out, 512, f)
+}
+
 /// The same for encryption: `plain` bytes need at most one record's
 /// overhead per 16 KiB.
-fn encrypt(
+fn encrypt<E: TooSmall>(
     out: &mut Vec<u8>,
     plain: usize,
-    mut f: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+    f: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> Result<(), rustls::Error> {
+    append(out, plain + (plain / 16384 + 1) * 64, f)
+}
+
+fn append<E: TooSmall>(
+    out: &mut Vec<u8>,
+    mut room: usize,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
 ) -> Result<(), rustls::Error> {
     let len = out.len();
-    let mut room = plain + (plain / 16384 + 1) * 64;
     loop {
         out.resize(len + room, 0);
         match f(&mut out[len..]) {
@@ -351,11 +367,13 @@ fn encrypt(
                 out.truncate(len + n);
                 return Ok(());
             }
-            Err(EncryptError::InsufficientSize(s)) => room = s.required_size,
-            Err(e) => {
-                out.truncate(len);
-                return Err(rustls::Error::General(e.to_string()));
-            }
+            Err(e) => match e.required() {
+                Some(need) if need > room => room = need,
+                _ => {
+                    out.truncate(len);
+                    return Err(rustls::Error::General(e.to_string()));
+                }
+            },
         }
     }
 }
