@@ -136,6 +136,7 @@ pub fn run(common: Common, args: Args) -> Result<(), String> {
     let reactor = braid::install(common.backend).map_err(|e| e.to_string())?;
     let clock: Rc<dyn ReactorTime> = Rc::new(reactor.clone());
     let site = Site::new(clock, Rc::new(files), config, log);
-    let what = Serve { name: "web", streams: Some(SharedFactory::new(site).erase()), datagrams: None, over: "" };
+    let what =
+        Serve { name: "web", streams: Some(SharedFactory::new(site).erase()), datagrams: None, over: "" };
     super::serve_on(&reactor, common, &listens, what, Vec::new())
 }
