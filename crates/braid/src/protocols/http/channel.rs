@@ -578,3 +578,163 @@ impl Protocol for HttpChannel {
         disarm(&self.shared);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocols::http::resource::Router;
+    use crate::protocols::http::response::BodyStream;
+    use crate::testing::{Clock, StringTransport};
+
+    struct Counter(u32);
+
+    impl BodyStream for Counter {
+        fn next_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+            self.0 += 1;
+            Ok((self.0 <= 3).then(|| format!("part{}", self.0).into_bytes()))
+        }
+    }
+
+    fn router() -> Router {
+        Router::new()
+            .mount("/hello", |r: &Request<'_>| {
+                Response::text(200, format!("hello {}", r.segments().join("/")))
+            })
+            .mount("/stream", |_: &Request<'_>| Response::new(200).body(Body::Stream(Box::new(Counter(0)))))
+            .mount("/big", |_: &Request<'_>| {
+                let f = std::fs::File::open("/proc/self/exe").unwrap();
+                Response::new(200).body(Body::File { file: f, offset: 0, len: 3 * body::CHUNK as u64 })
+            })
+    }
+
+    fn setup(config: Config) -> (Rc<Clock>, StringTransport, HttpChannel) {
+        let clock = Rc::new(Clock::new());
+        let time: Rc<dyn ReactorTime> = clock.clone();
+        let site = Site::new(time, Rc::new(router()), config, None);
+        let st = StringTransport::new();
+        let mut ch = site.channel(&st.transport().peer()).unwrap();
+        st.connect(&mut ch);
+        (clock, st, ch)
+    }
+
+    fn text(st: &StringTransport) -> String {
+        String::from_utf8_lossy(&st.take()).into_owned()
+    }
+
+    fn bodies(out: &str) -> Vec<&str> {
+        out.split("HTTP/1.1 ").skip(1).map(|r| r.split("\r\n\r\n").nth(1).unwrap_or("")).collect()
+    }
+
+    #[test]
+    fn pipelined_requests_in_order_with_a_producer_body_between() {
+        let (_clock, st, mut ch) = setup(Config::default());
+        st.feed(
+            &mut ch,
+            b"GET /hello/a HTTP/1.1\r\nHost: x\r\n\r\nGET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /hello/b HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        let first = text(&st);
+        assert!(first.contains("hello a"), "{first}");
+        assert!(!first.contains("hello b"), "answered before the body in between was sent");
+        let mut pieces = 0;
+        while let Some(p) = st.producer() {
+            p.resume_producing();
+            pieces += 1;
+            assert!(pieces < 10);
+        }
+        assert_eq!(pieces, 3, "one bounded piece per pull");
+        let rest = text(&st);
+        assert!(
+            rest.ends_with("hello b"),
+            "the pipelined request after the body: {}",
+            &rest[rest.len() - 40..]
+        );
+        assert!(!st.disconnecting() && !st.write_closed());
+    }
+
+    #[test]
+    fn streams_are_chunked_on_1_1_and_end_the_connection_on_1_0() {
+        let (_clock, st, mut ch) = setup(Config::default());
+        st.feed(&mut ch, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n");
+        while let Some(p) = st.producer() {
+            p.resume_producing();
+        }
+        let out = text(&st);
+        assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\n5\r\npart1\r\n5\r\npart2\r\n5\r\npart3\r\n0\r\n\r\n"), "{out}");
+        let (_clock, st, mut ch) = setup(Config::default());
+        st.feed(&mut ch, b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        while let Some(p) = st.producer() {
+            p.resume_producing();
+        }
+        let out = text(&st);
+        assert!(out.contains("Connection: close\r\n") && out.ends_with("part1part2part3"), "{out}");
+        assert!(st.write_closed(), "the body ends with the connection");
+    }
+
+    #[test]
+    fn router_404_and_methods() {
+        let (_clock, st, mut ch) = setup(Config::default());
+        st.feed(&mut ch, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\nPOST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhiHEAD /hello/z HTTP/1.1\r\nHost: x\r\n\r\n");
+        let out = text(&st);
+        let statuses: Vec<&str> = out.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+        assert_eq!(statuses, ["404", "405", "200"], "{out}");
+        assert!(out.contains("Allow: GET, HEAD\r\n"));
+        assert!(out.ends_with("Content-Length: 7\r\n\r\n"), "HEAD: the length, no body: {out}");
+        assert_eq!(bodies(&out).last(), Some(&""));
+    }
+
+    #[test]
+    fn timeouts_on_the_clock() {
+        let config = Config {
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            send_timeout: Duration::from_secs(7),
+            ..Config::default()
+        };
+        // A head that never completes: 408 at the header timeout.
+        let (clock, st, mut ch) = setup(config.clone());
+        st.feed(&mut ch, b"GET /hello HTTP/1.1\r\n");
+        clock.advance(Duration::from_secs(9));
+        assert!(st.value().is_empty());
+        clock.advance(Duration::from_secs(2));
+        assert!(text(&st).starts_with("HTTP/1.1 408 "));
+        assert!(st.write_closed());
+        // Idle after a response: closed at the keep-alive timeout, not before.
+        let (clock, st, mut ch) = setup(config.clone());
+        st.feed(&mut ch, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+        clock.advance(Duration::from_secs(4));
+        assert!(!st.disconnecting());
+        clock.advance(Duration::from_secs(2));
+        assert!(st.disconnecting());
+        // A client that takes nothing of a body: aborted at the send timeout.
+        let (clock, st, mut ch) = setup(config);
+        st.feed(&mut ch, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(st.producer().is_some());
+        clock.advance(Duration::from_secs(6));
+        st.producer().unwrap().resume_producing();
+        clock.advance(Duration::from_secs(6));
+        assert!(!st.aborted(), "a piece was taken: the timer started again");
+        clock.advance(Duration::from_secs(2));
+        assert!(st.aborted());
+    }
+
+    #[test]
+    fn requests_per_connection_and_the_connection_cap() {
+        let clock = Rc::new(Clock::new());
+        let time: Rc<dyn ReactorTime> = clock.clone();
+        let config = Config { max_requests: 2, max_connections: 1, ..Config::default() };
+        let site = Site::new(time, Rc::new(router()), config, None);
+        let st = StringTransport::new();
+        let mut ch = site.channel(&st.transport().peer()).unwrap();
+        assert!(site.channel(&st.transport().peer()).is_none(), "past the cap");
+        st.connect(&mut ch);
+        st.feed(&mut ch, &b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n".repeat(3));
+        let out = text(&st);
+        assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+        assert!(out.ends_with("Connection: close\r\n\r\nhello "), "{out}");
+        assert!(st.write_closed());
+        drop(ch);
+        assert_eq!(site.open_connections(), 0);
+        assert!(site.channel(&st.transport().peer()).is_some(), "below the cap again");
+    }
+}
