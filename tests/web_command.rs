@@ -525,8 +525,14 @@ fn path_traversal_is_refused() {
 #[test]
 fn header_timeout_cuts_off_a_slow_client() {
     let tree = Tree::new();
-    let server = start(&tree.root(), &["--header-timeout", "2"]);
+    let server = start(&tree.root(), &["--header-timeout", "2", "--keepalive-timeout", "30"]);
     let mut s = server.connect();
+    // A first request on the connection goes through; the slow one is the
+    // second, so its deadline runs from its own first byte.
+    s.write_all(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut first = BufReader::new(s.try_clone().unwrap());
+    assert_eq!(read_response(&mut first, false).unwrap().status, 200);
+    std::thread::sleep(Duration::from_millis(2500));
     let started = Instant::now();
     let mut cut = false;
     for b in b"GET /a.txt HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n" {
