@@ -816,7 +816,10 @@ fn listing_page_in_headless_chromium() {
     );
     // The text the browser made of the page (the DOM after parsing).
     let dom = run(&["--dump-dom".into(), url]);
-    for name in ["Index of /list/", "&lt;b&gt;&amp;amp;.txt", "a b.txt", "inner dir/", "../"] {
+    // PNG's IHDR: the width and height asked for.
+    assert_eq!((&png[16..20], &png[20..24]), (&800u32.to_be_bytes()[..], &600u32.to_be_bytes()[..]));
+    assert!(dom.contains("<h1>Index of /list/</h1>"), "{dom}");
+    for name in [">&lt;b&gt;&amp;amp;.txt</a>", ">a b.txt</a>", ">inner dir/</a>", ">../</a>"] {
         assert!(dom.contains(name), "{name} is not on the page: {dom}");
     }
     assert!(server.wait_log("\"GET /list/ HTTP/1.1\" 200"), "{}", server.log_text());
