@@ -140,9 +140,10 @@ impl Factory for Site {
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Between requests, nothing of the next one received. `fresh`: no
-    /// request yet (the header timeout applies, not the keep-alive one).
-    Idle { fresh: bool },
+    /// Between requests, nothing of the next one received (before the
+    /// first request the header timeout runs, after one the keep-alive
+    /// timeout).
+    Idle,
     /// Part of a head received.
     Head,
     /// Reading (and dropping) a request's body.
@@ -205,7 +206,7 @@ impl HttpChannel {
                 core: RefCell::new(Core {
                     transport: None,
                     decoder,
-                    phase: Phase::Idle { fresh: true },
+                    phase: Phase::Idle,
                     pending: None,
                     served: 0,
                     keep_alive: false,
@@ -266,12 +267,14 @@ fn timed_out(shared: &Rc<Shared>) {
     };
     let Some(t) = transport else { return };
     match phase {
-        Phase::Idle { fresh: false } => {
+        // Nothing asked (a browser's spare connection, say): closed
+        // without an answer, as nginx does.
+        Phase::Idle => {
             tracing::debug!(target: "braid", "http: {} idle: closed", t.peer());
             shared.core.borrow_mut().phase = Phase::Closed;
             t.lose_connection();
         }
-        Phase::Idle { fresh: true } | Phase::Head | Phase::Body => {
+        Phase::Head | Phase::Body => {
             tracing::info!(target: "braid", "http: {} too slow sending its request: 408", t.peer());
             let mut c = shared.core.borrow_mut();
             c.refuse(shared, 408, None);
@@ -336,9 +339,9 @@ impl Core {
                     Step::Wait
                 }
             }
-            Phase::Idle { .. } | Phase::Head | Phase::Body => match self.decoder.next_event() {
+            Phase::Idle | Phase::Head | Phase::Body => match self.decoder.next_event() {
                 Ok(None) => {
-                    if matches!(self.phase, Phase::Idle { .. }) && !self.decoder.idle() {
+                    if matches!(self.phase, Phase::Idle) && !self.decoder.idle() {
                         self.phase = Phase::Head;
                         arm(shared, config.header_timeout);
                     }
@@ -521,7 +524,7 @@ impl Core {
             self.linger(shared);
             return;
         }
-        self.phase = Phase::Idle { fresh: false };
+        self.phase = Phase::Idle;
         arm(shared, shared.server.config.keepalive_timeout);
         if self.paused {
             self.paused = false;
