@@ -68,14 +68,7 @@ fn none_match(header: &str, etag: &str) -> bool {
     header.split(',').any(|t| t.trim() == "*" || bare(t) == bare(etag))
 }
 
-fn serve_file(request: &Request<'_>, file: File, name: &str) -> Response {
-    let meta = match file.metadata() {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(target: "braid", "http: reading a file's metadata: {e}");
-            return Response::error(500);
-        }
-    };
+fn serve_file(request: &Request<'_>, file: File, meta: &std::fs::Metadata, name: &str) -> Response {
     let size = meta.len();
     let mtime = meta.modified().map_or(0, date::unix_seconds);
     let etag = format!("\"{mtime:x}-{size:x}\"");
@@ -135,17 +128,21 @@ impl Resource for StaticFiles {
             Ok(f) => f,
             Err(e) => return self.open_error(e),
         };
-        let kind = match file.metadata() {
-            Ok(m) => m.file_type(),
-            Err(_) => return Response::error(500),
+        let meta = match file.metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(target: "braid", "http: reading a file's metadata: {e}");
+                return Response::error(500);
+            }
         };
+        let kind = meta.file_type();
         let name = request.segments().last().map_or("", String::as_str);
         if kind.is_file() {
             // `/file.txt/` names a directory that is not there.
             if request.path.trailing_slash {
                 return Response::error(404);
             }
-            return serve_file(request, file, name);
+            return serve_file(request, file, &meta, name);
         }
         if !kind.is_dir() {
             // FIFOs, sockets, devices: never served.
@@ -162,8 +159,12 @@ impl Resource for StaticFiles {
         }
         if let Some(index) = &self.index {
             match self.root.open_file(&rel.join(index)) {
-                Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => return serve_file(request, f, index),
-                Ok(_) | Err(OpenError::NotFound) => {}
+                Ok(f) => {
+                    if let Some(m) = f.metadata().ok().filter(|m| m.is_file()) {
+                        return serve_file(request, f, &m, index);
+                    }
+                }
+                Err(OpenError::NotFound) => {}
                 Err(e) => return self.open_error(e),
             }
         }
