@@ -654,6 +654,25 @@ mod tests {
         assert!(!st.disconnecting() && !st.write_closed());
     }
 
+    // While a body is out, pipelined requests past a head's worth stop
+    // the reading; once it is sent, reading resumes and they are answered.
+    #[test]
+    fn a_pipelined_backlog_pauses_reading() {
+        use crate::testing::ProducerState;
+        let (_clock, st, mut ch) = setup(Config::default());
+        st.feed(&mut ch, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n");
+        let backlog = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n".repeat(300);
+        st.feed(&mut ch, &backlog[..4000]);
+        assert_eq!(st.producer_state(), ProducerState::Producing);
+        st.feed(&mut ch, &backlog[4000..]);
+        assert_eq!(st.producer_state(), ProducerState::Paused);
+        while let Some(p) = st.producer() {
+            p.resume_producing();
+        }
+        assert_eq!(st.producer_state(), ProducerState::Producing);
+        assert_eq!(text(&st).matches("hello ").count(), 300);
+    }
+
     #[test]
     fn streams_are_chunked_on_1_1_and_end_the_connection_on_1_0() {
         let (_clock, st, mut ch) = setup(Config::default());
