@@ -511,9 +511,10 @@ impl Core {
                 Step::Send(transport, source)
             }
         };
-        self.scratch = out;
-        if self.scratch.capacity() > 4 * body::CHUNK {
-            self.scratch = Vec::new();
+        // Kept for the next response unless a large one grew it: an idle
+        // connection should not hold a file's worth of memory.
+        if out.capacity() <= SCRATCH_KEPT {
+            self.scratch = out;
         }
         step
     }
@@ -534,6 +535,9 @@ impl Core {
         }
     }
 }
+
+/// The largest response-head buffer a connection keeps between requests.
+const SCRATCH_KEPT: usize = 16 * 1024;
 
 fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
