@@ -311,16 +311,24 @@ impl RequestDecoder {
         if rest.is_empty() {
             return Ok(None);
         }
-        let line_end = rest.iter().position(|&b| b == b'\n');
-        if line_end.map_or(rest.len(), |i| i) > self.limits.max_request_line {
-            return Err(refuse(414, "request line too long"));
-        }
+        // Only a window of the limit's size (plus one byte) is parsed, so
+        // what is refused, and why, does not depend on how the bytes were
+        // split: the request line's window while it has no end, the head's
+        // after.
+        let max_line = self.limits.max_request_line;
+        let line_window = &rest[..rest.len().min(max_line + 1)];
+        let line_open = !line_window.contains(&b'\n');
+        let window =
+            if line_open { line_window } else { &rest[..rest.len().min(self.limits.max_header_bytes + 1)] };
         let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
         let mut req = httparse::Request::new(&mut headers);
-        let status = req.parse(rest);
+        let status = req.parse(window);
         let consumed = match status {
             Ok(httparse::Status::Partial) => {
-                if rest.len() > self.limits.max_header_bytes {
+                if line_open && window.len() > max_line {
+                    return Err(refuse(414, "request line too long"));
+                }
+                if window.len() > self.limits.max_header_bytes {
                     return Err(refuse(431, "request header block too large"));
                 }
                 return Ok(None);
@@ -329,7 +337,8 @@ impl RequestDecoder {
             Err(httparse::Error::TooManyHeaders) => return Err(refuse(431, "too many header fields")),
             Err(httparse::Error::Version) => {
                 // `HTTP/2.0` is a version we do not speak; `FOO` is no version.
-                let line = &rest[..line_end.unwrap_or(rest.len())];
+                let line_end = window.iter().position(|&b| b == b'\n').unwrap_or(window.len());
+                let line = &window[..line_end];
                 let last = line.split(|&b| b == b' ').next_back().unwrap_or(&[]);
                 let last = last.strip_suffix(b"\r").unwrap_or(last);
                 let versioned = last.len() == 8
@@ -568,6 +577,37 @@ mod tests {
             prop_assert_eq!(total, body.len());
             let heads: Vec<String> = whole.into_iter().filter_map(|e| e.ok()).filter(|e| !e.starts_with("body")).collect();
             prop_assert_eq!(got, heads);
+        }
+
+        // Whatever the bytes, the same refusal (or none) for any split:
+        // limits are checked on windows, not on what happened to arrive.
+        #[test]
+        fn refusals_do_not_depend_on_splits(
+            input in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b' '), Just(b'G'), Just(b'/'), Just(b':'), any::<u8>()], 0..120),
+            cut in 0usize..120,
+        ) {
+            let limits = Limits { max_request_line: 16, max_header_bytes: 40, max_headers: 2, max_body: 8 };
+            let whole = events(&input, limits.clone());
+            let cut = cut.min(input.len());
+            let mut d = RequestDecoder::new(limits);
+            let mut split = Vec::new();
+            'feed: for part in [&input[..cut], &input[cut..]] {
+                d.feed(part);
+                loop {
+                    match d.next_event() {
+                        Ok(None) => break,
+                        Ok(Some(Event::Head(h))) => split.push(Ok(format!("{} {}", h.method(), h.target()))),
+                        Ok(Some(Event::Body(_))) => {}
+                        Ok(Some(Event::End)) => split.push(Ok("end".into())),
+                        Err(e) => {
+                            split.push(Err(e.status));
+                            break 'feed;
+                        }
+                    }
+                }
+            }
+            let whole: Vec<_> = whole.into_iter().filter(|e| !matches!(e, Ok(s) if s.starts_with("body"))).collect();
+            prop_assert_eq!(split, whole);
         }
 
         // Arbitrary bytes: never a panic, never an endless loop.
