@@ -406,6 +406,8 @@ fn range_requests() {
 fn methods_expect_and_request_bodies() {
     let tree = Tree::new();
     let server = start(&tree.root(), &["--max-body", "1000"]);
+    let star = send(&server, "OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!((star.status, star.header("Allow")), (405, Some("GET, HEAD")));
     for m in ["OPTIONS", "POST", "PUT", "DELETE", "PATCH", "FOO"] {
         let r = send(&server, &format!("{m} /a.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"));
         assert_eq!((r.status, r.header("Allow")), (405, Some("GET, HEAD")), "{m}");
@@ -740,6 +742,11 @@ fn exits_cleanly_and_refuses_a_bad_path() {
     let tree = Tree::new();
     let mut server = start(&tree.root(), &[]);
     assert_eq!(get(&server, "/a.txt").status, 200);
+    // A kept-alive connection left open does not hold the exit up.
+    let mut idle = server.connect();
+    idle.write_all(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut BufReader::new(idle.try_clone().unwrap()), false).unwrap().status, 200);
+    let started = Instant::now();
     let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -751,6 +758,9 @@ fn exits_cleanly_and_refuses_a_bad_path() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(code, Some(0));
+    assert!(started.elapsed() < Duration::from_secs(4), "the exit waited {:?}", started.elapsed());
+    let (closed, _) = closed_within(&mut idle, Duration::from_secs(5));
+    assert!(closed);
     let out = Command::new(BIN)
         .args(["web", "--path", "/nonexistent/braid-web", "--listen", "tcp:0"])
         .output()

@@ -436,6 +436,10 @@ impl Core {
         let Some(transport) = self.transport.clone() else { return Step::Wait };
         let target = match path::resolve(head.target()) {
             Ok(p) => p,
+            // `OPTIONS *` asks about the server: no method but GET and HEAD.
+            Err(_) if head.target() == "*" && head.method() == "OPTIONS" => {
+                path::RequestPath { segments: Vec::new(), trailing_slash: true, query: None }
+            }
             Err(_) => {
                 self.refuse(shared, 400, Some(head));
                 return Step::Wait;
