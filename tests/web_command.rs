@@ -883,3 +883,32 @@ fn serves_over_tls() {
     ));
     assert_eq!(got, want);
 }
+
+// Many clients at once, each with a kept-alive connection: every
+// response whole and in order (bounded: 16 clients × 100 requests).
+#[test]
+fn many_kept_alive_clients_at_once() {
+    let tree = Tree::new();
+    let server = start(&tree.root(), &["--access-log", "off"]);
+    let port = server.port;
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                for n in 0..100 {
+                    let (target, want): (&str, &[u8]) =
+                        if (i + n) % 2 == 0 { ("/a.txt", b"hello\n") } else { ("/noext", b"plain") };
+                    w.write_all(format!("GET {target} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+                    let resp = read_response(&mut r, false).expect("a response");
+                    assert_eq!((resp.status, resp.body.as_slice()), (200, want), "client {i} request {n}");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+}
