@@ -42,6 +42,7 @@ impl Tree {
         std::fs::write(root.join("list/<b>&amp;.txt"), "x").unwrap();
         std::fs::write(root.join("list/a b.txt"), "yy").unwrap();
         std::fs::create_dir_all(root.join("list/inner dir")).unwrap();
+        std::fs::write(root.join("list/.hidden"), "h").unwrap();
         let digits: Vec<u8> = (0..10_000u32).map(|i| b'0' + (i % 10) as u8).collect();
         std::fs::write(root.join("digits.txt"), digits).unwrap();
         std::os::unix::fs::symlink(base.join("outside/secret.txt"), root.join("leak")).unwrap();
@@ -275,6 +276,8 @@ fn serves_files_index_listing_and_redirects() {
         ["inner%20dir/", "%3Cb%3E", "a%20b.txt"].iter().map(|n| html.find(n).unwrap()).collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{html}");
     assert!(html.contains("title=\"2 bytes\""), "sizes: {html}");
+    assert!(!html.contains(".hidden"), "a hidden file is listed: {html}");
+    assert_eq!(get(&server, "/list/.hidden").text(), "h", "but served by name");
     // Through curl as well, following the redirect.
     assert_eq!(curl(&["-L", &server.url("/sub")]), "<h1>index</h1>");
 

@@ -22,7 +22,8 @@ pub struct Entry {
 /// Most entries listed; beyond them the page says how many were left out.
 pub const MAX_ENTRIES: usize = 10_000;
 
-/// The entries of the open directory `dir`, directories first, then files,
+/// The entries of the open directory `dir` but hidden ones (names that
+/// start with `.`), directories first, then files,
 /// each sorted by name; with the count of entries left out beyond
 /// [`MAX_ENTRIES`].
 pub fn read(dir: &File) -> std::io::Result<(Vec<Entry>, usize)> {
@@ -31,7 +32,9 @@ pub fn read(dir: &File) -> std::io::Result<(Vec<Entry>, usize)> {
     for e in rustix::fs::Dir::read_from(dir)? {
         let e = e?;
         let name = e.file_name().to_bytes();
-        if name == b"." || name == b".." {
+        // Hidden files (`.git`, `.env`) are not listed, as nginx's
+        // autoindex does not; they are still served if asked for by name.
+        if name.starts_with(b".") {
             continue;
         }
         if entries.len() >= MAX_ENTRIES {

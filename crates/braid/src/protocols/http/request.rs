@@ -3,6 +3,7 @@
 //! decoder that does no I/O: push bytes with [`RequestDecoder::feed`],
 //! pull [`Event`]s with [`RequestDecoder::next_event`].
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// Limits on what a client may send, with nginx-like defaults.
@@ -154,6 +155,9 @@ enum State {
     /// A request was refused; nothing more is read.
     Failed(Refused),
 }
+
+/// Header slots kept on the stack while a head is parsed.
+const STACK_HEADERS: usize = 128;
 
 /// Longest chunk-size or trailer line accepted.
 const MAX_CHUNK_LINE: usize = 4096;
@@ -320,9 +324,18 @@ impl RequestDecoder {
         let line_open = !line_window.contains(&b'\n');
         let window =
             if line_open { line_window } else { &rest[..rest.len().min(self.limits.max_header_bytes + 1)] };
-        let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
-        let mut req = httparse::Request::new(&mut headers);
-        let status = req.parse(window);
+        // Room for the headers on the stack (uninitialized: nothing to fill
+        // per request), on the heap only for a limit above it.
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+        let mut heap = Vec::new();
+        let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if self.limits.max_headers <= STACK_HEADERS {
+            &mut stack[..self.limits.max_headers]
+        } else {
+            heap.resize_with(self.limits.max_headers, MaybeUninit::uninit);
+            &mut heap
+        };
+        let mut req = httparse::Request::new(&mut []);
+        let status = req.parse_with_uninit_headers(window, slots);
         let consumed = match status {
             Ok(httparse::Status::Partial) => {
                 if line_open && window.len() > max_line {
@@ -537,6 +550,18 @@ mod tests {
             events(b"GET / HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n", Limits::default()),
             vec![Err(417)]
         );
+    }
+
+    // Past the stack's header slots the limit still holds, on the heap.
+    #[test]
+    fn a_header_limit_above_the_stack_slots() {
+        let limits = Limits { max_headers: 200, max_header_bytes: 64 * 1024, ..Limits::default() };
+        let head = |n: usize| {
+            let fields: String = (0..n).map(|i| format!("X-{i}: v\r\n")).collect();
+            format!("GET / HTTP/1.1\r\nHost: h\r\n{fields}\r\n")
+        };
+        assert_eq!(events(head(150).as_bytes(), limits.clone()), ok(&["GET /", "end"]));
+        assert_eq!(events(head(200).as_bytes(), limits), vec![Err(431)]);
     }
 
     #[test]
