@@ -349,16 +349,17 @@ impl RequestDecoder {
             Ok(httparse::Status::Complete(n)) => n,
             Err(httparse::Error::TooManyHeaders) => return Err(refuse(431, "too many header fields")),
             Err(httparse::Error::Version) => {
-                // `HTTP/2.0` is a version we do not speak; `FOO` is no version.
-                let line_end = window.iter().position(|&b| b == b'\n').unwrap_or(window.len());
-                let line = &window[..line_end];
-                let last = line.split(|&b| b == b' ').next_back().unwrap_or(&[]);
-                let last = last.strip_suffix(b"\r").unwrap_or(last);
-                let versioned = last.len() == 8
-                    && last.starts_with(b"HTTP/")
-                    && last[5].is_ascii_digit()
-                    && last[6] == b'.'
-                    && last[7].is_ascii_digit();
+                // `HTTP/2.0` is a version we do not speak; `FOO` is no
+                // version. Only the eight bytes after the target count, so
+                // the answer does not depend on what arrived after them.
+                let mut spaces = window.iter().enumerate().filter(|(_, &b)| b == b' ').map(|(i, _)| i);
+                let version = spaces.nth(1).map_or(&[][..], |i| &window[i + 1..]);
+                let v = &version[..version.len().min(8)];
+                let versioned = v.len() == 8
+                    && v.starts_with(b"HTTP/")
+                    && v[5].is_ascii_digit()
+                    && v[6] == b'.'
+                    && v[7].is_ascii_digit();
                 return Err(if versioned {
                     refuse(505, "unsupported HTTP version")
                 } else {
@@ -550,6 +551,21 @@ mod tests {
             events(b"GET / HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n", Limits::default()),
             vec![Err(417)]
         );
+    }
+
+    // Found by the fuzzer: a version refused as soon as its eight bytes
+    // are in, whatever follows them.
+    #[test]
+    fn the_version_refusal_does_not_depend_on_what_follows() {
+        for input in [&b"GET / HTTP/2.0X\r\n\r\n"[..], b"GET / HTTP/2.0\r\n\r\n", b"GET / HTTP/2.0"] {
+            assert_eq!(
+                events(input, Limits::default()),
+                vec![Err(505)],
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        assert_eq!(events(b"GET / XTTP/1.1\r\n\r\n", Limits::default()), vec![Err(400)]);
     }
 
     // Past the stack's header slots the limit still holds, on the heap.
