@@ -2,9 +2,10 @@
 //! on the transport, so the next piece is read only when the last one
 //! left, and a slow client costs one piece of memory whatever the size.
 //!
-//! This is the one place that moves file bytes to the transport; a
-//! zero-copy path (`sendfile`) replaces [`send`]'s file branch without
-//! touching the connection's state machine.
+//! This is the one place that moves file bytes to the transport (a small
+//! file is appended to its response's head by [`append_inline`], a larger
+//! one goes through [`send`]); a zero-copy path (`sendfile`) replaces
+//! these without touching the connection's state machine.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -147,6 +148,27 @@ impl Producer for Sender {
     fn stop_producing(&self) {
         self.source.borrow_mut().take();
     }
+}
+
+/// `Some(len)` if `source` is small enough to be written with the
+/// response head at once (a file of at most [`CHUNK`] bytes), without a
+/// producer.
+pub fn inline_size(source: &Source) -> Option<u64> {
+    match source {
+        Source::File { len, .. } if *len <= CHUNK as u64 => Some(*len),
+        _ => None,
+    }
+}
+
+/// Appends a body that [`inline_size`] accepted to `out` (after the head);
+/// on a read error `out` is left as it was.
+pub fn append_inline(out: &mut Vec<u8>, source: Source) -> std::io::Result<()> {
+    let Source::File { file, offset, len } = source else {
+        return Err(std::io::Error::other("only a file body is written inline"));
+    };
+    let at = out.len();
+    out.resize(at + len as usize, 0);
+    file.read_exact_at(&mut out[at..], offset).inspect_err(|_| out.truncate(at))
 }
 
 /// Starts sending `source` through `transport`; `notify` hears about each

@@ -488,11 +488,9 @@ impl Core {
                 self.finish(shared);
                 Step::Again
             }
-            // A small file goes out with its head in one write.
-            Some(Source::File { file, offset, len }) if len <= body::CHUNK as u64 => {
-                let at = out.len();
-                out.resize(at + len as usize, 0);
-                match read_exact_at(&file, &mut out[at..], offset) {
+            // A small body goes out with its head in one write.
+            Some(source) if body::inline_size(&source).is_some() => {
+                match body::append_inline(&mut out, source) {
                     Ok(()) => {
                         transport.write(&out);
                         self.finish(shared);
@@ -500,7 +498,6 @@ impl Core {
                     }
                     Err(e) => {
                         tracing::warn!(target: "braid", "http: reading a file for {}: {e}", self.peer);
-                        out.truncate(at);
                         self.phase = Phase::Closed;
                         transport.abort_connection();
                         Step::Wait
@@ -542,11 +539,6 @@ impl Core {
 
 /// The largest response-head buffer a connection keeps between requests.
 const SCRATCH_KEPT: usize = 16 * 1024;
-
-fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    file.read_exact_at(buf, offset)
-}
 
 impl Protocol for HttpChannel {
     fn connection_made(&mut self, transport: Transport) {
