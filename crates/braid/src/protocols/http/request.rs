@@ -319,11 +319,10 @@ impl RequestDecoder {
         // what is refused, and why, does not depend on how the bytes were
         // split: the request line's window while it has no end, the head's
         // after.
-        let max_line = self.limits.max_request_line;
-        let line_window = &rest[..rest.len().min(max_line + 1)];
-        let line_open = !line_window.contains(&b'\n');
-        let window =
-            if line_open { line_window } else { &rest[..rest.len().min(self.limits.max_header_bytes + 1)] };
+        let (max_line, max_head) = (self.limits.max_request_line, self.limits.max_header_bytes);
+        let line_open = !rest[..rest.len().min(max_line + 1)].contains(&b'\n');
+        let limit = if line_open { max_line.min(max_head) } else { max_head };
+        let window = &rest[..rest.len().min(limit + 1)];
         // Room for the headers on the stack (uninitialized: nothing to fill
         // per request), on the heap only for a limit above it.
         let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
@@ -337,15 +336,14 @@ impl RequestDecoder {
         let mut req = httparse::Request::new(&mut []);
         let status = req.parse_with_uninit_headers(window, slots);
         let consumed = match status {
-            Ok(httparse::Status::Partial) => {
-                if line_open && window.len() > max_line {
-                    return Err(refuse(414, "request line too long"));
-                }
-                if window.len() > self.limits.max_header_bytes {
-                    return Err(refuse(431, "request header block too large"));
-                }
-                return Ok(None);
+            Ok(httparse::Status::Partial) if window.len() > limit => {
+                return Err(if line_open && window.len() > max_line {
+                    refuse(414, "request line too long")
+                } else {
+                    refuse(431, "request header block too large")
+                });
             }
+            Ok(httparse::Status::Partial) => return Ok(None),
             Ok(httparse::Status::Complete(n)) => n,
             Err(httparse::Error::TooManyHeaders) => return Err(refuse(431, "too many header fields")),
             Err(httparse::Error::Version) => {
@@ -626,8 +624,9 @@ mod tests {
         fn refusals_do_not_depend_on_splits(
             input in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b' '), Just(b'G'), Just(b'/'), Just(b':'), any::<u8>()], 0..120),
             cut in 0usize..120,
+            head_limit in prop_oneof![Just(8usize), Just(16), Just(40)],
         ) {
-            let limits = Limits { max_request_line: 16, max_header_bytes: 40, max_headers: 2, max_body: 8 };
+            let limits = Limits { max_request_line: 16, max_header_bytes: head_limit, max_headers: 2, max_body: 8 };
             let whole = events(&input, limits.clone());
             let cut = cut.min(input.len());
             let mut d = RequestDecoder::new(limits);
