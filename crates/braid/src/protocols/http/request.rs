@@ -566,6 +566,30 @@ mod tests {
         assert_eq!(events(b"GET / XTTP/1.1\r\n\r\n", Limits::default()), vec![Err(400)]);
     }
 
+    // Found by the fuzzer: a head limit below the request-line limit, and
+    // a bad version past the head limit, refused alike however split.
+    #[test]
+    fn a_long_bad_line_is_refused_alike_however_split() {
+        // A bad version at byte 42: past the head limit, before the line's end.
+        let input = b"T` O,,,,,,,,)ggglgggggggggggggggggggPPM T` Expect: 100continue\r\n  ";
+        let limits = Limits { max_request_line: 96, max_header_bytes: 32, max_headers: 4, max_body: 10 };
+        let whole = events(input, limits.clone());
+        assert_eq!(whole, vec![Err(431)]);
+        for cut in [10, 32, 55] {
+            let mut d = RequestDecoder::new(limits.clone());
+            d.feed(&input[..cut]);
+            let first = d.next_event();
+            let refused = match first {
+                Err(e) => e,
+                Ok(_) => {
+                    d.feed(&input[cut..]);
+                    d.next_event().unwrap_err()
+                }
+            };
+            assert_eq!(vec![Err(refused.status)], whole, "cut {cut}");
+        }
+    }
+
     // Past the stack's header slots the limit still holds, on the heap.
     #[test]
     fn a_header_limit_above_the_stack_slots() {
