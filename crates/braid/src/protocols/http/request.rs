@@ -347,17 +347,15 @@ impl RequestDecoder {
             Ok(httparse::Status::Complete(n)) => n,
             Err(httparse::Error::TooManyHeaders) => return Err(refuse(431, "too many header fields")),
             Err(httparse::Error::Version) => {
-                // `HTTP/2.0` is a version we do not speak; `FOO` is no
-                // version. Only the eight bytes after the target count, so
-                // the answer does not depend on what arrived after them.
+                // `HTTP/2.0` is a version we do not speak (505); `HTTP/1.x`
+                // or `FOO` is no version (400). The major digit decides, and
+                // the tokenizer stops at it, so what follows does not count.
                 let mut spaces = window.iter().enumerate().filter(|(_, &b)| b == b' ').map(|(i, _)| i);
                 let version = spaces.nth(1).map_or(&[][..], |i| &window[i + 1..]);
-                let v = &version[..version.len().min(8)];
-                let versioned = v.len() == 8
-                    && v.starts_with(b"HTTP/")
-                    && v[5].is_ascii_digit()
-                    && v[6] == b'.'
-                    && v[7].is_ascii_digit();
+                let versioned = version.len() >= 6
+                    && version.starts_with(b"HTTP/")
+                    && version[5].is_ascii_digit()
+                    && version[5] != b'1';
                 return Err(if versioned {
                     refuse(505, "unsupported HTTP version")
                 } else {
@@ -555,7 +553,9 @@ mod tests {
     // are in, whatever follows them.
     #[test]
     fn the_version_refusal_does_not_depend_on_what_follows() {
-        for input in [&b"GET / HTTP/2.0X\r\n\r\n"[..], b"GET / HTTP/2.0\r\n\r\n", b"GET / HTTP/2.0"] {
+        for input in
+            [&b"GET / HTTP/2.0X\r\n\r\n"[..], b"GET / HTTP/2.0\r\n\r\n", b"GET / HTTP/2.", b"GET / HTTP/3"]
+        {
             assert_eq!(
                 events(input, Limits::default()),
                 vec![Err(505)],
@@ -564,6 +564,7 @@ mod tests {
             );
         }
         assert_eq!(events(b"GET / XTTP/1.1\r\n\r\n", Limits::default()), vec![Err(400)]);
+        assert_eq!(events(b"GET / HTTP/1.x\r\n\r\n", Limits::default()), vec![Err(400)]);
     }
 
     // Found by the fuzzer: a head limit below the request-line limit, and
