@@ -242,6 +242,47 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A tree whose links lead out of the root (to a sibling, and by `..`).
+    fn tree() -> &'static Path {
+        static TREE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        TREE.get_or_init(|| {
+            let base = std::env::temp_dir().join(format!("braid-http-path-{}", std::process::id()));
+            let root = base.join("root");
+            std::fs::create_dir_all(root.join("a/b")).unwrap();
+            std::fs::create_dir_all(base.join("out")).unwrap();
+            std::fs::write(base.join("out/secret"), "s").unwrap();
+            std::fs::write(base.join("secret"), "s").unwrap();
+            std::fs::write(root.join("a/f"), "f").unwrap();
+            let _ = std::os::unix::fs::symlink(base.join("out"), root.join("a/out"));
+            let _ = std::os::unix::fs::symlink("../../secret", root.join("a/up"));
+            let _ = std::os::unix::fs::symlink("../../out", root.join("a/upd"));
+            let _ = std::os::unix::fs::symlink("f", root.join("a/in"));
+            root.canonicalize().unwrap()
+        })
+    }
+
+    #[test]
+    fn symlinks_inside_open_and_those_out_are_forbidden() {
+        let r = Root::open(tree(), false).unwrap();
+        assert!(r.open_file(Path::new("a/in")).is_ok());
+        for out in ["a/out/secret", "a/up", "a/upd/secret", "a/out"] {
+            assert_eq!(r.open_file(Path::new(out)).err(), Some(OpenError::Forbidden), "{out}");
+        }
+        assert_eq!(r.open_file(Path::new("a/nothing")).err(), Some(OpenError::NotFound));
+        let open = Root::open(tree(), true).unwrap();
+        assert!(open.open_file(Path::new("a/up")).is_ok(), "followed on purpose");
+        // Without openat2 the canonical path is checked instead.
+        r.beneath.set(false);
+        assert!(r.open_file(Path::new("a/in")).is_ok());
+        for out in ["a/out/secret", "a/up", "a/upd/secret"] {
+            assert_eq!(
+                r.open_file(Path::new(out)).err(),
+                Some(OpenError::Forbidden),
+                "{out} without openat2"
+            );
+        }
+    }
+
     fn segs(t: &str) -> Result<Vec<String>, PathError> {
         resolve(t).map(|p| p.segments)
     }
@@ -314,6 +355,28 @@ mod tests {
                     prop_assert!(!s.contains('/') && !s.contains('\\') && !s.contains('\0'));
                 }
                 prop_assert_eq!(resolve(&p.to_url()).map(|q| q.segments), Ok(p.segments.clone()));
+            }
+        }
+
+        // Whatever a target resolves to opens inside the root or not at
+        // all, with symlinks out of it and `..` in them (the kernel's name
+        // for the open descriptor says where it is).
+        #[test]
+        fn nothing_opens_outside_the_root(
+            parts in proptest::collection::vec(prop_oneof![
+                Just("a"), Just("f"), Just("out"), Just("up"), Just("in"), Just("secret"), Just(".."),
+                Just("%2e%2e"), Just("."), Just(""), Just("b"), Just("upd"),
+            ], 0..6),
+        ) {
+            let root = tree();
+            let target = format!("/{}", parts.join("/"));
+            if let Ok(p) = resolve(&target) {
+                let r = Root::open(root, false).unwrap();
+                if let Ok(f) = r.open_file(&p.relative()) {
+                    use std::os::fd::AsRawFd;
+                    let real = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
+                    prop_assert!(real.starts_with(root), "{target} opened {real:?}");
+                }
             }
         }
 
