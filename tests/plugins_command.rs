@@ -180,19 +180,40 @@ fn sigterm_closes_listeners_then_connections_within_the_grace() {
     let mut server = start(&["--grace", "0.5", "echo", "--listen", "tcp:0:interface=127.0.0.1"], 1);
     let stuck = connect(&server.addrs[0]);
     let mut writer = stuck.try_clone().unwrap();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
     let flood = std::thread::spawn(move || {
-        let chunk = vec![0u8; 1 << 20];
-        for _ in 0..256 {
+        let chunk = vec![0u8; 64 << 10];
+        for _ in 0..4096 {
             if writer.write_all(&chunk).is_err() {
                 break;
             }
+            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
         }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Stuck means the writes stopped going through: every buffer on the way
+    // is full, however long a loaded machine takes to get there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (0, Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if now > 0 && last.1.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the echo never stopped taking bytes ({now} written)");
+    }
     let t0 = Instant::now();
     signal(&server.child, "-TERM");
     assert_eq!(wait_exit(&mut server.child, Duration::from_secs(20)), 0);
-    assert!(t0.elapsed() >= Duration::from_millis(400), "the grace period was not given");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "the grace period was not given ({:?}): {}",
+        t0.elapsed(),
+        server.log.lock().unwrap()
+    );
     assert!(
         server.log.lock().unwrap().contains("grace period over: aborting 1 connection"),
         "{}",

@@ -256,6 +256,83 @@ pub mod tls {
     }
 }
 
+/// What the side benchmarks (`portforward`, `web`) share: finding the
+/// other binaries, pinning, starting a server and reading its CPU time.
+pub mod side {
+    use std::io::{BufRead, BufReader};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::die;
+
+    /// The directory the running binary is in (the other benches are too).
+    pub fn bin_dir() -> PathBuf {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| "target/release".into())
+    }
+
+    /// `exe` under `taskset`, on CPU `cpu` only.
+    pub fn pinned(cpu: u32, exe: &Path) -> Command {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(cpu.to_string()).arg(exe);
+        c
+    }
+
+    /// Starts `cmd` and waits for its "listening on ADDR" line.
+    pub fn start(mut cmd: Command, what: &str) -> (Child, String) {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| die(&format!("starting {what}: {e}")));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(50)) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    // Keep draining so the process never blocks on its output.
+                    std::thread::spawn(move || while rx.recv().is_ok() {});
+                    return (child, addr);
+                }
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        die(&format!("{what} did not say where it listens"))
+    }
+
+    /// The run time of every thread of `pid` so far, in ns (schedstat).
+    pub fn cpu_ns(pid: u32) -> f64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The middle value (the upper one of an even count).
+    pub fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,9 +3,11 @@
 //! gives the same kind and arguments; and the server/client registries
 //! turn any parsed description into an endpoint or a clear error, without
 //! opening anything (building an endpoint does not listen or connect).
+//! Any text as a client's host name: its IDNA form is ASCII and encodes
+//! to itself again, and a name without one is kept as given.
 #![no_main]
 
-use braid::endpoints::{parse, quote, Registry};
+use braid::endpoints::{parse, quote, Host, Registry};
 use libfuzzer_sys::fuzz_target;
 
 thread_local! {
@@ -14,6 +16,17 @@ thread_local! {
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
+    match Host::encode(text) {
+        Host::Name(ascii) => {
+            assert!(ascii.is_ascii(), "{text:?} encoded to {ascii:?}");
+            assert_eq!(Host::encode(&ascii), Host::Name(ascii.clone()), "{text:?}");
+        }
+        Host::Ip(ip) => assert_eq!(Host::encode(&ip.to_string()), Host::Ip(ip)),
+        Host::Invalid(kept) => {
+            assert_eq!(kept, text);
+            assert!(Host::Invalid(kept).ascii().is_err());
+        }
+    }
     let Ok(d) = parse(text) else { return };
     let mut again = quote(&d.kind);
     for a in &d.args {

@@ -18,7 +18,8 @@
 //!                         braid-epoll); tokio and mio serve the TCP scenarios, tokio-udp the UDP
 //!                         ones, tokio-rustls the TLS ones, braid all three
 //!   --no-timers           skip the timer benchmark    --no-build    do not run cargo build
-//!   --no-extras           skip the side benchmarks (portforward against a tokio proxy, line parsing)
+//!   --no-extras           skip the side benchmarks (portforward against a tokio proxy, line parsing,
+//!                         braid web against nginx)
 //!   --out PATH            where to write the report (default: BENCHMARKS.md at the repo root)
 //! ```
 //!
@@ -315,6 +316,8 @@ fn main() {
         let pf = ["--reps", reps.as_str(), "--bulk-bytes", bytes.as_str(), "--seconds", secs.as_str()];
         extras.extend(run_section(&cfg, "portforward", "## Port forwarding", &pf));
         extras.extend(run_section(&cfg, "lines", "## Line parsing", &[]));
+        let web = ["--reps", reps.as_str(), "--seconds", secs.as_str()];
+        extras.extend(run_section(&cfg, "web", "## Static files", &web));
     }
     let timers = if cfg.timers { run_timers(&cfg) } else { None };
     let report = render(
@@ -1003,7 +1006,7 @@ fn run_tls_state(cfg: &Config) -> Option<f64> {
 }
 
 /// Runs one of the side benchmarks that print their own markdown section
-/// (`portforward`, `lines`), if it is built; returns the section from `heading` on.
+/// (`portforward`, `lines`, `web`), if it is built; returns the section from `heading` on.
 fn run_section(cfg: &Config, exe: &str, heading: &str, args: &[&str]) -> Option<String> {
     if !cfg.bin.join(exe).exists() {
         eprintln!("bench-all: no {exe} binary; its section is left out");

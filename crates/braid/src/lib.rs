@@ -36,6 +36,7 @@ pub mod protocol;
 pub mod protocols;
 pub mod reactor;
 pub mod resolver;
+pub mod stdio;
 pub mod stream;
 #[allow(unsafe_code)]
 mod sys;

@@ -84,6 +84,12 @@ pub trait TransportOps {
     fn set_write_buffer_limits(&self, high: usize, low: usize);
     /// Bytes buffered and not yet sent.
     fn buffered(&self) -> usize;
+    /// Queues part of a file to be sent without copying it (see
+    /// [`Transport::write_file`]); false if this transport cannot.
+    fn write_file(&self, file: &Rc<std::fs::File>, offset: u64, len: u64) -> bool {
+        let _ = (file, offset, len);
+        false
+    }
     /// True until the connection is closed (or closing).
     fn connected(&self) -> bool;
     /// This transport as a producer without a new allocation, if it can be
@@ -92,7 +98,36 @@ pub trait TransportOps {
     fn into_producer(self: Rc<Self>) -> Option<Rc<dyn Producer>> {
         None
     }
+    /// Puts a layer (TLS, from `start_tls`) between this live connection
+    /// and its protocol: see [`Layer`]. Only the stream connection can.
+    #[doc(hidden)]
+    fn insert_layer(self: Rc<Self>, make: MakeLayer) -> Result<(), Error> {
+        drop(make);
+        Err(Error::io(
+            "starting TLS",
+            std::io::Error::new(std::io::ErrorKind::Unsupported, "this transport cannot take a layer"),
+        ))
+    }
 }
+
+/// A protocol layer started on a live connection (TLS by `start_tls`):
+/// from then on the application's calls on the transport it already holds
+/// go to the layer's [`upper`](Layer::upper) side, and what the connection
+/// reads goes to the layer's protocol, which wraps the application's.
+#[doc(hidden)]
+pub trait Layer {
+    /// What the application's transport calls reach from now on.
+    fn upper(&self) -> Rc<dyn TransportOps>;
+    /// Takes the application's protocol and returns the protocol the
+    /// connection drives in its place. Called once no call into the
+    /// application's protocol is on the stack.
+    fn adopt(self: Box<Self>, app: Box<dyn crate::protocol::Protocol>) -> Box<dyn crate::protocol::Protocol>;
+}
+
+/// Builds a [`Layer`] over the connection's own side below it (a transport
+/// that bypasses the layer), on the connection's reactor.
+#[doc(hidden)]
+pub type MakeLayer = Box<dyn FnOnce(Transport, &crate::reactor::Reactor) -> Box<dyn Layer>>;
 
 /// The handle a protocol keeps to write to its connection and close it.
 /// Cloning is cheap; every clone drives the same connection.
@@ -211,9 +246,24 @@ impl Transport {
         self.ops.set_write_buffer_limits(high, low)
     }
 
-    /// Bytes buffered and not yet sent.
+    /// Bytes buffered and not yet sent (a queued file's too).
     pub fn buffered(&self) -> usize {
         self.ops.buffered()
+    }
+
+    /// Queues `len` bytes of the regular file `file`, from `offset`, to be
+    /// sent after what is buffered and before what is written next, by
+    /// the kernel (`sendfile(2)`) with no copy through user space: for
+    /// serving files. Returns false, queuing nothing, where that cannot be
+    /// done: a transport that is not a plain stream socket or pipe (TLS, a
+    /// test double), a file that is not a regular file, descriptors
+    /// waiting to be passed. The caller then writes the bytes itself. A
+    /// pull producer is asked for more once everything, files included,
+    /// is sent. The file's bytes count in `buffered` but
+    /// not against the high-water mark; if the file turns out shorter
+    /// than `len`, the connection is closed with an error.
+    pub fn write_file(&self, file: &Rc<std::fs::File>, offset: u64, len: u64) -> bool {
+        self.ops.write_file(file, offset, len)
     }
 
     /// True until the connection is closed or closing.

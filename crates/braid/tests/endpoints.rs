@@ -330,23 +330,26 @@ reactor_test!(
     }
 );
 
-// `tls:DIR`: the certificate is chosen by the name the client asks for
-// (SNI), from NAME.pem files holding chain and key; a client verifying a
-// name proves it got that name's certificate.
+// §4.13 item 23, `tls:DIR`: the certificate is chosen by the name the
+// client asks for (SNI), from NAME.pem files holding chain and key; a
+// client verifying a name proves it got that name's certificate. A
+// wildcard file serves a name one label below it; a client that sends no
+// name gets the default (the first file), which verifies; an unknown name
+// gets the default too, so verifying the unknown name fails.
 reactor_test!(
     fn tls_server_chooses_the_certificate_by_name(r) {
         let ca = tls_support::Ca::new();
         let dir = std::env::temp_dir().join(format!("braid-sni-{}-{:?}", std::process::id(), std::thread::current().id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        for name in ["a.test", "b.test"] {
+        for name in ["a.test", "b.test", "*.wild.test"] {
             let (cert, key) = ca.leaf(&[name]);
             std::fs::write(dir.join(format!("{name}.pem")), format!("{cert}{key}")).unwrap();
         }
         let desc = format!("tls:{}:port=0:interface=127.0.0.1", endpoints::quote(dir.to_str().unwrap()));
         let ep = server_from_string(&r, &desc).unwrap();
         let port = settle(&r, &ep.listen(Echo::new.into_shared())).expect("listen").local_addr().port();
-        let connect = |name: &str| {
+        let connect = |name: &str, config: braid::tls::ClientConfig| {
             let got = Rc::new(RefCell::new(Vec::new()));
             let lost = Rc::new(RefCell::new(None::<String>));
             struct Probe(Rc<RefCell<Vec<u8>>>, Rc<RefCell<Option<String>>>);
@@ -364,7 +367,7 @@ reactor_test!(
             let (g, l) = (got.clone(), lost.clone());
             let mut once = Some(Probe(g, l));
             let factory = move || once.take().expect("one connection");
-            let tls = braid::tls::TlsClientFactory::new(&r, factory, ca.client(), name).unwrap();
+            let tls = braid::tls::TlsClientFactory::new(&r, factory, config, name).unwrap();
             r.connect_tcp("127.0.0.1", port, tls, None, None);
             let (g, l) = (got.clone(), lost.clone());
             run_until(&r, move || g.borrow().len() == 3 || l.borrow().is_some());
@@ -372,18 +375,82 @@ reactor_test!(
             let why = lost.borrow().clone();
             (echoed, why)
         };
-        assert_eq!(connect("a.test").0, b"sni");
-        assert_eq!(connect("b.test").0, b"sni");
-        let (echoed, lost) = connect("c.test");
-        assert!(echoed.is_empty(), "a name without a file got a certificate that verified");
-        assert!(lost.is_some_and(|w| w.to_lowercase().contains("certificate")));
+        assert_eq!(connect("a.test", ca.client()).0, b"sni");
+        assert_eq!(connect("b.test", ca.client()).0, b"sni");
+        assert_eq!(connect("x.wild.test", ca.client()).0, b"sni", "the wildcard file serves x.wild.test");
+        // No SNI at all: the default (a.test, the first non-wildcard file).
+        let mut quiet = (*ca.rustls_client()).clone();
+        quiet.enable_sni = false;
+        let quiet = braid::tls::ClientConfig::from_rustls(std::sync::Arc::new(quiet));
+        assert_eq!(connect("a.test", quiet).0, b"sni", "no SNI: the default certificate verifies");
+        for unknown in ["c.test", "x.y.wild.test"] {
+            let (echoed, lost) = connect(unknown, ca.client());
+            assert!(echoed.is_empty(), "{unknown}: a name without a file got a certificate that verified");
+            assert!(lost.is_some_and(|w| w.to_lowercase().contains("certificate")));
+        }
         assert!(error_of(&r, "tls:/nonexistent/dir").contains("/nonexistent/dir"));
         let empty = dir.join("empty");
         std::fs::create_dir_all(&empty).unwrap();
-        assert!(error_of(&r, &format!("tls:{}", endpoints::quote(empty.to_str().unwrap()))).contains("no NAME.pem"));
+        let err = error_of(&r, &format!("tls:{}", endpoints::quote(empty.to_str().unwrap())));
+        assert!(err.contains("no usable certificate in") && err.contains(empty.to_str().unwrap()), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 );
+
+// §4.13 item 23: in a certificate directory, a key without a certificate
+// (and a key that does not match, and a file with no PEM) is a warning
+// naming the file; a certificate without a key is ignored, logged only at
+// debug; a directory with nothing usable is an error naming it.
+#[test]
+fn sni_directory_warns_about_files_it_cannot_serve() {
+    let ca = tls_support::Ca::new();
+    let dir = std::env::temp_dir().join(format!("braid-sni-warn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = ca.leaf(&["good.test"]);
+    let (other_cert, other_key) = ca.leaf(&["other.test"]);
+    std::fs::write(dir.join("good.test.pem"), format!("{cert}{key}")).unwrap();
+    std::fs::write(dir.join("keyonly.test.pem"), &other_key).unwrap();
+    std::fs::write(dir.join("certonly.test.pem"), &other_cert).unwrap();
+    std::fs::write(dir.join("mismatch.test.pem"), format!("{other_cert}{key}")).unwrap();
+    std::fs::write(dir.join("junk.test.pem"), "not PEM at all\n").unwrap();
+    std::fs::write(dir.join("notes.txt"), "not a .pem file: not read").unwrap();
+    let (loaded, log) = common::capture_logs(|| endpoints::sni::SniDirectory::load(&dir));
+    let sni = loaded.expect("good.test.pem is usable");
+    let warnings = sni.warnings().join("\n");
+    let path = |f: &str| dir.join(f).display().to_string();
+    assert!(
+        warnings.contains(&format!("'{}': a private key without a certificate", path("keyonly.test.pem"))),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains(&format!("'{}': the private key does not match", path("mismatch.test.pem"))),
+        "{warnings}"
+    );
+    assert!(warnings.contains(&path("junk.test.pem")), "{warnings}");
+    assert_eq!(sni.warnings().len(), 3, "{warnings}");
+    assert!(!warnings.contains("certonly"), "a certificate without a key is not a warning: {warnings}");
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line for {needle}: {log}"))
+            .to_owned()
+    };
+    assert!(line("keyonly.test.pem").contains("WARN"), "{log}");
+    assert!(line("mismatch.test.pem").contains("WARN"), "{log}");
+    let ignored = line("certonly.test.pem");
+    assert!(ignored.contains("DEBUG") && ignored.contains("a certificate without a private key"), "{log}");
+    // What was skipped serves nobody: those names get the default.
+    for name in ["keyonly.test", "certonly.test", "mismatch.test", "junk.test"] {
+        assert_eq!(sni.chosen_for(Some(name)), "good.test", "{name}");
+    }
+    // Nothing usable at all: an error naming the directory.
+    std::fs::remove_file(dir.join("good.test.pem")).unwrap();
+    let r = common::build(braid::Backend::Poll);
+    let err = error_of(&r, &format!("tls:{}", endpoints::quote(dir.to_str().unwrap())));
+    assert!(err.contains(&format!("no usable certificate in '{}'", dir.display())), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 // §4.13 item 7: cancelling the connect Deferred while the attempt is
 // pending stops it and fails the Deferred with Cancelled. The attempt is
@@ -442,3 +509,283 @@ fn run_for(r: &Reactor, how_long: Duration) {
         r.iterate(Some(Duration::from_millis(5))).expect("iterate");
     }
 }
+
+/// Answers every name with one address, and keeps the names it was asked.
+struct Recording {
+    asked: Rc<RefCell<Vec<String>>>,
+    answer: std::net::SocketAddr,
+}
+
+impl braid::resolver::Resolver for Recording {
+    fn resolve(&self, _: &Reactor, host: &str, port: u16) -> Deferred<Vec<std::net::SocketAddr>> {
+        self.asked.borrow_mut().push(host.to_owned());
+        let mut answer = self.answer;
+        answer.set_port(port);
+        Deferred::succeed(vec![answer])
+    }
+}
+
+// §4.13 items 18 and 19: an international name is resolved and connected
+// in its IDNA form, and shown so; a name with no IDNA form parses but
+// fails the connect, naming the host. No real DNS: a recording resolver.
+reactor_test!(
+    fn client_host_names_are_idna_encoded(r) {
+        let port = r.listen_tcp("127.0.0.1:0", Echo::new, 50).unwrap().local_addr().port();
+        let asked = Rc::new(RefCell::new(Vec::new()));
+        r.install_resolver(Rc::new(Recording { asked: asked.clone(), answer: ([127, 0, 0, 1], 0).into() }));
+        for kind in ["tcp", "TCP"] {
+            let ep = client_from_string(&r, &format!("{kind}:Bu\u{308}cher.example:{port}")).unwrap();
+            assert_eq!(ep.describe(), format!("tcp:xn--bcher-kva.example:{port}"));
+            let got = Rc::new(RefCell::new(Vec::new()));
+            let t = settle(&r, &connect_protocol(&*ep, Keep(got.clone()))).expect("connect");
+            t.write(b"idna");
+            let g = got.clone();
+            run_until(&r, move || g.borrow().len() == 4);
+            t.lose_connection();
+        }
+        assert_eq!(*asked.borrow(), ["xn--bcher-kva.example", "xn--bcher-kva.example"]);
+        let direct = endpoints::HostnameEndpoint::new(&r, "bücher.example", port);
+        assert_eq!(direct.host(), &endpoints::Host::Name("xn--bcher-kva.example".into()));
+        assert_eq!(direct.to_string(), format!("xn--bcher-kva.example:{port}"));
+        assert_eq!(client_from_string(&r, r"tcp:\:\:1:80").unwrap().describe(), "tcp:[::1]:80");
+        // A bad name: parsed, then the connect fails naming it, unresolved.
+        let bad = client_from_string(&r, &format!("tcp:a..b:{port}")).expect("a bad name still parses");
+        let err = failure(settle(&r, &connect_protocol(&*bad, Keep(Rc::default()))), "a bad name");
+        assert!(err.contains("'a..b'") && err.contains("IDNA"), "{err}");
+        assert_eq!(asked.borrow().len(), 2, "a bad name was looked up");
+        let bad_tls = client_from_string(&r, &format!("tls:a..b:{port}:trustRoots={}", endpoints::quote(&tls_ca_file())))
+            .expect("a bad TLS name still parses");
+        let err = failure(settle(&r, &connect_protocol(&*bad_tls, Keep(Rc::default()))), "a bad TLS name");
+        assert!(err.contains("'a..b'"), "{err}");
+    }
+);
+
+/// A CA bundle file for clients that must parse but never connect.
+fn tls_ca_file() -> String {
+    let ca = tls_support::Ca::new();
+    let files = tls_support::Files::new(&ca, &["127.0.0.1"]);
+    let path = std::env::temp_dir().join(format!(
+        "braid-ep-ca-{}-{:?}.pem",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::copy(&files.ca, &path).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+// §4.13 item 10: the process endpoint keeps its spawn parameters, with
+// Twisted's defaults (no arguments, an empty environment, this directory,
+// this user and group, no terminal, the usual descriptors, stderr logged).
+#[test]
+fn process_endpoint_keeps_its_parameters() {
+    use braid::process::ChildFd;
+    use endpoints::{ClientEndpoint, ProcessEndpoint, StderrPolicy};
+    let r = common::build(braid::Backend::Poll);
+    let ep = ProcessEndpoint::new(&r, "/bin/cat");
+    assert_eq!(ep.program(), "/bin/cat");
+    assert!(ep.arguments().is_empty());
+    assert!(ep.environment().is_empty());
+    assert_eq!(ep.working_dir(), None);
+    assert_eq!((ep.user(), ep.group()), (None, None));
+    assert!(!ep.uses_pty());
+    assert_eq!(ep.descriptor_map(), None);
+    assert_eq!(ep.stderr_policy(), StderrPolicy::Log);
+    let ep = ProcessEndpoint::new(&r, "sh")
+        .args(["-c", "true"])
+        .env("A", "1")
+        .path("/tmp")
+        .uid(1)
+        .gid(2)
+        .pty(true)
+        .child_fds([(0, ChildFd::ToChild), (1, ChildFd::FromChild)])
+        .stderr(StderrPolicy::Drop);
+    assert_eq!(ep.arguments(), ["-c", "true"]);
+    assert_eq!(ep.environment(), [("A".into(), "1".into())]);
+    assert_eq!(ep.working_dir(), Some(std::path::Path::new("/tmp")));
+    assert_eq!((ep.user(), ep.group()), (Some(1), Some(2)));
+    assert!(ep.uses_pty());
+    assert_eq!(ep.descriptor_map(), Some(&[(0, ChildFd::ToChild), (1, ChildFd::FromChild)][..]));
+    assert_eq!(ep.stderr_policy(), StderrPolicy::Drop);
+    assert_eq!(ep.describe(), "process:sh -c true");
+}
+
+/// Records what a process endpoint's protocol hears.
+#[derive(Default)]
+struct Heard {
+    log: Rc<RefCell<Vec<String>>>,
+    data: Rc<RefCell<Vec<u8>>>,
+}
+
+impl Protocol for Heard {
+    fn connection_made(&mut self, _: braid::Transport) {
+        self.log.borrow_mut().push("made".into());
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        self.data.borrow_mut().extend_from_slice(data);
+    }
+    fn connection_lost(&mut self, why: braid::Failure) {
+        let what = match why.braid_error() {
+            Some(braid::Error::ConnectionDone) => "done".to_string(),
+            Some(braid::Error::ConnectionLost) => "lost".to_string(),
+            _ => format!("other: {why}"),
+        };
+        self.log.borrow_mut().push(format!("lost: {what}"));
+    }
+}
+
+fn iterate_for(r: &Reactor, passes: usize) {
+    for _ in 0..passes {
+        r.iterate(Some(Duration::from_millis(5))).expect("iterate");
+    }
+}
+
+// §4.13 items 10-12 with /bin/cat: connect spawns it and fires with the
+// transport after connection_made; the factory is given the process's
+// address; writes reach stdin and stdout comes back as data_received;
+// pausing stops reading the child, resuming reads again; the transport is
+// a consumer and a producer, and no TCP, UNIX or TLS transport; closing
+// stdin ends cat with status 0: connection_lost(ConnectionDone).
+reactor_test!(
+    fn process_endpoint_talks_to_cat(r) {
+        use endpoints::ProcessEndpoint;
+        let addrs = Rc::new(RefCell::new(Vec::new()));
+        struct Recording(Rc<RefCell<Vec<Address>>>, Heard);
+        impl Factory for Recording {
+            fn build_protocol(&mut self, addr: &Address) -> Option<Box<dyn Protocol>> {
+                self.0.borrow_mut().push(addr.clone());
+                Some(Box::new(std::mem::take(&mut self.1)))
+            }
+        }
+        let heard = Heard::default();
+        let (log, data) = (heard.log.clone(), heard.data.clone());
+        let ep = ProcessEndpoint::new(&r, "/bin/cat");
+        let t = settle(&r, &endpoints::ClientEndpoint::connect(&ep, Box::new(Recording(addrs.clone(), heard)))).expect("spawn cat");
+        assert_eq!(*log.borrow(), ["made"], "connection_made ran before the Deferred fired");
+        let Address::Process { pid, fd: 0 } = t.peer() else { panic!("peer {:?}", t.peer()) };
+        assert!(pid > 0);
+        assert_eq!(*addrs.borrow(), [t.peer()]);
+        assert_eq!(t.host(), Some(t.peer()));
+        assert!(t.tcp().is_none() && t.unix().is_none() && t.tls().is_none());
+        assert!(t.connected());
+        t.write(b"hello");
+        t.write_sequence(&[&b", "[..], &b"cat"[..]]);
+        let d = data.clone();
+        run_until(&r, move || d.borrow().len() == 10);
+        assert_eq!(&*data.borrow(), b"hello, cat");
+        // Paused: cat's answer waits in its pipe.
+        t.pause_producing();
+        t.write(b"!");
+        iterate_for(&r, 40);
+        assert_eq!(data.borrow().len(), 10, "read while paused");
+        t.resume_producing();
+        let d = data.clone();
+        run_until(&r, move || d.borrow().len() == 11);
+        // A consumer: a producer registers (and is paused above the mark).
+        struct Idle(Rc<RefCell<Vec<&'static str>>>);
+        impl braid::Producer for Idle {
+            fn pause_producing(&self) {
+                self.0.borrow_mut().push("pause");
+            }
+            fn resume_producing(&self) {
+                self.0.borrow_mut().push("resume");
+            }
+            fn stop_producing(&self) {}
+        }
+        let marks = Rc::new(RefCell::new(Vec::new()));
+        t.set_write_buffer_limits(1024, 0);
+        t.pause_producing();
+        t.register_producer(Rc::new(Idle(marks.clone())), true).unwrap();
+        t.write_vec(vec![b'x'; 1 << 20]);
+        iterate_for(&r, 20);
+        assert_eq!(*marks.borrow(), ["pause"], "stdin's producer was not paused");
+        assert!(t.buffered() > 1024);
+        t.resume_producing();
+        let m = marks.clone();
+        run_until(&r, move || m.borrow().len() == 2);
+        t.unregister_producer();
+        let d = data.clone();
+        run_until(&r, move || d.borrow().len() == 11 + (1 << 20));
+        t.lose_write_connection();
+        let l = log.clone();
+        run_until(&r, move || l.borrow().len() == 2);
+        assert_eq!(*log.borrow(), ["made", "lost: done"]);
+        assert_eq!(t.host(), None);
+        assert!(!t.connected());
+    }
+);
+
+// §4.13 item 12: any status but 0, or a signal, is ConnectionLost;
+// lose_connection closes the pipes (cat exits 0: ConnectionDone); the
+// environment and directory given reach the child.
+reactor_test!(
+    fn process_endpoint_ends(r) {
+        use endpoints::ProcessEndpoint;
+        // How to end it: 0 waits for the child, 1 loses the connection, 2
+        // stops the transport as a producer.
+        let run = |ep: ProcessEndpoint, close: u8| {
+            let heard = Heard::default();
+            let (log, data) = (heard.log.clone(), heard.data.clone());
+            let t = settle(&r, &connect_protocol(&ep, heard)).expect("spawn");
+            match close {
+                1 => t.lose_connection(),
+                2 => t.stop_producing(),
+                _ => {}
+            }
+            assert_eq!(t.connected(), close == 0);
+            let l = log.clone();
+            run_until(&r, move || l.borrow().len() == 2);
+            let said = String::from_utf8_lossy(&data.borrow()).into_owned();
+            let end = log.borrow()[1].clone();
+            (end, said)
+        };
+        let sh = |script: &str| ProcessEndpoint::new(&r, "/bin/sh").args(["-c", script]);
+        assert_eq!(run(sh("exit 3"), 0).0, "lost: lost");
+        assert_eq!(run(sh("kill -9 $$"), 0).0, "lost: lost");
+        assert_eq!(run(sh("exit 0"), 0).0, "lost: done");
+        assert_eq!(run(ProcessEndpoint::new(&r, "/bin/cat"), 1).0, "lost: done");
+        assert_eq!(run(ProcessEndpoint::new(&r, "/bin/cat"), 2).0, "lost: done");
+        let (end, said) = run(sh("echo \"$GREETING\"; pwd").env("GREETING", "hi").path("/"), 0);
+        assert_eq!((end.as_str(), said.as_str()), ("lost: done", "hi\n/\n"));
+        // A program that cannot be started fails the connect, naming it.
+        let missing = ProcessEndpoint::new(&r, "/nonexistent/braid-program");
+        let err = failure(settle(&r, &connect_protocol(&missing, Heard::default())), "a missing program");
+        assert!(err.contains("/nonexistent/braid-program"), "{err}");
+        // A factory that builds nothing fails it with NoProtocol.
+        struct Nothing;
+        impl Factory for Nothing {
+            fn build_protocol(&mut self, _: &Address) -> Option<Box<dyn Protocol>> {
+                None
+            }
+        }
+        let err = failure(settle(&r, &endpoints::ClientEndpoint::connect(&sh("sleep 30"), Box::new(Nothing))), "no protocol");
+        assert!(err.contains("NoProtocol"), "{err}");
+    }
+);
+
+// §4.13 item 12: stderr is logged (a warning naming the process) or
+// dropped, by policy; it is never data_received.
+reactor_test!(
+    fn process_endpoint_stderr_policy(r) {
+        use endpoints::{ProcessEndpoint, StderrPolicy};
+        for policy in [StderrPolicy::Log, StderrPolicy::Drop] {
+            let heard = Heard::default();
+            let (log, data) = (heard.log.clone(), heard.data.clone());
+            let ep = ProcessEndpoint::new(&r, "/bin/sh").args(["-c", "echo out; echo oops-on-stderr >&2"]).stderr(policy);
+            let ((), logged) = common::capture_logs(|| {
+                settle(&r, &connect_protocol(&ep, heard)).expect("spawn");
+                let l = log.clone();
+                run_until(&r, move || l.borrow().len() == 2);
+            });
+            assert_eq!(&*data.borrow(), b"out\n", "{policy:?}");
+            assert_eq!(log.borrow()[1], "lost: done");
+            let line = logged.lines().find(|l| l.contains("oops-on-stderr"));
+            match policy {
+                StderrPolicy::Log => {
+                    let line = line.unwrap_or_else(|| panic!("stderr was not logged: {logged}"));
+                    assert!(line.contains("WARN") && line.contains("(/bin/sh) stderr"), "{line}");
+                }
+                StderrPolicy::Drop => assert!(line.is_none(), "stderr was logged: {logged}"),
+            }
+        }
+    }
+);

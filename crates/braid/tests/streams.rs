@@ -34,6 +34,9 @@ enum StreamKind {
     TlsTcp,
     /// A `TlsFactory` on a UNIX socket file.
     TlsUnix,
+    /// A plain TCP listener whose protocols call `start_tls_server` on
+    /// their live transport first thing (the layer put in place).
+    StartTlsTcp,
 }
 
 /// Where a client connects.
@@ -187,11 +190,54 @@ impl StreamKind {
                 let p = r.listen_unix(&path, factory, 50, None, false).unwrap();
                 (p, Target::Tls(Box::new(Target::Path(path)), ca.rustls_client()))
             }
+            StreamKind::StartTlsTcp => {
+                let ca = tls_support::Ca::new();
+                let factory = StartTlsFirst { inner: factory.into_shared(), config: ca.server() };
+                let p = r.listen_tcp("127.0.0.1:0", factory, 50).unwrap();
+                let a = p.local_addr();
+                (p, Target::Tls(Box::new(Target::Ip(a)), ca.rustls_client()))
+            }
         }
     }
 
     fn tls(self) -> bool {
-        matches!(self, StreamKind::TlsTcp | StreamKind::TlsUnix)
+        matches!(self, StreamKind::TlsTcp | StreamKind::TlsUnix | StreamKind::StartTlsTcp)
+    }
+}
+
+/// Builds the inner factory's protocols behind one that starts TLS on its
+/// plain transport before handing it on.
+struct StartTlsFirst {
+    inner: braid::protocol::SharedFactory<dyn braid::protocol::Factory>,
+    config: braid::tls::ServerConfig,
+}
+
+impl braid::protocol::Factory for StartTlsFirst {
+    fn build_protocol(&mut self, addr: &braid::Address) -> Option<Box<dyn Protocol>> {
+        let inner = self.inner.with(|f| f.build_protocol(addr))?;
+        Some(Box::new(StartsTls { inner, config: self.config.clone() }))
+    }
+}
+
+struct StartsTls {
+    inner: Box<dyn Protocol>,
+    config: braid::tls::ServerConfig,
+}
+
+impl Protocol for StartsTls {
+    fn connection_made(&mut self, t: Transport) {
+        assert!(t.tls().is_none());
+        t.start_tls_server(&self.config).unwrap();
+        self.inner.connection_made(t)
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        self.inner.data_received(data)
+    }
+    fn connection_lost(&mut self, reason: Failure) {
+        self.inner.connection_lost(reason)
+    }
+    fn as_half_closeable(&mut self) -> Option<&mut dyn HalfCloseable> {
+        self.inner.as_half_closeable()
     }
 }
 
@@ -217,6 +263,7 @@ macro_rules! stream_test {
             stream_test!(@kind $backend, unix_abstract, UnixAbstract);
             stream_test!(@kind $backend, tls_tcp, TlsTcp);
             stream_test!(@kind $backend, tls_unix, TlsUnix);
+            stream_test!(@kind $backend, start_tls_tcp, StartTlsTcp);
         }
     };
     (@kind $backend:ident, $test:ident, $kind:ident) => {
@@ -324,7 +371,7 @@ stream_test! {
             log: l.clone(),
             on_made: Some(Box::new(move |t| {
                 // Each kind offers its own options and only those.
-                let tcp = matches!(kind, StreamKind::Tcp4 | StreamKind::Tcp6 | StreamKind::TlsTcp);
+                let tcp = matches!(kind, StreamKind::Tcp4 | StreamKind::Tcp6 | StreamKind::TlsTcp | StreamKind::StartTlsTcp);
                 assert_eq!((t.tcp().is_some(), t.unix().is_some()), (tcp, !tcp), "{kind:?}");
                 assert_eq!(t.tls().is_some(), kind.tls(), "{kind:?}");
             })),
@@ -753,5 +800,139 @@ stream_test! {
         });
         assert_eq!(got.get(), 50_000, "{kind:?}");
         assert_eq!(*log.borrow(), ["made", "lost: connection was closed cleanly"], "{kind:?}");
+    }
+}
+
+/// Sends a file in slices, one `write_file` each time it is asked, as a
+/// file server's body would, copying where the transport cannot.
+struct FileSlices {
+    t: Transport,
+    file: Rc<std::fs::File>,
+    next: Cell<u64>,
+    end: u64,
+    slice: u64,
+    zero_copy: Rc<Cell<Option<bool>>>,
+    tail: &'static [u8],
+}
+
+impl Producer for FileSlices {
+    fn resume_producing(&self) {
+        let at = self.next.get();
+        if at >= self.end {
+            self.t.unregister_producer();
+            self.t.write(self.tail);
+            self.t.lose_connection();
+            return;
+        }
+        let len = self.slice.min(self.end - at);
+        if !self.t.write_file(&self.file, at, len) {
+            // Not a plain stream (TLS): the bytes go through user space.
+            self.zero_copy.set(Some(false));
+            let mut buf = vec![0u8; len as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&*self.file, &mut buf, at).unwrap();
+            self.t.write(&buf);
+        }
+        self.next.set(at + len);
+    }
+    fn stop_producing(&self) {}
+}
+
+stream_test! {
+    /// `write_file` puts a file's bytes between the writes before and
+    /// after it, in order, by sendfile(2) on plain streams (and is refused,
+    /// so the caller copies, over TLS). A pull producer queuing the file in
+    /// slices to a client that starts reading late gets every byte across,
+    /// with the file never in the server's buffer.
+    fn write_file_sends_a_file_in_order(r, kind) {
+        let path = std::env::temp_dir().join(format!("braid-sendfile-{}-{kind:?}-{:?}", std::process::id(), r.backend()));
+        let content = payload(5 * 1024 * 1024 + 123);
+        std::fs::write(&path, &content).unwrap();
+        let file = Rc::new(std::fs::File::open(&path).unwrap());
+        let zero_copy: Rc<Cell<Option<bool>>> = Default::default();
+        let (f, z) = (file.clone(), zero_copy.clone());
+        let (_port, target) = kind.listen(&r, move || {
+            let (f, z) = (f.clone(), z.clone());
+            Server {
+                on_data: Some(Box::new(move |t, _| {
+                    t.write(b"head:");
+                    // A small slice first, between two writes.
+                    let first = t.write_file(&f, 7, 10);
+                    if !first {
+                        let mut buf = vec![0u8; 10];
+                        std::os::unix::fs::FileExt::read_exact_at(&*f, &mut buf, 7).unwrap();
+                        t.write(&buf);
+                    }
+                    t.write(b":body:");
+                    z.set(Some(first));
+                    let slices = Rc::new(FileSlices {
+                        t: t.clone(),
+                        file: f.clone(),
+                        next: Cell::new(0),
+                        end: f.metadata().unwrap().len(),
+                        slice: 1 << 20,
+                        zero_copy: z.clone(),
+                        tail: b":tail",
+                    });
+                    t.register_producer(slices, false).unwrap();
+                })),
+                ..Default::default()
+            }
+        });
+        let got = with_client(&r, target, |t| {
+            let mut c = t.connect();
+            c.write_all(b"go").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            c.read_to_end()
+        });
+        let _ = std::fs::remove_file(&path);
+        let mut want = b"head:".to_vec();
+        want.extend_from_slice(&content[7..17]);
+        want.extend_from_slice(b":body:");
+        want.extend_from_slice(&content);
+        want.extend_from_slice(b":tail");
+        assert!(got.len() == want.len() && got == want, "{kind:?}: {} bytes, {} wanted", got.len(), want.len());
+        assert_eq!(zero_copy.get(), Some(!kind.tls()), "{kind:?}: sendfile used exactly on plain streams");
+    }
+}
+
+stream_test! {
+    /// A file that turns out shorter than what `write_file` queued ends the
+    /// connection with an error saying so, after the bytes it had; over TLS
+    /// `write_file` is refused and nothing is queued.
+    fn a_file_shorter_than_queued_ends_the_connection(r, kind) {
+        let path = std::env::temp_dir().join(format!("braid-short-{}-{kind:?}-{:?}", std::process::id(), r.backend()));
+        std::fs::write(&path, payload(1000)).unwrap();
+        let file = Rc::new(std::fs::File::open(&path).unwrap());
+        let log: Events = Default::default();
+        let queued: Rc<Cell<Option<bool>>> = Default::default();
+        let (l, f, q) = (log.clone(), file.clone(), queued.clone());
+        let (_port, target) = kind.listen(&r, move || {
+            let (f, q) = (f.clone(), q.clone());
+            Server {
+                log: l.clone(),
+                on_data: Some(Box::new(move |t, _| {
+                    let ok = t.write_file(&f, 0, 5000);
+                    q.set(Some(ok));
+                    if !ok {
+                        t.lose_connection();
+                    }
+                })),
+                ..Default::default()
+            }
+        });
+        let got = with_client(&r, target, |t| {
+            let mut c = t.connect();
+            c.write_all(b"go").unwrap();
+            c.read_to_end()
+        });
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(queued.get(), Some(!kind.tls()), "{kind:?}");
+        let lost = log.borrow().last().cloned().unwrap_or_default();
+        if kind.tls() {
+            assert!(got.is_empty() && lost.contains("closed cleanly"), "{kind:?}: {lost}");
+        } else {
+            assert_eq!(got, payload(1000), "{kind:?}");
+            assert!(lost.contains("the file ended before the bytes queued"), "{kind:?}: {lost}");
+        }
     }
 }

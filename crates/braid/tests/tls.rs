@@ -735,3 +735,179 @@ reactor_test! {
         );
     }
 }
+
+/// A server that speaks in the clear until `STARTTLS`, echoing as its own
+/// producer (registered before TLS starts), and records what it gets.
+struct Upgrading {
+    transport: Option<Transport>,
+    config: ServerConfig,
+    got: Rc<RefCell<Vec<u8>>>,
+    log: Events,
+    done: Box<dyn Fn()>,
+}
+
+impl braid::Protocol for Upgrading {
+    fn connection_made(&mut self, t: Transport) {
+        assert!(t.tls().is_none(), "a plain connection has no TLS side yet");
+        t.register_producer(t.as_producer(), true).unwrap();
+        self.transport = Some(t);
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        let t = self.transport.clone().unwrap();
+        if t.tls().is_none() {
+            assert_eq!(data, b"STARTTLS\r\n", "the clear part arrives alone");
+            self.got.borrow_mut().extend_from_slice(data);
+            t.write(b"GO\r\n");
+            t.start_tls_server(&self.config).unwrap();
+            let tls = t.tls().expect("the same transport is TLS now");
+            assert!(!tls.handshake_complete());
+            let again = t.start_tls_server(&self.config).unwrap_err();
+            assert!(again.to_string().contains("already"), "{again}");
+            return;
+        }
+        self.got.borrow_mut().extend_from_slice(data);
+        t.write(data);
+    }
+    fn connection_lost(&mut self, reason: braid::Failure) {
+        self.log.borrow_mut().push(format!("lost: {reason}"));
+        (self.done)();
+    }
+}
+
+/// `start_tls` on plain connections, with no TLS factory on either side
+/// (Twisted's `startTLS` on any TCP or UNIX transport): the line before it
+/// goes in the clear, 1 MiB after it is encrypted both ways through an echo
+/// whose producer was registered before TLS started, and both ends close
+/// cleanly.
+fn start_tls_on_plain_connections(r: Reactor, unix: bool) {
+    let ca = Ca::new();
+    let done = stop_after(&r, 2);
+    let (slog, sgot): (Events, Rc<RefCell<Vec<u8>>>) = Default::default();
+    let (sl, sg, d, sc) = (slog.clone(), sgot.clone(), done.clone(), ca.server());
+    let server = move || {
+        let d = d.clone();
+        Upgrading { transport: None, config: sc.clone(), got: sg.clone(), log: sl.clone(), done: Box::new(d) }
+    };
+    let data = payload(1 << 20);
+    let (clog, cgot): (Events, Rc<RefCell<Vec<u8>>>) = Default::default();
+    let (cl, cg, d, cc, sent) = (clog.clone(), cgot.clone(), done.clone(), ca.client(), data.clone());
+    let client = move || {
+        let (d, cc, sent, got) = (d.clone(), cc.clone(), sent.clone(), cg.clone());
+        Rec {
+            log: cl.clone(),
+            data: cg.clone(),
+            on_made: Some(Box::new(|t| t.write(b"STARTTLS\r\n"))),
+            on_data: Some(Box::new(move |t, _| {
+                if t.tls().is_none() {
+                    assert_eq!(*got.borrow(), b"GO\r\n", "the answer comes in the clear");
+                    t.start_tls_client(&cc, "localhost").unwrap();
+                    t.write(&sent);
+                } else if got.borrow().len() == 4 + sent.len() {
+                    assert!(t.tls().unwrap().handshake_complete());
+                    t.lose_connection();
+                }
+            })),
+            on_lost: Some(Box::new(move |_| d())),
+            ..Default::default()
+        }
+    };
+    let _port;
+    if unix {
+        let path = std::env::temp_dir().join(format!(
+            "braid-starttls-{}-{:?}.sock",
+            std::process::id(),
+            r.backend()
+        ));
+        let _ = std::fs::remove_file(&path);
+        _port = r.listen_unix(&path, server, 50, None, false).unwrap();
+        r.connect_unix(&path, client, None, false);
+    } else {
+        _port = r.listen_tcp(local(), server, 50).unwrap();
+        r.connect_tcp("127.0.0.1", _port.local_addr().port(), client, None, None);
+    }
+    run_reactor(&r);
+    let mut want = b"STARTTLS\r\n".to_vec();
+    want.extend_from_slice(&data);
+    assert!(
+        *sgot.borrow() == want,
+        "the server got {} bytes, not the {} sent",
+        sgot.borrow().len(),
+        want.len()
+    );
+    let mut back = b"GO\r\n".to_vec();
+    back.extend_from_slice(&data);
+    assert!(*cgot.borrow() == back, "the client got {} bytes back", cgot.borrow().len());
+    assert_eq!(*slog.borrow(), ["lost: connection was closed cleanly"]);
+    assert_eq!(*clog.borrow(), ["made", "lost: connection was closed cleanly"]);
+}
+
+reactor_test! {
+    /// See `start_tls_on_plain_connections`, over TCP.
+    fn start_tls_on_a_plain_tcp_connection(r) {
+        start_tls_on_plain_connections(r, false);
+    }
+}
+
+reactor_test! {
+    /// See `start_tls_on_plain_connections`, over a UNIX socket.
+    fn start_tls_on_a_plain_unix_connection(r) {
+        start_tls_on_plain_connections(r, true);
+    }
+}
+
+reactor_test! {
+    /// A server that paused reading before `start_tls` still completes the
+    /// handshake (which needs reading), then stays paused for the
+    /// application: nothing sent after the handshake reaches it until it
+    /// resumes, and then all of it does.
+    fn start_tls_while_paused_handshakes_then_stays_paused(r) {
+        let ca = Ca::new();
+        let done = stop_after(&r, 2);
+        let sgot: Rc<RefCell<Vec<u8>>> = Default::default();
+        let seen_paused: Rc<Cell<Option<(bool, usize)>>> = Default::default();
+        let (sg, d, sc, rr, seen) = (sgot.clone(), done.clone(), ca.server(), r.clone(), seen_paused.clone());
+        let server = move || {
+            let (d, sc, rr, seen, got) = (d.clone(), sc.clone(), rr.clone(), seen.clone(), sg.clone());
+            Rec {
+                data: sg.clone(),
+                on_data: Some(Box::new(move |t, _| {
+                    if t.tls().is_none() {
+                        t.write(b"GO\r\n");
+                        t.pause_producing();
+                        t.start_tls_server(&sc).unwrap();
+                        let (t, seen, got) = (t.clone(), seen.clone(), got.clone());
+                        rr.call_later(Duration::from_millis(300), move || {
+                            let tls = t.tls().unwrap();
+                            seen.set(Some((tls.handshake_complete(), got.borrow().len())));
+                            t.resume_producing();
+                        });
+                    } else if got.borrow().len() == 10 + 5 {
+                        t.lose_connection();
+                    }
+                })),
+                on_lost: Some(Box::new(move |_| d())),
+                ..Default::default()
+            }
+        };
+        let port = r.listen_tcp(local(), server, 50).unwrap();
+        let (d, cc) = (done.clone(), ca.client());
+        let client = move || {
+            let (d, cc) = (d.clone(), cc.clone());
+            Rec {
+                on_made: Some(Box::new(|t| t.write(b"STARTTLS\r\n"))),
+                on_data: Some(Box::new(move |t, _| {
+                    if t.tls().is_none() {
+                        t.start_tls_client(&cc, "localhost").unwrap();
+                        t.write(b"hello");
+                    }
+                })),
+                on_lost: Some(Box::new(move |_| d())),
+                ..Default::default()
+            }
+        };
+        r.connect_tcp("127.0.0.1", port.local_addr().port(), client, None, None);
+        run_reactor(&r);
+        assert_eq!(seen_paused.get(), Some((true, 10)), "(handshake done, bytes delivered) while paused");
+        assert_eq!(*sgot.borrow(), b"STARTTLS\r\nhello");
+    }
+}

@@ -1,6 +1,6 @@
 //! Datagram sockets (Twisted's `DatagramProtocol`, `IUDPTransport`,
 //! `IMulticastTransport`): UDP over IPv4 and IPv6, multicast, and UNIX
-//! datagram sockets, all through one port implementation ([`port`]).
+//! datagram sockets, all through one port implementation (`port`).
 //!
 //! A protocol is told about every datagram with one `datagram_received`
 //! call. It may be shared by several ports: `start_protocol` runs when the

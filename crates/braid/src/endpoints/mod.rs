@@ -11,25 +11,35 @@
 //! endpoint), and `systemd:domain=INET|INET6|UNIX:index=N` or `name=NAME`
 //! (a socket passed by the service manager). Clients:
 //! `tcp:HOST:PORT[:timeout=30][:bindAddress=IP]` (every resolved address
-//! is tried, staggered, as Twisted's `HostnameEndpoint`) and
+//! is tried, staggered, as Twisted's `HostnameEndpoint`; a name in any
+//! script is kept, resolved and shown in its IDNA form, and one with no
+//! such form fails the connect, not the parse: see [`HostnameEndpoint`]) and
 //! `unix:PATH[:timeout=30][:lockfile=0]`. TLS: the server
 //! `ssl:PORT:privateKey=KEY.pem[:certKey=CERT.pem][:extraCertChain=CHAIN.pem][:interface=IP][:backlog=N]`
 //! (certKey defaults to privateKey, as in Twisted: one file holding both),
 //! and `tls:DIRECTORY[:port=443][:interface=::][:backlog=50]`, which
 //! chooses the certificate by the name the client asks for (SNI): each
-//! `NAME.pem` in the directory holds that name's chain and key; a client
-//! that names none, or a name without a file, gets the first file's
-//! (sorted by name),
+//! `NAME.pem` in the directory holds that name's chain and key,
+//! `*.DOMAIN.pem` serves one label below DOMAIN; a client that names none,
+//! or a name without a file, gets the first file's (sorted by name); files
+//! that cannot serve are skipped with a warning, see [`sni`]),
+//! `stdio:` (Twisted's `StandardIOEndpoint`: one protocol, built for
+//! [`Address::Pipe`], on this process's standard input and output; see
+//! [`crate::stdio`]),
 //! and the clients `tls:HOST:PORT[:timeout=30][:bindAddress=IP][:trustRoots=CA.pem]`
 //! (also as `ssl:`; without trustRoots, the system's roots), which check
-//! the server's certificate against HOST. A [`Registry`] maps kinds to
-//! parsers: a new kind is one entry.
+//! the server's certificate against HOST's IDNA form. A [`Registry`] maps
+//! kinds to parsers: a new kind is one entry. Built in code only: the
+//! [`ProcessEndpoint`], whose connect starts a program and speaks to it.
 //!
 //! Listening and connecting hand back Deferreds, as in Twisted: a server's
 //! fires with its port, a client's with the connection's transport once it
 //! is made (or fails with why it was not).
 
 pub mod grammar;
+pub mod hostname;
+pub mod process;
+pub mod sni;
 
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -40,6 +50,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 pub use grammar::{parse, quote, Description, EndpointError};
+pub use hostname::{Host, HostnameEndpoint};
+pub use process::{ProcessEndpoint, StderrPolicy};
 
 use crate::datagram::{DatagramProtocol, DatagramTransport, SharedDatagram};
 use crate::defer::Deferred;
@@ -129,6 +141,7 @@ impl Default for Registry {
         r.add_server("systemd", systemd_server);
         r.add_server("ssl", ssl_server);
         r.add_server("tls", tls_server);
+        r.add_server("stdio", stdio_server);
         r.add_client("tcp", tcp_client);
         r.add_client("unix", unix_client);
         r.add_client("tls", tls_client);
@@ -455,11 +468,48 @@ fn systemd_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEn
     Ok(Box::new(SystemdServer { reactor: reactor.clone(), domain, index, name, desc }))
 }
 
+/// Whether a `stdio:` endpoint has taken this process's standard I/O.
+static STDIO_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `stdio:` servers (Twisted's `StandardIOEndpoint`): one protocol on this
+/// process's standard input and output, built for [`Address::Pipe`]; the
+/// port's `stop_listening` closes it. Standard I/O can be taken once.
+struct StdioServer {
+    reactor: Reactor,
+}
+
+impl ServerEndpoint for StdioServer {
+    fn listen(&self, factory: SharedFactory<dyn Factory>) -> Deferred<ListeningPort> {
+        use std::sync::atomic::Ordering;
+        if STDIO_TAKEN.swap(true, Ordering::SeqCst) {
+            return Deferred::fail(Failure::new(EndpointError(
+                "stdio: standard I/O is in use by another endpoint already".into(),
+            )));
+        }
+        let port = crate::stdio::StdioFds::process()
+            .and_then(|fds| factory.with(|f| crate::stdio::listen_stdio(&self.reactor, f, fds)));
+        settled(port)
+    }
+
+    fn describe(&self) -> String {
+        "stdio:".into()
+    }
+}
+
+fn stdio_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEndpoint>, EndpointError> {
+    d.only(&[])?;
+    // `stdio:` has one empty field.
+    if let Some(extra) = d.args.iter().find(|a| !a.is_empty()) {
+        return Err(EndpointError(format!("stdio: unexpected argument '{extra}' (stdio: takes none)")));
+    }
+    Ok(Box::new(StdioServer { reactor: reactor.clone() }))
+}
+
 /// Wraps a user's factory for a client endpoint: fires the Deferred with
 /// the transport at `connection_made`, or fails it.
-struct Wrapping {
-    factory: Box<dyn Factory>,
-    done: Deferred<Transport>,
+pub(super) struct Wrapping {
+    pub(super) factory: Box<dyn Factory>,
+    pub(super) done: Deferred<Transport>,
 }
 
 /// The user's protocol, and the Deferred to fire when it is made.
@@ -524,19 +574,10 @@ impl ClientFactory for Wrapping {
     }
 }
 
-/// `tcp:` clients.
-struct TcpClient {
-    reactor: Reactor,
-    host: String,
-    port: u16,
-    timeout: Duration,
-    bind: Option<SocketAddr>,
-}
-
 /// A Deferred whose cancellation stops the attempt (Twisted's
 /// `ConnectingCancelledError`: the factory hears `Cancelled`, which fails
 /// the Deferred), and the slot the attempt's connector goes in.
-fn cancellable() -> (Deferred<Transport>, Rc<RefCell<Option<StreamConnector>>>) {
+pub(super) fn cancellable() -> (Deferred<Transport>, Rc<RefCell<Option<StreamConnector>>>) {
     let slot: Rc<RefCell<Option<StreamConnector>>> = Rc::default();
     let s = slot.clone();
     let done = Deferred::with_canceller(move |_| {
@@ -545,20 +586,6 @@ fn cancellable() -> (Deferred<Transport>, Rc<RefCell<Option<StreamConnector>>>) 
         }
     });
     (done, slot)
-}
-
-impl ClientEndpoint for TcpClient {
-    fn connect(&self, factory: Box<dyn Factory>) -> Deferred<Transport> {
-        let (done, slot) = cancellable();
-        let wrapping = Wrapping { factory, done: done.clone() };
-        *slot.borrow_mut() =
-            Some(self.reactor.connect_tcp(&self.host, self.port, wrapping, Some(self.timeout), self.bind));
-        done
-    }
-
-    fn describe(&self) -> String {
-        format!("tcp:{}:{}", self.host, self.port)
-    }
 }
 
 fn timeout_of(d: &Description) -> Result<Duration, EndpointError> {
@@ -576,7 +603,7 @@ fn tcp_client(reactor: &Reactor, d: &Description) -> Result<Box<dyn ClientEndpoi
     Ok(Box::new(tcp_client_parts(reactor, d)?))
 }
 
-fn tcp_client_parts(reactor: &Reactor, d: &Description) -> Result<TcpClient, EndpointError> {
+fn tcp_client_parts(reactor: &Reactor, d: &Description) -> Result<HostnameEndpoint, EndpointError> {
     d.only(&["host", "port", "timeout", "bindAddress"])?;
     d.at_most(2)?;
     let host = d.arg_or(0, "host").ok_or_else(|| EndpointError("tcp: no host given".into()))?;
@@ -590,7 +617,7 @@ fn tcp_client_parts(reactor: &Reactor, d: &Description) -> Result<TcpClient, End
             0,
         )),
     };
-    Ok(TcpClient { reactor: reactor.clone(), host: host.to_owned(), port, timeout: timeout_of(d)?, bind })
+    Ok(HostnameEndpoint::new(reactor, host, port).with_timeout(timeout_of(d)?).with_bind_address(bind))
 }
 
 /// `unix:` clients.
@@ -678,7 +705,7 @@ fn ssl_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEndpoi
 
 /// `tls:` clients.
 struct TlsClient {
-    tcp: TcpClient,
+    tcp: HostnameEndpoint,
     config: crate::tls::ClientConfig,
 }
 
@@ -686,12 +713,15 @@ impl ClientEndpoint for TlsClient {
     fn connect(&self, factory: Box<dyn Factory>) -> Deferred<Transport> {
         let (done, slot) = cancellable();
         let wrapping = Wrapping { factory, done: done.clone() };
-        let tcp = &self.tcp;
-        match crate::tls::TlsClientFactory::new(&tcp.reactor, wrapping, self.config.clone(), &tcp.host) {
-            Ok(tls) => {
-                *slot.borrow_mut() =
-                    Some(tcp.reactor.connect_tcp(&tcp.host, tcp.port, tls, Some(tcp.timeout), tcp.bind));
-            }
+        // The certificate is checked against the name's ASCII form: the
+        // form certificates carry.
+        let dialled = self.tcp.host().ascii().and_then(|name| {
+            let tls =
+                crate::tls::TlsClientFactory::new(self.tcp.reactor(), wrapping, self.config.clone(), &name)?;
+            self.tcp.dial(tls)
+        });
+        match dialled {
+            Ok(connector) => *slot.borrow_mut() = Some(connector),
             Err(e) => {
                 let _ = done.errback(Failure::new(e));
             }
@@ -700,7 +730,7 @@ impl ClientEndpoint for TlsClient {
     }
 
     fn describe(&self) -> String {
-        format!("tls:{}:{}", self.tcp.host, self.tcp.port)
+        format!("tls:{}", self.tcp)
     }
 }
 
@@ -730,30 +760,7 @@ fn tls_server(reactor: &Reactor, d: &Description) -> Result<Box<dyn ServerEndpoi
     d.at_most(1)?;
     let dir =
         d.arg_or(0, "path").ok_or_else(|| EndpointError("tls: no certificate directory given".into()))?;
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| EndpointError(format!("tls: directory '{dir}': {e}")))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "pem"))
-        .collect();
-    files.sort();
-    let mut identities = Vec::new();
-    for file in &files {
-        let pem =
-            std::fs::read(file).map_err(|e| EndpointError(format!("tls: '{}': {e}", file.display())))?;
-        let identity = crate::tls::Identity::from_pem(&pem, &pem)
-            .map_err(|e| EndpointError(format!("tls: '{}': {e}", file.display())))?;
-        let name = file.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        identities.push((name, identity));
-    }
-    let Some((_, default)) = identities.first().cloned() else {
-        return Err(EndpointError(format!("tls: no NAME.pem certificate files in '{dir}'")));
-    };
-    let mut builder = crate::tls::ServerConfig::builder(default);
-    for (name, identity) in identities {
-        builder = builder.sni(&name, identity);
-    }
-    let config = builder.build().map_err(|e| EndpointError(format!("tls: {e}")))?;
+    let config = sni::SniDirectory::load(dir)?.server_config()?;
     let port = match d.get("port") {
         None => 443,
         Some(p) => d.number(p, "port")?,

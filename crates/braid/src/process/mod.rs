@@ -52,6 +52,7 @@ use crate::protocol::Protocol;
 use crate::reactor::{catch_panic, log_failure, FileDescriptor, Reactor, WeakReactor};
 use crate::stream::connection::Connection;
 use crate::stream::pipe::{PipeReader, PipeWriter, PtyMaster};
+use crate::stream::Address;
 use crate::sys::spawn::{self, SpawnPlan};
 use crate::transport::{Producer, Transport};
 
@@ -847,6 +848,26 @@ impl ProcessTransport {
         if let Ok(t) = self.writer(0) {
             t.unregister_producer();
         }
+    }
+
+    /// Sets stdin's buffer sizes at which its producer is paused (above
+    /// `high`) and resumed (at or below `low`).
+    pub fn set_write_buffer_limits(&self, high: usize, low: usize) {
+        if let Ok(t) = self.writer(0) {
+            t.set_write_buffer_limits(high, low);
+        }
+    }
+
+    /// The child as an address (Twisted's `_ProcessAddress`): descriptor 0,
+    /// where writes go.
+    pub fn peer(&self) -> Address {
+        Address::Process { pid: self.process.pid, fd: 0 }
+    }
+
+    /// The same address as [`peer`](ProcessTransport::peer) (both ends of
+    /// the pipes are this pairing, as in Twisted), until `process_ended`.
+    pub fn host(&self) -> Option<Address> {
+        self.pid().map(|_| self.peer())
     }
 
     /// Bytes written to stdin and not yet taken by the kernel.

@@ -78,6 +78,9 @@ pub enum Address {
         /// The descriptor number in the child (0 stdin, 1 stdout, ...).
         fd: i32,
     },
+    /// This process's own standard input and output (Twisted's
+    /// `PipeAddress`): no socket, no name.
+    Pipe,
 }
 
 /// A UNIX-domain socket address: a filesystem path, a Linux abstract name, or
@@ -251,7 +254,7 @@ impl Address {
         match self {
             Address::Ip(a) => Some(a.port()),
             Address::Hostname { port, .. } => Some(*port),
-            Address::Unix(_) | Address::Process { .. } => None,
+            Address::Unix(_) | Address::Process { .. } | Address::Pipe => None,
         }
     }
 
@@ -290,7 +293,7 @@ impl Address {
             Address::Ip(SocketAddr::V4(_)) => Some(AddressFamily::INET),
             Address::Ip(SocketAddr::V6(_)) => Some(AddressFamily::INET6),
             Address::Unix(_) => Some(AddressFamily::UNIX),
-            Address::Hostname { .. } | Address::Process { .. } => None,
+            Address::Hostname { .. } | Address::Process { .. } | Address::Pipe => None,
         }
     }
 
@@ -300,7 +303,7 @@ impl Address {
         match self {
             Address::Ip(a) => Some(SocketAddrAny::from(*a)),
             Address::Unix(u) => Some(SocketAddrAny::from(u.to_rustix())),
-            Address::Hostname { .. } | Address::Process { .. } => None,
+            Address::Hostname { .. } | Address::Process { .. } | Address::Pipe => None,
         }
     }
 
@@ -464,6 +467,7 @@ impl fmt::Display for Address {
             Address::Hostname { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Address::Hostname { host, port } => write!(f, "{host}:{port}"),
             Address::Process { pid, fd } => write!(f, "process {pid} fd {fd}"),
+            Address::Pipe => f.write_str("standard I/O"),
         }
     }
 }

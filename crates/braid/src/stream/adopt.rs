@@ -91,7 +91,7 @@ impl Reactor {
             Address::Unix(peer) => Connection::new(self, Unix::new(peer), fd).start(protocol),
             Address::Ip(peer) => Connection::new(self, Tcp { peer }, fd).start(protocol),
             // A kernel-reported peer is never a name.
-            Address::Hostname { .. } | Address::Process { .. } => {
+            Address::Hostname { .. } | Address::Process { .. } | Address::Pipe => {
                 return Err(adopt_error("a connected socket", std::io::Error::other("no peer address")))
             }
         };

@@ -6,6 +6,24 @@
 //! Writes: appended to the connection's buffer and sent at the end of the
 //! reactor pass with one `write`/`writev`; only when the kernel refuses
 //! (EAGAIN) does the connection ask to be watched for writability.
+//!
+//! Layers: `start_tls` on a live connection puts a layer (TLS) between the
+//! connection and its protocol without a new transport handle. The handle
+//! the application holds keeps pointing here; once a layer is started its
+//! calls are passed to the layer's upper side, and the layer writes below
+//! through [`Below`], which bypasses it. The layer's protocol takes the
+//! application's place in the protocol slot only when no call into the
+//! application is on the stack (the slot is borrowed while one is), so it
+//! never re-enters a protocol: until then, writes already go through the
+//! layer, and nothing is read. Bytes written before the layer started stay
+//! in this connection's buffer (or the reactor's stage) ahead of the
+//! layer's, so they leave first and in the clear.
+//!
+//! Files: `write_file` queues part of a regular file, remembering how many
+//! buffered bytes go before it; the send path sends those, then the file
+//! with sendfile(2) (a bounded part per turn, for fairness), then what was
+//! written after. The file never enters the buffer, so a slow reader of a
+//! large file costs no memory.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -23,7 +41,10 @@ use crate::reactor::{
 };
 use crate::stream::kind::Tcp;
 use crate::stream::Address;
-use crate::transport::{Producer, TcpOptions, Transport, TransportOps, UnixOptions, DEFAULT_HIGH_WATER};
+use crate::transport::{
+    Layer, MakeLayer, Producer, TcpOptions, TlsOptions, Transport, TransportOps, UnixOptions,
+    DEFAULT_HIGH_WATER,
+};
 
 /// Small writes are copied into the tail chunk up to this size; an owned
 /// buffer at least this large is queued as its own chunk, without a copy.
@@ -103,26 +124,40 @@ impl OutBuf {
 
     /// Writes as much as the kernel takes; `Ok(true)` when all is sent.
     pub fn send<K: Kind>(&mut self, kind: &K, fd: &OwnedFd) -> Result<bool, Errno> {
-        while self.len > 0 {
-            let result = if self.rest.is_empty() {
-                kind.send(fd, &self.first[self.head..])
+        self.send_upto(kind, fd, usize::MAX)
+    }
+
+    /// Writes at most the first `limit` bytes; `Ok(true)` when they (or
+    /// all there is, if less) are sent.
+    pub fn send_upto<K: Kind>(&mut self, kind: &K, fd: &OwnedFd, mut limit: usize) -> Result<bool, Errno> {
+        while self.len > 0 && limit > 0 {
+            let want = self.len.min(limit);
+            let result = if self.rest.is_empty() || self.first.len() - self.head >= want {
+                kind.send(fd, &self.first[self.head..self.head + want])
             } else {
                 let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
                 iov[0] = IoSlice::new(&self.first[self.head..]);
                 let mut n = 1;
+                let mut room = want - iov[0].len();
                 for c in self.rest.iter().take(MAX_IOV - 1) {
-                    iov[n] = IoSlice::new(c);
+                    if room == 0 {
+                        break;
+                    }
+                    let take = c.len().min(room);
+                    iov[n] = IoSlice::new(&c[..take]);
+                    room -= take;
                     n += 1;
                 }
                 kind.send_vectored(fd, &iov[..n])
             };
             match result {
                 Ok(n) => {
-                    let full = n == self.len;
+                    let full = n == want;
                     self.consume(n);
+                    limit -= n;
                     if !full {
                         // A short write means the socket buffer is full.
-                        return Ok(self.len == 0);
+                        return Ok(self.len == 0 || limit == 0);
                     }
                 }
                 Err(Errno::INTR) => continue,
@@ -158,6 +193,37 @@ impl OutBuf {
 
 type OnLost = Box<dyn FnOnce(Failure)>;
 
+/// A connection's seldom-used state.
+#[derive(Default)]
+struct Rare {
+    /// Set when the connection must close while one of its protocol's own
+    /// calls is on the stack: the close (with this reason) is made from
+    /// the loop instead, so `connection_lost` never re-enters the protocol.
+    doomed: Option<Failure>,
+    /// The layer started on this connection, which the application's
+    /// transport calls reach from then on.
+    upper: Option<Rc<dyn TransportOps>>,
+    /// The layer, until it takes the protocol's place.
+    pending: Option<Box<dyn Layer>>,
+    /// Files queued by `write_file`, in order.
+    files: VecDeque<FileSegment>,
+}
+
+/// Part of a file to send with sendfile(2), after the bytes that were
+/// buffered when it was queued and before those written after.
+struct FileSegment {
+    file: Rc<std::fs::File>,
+    offset: u64,
+    left: u64,
+    /// Bytes of the buffer that go before the file: after the previous
+    /// queued file, or from the front for the first.
+    ahead: usize,
+}
+
+/// How much one sendfile(2) call asks for, so one big file does not keep
+/// the loop from other connections.
+const SENDFILE_CHUNK: usize = 1 << 20;
+
 /// How far the connection is from closed. One value, so that a connection
 /// cannot be both aborting and lost, say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,7 +250,7 @@ enum WriteSide {
 bitflags::bitflags! {
     /// What the connection is doing now; these vary independently.
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-    struct Io: u8 {
+    struct Io: u16 {
         /// Registered with the reactor as a reader.
         const READING = 1;
         /// Registered as a writer (the kernel buffer was full).
@@ -197,6 +263,14 @@ bitflags::bitflags! {
         const FLUSH_QUEUED = 1 << 4;
         /// Inside `do_read`: writes gather in the reactor's stage.
         const IN_READ = 1 << 5;
+        /// A layer (TLS) was started on the connection: the application's
+        /// transport calls go to it (see [`Rare::upper`]).
+        const LAYERED = 1 << 6;
+        /// The layer waits to take the protocol's place until the call
+        /// into the protocol now on the stack returns.
+        const LAYER_PENDING = 1 << 7;
+        /// A file is queued to go out by sendfile(2) (see [`FileSegment`]).
+        const FILE = 1 << 8;
     }
 }
 
@@ -258,10 +332,8 @@ pub(crate) struct Connection<K: Kind> {
     /// producer on every connection, and a box would cost each of them an
     /// allocation.
     mode: Cell<Mode>,
-    /// Set when the connection must close while one of its protocol's own
-    /// calls is on the stack: the close (with this reason) is made from
-    /// the loop instead, so `connection_lost` never re-enters the protocol.
-    doomed: Cell<Option<Box<Failure>>>,
+    /// What few connections need, boxed so the others do not pay for it.
+    rare: Cell<Option<Box<Rare>>>,
     /// Told after the protocol's `connection_lost` (a client's connector).
     on_lost: Cell<Option<OnLost>>,
 }
@@ -286,7 +358,7 @@ impl<K: Kind> Connection<K> {
             io: Cell::new(if K::READS { Io::empty() } else { Io::READ_CLOSED }),
             producer: Cell::new(None),
             mode: Cell::new(Mode::Pull),
-            doomed: Cell::new(None),
+            rare: Cell::new(None),
             on_lost: Cell::new(None),
         })
     }
@@ -352,6 +424,7 @@ impl<K: Kind> Connection<K> {
             }
             Ok(())
         });
+        self.adopt_layer();
         if let Err(failure) = made {
             log_failure(&format!("in connection_made of {}", self.log_prefix()), &failure);
             // Never made: no further calls, not even connection_lost.
@@ -370,6 +443,7 @@ impl<K: Kind> Connection<K> {
             }
             Ok(())
         });
+        self.adopt_layer();
         match result {
             Ok(()) => true,
             Err(failure) => {
@@ -377,6 +451,99 @@ impl<K: Kind> Connection<K> {
                 self.close(failure);
                 false
             }
+        }
+    }
+
+    /// Runs `f` on the seldom-used state, creating it if need be. `f` must
+    /// not call user code.
+    fn with_rare<R>(&self, f: impl FnOnce(&mut Rare) -> R) -> R {
+        let mut rare = self.rare.take().unwrap_or_default();
+        let r = f(&mut rare);
+        self.rare.set(Some(rare));
+        r
+    }
+
+    /// Runs `f` on the seldom-used state if there is any.
+    fn peek_rare<R>(&self, f: impl FnOnce(&mut Rare) -> R) -> Option<R> {
+        let mut rare = self.rare.take()?;
+        let r = f(&mut rare);
+        self.rare.set(Some(rare));
+        Some(r)
+    }
+
+    /// The layer the application's transport calls go to, if one was
+    /// started.
+    #[inline]
+    fn upper(&self) -> Option<Rc<dyn TransportOps>> {
+        if !self.has(Io::LAYERED) {
+            return None;
+        }
+        self.peek_rare(|r| r.upper.clone()).flatten()
+    }
+
+    /// Starts a layer (TLS) on this live connection. What was written
+    /// before stays below it, in order, and goes out as it was; what the
+    /// application writes from now on goes through the layer. The
+    /// application's producer, pause and buffer limits move up to the
+    /// layer, which paces them from now on; reading resumes below if the
+    /// application had paused it, since a handshake needs to read (the
+    /// layer pauses it again after).
+    fn start_layer(self: Rc<Self>, make: MakeLayer) -> Result<(), Error> {
+        if self.has(Io::LAYERED) {
+            return Err(Error::io(
+                "starting TLS",
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "TLS is already started on this connection",
+                ),
+            ));
+        }
+        if self.life.get() != Life::Open || self.write_side.get() != WriteSide::Open {
+            return Err(Error::ConnectionDone);
+        }
+        let reactor = self.reactor.get().ok_or(Error::ReactorGone)?;
+        let producer = self.producer.take().map(|p| (p, self.mode.get()));
+        let paused = self.has(Io::PAUSED);
+        let limits = self.out.borrow().as_ref().map(|o| (o.high as usize, o.low as usize));
+        let below = Transport::new(Rc::new(Below(self.clone())));
+        let layer = make(below, &reactor);
+        let upper = layer.upper();
+        self.with_rare(|r| {
+            r.upper = Some(upper.clone());
+            r.pending = Some(layer);
+        });
+        self.set_io(Io::LAYERED | Io::LAYER_PENDING, true);
+        if paused {
+            self.raw_resume_producing();
+            upper.pause_producing();
+        }
+        if let Some((high, low)) = limits {
+            upper.set_write_buffer_limits(high, low);
+        }
+        if let Some((p, mode)) = producer {
+            let _ = upper.register_producer(p.clone(), mode != Mode::Pull);
+            if mode == Mode::StreamingPaused {
+                // Paused for a buffer the layer does not count: the layer
+                // pauses it again by its own measure.
+                self.call_producer("resume_producing", &p, |p| p.resume_producing());
+            }
+        }
+        self.adopt_layer();
+        Ok(())
+    }
+
+    /// Puts a started layer in the protocol's place, wrapping it, unless a
+    /// call into the protocol is on the stack: then this runs again when
+    /// that call returns.
+    fn adopt_layer(&self) {
+        if !self.has(Io::LAYER_PENDING) {
+            return;
+        }
+        let Ok(mut slot) = self.protocol.try_borrow_mut() else { return };
+        self.set_io(Io::LAYER_PENDING, false);
+        let Some(layer) = self.peek_rare(|r| r.pending.take()).flatten() else { return };
+        if let Some(app) = slot.take() {
+            *slot = Some(layer.adopt(app));
         }
     }
 
@@ -443,6 +610,9 @@ impl<K: Kind> Connection<K> {
 
     /// Sends what is buffered; on a full socket, asks for writability.
     fn send_buffered(&self) -> Result<(), Failure> {
+        if self.has(Io::FILE) && !self.send_file_segment()? {
+            return self.wait_writable();
+        }
         let sent = self.with_sock(|sock| loop {
             if self.buffered_len() == 0 && self.kind.needs_carrier_byte() {
                 // Descriptors must travel with at least one byte.
@@ -481,13 +651,7 @@ impl<K: Kind> Connection<K> {
             return Ok(());
         }
         if !drained {
-            if !self.has(Io::WRITING) {
-                let me = self.rc().ok_or_else(|| Failure::new(Error::ConnectionLost))?;
-                let reactor = self.reactor.get().ok_or_else(|| Failure::new(Error::ReactorGone))?;
-                reactor.add_writer(me).map_err(Failure::new)?;
-                self.set_io(Io::WRITING, true);
-            }
-            return Ok(());
+            return self.wait_writable();
         }
         if self.replace_io(Io::WRITING, false) {
             if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
@@ -495,6 +659,96 @@ impl<K: Kind> Connection<K> {
             }
         }
         self.drained()
+    }
+
+    /// Asks to be told when the socket takes more.
+    fn wait_writable(&self) -> Result<(), Failure> {
+        if !self.has(Io::WRITING) {
+            let me = self.rc().ok_or_else(|| Failure::new(Error::ConnectionLost))?;
+            let reactor = self.reactor.get().ok_or_else(|| Failure::new(Error::ReactorGone))?;
+            reactor.add_writer(me).map_err(Failure::new)?;
+            self.set_io(Io::WRITING, true);
+        }
+        Ok(())
+    }
+
+    /// Sends the bytes queued ahead of a file, then (a bounded part of)
+    /// the file; true once the file is all sent.
+    fn send_file_segment(&self) -> Result<bool, Failure> {
+        loop {
+            match self.send_first_file()? {
+                Some(true) => {}
+                Some(false) => return Ok(false),
+                None => {
+                    self.set_io(Io::FILE, false);
+                    return Ok(true);
+                }
+            }
+        }
+    }
+
+    /// Sends what goes before the first queued file and a bounded part of
+    /// it: `Some(true)` when it is all sent, `None` when none is queued.
+    fn send_first_file(&self) -> Result<Option<bool>, Failure> {
+        let Some(mut seg) = self.peek_rare(|r| r.files.pop_front()).flatten() else {
+            return Ok(None);
+        };
+        let result = self.with_sock(|sock| -> Result<bool, Errno> {
+            if seg.ahead > 0 {
+                let before = self.buffered_len();
+                let done = match self.out.borrow_mut().as_mut() {
+                    Some(out) => out.send_upto(&self.kind, sock, seg.ahead)?,
+                    None => true,
+                };
+                seg.ahead = seg.ahead.saturating_sub(before - self.buffered_len());
+                if !done || seg.ahead > 0 {
+                    return Ok(false);
+                }
+            }
+            let want = seg.left.min(SENDFILE_CHUNK as u64) as usize;
+            loop {
+                match rustix::fs::sendfile(sock, &*seg.file, Some(&mut seg.offset), want) {
+                    // The file is shorter than what was queued.
+                    Ok(0) => return Err(Errno::NODATA),
+                    Ok(n) => {
+                        seg.left -= n as u64;
+                        // One chunk per turn: the loop comes back for more
+                        // once the socket is writable, after the others.
+                        return Ok(seg.left == 0);
+                    }
+                    Err(Errno::INTR) => continue,
+                    Err(Errno::AGAIN) => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        match result {
+            None => Ok(Some(false)),
+            Some(Ok(true)) => Ok(Some(true)),
+            Some(Ok(false)) => {
+                self.with_rare(|r| r.files.push_front(seg));
+                Ok(Some(false))
+            }
+            Some(Err(Errno::PIPE) | Err(Errno::CONNRESET)) => Err(Failure::new(Error::ConnectionLost)),
+            Some(Err(Errno::NODATA)) => Err(Failure::new(Error::io(
+                format!("sending a file to a {} connection", K::NAME),
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file ended before the bytes queued",
+                ),
+            ))),
+            Some(Err(e)) => {
+                Err(Failure::new(Error::io(format!("sending a file to a {} connection", K::NAME), e.into())))
+            }
+        }
+    }
+
+    /// Drops a queued file (the connection is aborting or closed).
+    fn drop_file(&self) {
+        if self.has(Io::FILE) {
+            self.set_io(Io::FILE, false);
+            drop(self.peek_rare(|r| std::mem::take(&mut r.files)));
+        }
     }
 
     /// Everything buffered is sent: feed a pull producer, or finish a close.
@@ -535,14 +789,15 @@ impl<K: Kind> Connection<K> {
         if self.protocol.try_borrow_mut().is_err() {
             // Inside one of the protocol's own calls (a producer it
             // registered panicked, say): abort now, tell it from the loop.
-            if let Some(earlier) = self.doomed.replace(Some(Box::new(reason))) {
-                self.doomed.set(Some(earlier));
-            }
+            self.with_rare(|r| {
+                r.doomed.get_or_insert(reason);
+            });
             self.life.set(Life::Aborting);
             self.queue_flush();
             return;
         }
-        let reason = self.doomed.take().map_or(reason, |b| *b);
+        self.adopt_layer();
+        let reason = self.peek_rare(|r| r.doomed.take()).flatten().unwrap_or(reason);
         let was = self.life.replace(Life::Lost);
         // Removed under the fd it was registered with: O(1), although
         // `fileno()` already reports the connection closed.
@@ -557,6 +812,7 @@ impl<K: Kind> Connection<K> {
             drop(sock);
         }
         *self.out.borrow_mut() = None;
+        self.drop_file();
         let prefix = self.log_prefix();
         if let Some(producer) = self.producer.take() {
             run_logged(
@@ -718,26 +974,35 @@ impl<K: Kind> Producer for Connection<K> {
     }
 }
 
-impl<K: Kind> TransportOps for Connection<K> {
-    fn into_producer(self: Rc<Self>) -> Option<Rc<dyn Producer>> {
-        Some(self)
-    }
-
+/// What the connection does itself; the application's calls come here
+/// unless a layer was started on the connection (see [`Layer`]).
+impl<K: Kind> Connection<K> {
     #[inline]
-    fn write(&self, data: &[u8]) {
+    fn raw_write(&self, data: &[u8]) {
         if self.closing() || self.write_side.get() == WriteSide::Closed || data.is_empty() {
             return;
         }
-        if self.has(Io::IN_READ) && self.buffered_len() == 0 {
+        if self.has(Io::IN_READ) && self.buffered_len() == 0 && !self.has(Io::FILE) {
             let Some(reactor) = self.reactor.get() else { return };
             let mut stage = reactor.write_stage();
             let high = self.out.borrow().as_ref().map_or(DEFAULT_HIGH_WATER, |o| o.high as usize);
             if stage.len() + data.len() > high {
-                // A burst past the high-water mark: into the connection's
-                // own buffer, where a registered producer is paused.
+                // A burst past the high-water mark. With nothing queued
+                // ahead of it, what the kernel takes now is neither copied
+                // nor counted; the rest goes to the connection's own
+                // buffer, where a registered producer is paused. (A send
+                // error is left for the flush to find, as below.)
+                let sent = if stage.is_empty() {
+                    self.with_sock(|sock| self.kind.send(sock, data).unwrap_or(0)).unwrap_or(0)
+                } else {
+                    0
+                };
                 drop(stage);
+                if sent == data.len() {
+                    return;
+                }
                 self.unstage();
-                self.out_mut().push(data);
+                self.out_mut().push(&data[sent..]);
                 self.after_write();
                 return;
             }
@@ -758,7 +1023,7 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.after_write();
     }
 
-    fn write_vec(&self, data: Vec<u8>) {
+    fn raw_write_vec(&self, data: Vec<u8>) {
         if self.closing() || self.write_side.get() == WriteSide::Closed || data.is_empty() {
             return;
         }
@@ -767,7 +1032,7 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.after_write();
     }
 
-    fn write_sequence(&self, data: &[&[u8]]) {
+    fn raw_write_sequence(&self, data: &[&[u8]]) {
         if self.closing() || self.write_side.get() == WriteSide::Closed {
             return;
         }
@@ -781,7 +1046,7 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.after_write();
     }
 
-    fn lose_connection(&self) {
+    fn raw_lose_connection(&self) {
         if self.life.get() != Life::Open {
             return;
         }
@@ -790,20 +1055,21 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.queue_flush();
     }
 
-    fn abort_connection(&self) {
+    fn raw_abort_connection(&self) {
         if self.closing() {
             return;
         }
         self.life.set(Life::Aborting);
         self.stop_reading();
         *self.out.borrow_mut() = None;
+        self.drop_file();
         self.queue_flush();
     }
 
-    fn lose_write_connection(&self) {
+    fn raw_lose_write_connection(&self) {
         if !K::READS {
             // Writing is all it does: ending it ends the connection.
-            return self.lose_connection();
+            return self.raw_lose_connection();
         }
         if self.closing() || self.write_side.get() != WriteSide::Open {
             return;
@@ -812,39 +1078,21 @@ impl<K: Kind> TransportOps for Connection<K> {
         self.queue_flush();
     }
 
-    fn host(&self) -> Option<Address> {
-        self.with_sock(|sock| {
-            rustix::net::getsockname(sock).ok().and_then(|a| Address::from_sockaddr(&a).ok())
-        })?
-    }
-
-    fn peer(&self) -> Address {
-        self.kind.peer()
-    }
-
-    fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {
-        K::tcp_options(self)
-    }
-
-    fn unix(self: Rc<Self>) -> Option<Rc<dyn UnixOptions>> {
-        K::unix_options(self)
-    }
-
-    fn pause_producing(&self) {
+    fn raw_pause_producing(&self) {
         self.set_io(Io::PAUSED, true);
         self.stop_reading();
     }
 
-    fn resume_producing(&self) {
+    fn raw_resume_producing(&self) {
         self.set_io(Io::PAUSED, false);
         self.start_reading();
     }
 
-    fn stop_producing(&self) {
-        self.lose_connection();
+    fn raw_stop_producing(&self) {
+        self.raw_lose_connection();
     }
 
-    fn register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
+    fn raw_register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
         if self.producer().is_some() {
             return Err(Error::io(
                 "registering a producer",
@@ -866,7 +1114,7 @@ impl<K: Kind> TransportOps for Connection<K> {
         Ok(())
     }
 
-    fn unregister_producer(&self) {
+    fn raw_unregister_producer(&self) {
         self.producer.take();
         // A close that waited for the producer can go on now.
         if self.life.get() == Life::Disconnecting || self.write_side.get() == WriteSide::ShutdownAsked {
@@ -874,24 +1122,260 @@ impl<K: Kind> TransportOps for Connection<K> {
         }
     }
 
-    fn set_write_buffer_limits(&self, high: usize, low: usize) {
+    fn raw_set_write_buffer_limits(&self, high: usize, low: usize) {
         let high = u32::try_from(high).unwrap_or(u32::MAX);
         let mut out = self.out_mut();
         out.high = high;
         out.low = u32::try_from(low).unwrap_or(u32::MAX).min(high);
     }
 
+    fn raw_buffered(&self) -> usize {
+        let file = if self.has(Io::FILE) {
+            self.peek_rare(|r| r.files.iter().map(|f| f.left).sum::<u64>()).unwrap_or(0)
+        } else {
+            0
+        };
+        self.buffered_len() + usize::try_from(file).unwrap_or(usize::MAX)
+    }
+
+    /// Queues `len` bytes of `file` from `offset` to go out by sendfile(2)
+    /// after what is buffered (see `Transport::write_file`).
+    fn raw_write_file(&self, file: &Rc<std::fs::File>, offset: u64, len: u64) -> bool {
+        if self.closing() || self.write_side.get() == WriteSide::Closed {
+            // Ignored, as writes after the end are.
+            return true;
+        }
+        if self.kind.needs_carrier_byte() || !file.metadata().is_ok_and(|m| m.is_file()) {
+            return false;
+        }
+        if len == 0 {
+            return true;
+        }
+        self.unstage();
+        let buffered = self.buffered_len();
+        self.with_rare(|r| {
+            let before: usize = r.files.iter().map(|f| f.ahead).sum();
+            let ahead = buffered.saturating_sub(before);
+            r.files.push_back(FileSegment { file: file.clone(), offset, left: len, ahead });
+        });
+        self.set_io(Io::FILE, true);
+        self.queue_flush();
+        true
+    }
+
+    fn raw_connected(&self) -> bool {
+        self.life.get() == Life::Open
+    }
+}
+
+impl<K: Kind> TransportOps for Connection<K> {
+    fn into_producer(self: Rc<Self>) -> Option<Rc<dyn Producer>> {
+        Some(self)
+    }
+
+    fn host(&self) -> Option<Address> {
+        self.with_sock(|sock| {
+            rustix::net::getsockname(sock).ok().and_then(|a| Address::from_sockaddr(&a).ok())
+        })?
+    }
+
+    fn peer(&self) -> Address {
+        self.kind.peer()
+    }
+
+    fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {
+        K::tcp_options(self)
+    }
+
+    fn unix(self: Rc<Self>) -> Option<Rc<dyn UnixOptions>> {
+        K::unix_options(self)
+    }
+
+    fn tls(self: Rc<Self>) -> Option<Rc<dyn TlsOptions>> {
+        self.upper().and_then(|up| up.tls())
+    }
+
+    fn insert_layer(self: Rc<Self>, make: MakeLayer) -> Result<(), Error> {
+        self.start_layer(make)
+    }
+
+    #[inline]
+    fn write(&self, data: &[u8]) {
+        match self.upper() {
+            None => self.raw_write(data),
+            Some(up) => up.write(data),
+        }
+    }
+
+    fn write_vec(&self, data: Vec<u8>) {
+        match self.upper() {
+            None => self.raw_write_vec(data),
+            Some(up) => up.write_vec(data),
+        }
+    }
+
+    fn write_sequence(&self, data: &[&[u8]]) {
+        match self.upper() {
+            None => self.raw_write_sequence(data),
+            Some(up) => up.write_sequence(data),
+        }
+    }
+
+    fn lose_connection(&self) {
+        match self.upper() {
+            None => self.raw_lose_connection(),
+            Some(up) => up.lose_connection(),
+        }
+    }
+
+    fn abort_connection(&self) {
+        match self.upper() {
+            None => self.raw_abort_connection(),
+            Some(up) => up.abort_connection(),
+        }
+    }
+
+    fn lose_write_connection(&self) {
+        match self.upper() {
+            None => self.raw_lose_write_connection(),
+            Some(up) => up.lose_write_connection(),
+        }
+    }
+
+    fn pause_producing(&self) {
+        match self.upper() {
+            None => self.raw_pause_producing(),
+            Some(up) => up.pause_producing(),
+        }
+    }
+
+    fn resume_producing(&self) {
+        match self.upper() {
+            None => self.raw_resume_producing(),
+            Some(up) => up.resume_producing(),
+        }
+    }
+
+    fn stop_producing(&self) {
+        match self.upper() {
+            None => self.raw_stop_producing(),
+            Some(up) => up.stop_producing(),
+        }
+    }
+
+    fn register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
+        match self.upper() {
+            None => self.raw_register_producer(producer, streaming),
+            Some(up) => up.register_producer(producer, streaming),
+        }
+    }
+
+    fn unregister_producer(&self) {
+        match self.upper() {
+            None => self.raw_unregister_producer(),
+            Some(up) => up.unregister_producer(),
+        }
+    }
+
+    fn set_write_buffer_limits(&self, high: usize, low: usize) {
+        match self.upper() {
+            None => self.raw_set_write_buffer_limits(high, low),
+            Some(up) => up.set_write_buffer_limits(high, low),
+        }
+    }
+
     fn buffered(&self) -> usize {
-        self.buffered_len()
+        match self.upper() {
+            None => self.raw_buffered(),
+            Some(up) => up.buffered(),
+        }
+    }
+
+    fn write_file(&self, file: &Rc<std::fs::File>, offset: u64, len: u64) -> bool {
+        match self.upper() {
+            None => self.raw_write_file(file, offset, len),
+            Some(up) => up.write_file(file, offset, len),
+        }
     }
 
     fn connected(&self) -> bool {
-        self.life.get() == Life::Open
+        match self.upper() {
+            None => self.raw_connected(),
+            Some(up) => up.connected(),
+        }
+    }
+}
+
+/// The connection's own side under a layer: the layer's transport below,
+/// whose calls bypass the layer.
+struct Below<K: Kind>(Rc<Connection<K>>);
+
+impl<K: Kind> TransportOps for Below<K> {
+    fn write(&self, data: &[u8]) {
+        self.0.raw_write(data)
+    }
+    fn write_vec(&self, data: Vec<u8>) {
+        self.0.raw_write_vec(data)
+    }
+    fn write_sequence(&self, data: &[&[u8]]) {
+        self.0.raw_write_sequence(data)
+    }
+    fn lose_connection(&self) {
+        self.0.raw_lose_connection()
+    }
+    fn abort_connection(&self) {
+        self.0.raw_abort_connection()
+    }
+    fn lose_write_connection(&self) {
+        self.0.raw_lose_write_connection()
+    }
+    fn host(&self) -> Option<Address> {
+        self.0.host()
+    }
+    fn peer(&self) -> Address {
+        self.0.peer()
+    }
+    fn tcp(self: Rc<Self>) -> Option<Rc<dyn TcpOptions>> {
+        K::tcp_options(self.0.clone())
+    }
+    fn unix(self: Rc<Self>) -> Option<Rc<dyn UnixOptions>> {
+        K::unix_options(self.0.clone())
+    }
+    fn pause_producing(&self) {
+        self.0.raw_pause_producing()
+    }
+    fn resume_producing(&self) {
+        self.0.raw_resume_producing()
+    }
+    fn stop_producing(&self) {
+        self.0.raw_stop_producing()
+    }
+    fn register_producer(&self, producer: Rc<dyn Producer>, streaming: bool) -> Result<(), Error> {
+        self.0.raw_register_producer(producer, streaming)
+    }
+    fn unregister_producer(&self) {
+        self.0.raw_unregister_producer()
+    }
+    fn set_write_buffer_limits(&self, high: usize, low: usize) {
+        self.0.raw_set_write_buffer_limits(high, low)
+    }
+    fn buffered(&self) -> usize {
+        self.0.raw_buffered()
+    }
+    fn write_file(&self, file: &Rc<std::fs::File>, offset: u64, len: u64) -> bool {
+        self.0.raw_write_file(file, offset, len)
+    }
+    fn connected(&self) -> bool {
+        self.0.raw_connected()
     }
 }
 
 impl TcpOptions for Connection<Tcp> {
     fn splice_source(self: Rc<Self>) -> Option<Rc<dyn std::any::Any>> {
+        // Under a layer the bytes on the socket are not the application's.
+        if self.has(Io::LAYERED) {
+            return None;
+        }
         Some(self)
     }
 
@@ -1058,6 +1542,7 @@ impl<K: Kind> Connection<K> {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
     use proptest::prelude::*;
     use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};

@@ -520,7 +520,7 @@ impl Attempt {
             Address::Unix(peer) => establish(&c, &reactor, Unix::new(peer.clone()), sock, protocol),
             Address::Ip(peer) => establish(&c, &reactor, Tcp { peer: *peer }, sock, protocol),
             // `dial` refuses names, so none gets here; fail rather than panic.
-            Address::Hostname { .. } | Address::Process { .. } => Err((
+            Address::Hostname { .. } | Address::Process { .. } | Address::Pipe => Err((
                 Error::io("connecting", std::io::Error::other("a host name is not an address")),
                 protocol,
             )),

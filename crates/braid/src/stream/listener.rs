@@ -350,7 +350,7 @@ impl<L: Listen> FileDescriptor for Port<L> {
 }
 
 /// A listening port of any kind, as its handle sees it.
-trait PortOps {
+pub(crate) trait PortOps {
     fn host(&self) -> Address;
     fn listening(&self) -> bool;
     fn stop_listening(&self) -> Deferred<()>;
@@ -378,6 +378,11 @@ pub struct ListeningPort {
 
 impl ListeningPort {
     pub(crate) fn new<L: Listen>(port: Rc<Port<L>>) -> ListeningPort {
+        ListeningPort { port }
+    }
+
+    /// A port that is not a listening socket (the `stdio:` endpoint's).
+    pub(crate) fn from_ops(port: Rc<dyn PortOps>) -> ListeningPort {
         ListeningPort { port }
     }
 

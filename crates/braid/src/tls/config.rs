@@ -271,7 +271,9 @@ impl ServerConfig {
     /// Wraps a rustls configuration built by hand (for settings the
     /// builder does not offer), with the default handshake timeout.
     pub fn from_rustls(config: Arc<rustls::ServerConfig>) -> ServerConfig {
-        ServerConfig { rustls: config, handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT) }
+        let mut config = (*config).clone();
+        config.cert_resolver = Arc::new(Recording(config.cert_resolver.clone()));
+        ServerConfig { rustls: Arc::new(config), handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT) }
     }
 
     /// Sets the handshake timeout (`None`: wait for ever).
@@ -369,8 +371,38 @@ struct ByName {
     names: Vec<(String, Identity)>,
 }
 
+std::thread_local! {
+    /// The SNI name of the handshake rustls is running on this thread, for
+    /// the session to pick up when the call into rustls returns (rustls's
+    /// unbuffered server connection does not expose it).
+    static SNI: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Takes the SNI name a certificate lookup on this thread saw, if any.
+pub(crate) fn take_sni() -> Option<String> {
+    SNI.with(|s| s.borrow_mut().take())
+}
+
+fn record_sni(hello: &ClientHello<'_>) {
+    if let Some(name) = hello.server_name() {
+        SNI.with(|s| *s.borrow_mut() = Some(name.to_string()));
+    }
+}
+
+/// Wraps a hand-built configuration's resolver so the SNI name is seen.
+#[derive(Debug)]
+struct Recording(Arc<dyn ResolvesServerCert>);
+
+impl ResolvesServerCert for Recording {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        record_sni(&hello);
+        self.0.resolve(hello)
+    }
+}
+
 impl ResolvesServerCert for ByName {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        record_sni(&hello);
         let wanted = hello.server_name().map(str::to_ascii_lowercase);
         let chosen =
             wanted.and_then(|w| self.names.iter().find(|(n, _)| *n == w)).map_or(&self.default, |(_, i)| i);

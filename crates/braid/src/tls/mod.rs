@@ -13,6 +13,10 @@
 //!   ALPN, SNI name, version, [`Tls::when_handshake_completed`], and
 //!   [`Tls::start_tls_server`] / [`Tls::start_tls_client`] on a
 //!   connection made with [`StartTlsFactory`].
+//! - [`Transport::start_tls_server`](crate::Transport::start_tls_server) /
+//!   [`start_tls_client`](crate::Transport::start_tls_client) switch any
+//!   live stream connection to TLS (Twisted's `startTLS`): the layer is
+//!   put between the connection and its protocol in place.
 //!
 //! Semantics through the layer:
 //! - `connection_made` reaches the application at once (Twisted's
@@ -32,6 +36,11 @@
 //! - Producers: the application's producer is paced by the ciphertext
 //!   buffered below once the handshake is done, and by the queued
 //!   plaintext before; `buffered()` counts both.
+//! - Memory: the session runs on rustls's unbuffered API, decrypting and
+//!   encrypting in buffers each reactor lends its TLS connections for one
+//!   call, so an idle connection holds only rustls's session state (no
+//!   read or write buffer); a record split across reads is kept until it
+//!   completes (at most 80 KiB, else the connection fails).
 //! - Bad input (not TLS, a bad certificate, a name mismatch, a truncated
 //!   record, a handshake that does not finish in 30 s by default) ends
 //!   that connection only, with a [`TlsError`] (or `TimedOut`,
@@ -39,6 +48,7 @@
 
 mod config;
 mod protocol;
+mod session;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -78,10 +88,6 @@ impl TlsError {
         TlsError { during_handshake: false, message: e.to_string(), error: Some(e) }
     }
 
-    pub(crate) fn record(message: String) -> Self {
-        TlsError { during_handshake: false, message, error: None }
-    }
-
     /// True if the handshake failed (as opposed to a later record).
     pub fn during_handshake(&self) -> bool {
         self.during_handshake
@@ -105,9 +111,45 @@ impl fmt::Display for TlsError {
 
 impl std::error::Error for TlsError {}
 
+impl crate::Transport {
+    /// Starts TLS on this live connection as the server side (Twisted's
+    /// `startTLS`): what was written before goes out in the clear, in
+    /// order; what is written after is encrypted (queued until the
+    /// handshake is done); every byte received after this call is read as
+    /// TLS. Bytes that arrived with the ones that asked for TLS (in the
+    /// same `data_received`) stay the application's, as in Twisted: a
+    /// peer should wait for the answer before it starts its handshake.
+    ///
+    /// Works on every stream connection (TCP, UNIX, adopted) and on one
+    /// made by a [`StartTlsFactory`]; the transport the application holds
+    /// becomes the TLS transport (its [`tls`](crate::Transport::tls) side
+    /// appears), and the application's producer and pause move with it.
+    /// Fails if TLS is already on, or the connection is closing.
+    pub fn start_tls_server(&self, config: &ServerConfig) -> Result<(), Error> {
+        self.start_tls(Side::Server(config.clone()))
+    }
+
+    /// The same as the client side, checking the server's certificate
+    /// against `server_name`.
+    pub fn start_tls_client(&self, config: &ClientConfig, server_name: &str) -> Result<(), Error> {
+        let name = config::server_name(server_name)?;
+        self.start_tls(Side::Client(config.clone(), name))
+    }
+
+    fn start_tls(&self, side: Side) -> Result<(), Error> {
+        if let Some(tls) = self.tls() {
+            return tls.state()?.start_tls(side);
+        }
+        self.ops().clone().insert_layer(Box::new(move |below, reactor| {
+            TlsProtocol::layered(side, timer_for(reactor), below)
+        }))
+    }
+}
+
 impl Tls {
     /// Starts TLS on a connection that was in the clear (one built by a
-    /// [`StartTlsFactory`]), as the server side. What was written before
+    /// [`StartTlsFactory`]), as the server side; the same as
+    /// [`Transport::start_tls_server`](crate::Transport::start_tls_server). What was written before
     /// goes out in the clear, what is written after is encrypted (queued
     /// until the handshake is done); every byte received after this call
     /// is read as TLS. Fails if TLS is already on, or the connection is

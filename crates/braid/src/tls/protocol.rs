@@ -12,7 +12,6 @@
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
-use std::io::{Read, Write};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
@@ -22,10 +21,11 @@ use crate::protocol::{FileDescriptorReceiver, HalfCloseable, Protocol};
 use crate::reactor::{DelayedCall, ReactorTime, WeakReactor};
 use crate::stream::Address;
 use crate::transport::{
-    Producer, TcpOptions, TlsOptions, Transport, TransportOps, UnixOptions, DEFAULT_HIGH_WATER,
+    Layer, Producer, TcpOptions, TlsOptions, Transport, TransportOps, UnixOptions, DEFAULT_HIGH_WATER,
 };
 
 use super::config::{ClientConfig, ServerConfig};
+use super::session::Session;
 use super::TlsError;
 
 /// Where the handshake timer is scheduled. A reactor is held weakly, as
@@ -44,6 +44,7 @@ pub(crate) enum Timer {
 struct Scratch {
     out: Cell<Vec<u8>>,
     plain: Cell<Vec<u8>>,
+    incoming: Cell<Vec<u8>>,
 }
 
 /// A borrowed scratch buffer grows to what a pass needs; one that grew
@@ -81,16 +82,8 @@ impl Side {
         }
     }
 
-    fn connect(self) -> Result<rustls::Connection, rustls::Error> {
-        let mut conn: rustls::Connection = match self {
-            Side::Server(c) => rustls::ServerConnection::new(c.rustls)?.into(),
-            Side::Client(c, name) => rustls::ClientConnection::new(c.rustls, name)?.into(),
-        };
-        // This layer drains rustls's output after every write and counts
-        // what it holds itself, so rustls's own limit would only refuse
-        // writes (and lose data).
-        conn.set_buffer_limit(None);
-        Ok(conn)
+    fn connect(self) -> Result<Session, rustls::Error> {
+        Session::new(self)
     }
 }
 
@@ -165,7 +158,7 @@ pub(crate) struct TlsState {
     /// What `start_tls` or `connection_made` turns into a session.
     side: RefCell<Option<Side>>,
     /// Never borrowed while user code runs.
-    tls: RefCell<Option<rustls::Connection>>,
+    tls: RefCell<Option<Session>>,
     lower: RefCell<Option<Transport>>,
     /// The peer's address, kept after the transport below is let go.
     peer: RefCell<Option<Address>>,
@@ -188,6 +181,14 @@ pub(crate) struct TlsState {
     waiters: RefCell<Vec<Deferred<()>>>,
     /// A close is due at the end of the reactor's pass.
     close_scheduled: Cell<bool>,
+    /// Plaintext decrypted while the application was paused (it came in
+    /// the same read as the end of the handshake, or before the pause
+    /// reached the transport below), delivered once it resumes.
+    held: RefCell<Vec<u8>>,
+    /// The peer's close_notify came behind held plaintext (or while paused).
+    held_close: Cell<bool>,
+    /// Held plaintext is due for delivery at the end of the reactor's pass.
+    release_scheduled: Cell<bool>,
     /// Where the application's final reason is copied, for a client
     /// factory to report instead of how the transport below ended.
     report: RefCell<Option<ReasonSlot>>,
@@ -234,7 +235,24 @@ impl TlsProtocol {
         Self::new(app, None, clock.map_or(Timer::None, Timer::Clock))
     }
 
+    /// A session started on a live connection (`Transport::start_tls_*`):
+    /// `lower` is the connection's own side, below the layer. The
+    /// application's protocol comes later, through [`Layer::adopt`], once
+    /// no call into it is on the stack; it got `connection_made` long ago.
+    pub(crate) fn layered(side: Side, timer: Timer, lower: Transport) -> Box<dyn Layer> {
+        let layer = Self::build(None, None, timer);
+        let s = &layer.state;
+        *s.peer.borrow_mut() = Some(lower.peer());
+        *s.lower.borrow_mut() = Some(lower);
+        s.begin(side);
+        Box::new(layer)
+    }
+
     pub(crate) fn new(app: Box<dyn Protocol>, side: Option<Side>, timer: Timer) -> Self {
+        Self::build(Some(app), side, timer)
+    }
+
+    fn build(app: Option<Box<dyn Protocol>>, side: Option<Side>, timer: Timer) -> Self {
         let state = Rc::new_cyclic(|me| TlsState {
             me: me.clone(),
             timer,
@@ -242,7 +260,7 @@ impl TlsProtocol {
             tls: RefCell::new(None),
             lower: RefCell::new(None),
             peer: RefCell::new(None),
-            app: RefCell::new(Some(app)),
+            app: RefCell::new(app),
             phase: Cell::new(Phase::Plain),
             life: Cell::new(Life::Open),
             write_side: Cell::new(WriteSide::Open),
@@ -255,6 +273,9 @@ impl TlsProtocol {
             handshake_timer: RefCell::new(None),
             waiters: RefCell::new(Vec::new()),
             close_scheduled: Cell::new(false),
+            held: RefCell::new(Vec::new()),
+            held_close: Cell::new(false),
+            release_scheduled: Cell::new(false),
             report: RefCell::new(None),
         });
         TlsProtocol { state }
@@ -268,6 +289,17 @@ impl TlsProtocol {
     /// Copies the application's final reason into `slot` when it is told.
     pub(crate) fn report_to(&self, slot: ReasonSlot) {
         *self.state.report.borrow_mut() = Some(slot);
+    }
+}
+
+impl Layer for TlsProtocol {
+    fn upper(&self) -> Rc<dyn TransportOps> {
+        self.state.clone()
+    }
+
+    fn adopt(self: Box<Self>, app: Box<dyn Protocol>) -> Box<dyn Protocol> {
+        *self.state.app.borrow_mut() = Some(app);
+        self
     }
 }
 
@@ -433,13 +465,14 @@ impl TlsState {
         {
             let mut tls = self.tls.borrow_mut();
             if let Some(conn) = tls.as_mut() {
-                while conn.wants_write() {
-                    if conn.write_tls(&mut out).is_err() {
-                        break;
-                    }
-                }
+                conn.flush(&mut out);
             }
         }
+        self.send_out(scratch, out);
+    }
+
+    /// Sends `out` below and gives the buffer back to the scratch.
+    fn send_out(&self, scratch: Option<Rc<Scratch>>, mut out: Vec<u8>) {
         if !out.is_empty() {
             if let Some(lower) = self.lower() {
                 // The transport sends what it can at once and copies only
@@ -458,13 +491,40 @@ impl TlsState {
 
     /// Encrypts `data` and sends it.
     fn encrypt(&self, data: &[u8]) {
+        self.encrypt_all(&[data])
+    }
+
+    /// Encrypts each piece and sends them all with one write below.
+    fn encrypt_all(&self, data: &[&[u8]]) {
+        let scratch = self.timer.scratch();
+        let mut out = scratch.as_ref().map(|s| s.out.take()).unwrap_or_default();
+        out.clear();
+        let mut failed = None;
         {
             let mut tls = self.tls.borrow_mut();
             let Some(conn) = tls.as_mut() else { return };
-            // Unlimited buffer (see `Side::connect`): this takes it all.
-            let _ = conn.writer().write_all(data);
+            for d in data.iter().filter(|d| !d.is_empty()) {
+                if let Err(e) = conn.encrypt(d, &mut out) {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        self.send_tls();
+        self.send_out(scratch, out);
+        if let Some(e) = failed {
+            self.fail(Failure::new(TlsError::session(e)));
+        }
+    }
+
+    /// Encrypts a close_notify and sends it.
+    fn send_close_notify(&self) {
+        let scratch = self.timer.scratch();
+        let mut out = scratch.as_ref().map(|s| s.out.take()).unwrap_or_default();
+        out.clear();
+        if let Some(conn) = self.tls.borrow_mut().as_mut() {
+            conn.close_notify(&mut out);
+        }
+        self.send_out(scratch, out);
     }
 
     /// Records `reason` as why the session ended and closes the
@@ -552,61 +612,55 @@ impl TlsState {
         if matches!(self.life.get(), Life::Lost | Life::Aborting) || self.read_side.get() != ReadSide::Open {
             return;
         }
-        let mut input = data;
-        // `plain` keeps its length (initialised bytes) between calls; `got`
-        // counts what this call put in it, so nothing is zeroed twice.
         let scratch = self.timer.scratch();
         let mut plain = scratch.as_ref().map(|s| s.plain.take()).unwrap_or_default();
-        let mut got = 0;
+        plain.clear();
+        let mut out = scratch.as_ref().map(|s| s.out.take()).unwrap_or_default();
+        out.clear();
+        let mut incoming = scratch.as_ref().map(|s| s.incoming.take()).unwrap_or_default();
         let mut error = None;
-        let mut closed = false;
+        let closed;
         let was_handshaking;
         let handshaking;
         {
             let mut tls = self.tls.borrow_mut();
             let Some(conn) = tls.as_mut() else { return };
             was_handshaking = conn.is_handshaking();
-            while !input.is_empty() && error.is_none() && !closed {
-                match conn.read_tls(&mut input) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        error = Some(Failure::new(TlsError::record(e.to_string())));
-                        break;
-                    }
-                }
-                match conn.process_new_packets() {
-                    Ok(state) => {
-                        let n = state.plaintext_bytes_to_read();
-                        if n > 0 {
-                            if plain.len() < got + n {
-                                plain.resize(got + n, 0);
-                            }
-                            if conn.reader().read_exact(&mut plain[got..got + n]).is_ok() {
-                                got += n;
-                            }
-                        }
-                        closed = state.peer_has_closed();
-                    }
-                    Err(e) => {
-                        error = Some(Failure::new(if conn.is_handshaking() {
-                            TlsError::handshake(e)
-                        } else {
-                            TlsError::session(e)
-                        }));
-                    }
-                }
+            let read = conn.read(data, &mut incoming, &mut out, &mut plain);
+            closed = read.peer_closed;
+            if let Some(e) = read.error {
+                error = Some(Failure::new(if conn.is_handshaking() {
+                    TlsError::handshake(e)
+                } else {
+                    TlsError::session(e)
+                }));
             }
             handshaking = conn.is_handshaking();
         }
+        if let Some(s) = scratch.as_ref() {
+            if incoming.capacity() > SCRATCH_KEEP {
+                incoming = Vec::new();
+            }
+            s.incoming.set(incoming);
+        }
+        let got = plain.len();
         if error.is_none() {
-            self.send_tls();
+            self.send_out(scratch.clone(), out);
+        } else if let Some(s) = scratch.as_ref() {
+            s.out.set(out);
         }
         if was_handshaking && !handshaking && error.is_none() {
             self.handshake_done();
         }
+        // A paused application gets nothing until it resumes, and what
+        // waits for it keeps its place ahead of what comes after.
+        let hold = self.app_paused.get() || !self.held.borrow().is_empty() || self.held_close.get();
         if got > 0 && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
-            self.call_app(|p| p.data_received(&plain[..got]));
+            if hold {
+                self.held.borrow_mut().extend_from_slice(&plain[..got]);
+            } else {
+                self.call_app(|p| p.data_received(&plain[..got]));
+            }
         }
         if let Some(s) = scratch {
             if plain.len() > SCRATCH_KEEP {
@@ -618,6 +672,55 @@ impl TlsState {
             return self.fail(e);
         }
         if closed {
+            if hold {
+                self.held_close.set(true);
+            } else {
+                self.peer_closed();
+            }
+        }
+    }
+
+    /// Delivers what was held for a paused application, from the loop
+    /// (never inside the application's own call to `resume_producing`).
+    fn release_soon(&self) {
+        if self.held.borrow().is_empty() && !self.held_close.get() {
+            return;
+        }
+        self.at_end_of_pass(&self.release_scheduled, || self.release_held());
+    }
+
+    /// Sets `flag` and runs this layer's `Flush` at the end of the reactor's
+    /// pass (once, however often asked); with no loop to wait for (a test
+    /// double below), runs `now` at once.
+    fn at_end_of_pass(&self, flag: &Cell<bool>, now: impl FnOnce()) {
+        if flag.replace(true) {
+            return;
+        }
+        let reactor = match &self.timer {
+            Timer::Reactor(r) => r.get(),
+            Timer::None | Timer::Clock(_) => None,
+        };
+        match (reactor, self.me.upgrade()) {
+            (Some(reactor), Some(me)) => reactor.schedule_flush(me),
+            _ => now(),
+        }
+    }
+
+    fn release_held(&self) {
+        self.release_scheduled.set(false);
+        if self.app_paused.get() || self.app.try_borrow_mut().is_err() {
+            // Paused again, or (with no loop to wait for) inside the
+            // application: it stays held for the next resume.
+            return;
+        }
+        let data = std::mem::take(&mut *self.held.borrow_mut());
+        if !data.is_empty() && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
+            self.call_app(|p| p.data_received(&data));
+        }
+        if self.app_paused.get() {
+            return;
+        }
+        if self.held_close.replace(false) && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
             self.peer_closed();
         }
     }
@@ -668,7 +771,7 @@ impl TlsState {
     /// The peer sent close_notify.
     fn peer_closed(&self) {
         self.read_side.set(ReadSide::CloseNotify);
-        let tls13 = self.tls.borrow().as_ref().and_then(|c| c.protocol_version())
+        let tls13 = self.tls.borrow().as_ref().and_then(|c| c.common().protocol_version())
             == Some(rustls::ProtocolVersion::TLSv1_3);
         let mut half = false;
         if tls13 && self.life.get() == Life::Open {
@@ -758,18 +861,7 @@ impl TlsState {
     }
 
     fn close_soon(&self) {
-        if self.close_scheduled.replace(true) {
-            return;
-        }
-        let reactor = match &self.timer {
-            Timer::Reactor(r) => r.get(),
-            Timer::None | Timer::Clock(_) => None,
-        };
-        match (reactor, self.me.upgrade()) {
-            (Some(reactor), Some(me)) => reactor.schedule_flush(me),
-            // No loop to wait for (a test double below): close now.
-            _ => self.run_close(),
-        }
+        self.at_end_of_pass(&self.close_scheduled, || self.run_close());
     }
 
     fn run_close(&self) {
@@ -779,10 +871,7 @@ impl TlsState {
             if self.phase.get() == Phase::Established
                 && matches!(self.write_side.get(), WriteSide::Open | WriteSide::ShutdownAsked)
             {
-                if let Some(conn) = self.tls.borrow_mut().as_mut() {
-                    conn.send_close_notify();
-                }
-                self.send_tls();
+                self.send_close_notify();
             }
             self.release_below();
             if let Some(lower) = self.lower() {
@@ -790,10 +879,7 @@ impl TlsState {
             }
         } else if self.write_shutdown_ready() {
             self.write_side.set(WriteSide::NotifySent);
-            if let Some(conn) = self.tls.borrow_mut().as_mut() {
-                conn.send_close_notify();
-            }
-            self.send_tls();
+            self.send_close_notify();
             if let Some(lower) = self.lower() {
                 lower.lose_write_connection();
             }
@@ -874,7 +960,12 @@ impl TlsState {
 
 impl crate::reactor::Flush for TlsState {
     fn flush(&self) {
-        self.run_close()
+        if self.release_scheduled.get() {
+            self.release_held();
+        }
+        if self.close_scheduled.get() {
+            self.run_close();
+        }
     }
 }
 
@@ -908,14 +999,7 @@ impl TransportOps for TlsState {
 
     fn write_sequence(&self, data: &[&[u8]]) {
         if self.phase.get() == Phase::Established && self.takes_writes() {
-            {
-                let mut tls = self.tls.borrow_mut();
-                let Some(conn) = tls.as_mut() else { return };
-                for d in data {
-                    let _ = conn.writer().write_all(d);
-                }
-            }
-            return self.send_tls();
+            return self.encrypt_all(data);
         }
         for d in data {
             self.write(d);
@@ -995,6 +1079,7 @@ impl TransportOps for TlsState {
         if let Some(lower) = self.lower() {
             lower.resume_producing();
         }
+        self.release_soon();
     }
 
     fn stop_producing(&self) {
@@ -1060,23 +1145,20 @@ impl TlsOptions for TlsState {
 
     fn peer_certificates(&self) -> Vec<Vec<u8>> {
         let tls = self.tls.borrow();
-        let certs = tls.as_ref().and_then(|c| c.peer_certificates());
+        let certs = tls.as_ref().and_then(|c| c.common().peer_certificates());
         certs.map_or_else(Vec::new, |cs| cs.iter().map(|c| c.as_ref().to_vec()).collect())
     }
 
     fn alpn_protocol(&self) -> Option<Vec<u8>> {
-        self.tls.borrow().as_ref().and_then(|c| c.alpn_protocol().map(<[u8]>::to_vec))
+        self.tls.borrow().as_ref().and_then(|c| c.common().alpn_protocol().map(<[u8]>::to_vec))
     }
 
     fn server_name(&self) -> Option<String> {
-        match self.tls.borrow().as_ref()? {
-            rustls::Connection::Server(s) => s.server_name().map(str::to_string),
-            rustls::Connection::Client(_) => None,
-        }
+        self.tls.borrow().as_ref()?.server_name().map(str::to_string)
     }
 
     fn protocol_version(&self) -> Option<&'static str> {
-        match self.tls.borrow().as_ref()?.protocol_version()? {
+        match self.tls.borrow().as_ref()?.common().protocol_version()? {
             rustls::ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
             rustls::ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),
             _ => Some("other"),
@@ -1084,7 +1166,8 @@ impl TlsOptions for TlsState {
     }
 
     fn resumed(&self) -> bool {
-        self.tls.borrow().as_ref().and_then(|c| c.handshake_kind()) == Some(rustls::HandshakeKind::Resumed)
+        self.tls.borrow().as_ref().and_then(|c| c.common().handshake_kind())
+            == Some(rustls::HandshakeKind::Resumed)
     }
 
     fn when_handshake_completed(&self) -> Deferred<()> {

@@ -874,3 +874,60 @@ fn the_peer_address_is_the_transport_s_below_and_stays_after_the_close() {
     p.close_below(Error::ConnectionDone);
     assert_eq!(t.peer(), p.ct.transport().peer());
 }
+
+/// Carries bytes both ways in pieces of at most `piece` bytes, so records
+/// and handshake messages arrive split anywhere.
+fn pump_in_pieces(p: &mut Pair, piece: usize) {
+    for _ in 0..100_000 {
+        let c = p.ct.take();
+        for chunk in c.chunks(piece) {
+            p.st.feed(&mut p.server, chunk);
+        }
+        let s = p.st.take();
+        for chunk in s.chunks(piece) {
+            p.ct.feed(&mut p.client, chunk);
+        }
+        if c.is_empty() && s.is_empty() {
+            return;
+        }
+    }
+    panic!("the two sides never stopped talking");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// However the ciphertext is split on its way (down to one byte at a
+    /// time), the handshake completes and the plaintext arrives whole and
+    /// in order, both ways; nothing stays pending inside the session.
+    #[test]
+    fn any_split_of_the_ciphertext_gives_the_same_plaintext(piece in 1usize..40_000, len in 0usize..100_000) {
+        let ca = Ca::new();
+        let (capp, clog, ctr) = App::new();
+        let (sapp, slog, str_) = App::new();
+        let mut p = Pair::start(&ca, capp, sapp);
+        pump_in_pieces(&mut p, piece);
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        ctr.borrow().as_ref().unwrap().write(&data);
+        str_.borrow().as_ref().unwrap().write(b"pong");
+        pump_in_pieces(&mut p, piece);
+        proptest::prop_assert!(clog.borrow().lost.is_none() && slog.borrow().lost.is_none());
+        proptest::prop_assert_eq!(&slog.borrow().data, &data);
+        proptest::prop_assert_eq!(&clog.borrow().data, b"pong");
+    }
+}
+
+#[test]
+fn the_sni_name_is_seen_on_full_and_resumed_handshakes() {
+    let ca = Ca::new();
+    let (cc, sc) = (ca.client(), ca.server());
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (capp, _, ctr) = App::new();
+        let (sapp, _, str_) = App::new();
+        let mut p = Pair::with(cc.clone(), "localhost", sc.clone(), capp, sapp);
+        p.pump();
+        let resumed = ctr.borrow().as_ref().unwrap().tls().unwrap().resumed();
+        seen.push((resumed, str_.borrow().as_ref().unwrap().tls().unwrap().server_name()));
+    }
+    assert_eq!(seen, [(false, Some("localhost".to_string())), (true, Some("localhost".to_string()))]);
+}

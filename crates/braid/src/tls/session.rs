@@ -1,0 +1,379 @@
+//! The rustls session behind one TLS connection, on rustls's unbuffered
+//! API: rustls reads ciphertext from buffers we own and writes what it
+//! sends into buffers we own, so an idle connection keeps no read or
+//! write buffer inside rustls (the buffered API keeps a 4 KiB read buffer
+//! per connection for good). Everything that names rustls's connection
+//! types is in this file; `protocol.rs` sees bytes in and bytes out.
+
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, UnbufferedConnectionCommon, UnbufferedStatus,
+};
+
+use super::protocol::Side;
+
+/// A rustls session in either role.
+pub(crate) struct Session {
+    role: Role,
+    /// The name the client asked for, seen by the certificate lookup.
+    sni: Option<Box<str>>,
+    /// Ciphertext of a record (or handshake message) not yet complete:
+    /// rustls's view of the input starts here, so every call into it is
+    /// given these bytes. Empty, holding no memory, between whole records.
+    pending: Vec<u8>,
+}
+
+/// The most ciphertext kept between reads for an incomplete record: a
+/// handshake message rustls joins across records may reach 64 KiB, one
+/// record 16 KiB and its header.
+const MAX_PENDING: usize = 64 * 1024 + 16 * 1024 + 512;
+
+enum Role {
+    Server(UnbufferedServerConnection),
+    Client(UnbufferedClientConnection),
+}
+
+/// What one pass over received ciphertext did.
+pub(crate) struct Received {
+    /// The peer's close_notify came (reported once).
+    pub peer_closed: bool,
+    /// rustls refused the input (an alert about it comes out of the next
+    /// [`Session::flush`]), or an incomplete record grew too large.
+    pub error: Option<rustls::Error>,
+}
+
+struct Pass {
+    consumed: usize,
+    peer_closed: bool,
+    error: Option<rustls::Error>,
+}
+
+/// Runs `$body` with `$c` bound to the role's common connection and
+/// `$process` to its `process_tls_records`, which rustls defines per role.
+macro_rules! with_role {
+    ($session:expr, |$c:ident, $process:ident| $body:expr) => {
+        match &mut $session.role {
+            Role::Server(s) => {
+                let $c: &mut UnbufferedConnectionCommon<ServerConnectionData> = s;
+                let $process = UnbufferedConnectionCommon::<ServerConnectionData>::process_tls_records;
+                $body
+            }
+            Role::Client(s) => {
+                let $c: &mut UnbufferedConnectionCommon<ClientConnectionData> = s;
+                let $process = UnbufferedConnectionCommon::<ClientConnectionData>::process_tls_records;
+                $body
+            }
+        }
+    };
+}
+
+impl Session {
+    pub fn new(side: Side) -> Result<Session, rustls::Error> {
+        let role = match side {
+            Side::Server(c) => Role::Server(UnbufferedServerConnection::new(c.rustls)?),
+            Side::Client(c, name) => Role::Client(UnbufferedClientConnection::new(c.rustls, name)?),
+        };
+        Ok(Session { role, sni: None, pending: Vec::new() })
+    }
+
+    /// Reads the records in `data`, after what is pending from earlier
+    /// reads, decrypting in our buffers (`scratch` when nothing is
+    /// pending): plaintext is appended to `plain`, and what the handshake
+    /// answers to `out`.
+    pub fn read(
+        &mut self,
+        data: &[u8],
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+        plain: &mut Vec<u8>,
+    ) -> Received {
+        let server = matches!(self.role, Role::Server(_));
+        if server && self.sni.is_none() {
+            let _ = super::config::take_sni();
+        }
+        let use_pending = !self.pending.is_empty();
+        let mut incoming = if use_pending {
+            let mut p = std::mem::take(&mut self.pending);
+            p.extend_from_slice(data);
+            p
+        } else {
+            let mut s = std::mem::take(scratch);
+            s.clear();
+            s.extend_from_slice(data);
+            s
+        };
+        let pass = with_role!(self, |c, process| read(c, process, &mut incoming, out, plain));
+        if server && self.sni.is_none() {
+            self.sni = super::config::take_sni().map(String::into_boxed_str);
+        }
+        let mut error = pass.error;
+        let left = pass.consumed.min(incoming.len());
+        if error.is_none() && !pass.peer_closed && left < incoming.len() {
+            if incoming.len() - left > MAX_PENDING {
+                error = Some(rustls::Error::General(format!(
+                    "more than {MAX_PENDING} bytes of an incomplete TLS record or handshake message"
+                )));
+            } else if use_pending {
+                incoming.drain(..left);
+                self.pending = incoming;
+                return Received { peer_closed: pass.peer_closed, error };
+            } else {
+                self.pending.extend_from_slice(&incoming[left..]);
+            }
+        }
+        if !use_pending {
+            incoming.clear();
+            *scratch = incoming;
+        }
+        Received { peer_closed: pass.peer_closed, error }
+    }
+
+    /// Appends to `out` whatever rustls has to send now: a client's hello,
+    /// handshake records, an alert after an error.
+    pub fn flush(&mut self, out: &mut Vec<u8>) {
+        let pending = &mut self.pending;
+        // Only while rustls has records queued: a call past them would
+        // read the input again, which after an error it must not.
+        with_role!(self, |c, process| {
+            while c.wants_write() {
+                let UnbufferedStatus { discard, state } = process(c, pending);
+                let more = match state {
+                    Ok(ConnectionState::EncodeTlsData(mut e)) => encode(out, |buf| e.encode(buf)).is_ok(),
+                    Ok(ConnectionState::TransmitTlsData(t)) => {
+                        t.done();
+                        true
+                    }
+                    _ => false,
+                };
+                pending.drain(..discard.min(pending.len()));
+                if !more {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Encrypts `data` into `out` (once the handshake is done).
+    pub fn encrypt(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), rustls::Error> {
+        self.with_write_traffic(out, |w, out| {
+            let mut w = w;
+            encrypt(out, data.len(), |buf| w.encrypt(data, buf))
+        })
+    }
+
+    /// Appends a close_notify alert to `out` (once the handshake is done;
+    /// before, there is nothing to close and nothing is sent).
+    pub fn close_notify(&mut self, out: &mut Vec<u8>) {
+        let _ = self.with_write_traffic(out, |w, out| {
+            let mut w = w;
+            encrypt(out, 0, |buf| w.queue_close_notify(buf))
+        });
+    }
+
+    /// Runs `f` in rustls's write-traffic state, first sending whatever
+    /// rustls has queued ahead of it (a key update, session tickets).
+    fn with_write_traffic<R>(
+        &mut self,
+        out: &mut Vec<u8>,
+        f: impl FnOnce(WriteTraffic<'_>, &mut Vec<u8>) -> Result<R, rustls::Error>,
+    ) -> Result<R, rustls::Error> {
+        let mut f = Some(f);
+        let pending = &mut self.pending;
+        with_role!(self, |c, process| {
+            loop {
+                let UnbufferedStatus { discard, state } = process(c, pending);
+                let result = match state {
+                    Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                        encode(out, |buf| e.encode(buf)).map(|()| None)
+                    }
+                    Ok(ConnectionState::TransmitTlsData(t)) => {
+                        t.done();
+                        Ok(None)
+                    }
+                    Ok(ConnectionState::WriteTraffic(w)) => {
+                        let f = f.take().expect("runs once");
+                        f(WriteTraffic::from(w), out).map(Some)
+                    }
+                    Ok(_) => Err(rustls::Error::General("the TLS session cannot send now".into())),
+                    Err(e) => Err(e),
+                };
+                pending.drain(..discard.min(pending.len()));
+                match result {
+                    Ok(Some(r)) => return Ok(r),
+                    Ok(None) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    }
+
+    pub fn is_handshaking(&self) -> bool {
+        self.common().is_handshaking()
+    }
+
+    pub fn common(&self) -> &rustls::CommonState {
+        match &self.role {
+            Role::Server(s) => s,
+            Role::Client(s) => s,
+        }
+    }
+
+    /// The name the client asked for (a server's view).
+    pub fn server_name(&self) -> Option<&str> {
+        self.sni.as_deref()
+    }
+}
+
+/// rustls's write-traffic state for either role, behind one type.
+pub(crate) enum WriteTraffic<'c> {
+    Server(rustls::unbuffered::WriteTraffic<'c, ServerConnectionData>),
+    Client(rustls::unbuffered::WriteTraffic<'c, ClientConnectionData>),
+}
+
+impl<'c> From<rustls::unbuffered::WriteTraffic<'c, ServerConnectionData>> for WriteTraffic<'c> {
+    fn from(w: rustls::unbuffered::WriteTraffic<'c, ServerConnectionData>) -> Self {
+        WriteTraffic::Server(w)
+    }
+}
+
+impl<'c> From<rustls::unbuffered::WriteTraffic<'c, ClientConnectionData>> for WriteTraffic<'c> {
+    fn from(w: rustls::unbuffered::WriteTraffic<'c, ClientConnectionData>) -> Self {
+        WriteTraffic::Client(w)
+    }
+}
+
+impl WriteTraffic<'_> {
+    fn encrypt(&mut self, data: &[u8], out: &mut [u8]) -> Result<usize, EncryptError> {
+        match self {
+            WriteTraffic::Server(w) => w.encrypt(data, out),
+            WriteTraffic::Client(w) => w.encrypt(data, out),
+        }
+    }
+
+    fn queue_close_notify(&mut self, out: &mut [u8]) -> Result<usize, EncryptError> {
+        match self {
+            WriteTraffic::Server(w) => w.queue_close_notify(out),
+            WriteTraffic::Client(w) => w.queue_close_notify(out),
+        }
+    }
+}
+
+type Process<D> =
+    for<'c, 'i> fn(&'c mut UnbufferedConnectionCommon<D>, &'i mut [u8]) -> UnbufferedStatus<'c, 'i, D>;
+
+fn read<D>(
+    c: &mut UnbufferedConnectionCommon<D>,
+    process: Process<D>,
+    incoming: &mut [u8],
+    out: &mut Vec<u8>,
+    plain: &mut Vec<u8>,
+) -> Pass {
+    let mut start = 0;
+    let mut peer_closed = false;
+    loop {
+        let UnbufferedStatus { discard, state } = process(c, &mut incoming[start..]);
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => {
+                return Pass { consumed: start + discard, peer_closed, error: Some(e) };
+            }
+        };
+        let mut extra = 0;
+        let mut more = true;
+        match state {
+            ConnectionState::ReadTraffic(mut r) => {
+                while let Some(record) = r.next_record() {
+                    match record {
+                        Ok(record) => {
+                            plain.extend_from_slice(record.payload);
+                            extra += record.discard;
+                        }
+                        Err(e) => {
+                            return Pass { consumed: start + discard + extra, peer_closed, error: Some(e) };
+                        }
+                    }
+                }
+            }
+            ConnectionState::EncodeTlsData(mut e) => {
+                if let Err(e) = encode(out, |buf| e.encode(buf)) {
+                    return Pass { consumed: start + discard, peer_closed, error: Some(e) };
+                }
+            }
+            ConnectionState::TransmitTlsData(t) => t.done(),
+            ConnectionState::PeerClosed => peer_closed = true,
+            // Waiting for more input, done with it, or closed: this pass is over.
+            _ => more = false,
+        }
+        start += discard + extra;
+        if !more {
+            return Pass { consumed: start, peer_closed, error: None };
+        }
+    }
+}
+
+/// rustls's "the buffer is too small" answer, from either kind of call.
+trait TooSmall: std::fmt::Display {
+    /// The size needed, if that is what went wrong.
+    fn required(&self) -> Option<usize>;
+}
+
+impl TooSmall for EncodeError {
+    fn required(&self) -> Option<usize> {
+        match self {
+            EncodeError::InsufficientSize(s) => Some(s.required_size),
+            _ => None,
+        }
+    }
+}
+
+impl TooSmall for EncryptError {
+    fn required(&self) -> Option<usize> {
+        match self {
+            EncryptError::InsufficientSize(s) => Some(s.required_size),
+            _ => None,
+        }
+    }
+}
+
+/// Appends what `f` writes to `out`, growing `out` to the size rustls asks for.
+fn encode<E: TooSmall>(
+    out: &mut Vec<u8>,
+    f: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> Result<(), rustls::Error> {
+    append(out, 512, f)
+}
+
+/// The same for encryption: `plain` bytes need at most one record's
+/// overhead per 16 KiB.
+fn encrypt<E: TooSmall>(
+    out: &mut Vec<u8>,
+    plain: usize,
+    f: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> Result<(), rustls::Error> {
+    append(out, plain + (plain / 16384 + 1) * 64, f)
+}
+
+fn append<E: TooSmall>(
+    out: &mut Vec<u8>,
+    mut room: usize,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> Result<(), rustls::Error> {
+    let len = out.len();
+    loop {
+        out.resize(len + room, 0);
+        match f(&mut out[len..]) {
+            Ok(n) => {
+                out.truncate(len + n);
+                return Ok(());
+            }
+            Err(e) => match e.required() {
+                Some(need) if need > room => room = need,
+                _ => {
+                    out.truncate(len);
+                    return Err(rustls::Error::General(e.to_string()));
+                }
+            },
+        }
+    }
+}
