@@ -2,12 +2,14 @@
 //! on the transport, so the next piece is read only when the last one
 //! left, and a slow client costs one piece of memory whatever the size.
 //!
-//! This is the one place that moves file bytes to the transport (a small
-//! file is appended to its response's head by [`append_inline`], a larger
-//! one goes through [`send`]); a zero-copy path (`sendfile`) replaces
-//! these without touching the connection's state machine.
+//! This is the one place that moves file bytes to the transport: a small
+//! file is appended to its response's head by [`append_inline`]; a larger
+//! one goes through [`send`], which hands it to the kernel whole
+//! (`Transport::write_file`, `sendfile(2)`, no copy) where the transport
+//! can, and otherwise (TLS, test doubles) reads and writes it in bounded
+//! pieces.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
@@ -35,7 +37,7 @@ pub enum Source {
     /// `len` bytes of the file from `offset`.
     File {
         /// The file.
-        file: File,
+        file: Rc<File>,
         /// Where to start.
         offset: u64,
         /// How much to send.
@@ -50,8 +52,20 @@ pub enum Source {
     },
 }
 
+/// Whether the kernel was given the whole file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZeroCopy {
+    /// Not asked yet.
+    Untried,
+    /// Queued with `write_file`: the next pull means it is all sent.
+    Queued,
+    /// Refused (not a plain socket): pieces are copied.
+    Refused,
+}
+
 struct Sender {
     source: RefCell<Option<Source>>,
+    zero_copy: Cell<ZeroCopy>,
     transport: Transport,
     notify: Box<dyn Fn(Progress)>,
 }
@@ -100,6 +114,37 @@ impl Sender {
 
 impl Producer for Sender {
     fn resume_producing(&self) {
+        let queued = {
+            let mut source = self.source.borrow_mut();
+            match (source.as_mut(), self.zero_copy.get()) {
+                (Some(Source::File { .. }), ZeroCopy::Queued) => {
+                    *source = None;
+                    Some(true)
+                }
+                (Some(Source::File { file, offset, len }), ZeroCopy::Untried) => {
+                    if *len > 0 && self.transport.write_file(file, *offset, *len) {
+                        self.zero_copy.set(ZeroCopy::Queued);
+                        Some(false)
+                    } else {
+                        self.zero_copy.set(ZeroCopy::Refused);
+                        None
+                    }
+                }
+                _ => None,
+            }
+        };
+        match queued {
+            Some(true) => {
+                self.transport.unregister_producer();
+                (self.notify)(Progress::Done);
+                return;
+            }
+            Some(false) => {
+                (self.notify)(Progress::Wrote);
+                return;
+            }
+            None => {}
+        }
         let piece = {
             let mut source = self.source.borrow_mut();
             let Some(s) = source.as_mut() else { return };
@@ -174,7 +219,12 @@ pub fn append_inline(out: &mut Vec<u8>, source: Source) -> std::io::Result<()> {
 /// Starts sending `source` through `transport`; `notify` hears about each
 /// piece and the end. The first piece is written before this returns.
 pub fn send(transport: &Transport, source: Source, notify: Box<dyn Fn(Progress)>) {
-    let sender = Rc::new(Sender { source: RefCell::new(Some(source)), transport: transport.clone(), notify });
+    let sender = Rc::new(Sender {
+        source: RefCell::new(Some(source)),
+        zero_copy: Cell::new(ZeroCopy::Untried),
+        transport: transport.clone(),
+        notify,
+    });
     if transport.register_producer(sender, false).is_err() {
         tracing::warn!(target: "braid", "http: a producer was already registered on {}", transport.peer());
         transport.abort_connection();

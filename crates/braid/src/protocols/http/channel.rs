@@ -180,6 +180,9 @@ struct Shared {
     /// Set by the body sender when the body is out.
     body_done: Cell<bool>,
     timer: RefCell<Option<DelayedCall>>,
+    /// Bytes buffered when the send timer was last set: less at its
+    /// deadline means the client took some.
+    sent_mark: Cell<usize>,
 }
 
 /// What `step` asks `pump` to do outside the borrow of the core.
@@ -217,6 +220,7 @@ impl HttpChannel {
                 pumping: Cell::new(false),
                 body_done: Cell::new(false),
                 timer: RefCell::new(None),
+                sent_mark: Cell::new(0),
             }),
         }
     }
@@ -279,6 +283,11 @@ fn timed_out(shared: &Rc<Shared>) {
             let mut c = shared.core.borrow_mut();
             c.refuse(shared, 408, None);
         }
+        Phase::Responding if t.buffered() < shared.sent_mark.get() => {
+            // The kernel is still taking a file queued whole: progress.
+            shared.sent_mark.set(t.buffered());
+            arm(shared, shared.server.config.send_timeout);
+        }
         Phase::Responding => {
             tracing::info!(target: "braid", "http: {} stopped reading its response: aborted", t.peer());
             shared.core.borrow_mut().phase = Phase::Closed;
@@ -291,6 +300,10 @@ fn timed_out(shared: &Rc<Shared>) {
         }
         Phase::Closed => {}
     }
+}
+
+fn transport_buffered(shared: &Shared) -> usize {
+    shared.core.try_borrow().ok().and_then(|c| c.transport.as_ref().map(Transport::buffered)).unwrap_or(0)
 }
 
 /// Runs the state machine until it waits.
@@ -311,7 +324,10 @@ fn pump(shared: &Rc<Shared>) {
                     Box::new(move |progress| {
                         let Some(shared) = weak.upgrade() else { return };
                         match progress {
-                            Progress::Wrote => arm(&shared, shared.server.config.send_timeout),
+                            Progress::Wrote => {
+                                shared.sent_mark.set(transport_buffered(&shared));
+                                arm(&shared, shared.server.config.send_timeout)
+                            }
                             Progress::Done => {
                                 shared.body_done.set(true);
                                 pump(&shared);
@@ -457,7 +473,7 @@ impl Core {
             Body::Empty => (Framing::Length(0), None, Vec::new()),
             Body::Bytes(b) => (Framing::Length(b.len() as u64), None, b),
             Body::File { file, offset, len } => {
-                (Framing::Length(len), Some(Source::File { file, offset, len }), Vec::new())
+                (Framing::Length(len), Some(Source::File { file: Rc::new(file), offset, len }), Vec::new())
             }
             Body::Stream(stream) if head_only => {
                 drop(stream);
