@@ -657,6 +657,13 @@ fn sha256(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()
 }
 
+/// File read calls the process made (`pread` and `sendfile` count; socket
+/// reads do not).
+fn read_calls(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("syscr: ")).unwrap().trim().parse().unwrap()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -673,8 +680,13 @@ fn big_file_whole_and_a_stalled_reader() {
     write_pattern(&big, 256 << 20);
     let server = start(&tree.root(), &["--send-timeout", "2", "--access-log", "off"]);
     let want = sha256(&format!("sha256sum {}", big.display()));
+    let reads_before = read_calls(server.child.id());
     let got = sha256(&format!("curl -s --max-time 120 {} | sha256sum", server.url("/big.bin")));
     assert_eq!(got, want);
+    // Zero-copy: the kernel moved the file in large sendfile calls, not
+    // read in 64 KiB pieces to be copied (4,096 reads and more).
+    let reads = read_calls(server.child.id()) - reads_before;
+    assert!(reads < 2048, "{reads} read calls for 256 MiB: the file was copied");
 
     let before = rss_kib(server.child.id());
     let mut s = server.connect();
@@ -915,4 +927,38 @@ fn many_kept_alive_clients_at_once() {
     for c in clients {
         c.join().unwrap();
     }
+}
+
+// The send timeout is about a client that takes nothing: one that reads
+// slowly but steadily gets the whole file, however long it takes (here
+// several send timeouts, with the file queued whole for sendfile).
+#[test]
+fn a_slow_steady_reader_gets_the_whole_file() {
+    let tree = Tree::new();
+    let file = tree.root().join("medium.bin");
+    write_pattern(&file, 16 << 20);
+    let server = start(&tree.root(), &["--send-timeout", "1", "--access-log", "off"]);
+    let mut s = server.connect();
+    s.write_all(b"GET /medium.bin HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let started = Instant::now();
+    let mut r = BufReader::with_capacity(64 * 1024, s);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        let mut line = String::new();
+        assert!(r.read_line(&mut line).unwrap() > 0, "closed in the head");
+        head.push_str(&line);
+    }
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < 16 << 20 {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        // About 4 MiB/s: four seconds for the file.
+        std::thread::sleep(Duration::from_millis(15));
+        assert!(started.elapsed() < Duration::from_secs(60), "too slow to be a test");
+    }
+    assert_eq!(got, 16 << 20, "cut off after {:?}", started.elapsed());
+    assert!(started.elapsed() > Duration::from_secs(2), "read too fast to test the timeout");
 }
