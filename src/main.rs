@@ -7,6 +7,7 @@
 //! braid discard | chargen | daytime [--listen ENDPOINT]...
 //! braid portforward --listen tcp:8080 --connect tcp:example.org:80 [--connect-timeout 30]
 //! braid exec --listen tcp:8000 [--max-children N] -- PROGRAM [ARGS...]
+//! braid web --path DIR [--listen tcp:8080]... [--index index.html] [--listing on|off] [--access-log FILE|-|off]
 //! ```
 //! Every plugin logs one line per listener with its real address, runs
 //! until SIGINT or SIGTERM, then closes its listeners, gives open
@@ -70,6 +71,8 @@ enum Command {
     Portforward(cmd::portforward::Args),
     /// inetd-style server: each connection runs PROGRAM on its stdin/stdout.
     Exec(cmd::exec::Args),
+    /// Static-file HTTP/1.1 server: the files under --path.
+    Web(cmd::web::Args),
 }
 
 fn run(common: cmd::Common, command: Command) -> Result<(), String> {
@@ -80,6 +83,7 @@ fn run(common: cmd::Common, command: Command) -> Result<(), String> {
         Command::Daytime(args) => cmd::daytime::run(common, args),
         Command::Portforward(args) => cmd::portforward::run(common, args),
         Command::Exec(args) => cmd::exec::run(common, args),
+        Command::Web(args) => cmd::web::run(common, args),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod discard;
 pub mod echo;
 pub mod exec;
 pub mod portforward;
+pub mod web;
 
 /// The backend named by `--reactor`, else by `BRAID_REACTOR`, else the
 /// platform default. An unknown name is an error listing the valid ones.

@@ -13,6 +13,7 @@
 pub mod delimiter;
 pub mod echo;
 pub mod file_sender;
+pub mod http;
 pub mod line;
 pub mod line_only;
 pub mod netstring;
