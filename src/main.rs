@@ -25,7 +25,7 @@ mod cmd;
 #[derive(Parser)]
 #[command(name = "braid", version, about = "Run ready-made servers on the braid reactor")]
 struct Cli {
-    /// Polling backend: select, poll or epoll (default: $BRAID_REACTOR, else epoll on Linux).
+    /// Polling backend: select, poll, epoll or io_uring (default: $BRAID_REACTOR, else epoll on Linux).
     #[arg(long, global = true, value_name = "NAME")]
     reactor: Option<String>,
 

@@ -78,7 +78,7 @@ fn echo_once(port: u16, msg: &[u8]) -> Vec<u8> {
 
 #[test]
 fn echoes_and_exits_zero_on_sigterm_for_every_reactor() {
-    for reactor in ["select", "poll", "epoll"] {
+    for reactor in ["select", "poll", "epoll", "io_uring"] {
         let mut server = start(&["--reactor", reactor]);
         assert_eq!(echo_once(server.port, b"hello braid"), b"hello braid");
         signal(&server.child, "-TERM");
@@ -180,7 +180,7 @@ fn unknown_reactor_lists_the_valid_names() {
         let (code, err) = run_to_end(&args, env);
         assert_ne!(code, 0);
         assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains("valid names: select, poll, epoll"), "{err}");
+        assert!(err.contains("valid names: select, poll, epoll, io_uring"), "{err}");
     }
 }
 
@@ -189,7 +189,7 @@ fn unknown_reactor_lists_the_valid_names() {
 /// asked for and is gone after SIGTERM.
 #[test]
 fn echoes_over_a_unix_socket_to_python_for_every_reactor() {
-    for reactor in ["select", "poll", "epoll"] {
+    for reactor in ["select", "poll", "epoll", "io_uring"] {
         let path = std::env::temp_dir().join(format!("braid-cli-{}-{reactor}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let mut child = Command::new(BIN)
@@ -342,7 +342,7 @@ fn echoes_udp_datagrams_to_python_for_every_reactor() {
         back, _ = s.recvfrom(65536)\n\
         assert back == b'after the big one', back[:40]\n\
         sys.stdout.write('ok')\n";
-    for reactor in ["select", "poll", "epoll"] {
+    for reactor in ["select", "poll", "epoll", "io_uring"] {
         let mut server = start_udp(reactor);
         let out =
             Command::new("python3").args(["-c", script, &server.port.to_string()]).output().expect("python3");

@@ -64,7 +64,7 @@ fn connect(port: u16) -> TcpStream {
 
 #[test]
 fn cat_echoes_over_every_reactor() {
-    for reactor in ["select", "poll", "epoll"] {
+    for reactor in ["select", "poll", "epoll", "io_uring"] {
         let server = start(&["--reactor", reactor], &["cat"]);
         let mut s = connect(server.port);
         s.write_all(b"through a child process\n").unwrap();

@@ -42,8 +42,15 @@ pub enum Error {
         /// The names this build knows.
         valid: &'static [&'static str],
     },
-    /// A backend that cannot be built on this platform.
-    BackendUnavailable(&'static str),
+    /// A backend that cannot be used here: not built for this platform, or
+    /// refused by the running kernel (io_uring on an old kernel or under a
+    /// seccomp filter).
+    BackendUnavailable {
+        /// The backend's name.
+        backend: &'static str,
+        /// What is missing, in words.
+        why: String,
+    },
     /// `select` cannot watch descriptors at or above `FD_SETSIZE`.
     DescriptorTooLarge {
         /// The descriptor that was refused.
@@ -170,7 +177,7 @@ impl fmt::Display for Error {
             Error::UnknownBackend { name, valid } => {
                 write!(f, "unknown reactor {name:?}; valid names: {}", valid.join(", "))
             }
-            Error::BackendUnavailable(name) => write!(f, "reactor {name:?} is not available on this platform"),
+            Error::BackendUnavailable { backend, why } => write!(f, "reactor {backend:?} is not available: {why}"),
             Error::DescriptorTooLarge { fd, limit } => write!(
                 f,
                 "descriptor {fd} is too large for the select reactor (FD_SETSIZE is {limit}); use poll or epoll"

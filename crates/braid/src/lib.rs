@@ -1,7 +1,7 @@
 //! braid: an event-driven networking engine with Twisted's reactor design.
 //!
 //! One [`Reactor`] per thread waits on file descriptors and timers and calls
-//! your callbacks. Its polling [`Backend`] (select, poll, epoll) is chosen at
+//! your callbacks. Its polling [`Backend`] (select, poll, epoll, io_uring) is chosen at
 //! run time. See the crate README for a tour.
 //!
 //! ```

@@ -338,7 +338,7 @@ fn tens_of_thousands_of_descriptors() {
     // would push concurrent tests' descriptors past FD_SETSIZE.
     const PIPES: usize = 9_000;
     if !common::is_child() {
-        for backend in ["poll", "epoll"] {
+        for backend in ["poll", "epoll", "io_uring"] {
             let out = common::in_child("tens_of_thousands_of_descriptors", backend);
             assert!(out.contains("all 9000 pipes read once"), "{out}");
         }

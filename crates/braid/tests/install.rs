@@ -66,7 +66,7 @@ fn backend_names_and_env_var() {
     assert_eq!(from_env.unwrap(), Backend::Poll);
     std::env::set_var("BRAID_REACTOR", "kqueue");
     let err = Backend::from_env().unwrap_err().to_string();
-    assert!(err.contains("\"kqueue\"") && err.contains("select, poll, epoll"), "{err}");
+    assert!(err.contains("\"kqueue\"") && err.contains("select, poll, epoll, io_uring"), "{err}");
     let failed = std::thread::spawn(|| braid::try_reactor().err().map(|e| e.to_string())).join().unwrap();
     assert!(failed.is_some_and(|e| e.contains("valid names")));
     std::env::set_var("BRAID_REACTOR", "");

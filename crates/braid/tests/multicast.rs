@@ -101,6 +101,10 @@ macro_rules! netns_test {
             fn epoll() {
                 in_netns(concat!(stringify!($name), "::epoll"), braid::Backend::Epoll, body)
             }
+            #[test]
+            fn io_uring() {
+                in_netns(concat!(stringify!($name), "::io_uring"), braid::Backend::IoUring, body)
+            }
         }
     };
 }

@@ -512,7 +512,7 @@ reactor_test!(
 fn the_fallback_reaper_works_without_pidfds() {
     if common::is_child() {
         std::env::set_var("BRAID_PIDFD", "off");
-        for backend in [braid::Backend::Select, braid::Backend::Poll, braid::Backend::Epoll] {
+        for backend in braid::Backend::ALL.iter().copied() {
             let r = common::build(backend);
             let mut theirs = std::process::Command::new("/bin/sh").args(["-c", "exit 4"]).spawn().unwrap();
             let log = run_to_end(&r, &sh("exit 5"));

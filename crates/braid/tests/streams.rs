@@ -253,6 +253,7 @@ macro_rules! stream_test {
             stream_test!(@backend select);
             stream_test!(@backend poll);
             stream_test!(@backend epoll);
+            stream_test!(@backend io_uring);
         }
     };
     (@backend $backend:ident) => {

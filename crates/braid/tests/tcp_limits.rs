@@ -24,7 +24,7 @@ const MANY: usize = 1_100;
 #[test]
 fn more_connections_than_fd_setsize() {
     if !is_child() {
-        for backend in ["select", "poll", "epoll"] {
+        for backend in ["select", "poll", "epoll", "io_uring"] {
             let out = in_child("more_connections_than_fd_setsize", backend);
             let want =
                 if backend == "select" { "select refused the excess cleanly" } else { "all 1100 echoed" };
@@ -115,7 +115,7 @@ fn descriptor_exhaustion_does_not_spin() {
         return exhausted_server();
     }
     use std::io::BufRead;
-    for backend in ["select", "poll", "epoll"] {
+    for backend in ["select", "poll", "epoll", "io_uring"] {
         let exe = std::env::current_exe().unwrap();
         let mut child = std::process::Command::new(exe)
             .args(["descriptor_exhaustion_does_not_spin", "--exact", "--nocapture", "--test-threads=1"])
@@ -231,7 +231,7 @@ fn dev_null_fds() -> usize {
 #[test]
 fn spare_descriptor_is_opened_once() {
     if !is_child() {
-        for backend in ["select", "poll", "epoll"] {
+        for backend in ["select", "poll", "epoll", "io_uring"] {
             let out = in_child("spare_descriptor_is_opened_once", backend);
             assert!(out.contains("one spare for 5 ports"), "{backend}: {out}");
         }
@@ -251,7 +251,7 @@ fn spare_descriptor_is_opened_once() {
 #[test]
 fn listen_socket_creation_failure_is_cannot_listen() {
     if !is_child() {
-        for backend in ["select", "poll", "epoll"] {
+        for backend in ["select", "poll", "epoll", "io_uring"] {
             let out = in_child("listen_socket_creation_failure_is_cannot_listen", backend);
             assert!(out.contains("cannot listen checked"), "{backend}: {out}");
         }

@@ -19,6 +19,8 @@ mod conformance;
 pub(crate) mod epoll;
 pub(crate) mod poll;
 pub(crate) mod select;
+#[cfg(target_os = "linux")]
+pub(crate) mod uring;
 
 /// Which directions of a descriptor the reactor wants to hear about.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,14 +75,19 @@ pub enum Backend {
     Poll,
     /// `epoll(7)`: Linux, O(ready) per wait. The Linux default.
     Epoll,
+    /// `io_uring(7)`: Linux 5.11+, completion-based. Probed when a reactor
+    /// is built; a kernel or seccomp filter that refuses it makes
+    /// `Reactor::new` fail with [`Error::BackendUnavailable`] naming what is
+    /// missing, never a silent fallback.
+    IoUring,
 }
 
 impl Backend {
     /// Every backend this build knows, in the order they are documented.
-    pub const ALL: &'static [Backend] = &[Backend::Select, Backend::Poll, Backend::Epoll];
+    pub const ALL: &'static [Backend] = &[Backend::Select, Backend::Poll, Backend::Epoll, Backend::IoUring];
 
     /// The names accepted by [`Backend::from_str`], `BRAID_REACTOR` and `--reactor`.
-    pub const NAMES: &'static [&'static str] = &["select", "poll", "epoll"];
+    pub const NAMES: &'static [&'static str] = &["select", "poll", "epoll", "io_uring"];
 
     /// The environment variable that picks the default backend.
     pub const ENV_VAR: &'static str = "BRAID_REACTOR";
@@ -109,13 +116,17 @@ impl Backend {
             Backend::Select => "select",
             Backend::Poll => "poll",
             Backend::Epoll => "epoll",
+            Backend::IoUring => "io_uring",
         }
     }
 
-    /// True if this backend can be built on the current platform.
+    /// True if this backend can be built on the current platform. For
+    /// io_uring this says only that the build has it: whether the running
+    /// kernel allows it is known when a reactor is built.
     pub fn is_available(self) -> bool {
         match self {
             Backend::Epoll => cfg!(any(target_os = "linux", target_os = "android")),
+            Backend::IoUring => cfg!(target_os = "linux"),
             Backend::Select | Backend::Poll => true,
         }
     }
@@ -146,6 +157,9 @@ pub(crate) enum AnyPoller {
     Select(select::SelectPoller),
     Poll(poll::PollPoller),
     Epoll(epoll::EpollPoller),
+    #[cfg(target_os = "linux")]
+    /// Boxed: the ring's state is several times larger than the others'.
+    Uring(Box<uring::poller::RingPoller>),
 }
 
 impl AnyPoller {
@@ -154,6 +168,19 @@ impl AnyPoller {
             Backend::Select => select::SelectPoller::new().map(AnyPoller::Select),
             Backend::Poll => poll::PollPoller::new().map(AnyPoller::Poll),
             Backend::Epoll => epoll::EpollPoller::new().map(AnyPoller::Epoll),
+            #[cfg(target_os = "linux")]
+            Backend::IoUring => {
+                return uring::poller::RingPoller::new().map(|p| AnyPoller::Uring(Box::new(p))).map_err(
+                    |why| Error::BackendUnavailable { backend: backend.name(), why: why.to_string() },
+                )
+            }
+            #[cfg(not(target_os = "linux"))]
+            Backend::IoUring => {
+                return Err(Error::BackendUnavailable {
+                    backend: backend.name(),
+                    why: "io_uring is Linux only".into(),
+                })
+            }
         };
         built.map_err(|e| Error::io(format!("creating the {backend} backend"), e))
     }
@@ -174,6 +201,8 @@ impl Poller for AnyPoller {
             AnyPoller::Select(p) => p.update(fd, old, new),
             AnyPoller::Poll(p) => p.update(fd, old, new),
             AnyPoller::Epoll(p) => p.update(fd, old, new),
+            #[cfg(target_os = "linux")]
+            AnyPoller::Uring(p) => p.update(fd, old, new),
         }
     }
 
@@ -183,6 +212,8 @@ impl Poller for AnyPoller {
             AnyPoller::Select(p) => p.poll(events, timeout),
             AnyPoller::Poll(p) => p.poll(events, timeout),
             AnyPoller::Epoll(p) => p.poll(events, timeout),
+            #[cfg(target_os = "linux")]
+            AnyPoller::Uring(p) => p.poll(events, timeout),
         }
     }
 }
@@ -272,6 +303,6 @@ mod tests {
         }
         assert_eq!("EPOLL".parse::<Backend>().unwrap(), Backend::Epoll);
         let err = "kqueue-ish".parse::<Backend>().unwrap_err().to_string();
-        assert!(err.contains("kqueue-ish") && err.contains("select, poll, epoll"), "{err}");
+        assert!(err.contains("kqueue-ish") && err.contains("select, poll, epoll, io_uring"), "{err}");
     }
 }

@@ -214,7 +214,10 @@ impl Reactor {
     /// as this thread's reactor.
     pub fn new(backend: Backend) -> Result<Reactor, Error> {
         if !backend.is_available() {
-            return Err(Error::BackendUnavailable(backend.name()));
+            return Err(Error::BackendUnavailable {
+                backend: backend.name(),
+                why: "it is not built for this platform".into(),
+            });
         }
         let mut poller = AnyPoller::new(backend)?;
         let waker = Waker::new().map_err(|e| Error::io("creating the reactor's waker", e))?;

@@ -31,6 +31,10 @@ macro_rules! reactor_test {
             fn epoll() {
                 body($crate::common::build(braid::Backend::Epoll))
             }
+            #[test]
+            fn io_uring() {
+                body($crate::common::build(braid::Backend::IoUring))
+            }
         }
     };
 }

@@ -1,0 +1,350 @@
+//! Readiness on a ring: one poll request per watched descriptor.
+//!
+//! The reactor's dispatch path expects level-triggered readiness (a
+//! descriptor is reported on every wait until drained), as select, poll and
+//! epoll give it. A one-shot `IORING_OP_POLL_ADD` checks readiness when it is
+//! armed and completes as soon as the descriptor is ready, so re-arming it
+//! before every wait for each descriptor that completed gives exactly that.
+//! Multishot polls would save the re-arm but fire once per wake-up, which is
+//! edge-triggered: a descriptor the reactor did not drain would never be
+//! reported again. The re-arms are queued and go to the kernel with the
+//! wait itself, in the same `io_uring_enter`.
+//!
+//! # Stale completions
+//!
+//! Each armed request carries the descriptor and a per-descriptor
+//! generation in its user data. Changing or removing the interest bumps the
+//! generation and cancels the request; a completion that was already on its
+//! way for the old generation (or the cancellation's own `-ECANCELED`) no
+//! longer matches and is dropped, so it is never reported as readiness of
+//! whatever holds the descriptor now.
+//!
+//! # Closing
+//!
+//! A pending poll request holds a reference to the open file, so a socket
+//! closed while one is armed would stay open in the kernel until the
+//! request completed. The reactor always removes a descriptor before its
+//! owner closes it, and removal here submits the cancellation at once (and,
+//! on a `DEFER_TASKRUN` ring, runs the kernel's completion work too), so the
+//! reference is gone by the time `update` returns. A descriptor closed
+//! behind the reactor's back is reported as `invalid` at its next re-arm
+//! (`-EBADF`), as poll(2) reports POLLNVAL, and then forgotten.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use io_uring::types::{SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::{probe, Refused, Setup};
+use crate::backend::{Event, Interest, Poller};
+
+/// User data of requests whose completions carry nothing to report (the
+/// poll cancellations).
+const IGNORED: u64 = u64::MAX;
+
+/// The longest wait handed to the kernel at once, as in the other backends.
+const MAX_WAIT_SECS: u64 = i32::MAX as u64;
+
+/// What the poller knows about one descriptor number.
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    /// What the reactor wants to hear about.
+    want: Interest,
+    /// The poll mask of the request in the kernel for this generation, or 0
+    /// if none is armed.
+    armed: u32,
+    /// Bumped whenever an armed request is cancelled.
+    generation: u32,
+}
+
+pub(crate) struct RingPoller {
+    ring: IoUring,
+    setup: Setup,
+    /// Indexed by descriptor number.
+    slots: Vec<Slot>,
+    /// Descriptors whose one-shot request completed since the last wait;
+    /// re-armed at the next wait if they are still wanted.
+    rearm: Vec<RawFd>,
+}
+
+fn poll_mask(want: Interest) -> u32 {
+    let mut mask = 0;
+    if want.read {
+        // RDHUP: a peer that shut its sending side makes the socket
+        // readable, so the reactor reads the EOF (as on epoll).
+        mask |= (libc::POLLIN | libc::POLLPRI | libc::POLLRDHUP) as u32;
+    }
+    if want.write {
+        mask |= libc::POLLOUT as u32;
+    }
+    mask
+}
+
+fn user_data(fd: RawFd, generation: u32) -> u64 {
+    (u64::from(generation & 0x7fff_ffff) << 32) | u64::from(fd as u32)
+}
+
+fn decode(data: u64) -> (RawFd, u32) {
+    ((data & 0xffff_ffff) as u32 as RawFd, (data >> 32) as u32)
+}
+
+impl RingPoller {
+    pub fn new() -> Result<RingPoller, Refused> {
+        let probe = probe()?;
+        Ok(RingPoller { ring: probe.ring, setup: probe.setup, slots: Vec::new(), rearm: Vec::new() })
+    }
+
+    fn slot(&mut self, fd: RawFd) -> &mut Slot {
+        let i = fd as usize;
+        if i >= self.slots.len() {
+            self.slots.resize(i + 1, Slot::default());
+        }
+        &mut self.slots[i]
+    }
+
+    /// Queues one request, handing the queue to the kernel first if full.
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: the entries pushed here are poll requests and their
+            // cancellations, which point at no memory of ours: the kernel
+            // reads only the descriptor number, the mask and the user data
+            // copied into the entry itself.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn arm(&mut self, fd: RawFd) -> io::Result<()> {
+        let slot = self.slot(fd);
+        let mask = poll_mask(slot.want);
+        let data = user_data(fd, slot.generation);
+        slot.armed = mask;
+        let entry = opcode::PollAdd::new(types::Fd(fd), mask).build().user_data(data);
+        self.push(&entry)
+    }
+
+    fn cancel(&mut self, fd: RawFd) -> io::Result<()> {
+        let slot = self.slot(fd);
+        let data = user_data(fd, slot.generation);
+        slot.armed = 0;
+        slot.generation = slot.generation.wrapping_add(1) & 0x7fff_ffff;
+        let entry = opcode::PollRemove::new(data).build().user_data(IGNORED);
+        self.push(&entry)
+    }
+
+    /// Hands queued requests to the kernel and, on a ring whose completion
+    /// work is deferred, runs that work now: what a cancellation frees
+    /// (the request's reference to the file) is freed before we return.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.setup.defers_work() {
+            match self.wait(Some(Duration::ZERO), 1) {
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
+                other => other.map(drop),
+            }
+        } else {
+            self.ring.submit().map(drop)
+        }
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, want: usize) -> io::Result<usize> {
+        match timeout {
+            None => self.ring.submit_and_wait(want.max(1)),
+            Some(d) => {
+                let secs = d.as_secs().min(MAX_WAIT_SECS);
+                let nanos = if secs == MAX_WAIT_SECS { 0 } else { d.subsec_nanos() };
+                let ts = Timespec::new().sec(secs).nsec(nanos);
+                let args = SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+        }
+    }
+}
+
+/// Turns one completion into an event, if it still means something.
+fn complete(slots: &mut [Slot], rearm: &mut Vec<RawFd>, cqe: &cqueue::Entry, events: &mut Vec<Event>) {
+    let data = cqe.user_data();
+    if data == IGNORED {
+        return;
+    }
+    let (fd, generation) = decode(data);
+    let Some(slot) = slots.get_mut(fd as usize) else { return };
+    if slot.generation != generation || slot.armed == 0 {
+        return;
+    }
+    slot.armed = 0;
+    let res = cqe.result();
+    if res == -libc::EBADF {
+        // Closed behind our back: reported once, then forgotten.
+        slot.want = Interest::NONE;
+        events.push(Event { fd, error: true, invalid: true, ..Event::default() });
+        return;
+    }
+    rearm.push(fd);
+    if res < 0 {
+        events.push(Event { fd, error: true, ..Event::default() });
+        return;
+    }
+    let revents = res as u32;
+    let invalid = revents & libc::POLLNVAL as u32 != 0;
+    if invalid {
+        slot.want = Interest::NONE;
+    }
+    events.push(Event {
+        fd,
+        readable: revents & (libc::POLLIN | libc::POLLPRI | libc::POLLRDHUP) as u32 != 0,
+        writable: revents & libc::POLLOUT as u32 != 0,
+        hangup: revents & libc::POLLHUP as u32 != 0,
+        error: invalid || revents & libc::POLLERR as u32 != 0,
+        invalid,
+    });
+}
+
+impl Poller for RingPoller {
+    fn update(&mut self, fd: RawFd, _old: Interest, new: Interest) -> io::Result<()> {
+        if fd < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot watch negative file descriptor {fd}"),
+            ));
+        }
+        // The poller's own record is the truth about what is armed; `old`
+        // may be stale (a number reused after a close).
+        let slot = *self.slot(fd);
+        self.slot(fd).want = new;
+        let mask = poll_mask(new);
+        if slot.armed != 0 && slot.armed != mask {
+            self.cancel(fd)?;
+        }
+        if new.is_empty() {
+            return if slot.armed != 0 { self.flush() } else { Ok(()) };
+        }
+        if self.slot(fd).armed == 0 {
+            self.arm(fd)?;
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        let rearm = std::mem::take(&mut self.rearm);
+        for &fd in &rearm {
+            let slot = self.slots[fd as usize];
+            if slot.armed == 0 && !slot.want.is_empty() {
+                self.arm(fd)?;
+            }
+        }
+        self.rearm = rearm;
+        self.rearm.clear();
+        match self.wait(timeout, 1) {
+            Ok(_) => {}
+            Err(e) => match e.raw_os_error() {
+                // The timeout passed; a signal interrupted the wait; the
+                // completion queue is full (its entries are read below).
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) => {}
+                _ => return Err(e),
+            },
+        }
+        let RingPoller { ring, slots, rearm, .. } = self;
+        for cqe in ring.completion() {
+            complete(slots, rearm, &cqe, events);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::conformance as c;
+    use c::{NONE, READ};
+
+    fn new() -> RingPoller {
+        RingPoller::new().unwrap_or_else(|e| panic!("io_uring is not usable on this machine: {e}"))
+    }
+
+    c::shared_tests!(new());
+
+    #[test]
+    fn hangup_when_writer_closes() {
+        c::hangup_when_writer_closes(new(), true);
+    }
+
+    /// Closed behind the poller's back: reported as invalid (after at most
+    /// one report the kernel had already made), then forgotten, without
+    /// spinning.
+    #[test]
+    fn closed_fd_reported_invalid_then_forgotten() {
+        let _numbers = c::fd_numbers();
+        let mut p = new();
+        let (r, w) = c::pipe();
+        let high = c::dup_at_least(&r, c::HIGH_FD);
+        drop(r);
+        let fd = c::raw(&high);
+        p.update(fd, NONE, READ).unwrap();
+        c::write_byte(&w);
+        drop(high);
+        let mut saw_invalid = false;
+        for _ in 0..3 {
+            let events = c::poll_once(&mut p, Some(Duration::from_secs(5)));
+            if let Some(ev) = c::event_for(&events, fd) {
+                if ev.invalid {
+                    assert!(ev.error, "{ev:?}");
+                    saw_invalid = true;
+                    break;
+                }
+            }
+        }
+        assert!(saw_invalid, "a closed descriptor was never reported invalid");
+        let start = std::time::Instant::now();
+        let events = c::poll_once(&mut p, Some(Duration::from_millis(60)));
+        assert!(events.is_empty(), "{events:?}");
+        assert!(start.elapsed() >= Duration::from_millis(55), "spun: {:?}", start.elapsed());
+        p.update(fd, READ, NONE).unwrap();
+    }
+
+    /// Removing a descriptor's interest releases the kernel's reference to
+    /// the file at once: closing our end then really closes the socket, and
+    /// its peer sees the end of the stream without the poller waiting.
+    #[test]
+    fn removal_releases_the_file_before_the_owner_closes_it() {
+        let mut p = new();
+        let (a, b) = c::socketpair();
+        p.update(c::raw(&a), NONE, READ).unwrap();
+        // Let the request reach the kernel and be armed.
+        assert!(c::poll_once(&mut p, Some(Duration::ZERO)).is_empty());
+        p.update(c::raw(&a), READ, NONE).unwrap();
+        drop(a);
+        let mut buf = [0u8; 1];
+        let n = rustix::io::read(&b, &mut buf).expect("the peer reads the end of the stream, not EAGAIN");
+        assert_eq!(n, 0);
+    }
+
+    /// A completion from a cancelled generation is never reported for the
+    /// descriptor's new interest.
+    #[test]
+    fn stale_completions_are_dropped() {
+        let mut p = new();
+        let (r, w) = c::pipe();
+        let fd = c::raw(&r);
+        p.update(fd, NONE, READ).unwrap();
+        c::write_byte(&w);
+        // The byte made the read request complete in the kernel, but the
+        // reactor changed its mind before reaping it.
+        p.update(fd, READ, NONE).unwrap();
+        p.update(fd, NONE, c::WRITE).unwrap();
+        let events = c::poll_once(&mut p, Some(Duration::from_millis(50)));
+        assert!(c::event_for(&events, fd).is_none(), "{events:?}");
+    }
+
+    #[test]
+    fn many_descriptors() {
+        if c::in_child() {
+            c::many_descriptors(new(), 10_000);
+        } else {
+            c::run_in_child("backend::uring::poller::tests::many_descriptors");
+        }
+    }
+}
