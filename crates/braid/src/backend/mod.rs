@@ -19,7 +19,6 @@ mod conformance;
 pub(crate) mod epoll;
 pub(crate) mod poll;
 pub(crate) mod select;
-#[cfg(target_os = "linux")]
 pub(crate) mod uring;
 
 /// Which directions of a descriptor the reactor wants to hear about.
@@ -157,7 +156,6 @@ pub(crate) enum AnyPoller {
     Select(select::SelectPoller),
     Poll(poll::PollPoller),
     Epoll(epoll::EpollPoller),
-    #[cfg(target_os = "linux")]
     /// Boxed: the ring's state is several times larger than the others'.
     Uring(Box<uring::poller::RingPoller>),
 }
@@ -168,18 +166,10 @@ impl AnyPoller {
             Backend::Select => select::SelectPoller::new().map(AnyPoller::Select),
             Backend::Poll => poll::PollPoller::new().map(AnyPoller::Poll),
             Backend::Epoll => epoll::EpollPoller::new().map(AnyPoller::Epoll),
-            #[cfg(target_os = "linux")]
             Backend::IoUring => {
                 return uring::poller::RingPoller::new().map(|p| AnyPoller::Uring(Box::new(p))).map_err(
                     |why| Error::BackendUnavailable { backend: backend.name(), why: why.to_string() },
                 )
-            }
-            #[cfg(not(target_os = "linux"))]
-            Backend::IoUring => {
-                return Err(Error::BackendUnavailable {
-                    backend: backend.name(),
-                    why: "io_uring is Linux only".into(),
-                })
             }
         };
         built.map_err(|e| Error::io(format!("creating the {backend} backend"), e))
@@ -201,7 +191,6 @@ impl Poller for AnyPoller {
             AnyPoller::Select(p) => p.update(fd, old, new),
             AnyPoller::Poll(p) => p.update(fd, old, new),
             AnyPoller::Epoll(p) => p.update(fd, old, new),
-            #[cfg(target_os = "linux")]
             AnyPoller::Uring(p) => p.update(fd, old, new),
         }
     }
@@ -212,7 +201,6 @@ impl Poller for AnyPoller {
             AnyPoller::Select(p) => p.poll(events, timeout),
             AnyPoller::Poll(p) => p.poll(events, timeout),
             AnyPoller::Epoll(p) => p.poll(events, timeout),
-            #[cfg(target_os = "linux")]
             AnyPoller::Uring(p) => p.poll(events, timeout),
         }
     }

@@ -32,6 +32,7 @@ mod closure_pool;
 mod events;
 mod fdset;
 mod guard;
+mod ring_reads;
 mod signals;
 mod threads;
 mod time;
@@ -42,6 +43,7 @@ pub use events::{Hold, Phase, TriggerId, TriggerOutcome, TriggerResult};
 pub use fdset::{FileDescriptor, IntoDescriptor};
 pub use guard::CallbackResult;
 pub(crate) use guard::{catch as catch_panic, log_failure, run_logged};
+pub(crate) use ring_reads::{RingRead, RingReader};
 pub use threads::Remote;
 pub use time::{DelayedCall, ReactorTime};
 pub(crate) use time::{TimeSource, Timers};
@@ -116,6 +118,9 @@ pub(crate) struct Inner {
     /// Descriptors the reactor owns whether or not they are watched now (a
     /// listener backing off): told they are lost at shutdown or drop.
     held: RefCell<Slab<Rc<dyn FileDescriptor>>>,
+    /// Stream readers reading by completion (io_uring), by receive key.
+    recv_owners: RefCell<ring_reads::Owners>,
+    received_buf: Cell<Vec<crate::backend::uring::recv::Received>>,
     timers: Rc<Timers>,
     life: Cell<Life>,
     /// A `run()` call is looping; cleared by `crash()` and by shutdown.
@@ -233,6 +238,8 @@ impl Reactor {
                 events_buf: Cell::new(Vec::with_capacity(256)),
                 fds: RefCell::new(FdTable::default()),
                 held: RefCell::new(Slab::new()),
+                recv_owners: RefCell::new(Slab::new()),
+                received_buf: Cell::new(Vec::new()),
                 timers: Timers::new(TimeSource::monotonic()),
                 life: Cell::new(Life::NotStarted),
                 looping: Cell::new(false),
@@ -555,6 +562,9 @@ impl Reactor {
             self.dispatch(ev);
         }
         inner.events_buf.set(events);
+        if inner.backend == Backend::IoUring {
+            self.dispatch_received();
+        }
         Ok(())
     }
 
@@ -739,6 +749,13 @@ impl Reactor {
 
     /// Stops watching a descriptor because of `why` and tells it: a clean
     /// end of a half-closeable reader only closes its read side.
+    /// Ends a reader's reading with `why` outside a dispatch (a stream that
+    /// reads by completion delivering held bytes), exactly as an `Err` from
+    /// its `do_read` would.
+    pub(crate) fn disconnect_reader(&self, fd: RawFd, d: Rc<dyn FileDescriptor>, why: Failure) {
+        self.disconnect(fd, &d, why, true);
+    }
+
     fn disconnect(&self, fd: RawFd, d: &Rc<dyn FileDescriptor>, why: Failure, read: bool) {
         let ptr = identity(d);
         if read && why.is_connection_done() && d.half_closeable() {
@@ -872,12 +889,23 @@ impl Reactor {
                 let _ = poller.update(*fd, slot.interest(), Interest::NONE);
             }
         }
+        let mut taken = taken;
+        // In descriptor order across both tables, as on the other backends.
+        taken.extend(
+            self.forget_ring_readers()
+                .into_iter()
+                .map(|(fd, d)| (fd, Slot { reader: Some(d), writer: None })),
+        );
+        taken.sort_by_key(|(fd, _)| *fd);
         fdset::unique(taken)
     }
 
-    /// The descriptors watched for reading.
+    /// The descriptors watched for reading (on io_uring, also the streams
+    /// reading by completion).
     pub fn get_readers(&self) -> Vec<Rc<dyn FileDescriptor>> {
-        self.inner.fds.borrow().readers()
+        let mut readers = self.inner.fds.borrow().readers();
+        readers.extend(self.ring_readers());
+        readers
     }
 
     /// The descriptors watched for writing.
@@ -1008,7 +1036,14 @@ impl Drop for Inner {
         // Each descriptor hears `connection_lost`, which is what closes a
         // connection's socket and frees its protocol; the reactor cannot be
         // reached from inside (its weak handles no longer upgrade).
-        let mut all = fdset::unique(self.fds.get_mut().take_all());
+        let mut taken = self.fds.get_mut().take_all();
+        taken.extend(
+            Reactor::take_ring_readers(self.recv_owners.get_mut())
+                .into_iter()
+                .map(|(fd, d)| (fd, Slot { reader: Some(d), writer: None })),
+        );
+        taken.sort_by_key(|(fd, _)| *fd);
+        let mut all = fdset::unique(taken);
         let held: Vec<_> = self.held.get_mut().drain().collect();
         all.extend(fdset::unique_besides(&all, held));
         tell_lost(all, "as the reactor was dropped", || {

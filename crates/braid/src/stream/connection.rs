@@ -19,6 +19,17 @@
 //! in this connection's buffer (or the reactor's stage) ahead of the
 //! layer's, so they leave first and in the clear.
 //!
+//! Reads on a ring: on io_uring a kind that can ([`Kind::RING_READS`])
+//! reads by completion: one multishot receive per connection, whose
+//! completions the reactor hands to [`RingReader::ring_received`] with the
+//! bytes in a buffer lent by the ring. Pausing cancels the receive, but
+//! completions already posted still arrive: their bytes (and an end of
+//! stream) are held and delivered, in order, from the loop once reading
+//! resumes, so a paused protocol never hears `data_received`. A new
+//! receive starts only after the cancelled one's final completion, so two
+//! receives never race on one socket. Closing forgets the receive before
+//! the socket is closed (see `RingRecv`).
+//!
 //! Files: `write_file` queues part of a regular file, remembering how many
 //! buffered bytes go before it; the send path sends those, then the file
 //! with sendfile(2) (a bounded part per turn, for fairness), then what was
@@ -37,7 +48,8 @@ use super::kind::Kind;
 use crate::error::{Error, Failure};
 use crate::protocol::Protocol;
 use crate::reactor::{
-    catch_panic, log_failure, run_logged, FileDescriptor, Flush, Reactor, WeakReactor, READ_CHUNK,
+    catch_panic, log_failure, run_logged, FileDescriptor, Flush, Reactor, RingRead, RingReader, WeakReactor,
+    READ_CHUNK,
 };
 use crate::stream::kind::Tcp;
 use crate::stream::Address;
@@ -207,6 +219,34 @@ struct Rare {
     pending: Option<Box<dyn Layer>>,
     /// Files queued by `write_file`, in order.
     files: VecDeque<FileSegment>,
+    /// Bytes a ring receive delivered while reading was paused, for the
+    /// protocol once it resumes (see the module docs).
+    held_in: Vec<u8>,
+    /// The end of the stream arrived while paused, after `held_in`.
+    held_eof: bool,
+}
+
+/// The connection's receive on a ring (reading by completion).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RingRecv {
+    /// None in the kernel.
+    Off,
+    /// Receiving under this key.
+    On(u32),
+    /// Cancelled; its final completion has not come yet.
+    Stopping(u32),
+    /// Cancelled, and reading resumed since: a new receive starts when the
+    /// old one's final completion comes.
+    Restart(u32),
+}
+
+impl RingRecv {
+    fn key(self) -> Option<u32> {
+        match self {
+            RingRecv::Off => None,
+            RingRecv::On(k) | RingRecv::Stopping(k) | RingRecv::Restart(k) => Some(k),
+        }
+    }
 }
 
 /// Part of a file to send with sendfile(2), after the bytes that were
@@ -271,6 +311,11 @@ bitflags::bitflags! {
         const LAYER_PENDING = 1 << 7;
         /// A file is queued to go out by sendfile(2) (see [`FileSegment`]).
         const FILE = 1 << 8;
+        /// Reads by completion on a ring (see [`RingRecv`]).
+        const RING = 1 << 9;
+        /// Bytes or an end of stream are held for the protocol
+        /// ([`Rare::held_in`]).
+        const HELD = 1 << 10;
     }
 }
 
@@ -336,6 +381,8 @@ pub(crate) struct Connection<K: Kind> {
     rare: Cell<Option<Box<Rare>>>,
     /// Told after the protocol's `connection_lost` (a client's connector).
     on_lost: Cell<Option<OnLost>>,
+    /// The receive in the kernel, when reading by completion.
+    ring: Cell<RingRecv>,
 }
 
 impl<K: Kind> Connection<K> {
@@ -360,6 +407,7 @@ impl<K: Kind> Connection<K> {
             mode: Cell::new(Mode::Pull),
             rare: Cell::new(None),
             on_lost: Cell::new(None),
+            ring: Cell::new(RingRecv::Off),
         })
     }
 
@@ -401,7 +449,13 @@ impl<K: Kind> Connection<K> {
             return Err((Error::ReactorGone, protocol));
         };
         if K::READS {
-            if let Err(e) = reactor.add_reader(self.clone()) {
+            let registered = if K::RING_READS && reactor.reads_by_completion() {
+                self.set_io(Io::RING, true);
+                self.ring_start(&reactor)
+            } else {
+                reactor.add_reader(self.clone())
+            };
+            if let Err(e) = registered {
                 self.life.set(Life::Lost);
                 self.sock.take();
                 return Err((e, protocol));
@@ -576,7 +630,19 @@ impl<K: Kind> Connection<K> {
     fn stop_reading(&self) {
         if self.replace_io(Io::READING, false) {
             if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
-                reactor.remove_reader(&me);
+                if self.has(Io::RING) {
+                    match self.ring.get() {
+                        RingRecv::On(k) => {
+                            let me: Rc<dyn RingReader> = me;
+                            reactor.ring_read_stop(k, &me);
+                            self.ring.set(RingRecv::Stopping(k));
+                        }
+                        RingRecv::Restart(k) => self.ring.set(RingRecv::Stopping(k)),
+                        RingRecv::Off | RingRecv::Stopping(_) => {}
+                    }
+                } else {
+                    reactor.remove_reader(&me);
+                }
             }
         }
     }
@@ -588,11 +654,80 @@ impl<K: Kind> Connection<K> {
         if self.life.get() != Life::Open {
             return;
         }
-        if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
+        let Some(reactor) = self.reactor.get() else { return };
+        if self.has(Io::RING) {
+            self.set_io(Io::READING, true);
+            if self.has(Io::HELD) {
+                // Held bytes go first, from the loop; the receive is
+                // re-armed after them.
+                self.queue_flush();
+                return;
+            }
+            match self.ring.get() {
+                RingRecv::Off => {
+                    if self.ring_start(&reactor).is_err() {
+                        self.set_io(Io::READING, false);
+                    }
+                }
+                RingRecv::Stopping(k) => self.ring.set(RingRecv::Restart(k)),
+                RingRecv::On(_) | RingRecv::Restart(_) => {}
+            }
+            return;
+        }
+        if let Some(me) = self.rc() {
             if reactor.add_reader(me).is_ok() {
                 self.set_io(Io::READING, true);
             }
         }
+    }
+
+    /// Starts a receive on the ring (none is in the kernel).
+    fn ring_start(&self, reactor: &Reactor) -> Result<(), Error> {
+        let me: Rc<dyn RingReader> = self.rc().ok_or(Error::ConnectionLost)?;
+        let key = reactor.ring_read_start(self.fd, me)?;
+        self.ring.set(RingRecv::On(key));
+        Ok(())
+    }
+
+    /// Hands `data` to the protocol as `data_received`, then sends what it
+    /// wrote in reply.
+    fn deliver(&self, reactor: &Reactor, data: &[u8]) {
+        let delivered = {
+            let _reading = ReadScope::enter(&self.io);
+            self.call_protocol("data_received", |p| p.data_received(data))
+        };
+        if delivered {
+            self.flush_stage(reactor);
+            if self.has(Io::FLUSH_QUEUED) {
+                self.flush();
+            }
+        } else {
+            reactor.write_stage().clear();
+        }
+    }
+
+    /// Delivers what a ring receive brought while reading was paused, now
+    /// that it reads again; then receives on. An `Err` ends the connection.
+    fn release_held(&self, reactor: &Reactor) -> Result<(), Failure> {
+        self.set_io(Io::HELD, false);
+        let (data, eof) = self
+            .peek_rare(|r| (std::mem::take(&mut r.held_in), std::mem::take(&mut r.held_eof)))
+            .unwrap_or_default();
+        if !data.is_empty() {
+            reactor.write_stage().clear();
+            self.deliver(reactor, &data);
+        }
+        if eof {
+            return Err(Failure::new(Error::ConnectionDone));
+        }
+        if self.life.get() == Life::Open && self.has(Io::READING) && !self.has(Io::HELD) {
+            match self.ring.get() {
+                RingRecv::Off => self.ring_start(reactor).map_err(Failure::new)?,
+                RingRecv::Stopping(k) => self.ring.set(RingRecv::Restart(k)),
+                RingRecv::On(_) | RingRecv::Restart(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Hands descriptors that came with the last read to the protocol,
@@ -805,6 +940,17 @@ impl<K: Kind> Connection<K> {
             reactor.forget_at(self.fd, &me);
         }
         self.set_io(Io::READING | Io::WRITING, false);
+        if let Some(key) = self.ring.replace(RingRecv::Off).key() {
+            // Before the close: the receive must not keep the socket open.
+            if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
+                let me: Rc<dyn RingReader> = me;
+                reactor.ring_read_forget(key, &me);
+            }
+        }
+        if self.has(Io::HELD) {
+            self.set_io(Io::HELD, false);
+            drop(self.peek_rare(|r| std::mem::take(&mut r.held_in)));
+        }
         if let Some(sock) = self.sock.take() {
             if was == Life::Aborting {
                 self.kind.prepare_abort(&sock);
@@ -860,6 +1006,19 @@ impl<K: Kind> Flush for Connection<K> {
             self.close(Failure::new(Error::ConnectionAborted));
             return;
         }
+        if self.has(Io::HELD) && self.has(Io::READING) {
+            if let Some(reactor) = self.reactor.get() {
+                if let Err(reason) = self.release_held(&reactor) {
+                    if let Some(me) = self.rc() {
+                        reactor.disconnect_reader(self.fd, me, reason);
+                    }
+                    return;
+                }
+                if self.life.get() == Life::Lost {
+                    return;
+                }
+            }
+        }
         if let Err(reason) = self.send_buffered() {
             self.close(reason);
         }
@@ -901,18 +1060,7 @@ impl<K: Kind> FileDescriptor for Connection<K> {
             }
             Ok(n) => {
                 self.deliver_fds();
-                let delivered = {
-                    let _reading = ReadScope::enter(&self.io);
-                    self.call_protocol("data_received", |p| p.data_received(&buf[..n]))
-                };
-                if delivered {
-                    self.flush_stage(&reactor);
-                    if self.has(Io::FLUSH_QUEUED) {
-                        self.flush();
-                    }
-                } else {
-                    reactor.write_stage().clear();
-                }
+                self.deliver(&reactor, &buf[..n]);
                 Ok(())
             }
             Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(()),
@@ -959,6 +1107,63 @@ impl<K: Kind> FileDescriptor for Connection<K> {
 
     fn log_prefix(&self) -> String {
         format!("{} connection with {}", K::NAME, self.kind.peer())
+    }
+}
+
+impl<K: Kind> RingReader for Connection<K> {
+    fn ring_received(&self, got: RingRead<'_>, ended: bool) -> Result<(), Failure> {
+        if ended {
+            self.ring.set(RingRecv::Off);
+        }
+        if self.life.get() == Life::Lost {
+            return Ok(());
+        }
+        let Some(reactor) = self.reactor.get() else { return Ok(()) };
+        // Paused (or bytes still held): keep it for the protocol.
+        let hold = !self.has(Io::READING) || self.has(Io::HELD);
+        match got {
+            RingRead::Data(data) if hold => {
+                self.with_rare(|r| r.held_in.extend_from_slice(data));
+                self.set_io(Io::HELD, true);
+            }
+            RingRead::Data(data) => {
+                reactor.write_stage().clear();
+                self.deliver(&reactor, data);
+            }
+            RingRead::Eof if hold => {
+                self.with_rare(|r| r.held_eof = true);
+                self.set_io(Io::HELD, true);
+                return Ok(());
+            }
+            RingRead::Eof => return Err(Failure::new(Error::ConnectionDone)),
+            RingRead::Error(Errno::CONNRESET) => return Err(Failure::new(Error::ConnectionLost)),
+            RingRead::Error(e) => {
+                return Err(Failure::new(Error::io(
+                    format!("reading from a {} connection", K::NAME),
+                    e.into(),
+                )))
+            }
+            RingRead::Nothing => {}
+        }
+        // The receive ended while still wanted (the ring ran out of
+        // buffers, or a resume came during its cancellation): again.
+        if ended
+            && self.life.get() == Life::Open
+            && self.has(Io::READING)
+            && !self.has(Io::HELD)
+            && self.ring.get() == RingRecv::Off
+        {
+            self.ring_start(&reactor).map_err(Failure::new)?;
+        }
+        Ok(())
+    }
+
+    fn ring_reading(&self) -> bool {
+        self.has(Io::READING)
+    }
+
+    fn descriptor(self: Rc<Self>) -> Rc<dyn FileDescriptor> {
+        self
     }
 }
 
@@ -1373,7 +1578,8 @@ impl<K: Kind> TransportOps for Below<K> {
 impl TcpOptions for Connection<Tcp> {
     fn splice_source(self: Rc<Self>) -> Option<Rc<dyn std::any::Any>> {
         // Under a layer the bytes on the socket are not the application's.
-        if self.has(Io::LAYERED) {
+        // On a ring, bytes may already be in the ring's buffers or held.
+        if self.has(Io::LAYERED) || self.has(Io::RING) {
             return None;
         }
         Some(self)

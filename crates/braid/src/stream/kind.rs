@@ -42,6 +42,12 @@ pub(crate) trait Kind: Sized + 'static {
     /// it are dropped, as after the write side is closed.
     const WRITES: bool = true;
 
+    /// Whether, on a ring (io_uring), the kind reads by completion
+    /// (multishot receives into the ring's buffers) rather than on
+    /// readiness. Only a kind whose reads are plain `recv` can: a UNIX
+    /// stream may carry descriptors, which need `recvmsg`.
+    const RING_READS: bool = false;
+
     /// The other end (kept by the kind, which knows its address type).
     fn peer(&self) -> Address;
 
@@ -102,6 +108,7 @@ pub(crate) struct Tcp {
 
 impl Kind for Tcp {
     const NAME: &'static str = "TCP";
+    const RING_READS: bool = true;
 
     fn peer(&self) -> Address {
         Address::Ip(self.peer)

@@ -39,6 +39,7 @@ use std::io;
 use io_uring::{opcode, IoUring, Probe as OpProbe};
 
 pub(crate) mod poller;
+pub(crate) mod recv;
 
 /// Submission queue entries. The completion queue is sized separately
 /// (see [`CQ_ENTRIES`]); a full submission queue is simply submitted early.

@@ -32,17 +32,31 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::time::Duration;
 
 use io_uring::types::{SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use super::recv::{Got, Pool, Received, RingBuf, GROUP};
 use super::{probe, Refused, Setup};
 use crate::backend::{Event, Interest, Poller};
 
 /// User data of requests whose completions carry nothing to report (the
-/// poll cancellations).
+/// cancellations).
 const IGNORED: u64 = u64::MAX;
+
+/// Set in the user data of stream receives (whose low 32 bits are the
+/// reactor's key for the reader); clear in poll requests.
+const RECV: u64 = 1 << 62;
+
+/// Poll generations use bits 32..62 of the user data, below [`RECV`].
+const GENERATION_MASK: u32 = (1 << 30) - 1;
+
+/// How long dropping the poller waits for cancelled receives to finish
+/// before it leaks their buffers instead of freeing memory the kernel might
+/// still write.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The longest wait handed to the kernel at once, as in the other backends.
 const MAX_WAIT_SECS: u64 = i32::MAX as u64;
@@ -67,6 +81,13 @@ pub(crate) struct RingPoller {
     /// Descriptors whose one-shot request completed since the last wait;
     /// re-armed at the next wait if they are still wanted.
     rearm: Vec<RawFd>,
+    /// Stream reads: `None` until the first receive asks, then whether
+    /// this kernel takes multishot receives into a buffer ring.
+    streams: Option<Option<Rc<Pool>>>,
+    /// Receives submitted whose final completion has not come.
+    live_recvs: usize,
+    /// Receive completions since the last `take_received`.
+    received: Vec<Received>,
 }
 
 fn poll_mask(want: Interest) -> u32 {
@@ -83,7 +104,7 @@ fn poll_mask(want: Interest) -> u32 {
 }
 
 fn user_data(fd: RawFd, generation: u32) -> u64 {
-    (u64::from(generation & 0x7fff_ffff) << 32) | u64::from(fd as u32)
+    (u64::from(generation & GENERATION_MASK) << 32) | u64::from(fd as u32)
 }
 
 fn decode(data: u64) -> (RawFd, u32) {
@@ -93,7 +114,101 @@ fn decode(data: u64) -> (RawFd, u32) {
 impl RingPoller {
     pub fn new() -> Result<RingPoller, Refused> {
         let probe = probe()?;
-        Ok(RingPoller { ring: probe.ring, setup: probe.setup, slots: Vec::new(), rearm: Vec::new() })
+        Ok(RingPoller {
+            ring: probe.ring,
+            setup: probe.setup,
+            slots: Vec::new(),
+            rearm: Vec::new(),
+            streams: None,
+            live_recvs: 0,
+            received: Vec::new(),
+        })
+    }
+
+    /// Whether streams can read by completion here: multishot receives
+    /// (Linux 6.0) into a registered buffer ring (5.19). Checked once.
+    pub fn reads_streams(&mut self) -> bool {
+        self.pool().is_some()
+    }
+
+    fn pool(&mut self) -> Option<&Rc<Pool>> {
+        if self.streams.is_none() {
+            let pool = kernel_at_least(6, 0).then(Pool::new).flatten().and_then(|pool| {
+                // SAFETY: the ring of entries lives in `pool`, which the
+                // poller keeps until the ring is destroyed (see `Drop`),
+                // and spans `ring_entries()` entries.
+                let registered = unsafe {
+                    self.ring.submitter().register_buf_ring_with_flags(
+                        pool.ring_addr(),
+                        Pool::ring_entries(),
+                        GROUP,
+                        0,
+                    )
+                };
+                (registered.is_ok() && pool.grow()).then(|| Rc::new(pool))
+            });
+            self.streams = Some(pool);
+        }
+        self.streams.as_ref().and_then(Option::as_ref)
+    }
+
+    /// Starts a multishot receive on `fd`; its completions come back from
+    /// [`RingPoller::take_received`] under `key`.
+    pub fn recv_start(&mut self, fd: RawFd, key: u32) -> io::Result<()> {
+        if self.pool().is_none() {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        let entry = opcode::RecvMulti::new(types::Fd(fd), GROUP).build().user_data(RECV | u64::from(key));
+        self.push(&entry)?;
+        self.live_recvs += 1;
+        Ok(())
+    }
+
+    /// Cancels the receive under `key`. Completions already on their way
+    /// still come, then a final one. With `now`, the cancellation is
+    /// carried out before this returns, so the request no longer holds
+    /// the socket open and the caller may close it.
+    pub fn recv_cancel(&mut self, key: u32, now: bool) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(RECV | u64::from(key)).build().user_data(IGNORED);
+        self.push(&entry)?;
+        if now {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Hands over the receive completions reaped by the last waits.
+    pub fn take_received(&mut self, into: &mut Vec<Received>) {
+        std::mem::swap(into, &mut self.received);
+    }
+
+    fn complete_recv(&mut self, cqe: &cqueue::Entry) {
+        let key = (cqe.user_data() & 0xffff_ffff) as u32;
+        let flags = cqe.flags();
+        let ended = !cqueue::more(flags);
+        if ended {
+            self.live_recvs = self.live_recvs.saturating_sub(1);
+        }
+        let res = cqe.result();
+        let buf = cqueue::buffer_select(flags);
+        let got = match (res, buf, self.streams.as_ref().and_then(Option::as_ref)) {
+            (n, Some(bid), Some(pool)) if n > 0 => match RingBuf::new(pool, bid, n as usize) {
+                Some(buf) => Got::Data(buf),
+                None => Got::Error(libc::EIO),
+            },
+            (0, _, _) => Got::Eof,
+            (n, _, _) if n == -libc::ECANCELED => Got::Nothing,
+            (n, _, _) if n == -libc::ENOBUFS => {
+                // The ring ran dry: give it more for the re-armed receive.
+                if let Some(pool) = self.streams.as_ref().and_then(Option::as_ref) {
+                    pool.grow();
+                }
+                Got::Nothing
+            }
+            (n, _, _) if n < 0 => Got::Error(-n),
+            _ => Got::Error(libc::EIO),
+        };
+        self.received.push(Received { key, got, ended });
     }
 
     fn slot(&mut self, fd: RawFd) -> &mut Slot {
@@ -131,7 +246,7 @@ impl RingPoller {
         let slot = self.slot(fd);
         let data = user_data(fd, slot.generation);
         slot.armed = 0;
-        slot.generation = slot.generation.wrapping_add(1) & 0x7fff_ffff;
+        slot.generation = slot.generation.wrapping_add(1) & GENERATION_MASK;
         let entry = opcode::PollRemove::new(data).build().user_data(IGNORED);
         self.push(&entry)
     }
@@ -139,7 +254,7 @@ impl RingPoller {
     /// Hands queued requests to the kernel and, on a ring whose completion
     /// work is deferred, runs that work now: what a cancellation frees
     /// (the request's reference to the file) is freed before we return.
-    fn flush(&mut self) -> io::Result<()> {
+    pub fn flush(&mut self) -> io::Result<()> {
         if self.setup.defers_work() {
             match self.wait(Some(Duration::ZERO), 1) {
                 Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
@@ -247,12 +362,60 @@ impl Poller for RingPoller {
                 _ => return Err(e),
             },
         }
-        let RingPoller { ring, slots, rearm, .. } = self;
-        for cqe in ring.completion() {
-            complete(slots, rearm, &cqe, events);
+        loop {
+            let Some(cqe) = self.ring.completion().next() else { break };
+            if cqe.user_data() != IGNORED && cqe.user_data() & RECV != 0 {
+                self.complete_recv(&cqe);
+            } else {
+                complete(&mut self.slots, &mut self.rearm, &cqe, events);
+            }
         }
         Ok(())
     }
+}
+
+impl Drop for RingPoller {
+    /// A receive still in the kernel could write into the buffer pool, so
+    /// every one is cancelled and its final completion awaited before the
+    /// pool may be freed. If some never finish, the pool is leaked: a
+    /// bounded loss instead of memory written after it was freed.
+    fn drop(&mut self) {
+        if self.live_recvs > 0 {
+            let all = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(IGNORED);
+            let _ = self.push(&all);
+            let deadline = std::time::Instant::now() + DRAIN_PATIENCE;
+            while self.live_recvs > 0 && std::time::Instant::now() < deadline {
+                let _ = self.wait(Some(Duration::from_millis(50)), 1);
+                while let Some(cqe) = self.ring.completion().next() {
+                    if cqe.user_data() != IGNORED && cqe.user_data() & RECV != 0 && !cqueue::more(cqe.flags())
+                    {
+                        self.live_recvs -= 1;
+                    }
+                }
+                // Buffers named by those completions go back to the pool
+                // when these drop.
+                self.received.clear();
+            }
+            if self.live_recvs > 0 {
+                if let Some(Some(pool)) = self.streams.take() {
+                    std::mem::forget(pool);
+                }
+            }
+        }
+        self.received.clear();
+        if let Some(Some(_)) = &self.streams {
+            let _ = self.ring.submitter().unregister_buf_ring(GROUP);
+        }
+    }
+}
+
+/// Whether the running kernel's release is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else { return false };
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let got_major = parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    let got_minor = parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    (got_major, got_minor) >= (major, minor)
 }
 
 #[cfg(test)]
