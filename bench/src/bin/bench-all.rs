@@ -15,7 +15,7 @@
 //!   --short-count N       short-idle: connections per measured run (5000)
 //!   --short-rounds N      short-idle: measured runs per phase (5; quick: 3)
 //!   --servers a,b         only these (tokio, mio, tokio-udp, tokio-rustls, braid-select, braid-poll,
-//!                         braid-epoll); tokio and mio serve the TCP scenarios, tokio-udp the UDP
+//!                         braid-epoll, braid-io_uring); tokio and mio serve the TCP scenarios, tokio-udp the UDP
 //!                         ones, tokio-rustls the TLS ones, braid all three
 //!   --no-timers           skip the timer benchmark    --no-build    do not run cargo build
 //!   --no-extras           skip the side benchmarks (portforward against a tokio proxy, line parsing,
@@ -44,8 +44,16 @@ use std::time::{Duration, Instant};
 
 use braid_bench::{die, Args};
 
-const SERVER_NAMES: [&str; 7] =
-    ["tokio", "mio", "tokio-udp", "tokio-rustls", "braid-select", "braid-poll", "braid-epoll"];
+const SERVER_NAMES: [&str; 8] = [
+    "tokio",
+    "mio",
+    "tokio-udp",
+    "tokio-rustls",
+    "braid-select",
+    "braid-poll",
+    "braid-epoll",
+    "braid-io_uring",
+];
 const SCENARIO_NAMES: [&str; 16] = [
     "pingpong",
     "pingpong-1cpu",

@@ -26,7 +26,6 @@
 //! connection re-arms it), up to a fixed maximum, so a reactor with a few
 //! connections keeps a small pool and a busy one stops running dry.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::cell::Cell;
 use std::ops::Deref;
 use std::ptr::NonNull;
@@ -36,7 +35,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use io_uring::types::BufRingEntry;
 
 /// Bytes per buffer: what one completion can carry.
-pub(crate) const BUF_SIZE: usize = 16 * 1024;
+pub(crate) const BUF_SIZE: usize = 64 * 1024;
 /// Buffers added at a time.
 const BLOCK: usize = 64;
 /// The most buffers the ring ever holds (a power of two, as the kernel
@@ -44,8 +43,6 @@ const BLOCK: usize = 64;
 const MAX_BUFS: usize = 1024;
 /// The buffer group id braid registers its ring under.
 pub(crate) const GROUP: u16 = 0;
-
-const PAGE: usize = 4096;
 
 /// The provided-buffer ring and its buffers.
 pub(crate) struct Pool {
@@ -57,20 +54,40 @@ pub(crate) struct Pool {
     tail: Cell<u16>,
 }
 
-fn entries_layout() -> Layout {
-    Layout::from_size_align(MAX_BUFS * std::mem::size_of::<BufRingEntry>(), PAGE).expect("ring layout")
+const ENTRIES_BYTES: usize = MAX_BUFS * std::mem::size_of::<BufRingEntry>();
+const BLOCK_BYTES: usize = BLOCK * BUF_SIZE;
+
+/// A fresh private anonymous mapping: page aligned, as the kernel wants the
+/// ring, and zero pages that cost no memory until written (the allocator's
+/// aligned zeroed memory would be written through at once).
+fn map(len: usize) -> Option<NonNull<u8>> {
+    // SAFETY: a new mapping at an address of the kernel's choosing; no
+    // existing memory is touched.
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE,
+        )
+    };
+    p.ok().and_then(|p| NonNull::new(p.cast::<u8>()))
 }
 
-fn block_layout() -> Layout {
-    Layout::from_size_align(BLOCK * BUF_SIZE, PAGE).expect("block layout")
+/// Unmaps what [`map`] returned.
+///
+/// # Safety
+/// `p` and `len` are a mapping made by [`map`] that nothing uses any more.
+unsafe fn unmap(p: NonNull<u8>, len: usize) {
+    // SAFETY: per this function's contract.
+    let _ = unsafe { rustix::mm::munmap(p.as_ptr().cast(), len) };
 }
 
 impl Pool {
     /// Allocates the ring's entries (no buffers yet). Its address is what
     /// the caller registers with the kernel.
     pub fn new() -> Option<Pool> {
-        // SAFETY: the layout has a non-zero size.
-        let entries = NonNull::new(unsafe { alloc_zeroed(entries_layout()) }.cast::<BufRingEntry>())?;
+        let entries = map(ENTRIES_BYTES)?.cast::<BufRingEntry>();
         Some(Pool { entries, blocks: std::cell::RefCell::new(Vec::new()), tail: Cell::new(0) })
     }
 
@@ -89,9 +106,7 @@ impl Pool {
         if (blocks.len() + 1) * BLOCK > MAX_BUFS {
             return false;
         }
-        // SAFETY: the layout has a non-zero size. Zeroed memory from the
-        // allocator is mapped lazily, so untouched buffers cost no memory.
-        let Some(block) = NonNull::new(unsafe { alloc_zeroed(block_layout()) }) else { return false };
+        let Some(block) = map(BLOCK_BYTES) else { return false };
         let first = blocks.len() * BLOCK;
         blocks.push(block);
         drop(blocks);
@@ -141,13 +156,13 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         for block in self.blocks.get_mut().drain(..) {
-            // SAFETY: allocated in `grow` with this layout; the poller
-            // drops the pool only once no request can write into it.
-            unsafe { dealloc(block.as_ptr(), block_layout()) };
+            // SAFETY: mapped in `grow` with this length; the poller drops
+            // the pool only once no request can write into it.
+            unsafe { unmap(block, BLOCK_BYTES) };
         }
-        // SAFETY: allocated in `new` with this layout, and unregistered
-        // (or the ring destroyed) before the pool is dropped.
-        unsafe { dealloc(self.entries.as_ptr().cast::<u8>(), entries_layout()) };
+        // SAFETY: mapped in `new` with this length, and unregistered (or
+        // the ring destroyed) before the pool is dropped.
+        unsafe { unmap(self.entries.cast::<u8>(), ENTRIES_BYTES) };
     }
 }
 
