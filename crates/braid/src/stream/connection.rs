@@ -23,10 +23,12 @@
 //! reads by completion: one multishot receive per connection, whose
 //! completions the reactor hands to [`RingReader::ring_received`] with the
 //! bytes in a buffer lent by the ring. Pausing cancels the receive, but
-//! completions already posted still arrive: their bytes (and an end of
-//! stream) are held and delivered, in order, from the loop once reading
-//! resumes, so a paused protocol never hears `data_received`. A new
-//! receive starts only after the cancelled one's final completion, so two
+//! completions already posted still arrive: their bytes are held and
+//! delivered, in order, from the loop once reading resumes, so a paused
+//! protocol never hears `data_received`. An end of stream seen while
+//! paused is not kept: the receive started on resuming finds it again, on
+//! a later pass, as a readiness backend would read it. A new receive
+//! starts only after the cancelled one's final completion, so two
 //! receives never race on one socket. Closing forgets the receive before
 //! the socket is closed (see `RingRecv`).
 //!
@@ -222,8 +224,6 @@ struct Rare {
     /// Bytes a ring receive delivered while reading was paused, for the
     /// protocol once it resumes (see the module docs).
     held_in: Vec<u8>,
-    /// The end of the stream arrived while paused, after `held_in`.
-    held_eof: bool,
 }
 
 /// The connection's receive on a ring (reading by completion).
@@ -313,8 +313,7 @@ bitflags::bitflags! {
         const FILE = 1 << 8;
         /// Reads by completion on a ring (see [`RingRecv`]).
         const RING = 1 << 9;
-        /// Bytes or an end of stream are held for the protocol
-        /// ([`Rare::held_in`]).
+        /// Bytes are held for the protocol ([`Rare::held_in`]).
         const HELD = 1 << 10;
     }
 }
@@ -710,15 +709,10 @@ impl<K: Kind> Connection<K> {
     /// that it reads again; then receives on. An `Err` ends the connection.
     fn release_held(&self, reactor: &Reactor) -> Result<(), Failure> {
         self.set_io(Io::HELD, false);
-        let (data, eof) = self
-            .peek_rare(|r| (std::mem::take(&mut r.held_in), std::mem::take(&mut r.held_eof)))
-            .unwrap_or_default();
+        let data = self.peek_rare(|r| std::mem::take(&mut r.held_in)).unwrap_or_default();
         if !data.is_empty() {
             reactor.write_stage().clear();
             self.deliver(reactor, &data);
-        }
-        if eof {
-            return Err(Failure::new(Error::ConnectionDone));
         }
         if self.life.get() == Life::Open && self.has(Io::READING) && !self.has(Io::HELD) {
             match self.ring.get() {
@@ -1130,11 +1124,11 @@ impl<K: Kind> RingReader for Connection<K> {
                 reactor.write_stage().clear();
                 self.deliver(&reactor, data);
             }
-            RingRead::Eof if hold => {
-                self.with_rare(|r| r.held_eof = true);
-                self.set_io(Io::HELD, true);
-                return Ok(());
-            }
+            // Not held: the receive has ended, and the one started when
+            // reading resumes finds the end of the stream again, on a
+            // later pass, after what was held (as a readiness backend
+            // would read it).
+            RingRead::Eof if hold => return Ok(()),
             RingRead::Eof => return Err(Failure::new(Error::ConnectionDone)),
             RingRead::Error(Errno::CONNRESET) => return Err(Failure::new(Error::ConnectionLost)),
             RingRead::Error(e) => {
