@@ -33,6 +33,7 @@ mod events;
 mod fdset;
 mod guard;
 mod ring_reads;
+mod ring_sends;
 mod signals;
 mod threads;
 mod time;
@@ -44,6 +45,7 @@ pub use fdset::{FileDescriptor, IntoDescriptor};
 pub use guard::CallbackResult;
 pub(crate) use guard::{catch as catch_panic, log_failure, run_logged};
 pub(crate) use ring_reads::{RingRead, RingReader};
+pub(crate) use ring_sends::RingWriter;
 pub use threads::Remote;
 pub use time::{DelayedCall, ReactorTime};
 pub(crate) use time::{TimeSource, Timers};
@@ -121,6 +123,9 @@ pub(crate) struct Inner {
     /// Stream readers reading by completion (io_uring), by receive key.
     recv_owners: RefCell<ring_reads::Owners>,
     received_buf: Cell<Vec<crate::backend::uring::recv::Received>>,
+    /// Stream writers with a send in the kernel (io_uring), by send key.
+    send_owners: RefCell<ring_sends::SendOwners>,
+    sent_buf: Cell<Vec<crate::backend::uring::send::Sent>>,
     timers: Rc<Timers>,
     life: Cell<Life>,
     /// A `run()` call is looping; cleared by `crash()` and by shutdown.
@@ -240,6 +245,8 @@ impl Reactor {
                 held: RefCell::new(Slab::new()),
                 recv_owners: RefCell::new(Slab::new()),
                 received_buf: Cell::new(Vec::new()),
+                send_owners: RefCell::new(Slab::new()),
+                sent_buf: Cell::new(Vec::new()),
                 timers: Timers::new(TimeSource::monotonic()),
                 life: Cell::new(Life::NotStarted),
                 looping: Cell::new(false),
@@ -563,6 +570,7 @@ impl Reactor {
         }
         inner.events_buf.set(events);
         if inner.backend == Backend::IoUring {
+            self.dispatch_sent();
             self.dispatch_received();
         }
         Ok(())
@@ -896,6 +904,11 @@ impl Reactor {
                 .into_iter()
                 .map(|(fd, d)| (fd, Slot { reader: Some(d), writer: None })),
         );
+        taken.extend(
+            self.forget_ring_writers()
+                .into_iter()
+                .map(|(fd, d)| (fd, Slot { reader: None, writer: Some(d) })),
+        );
         taken.sort_by_key(|(fd, _)| *fd);
         fdset::unique(taken)
     }
@@ -1041,6 +1054,11 @@ impl Drop for Inner {
             Reactor::take_ring_readers(self.recv_owners.get_mut())
                 .into_iter()
                 .map(|(fd, d)| (fd, Slot { reader: Some(d), writer: None })),
+        );
+        taken.extend(
+            Reactor::take_ring_writers(self.send_owners.get_mut())
+                .into_iter()
+                .map(|(fd, d)| (fd, Slot { reader: None, writer: Some(d) })),
         );
         taken.sort_by_key(|(fd, _)| *fd);
         let mut all = fdset::unique(taken);

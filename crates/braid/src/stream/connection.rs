@@ -29,8 +29,20 @@
 //! paused is not kept: the receive started on resuming finds it again, on
 //! a later pass, as a readiness backend would read it. A new receive
 //! starts only after the cancelled one's final completion, so two
-//! receives never race on one socket. Closing forgets the receive before
-//! the socket is closed (see `RingRecv`).
+//! receives never race on one socket. Held bytes reach the protocol a read
+//! (at most 64 KiB) at a time, so it can pause again between two. Closing
+//! forgets the receive before the socket is closed (see `RingRecv`).
+//!
+//! Sends on a ring: such a connection also writes by completion. What a
+//! pass writes gathers in the buffer and goes out at the end of the pass
+//! as one send request, whose chunks move into the poller until the
+//! kernel completes it (see `backend/uring/send.rs`). One send at a time:
+//! writes made meanwhile queue behind it, and the unsent rest of a short
+//! send goes back in front of them, so bytes never reorder. The bytes of a
+//! send in the kernel still count as buffered (they are still ours), for
+//! producers and watermarks as for `buffered()`. Files still go by
+//! sendfile(2), once no send is in the kernel; a close forgets the send
+//! (cancelling it) before closing the socket.
 //!
 //! Files: `write_file` queues part of a regular file, remembering how many
 //! buffered bytes go before it; the send path sends those, then the file
@@ -47,11 +59,12 @@ use std::rc::{Rc, Weak};
 use rustix::io::Errno;
 
 use super::kind::Kind;
+use crate::backend::uring::send::Outgoing;
 use crate::error::{Error, Failure};
 use crate::protocol::Protocol;
 use crate::reactor::{
-    catch_panic, log_failure, run_logged, FileDescriptor, Flush, Reactor, RingRead, RingReader, WeakReactor,
-    READ_CHUNK,
+    catch_panic, log_failure, run_logged, FileDescriptor, Flush, Reactor, RingRead, RingReader, RingWriter,
+    WeakReactor, READ_CHUNK,
 };
 use crate::stream::kind::Tcp;
 use crate::stream::Address;
@@ -80,6 +93,9 @@ pub(crate) struct OutBuf {
     /// Bytes of `first` already sent.
     head: usize,
     len: usize,
+    /// Bytes taken out of the queue by a ring send still in the kernel:
+    /// ours until it completes, so they count as buffered.
+    flying: usize,
     /// A streaming producer is paused above `high` bytes buffered and
     /// resumed at or below `low`. Kept here, not in the connection: only a
     /// connection that writes (or sets them) needs them.
@@ -94,6 +110,7 @@ impl Default for OutBuf {
             rest: VecDeque::new(),
             head: 0,
             len: 0,
+            flying: 0,
             high: DEFAULT_HIGH_WATER as u32,
             low: 0,
         }
@@ -180,6 +197,55 @@ impl OutBuf {
             }
         }
         Ok(true)
+    }
+
+    /// Takes the queued chunks (at most `max` of them) for a send on the
+    /// ring; they no longer count as buffered.
+    pub fn take_for_ring(&mut self, max: usize) -> Outgoing {
+        let mut out = Outgoing { chunks: VecDeque::new(), head: self.head };
+        let first = std::mem::take(&mut self.first);
+        out.chunks.push_back(first);
+        while out.chunks.len() < max {
+            let Some(c) = self.rest.pop_front() else { break };
+            out.chunks.push_back(c);
+        }
+        self.head = 0;
+        if let Some(next) = self.rest.pop_front() {
+            self.first = next;
+        }
+        self.len -= out.len();
+        self.flying = out.len();
+        out
+    }
+
+    /// Puts what a ring send left unsent back at the front, ahead of what
+    /// was queued meanwhile; `spare` (a sent chunk) may become the first
+    /// chunk's memory.
+    pub fn put_back(&mut self, mut out: Outgoing, spare: Option<Vec<u8>>) {
+        self.flying = 0;
+        if self.head > 0 {
+            self.first.drain(..self.head);
+            self.head = 0;
+        }
+        let left = out.len();
+        if left == 0 {
+            if let Some(spare) = spare {
+                if self.first.capacity() == 0 && self.rest.is_empty() && spare.capacity() <= KEEP_CAPACITY {
+                    self.first = spare;
+                }
+            }
+            return;
+        }
+        let first = std::mem::take(&mut self.first);
+        if !first.is_empty() {
+            self.rest.push_front(first);
+        }
+        while let Some(c) = out.chunks.pop_back() {
+            self.rest.push_front(c);
+        }
+        self.first = self.rest.pop_front().unwrap_or_default();
+        self.head = out.head;
+        self.len += left;
     }
 
     fn consume(&mut self, mut n: usize) {
@@ -382,6 +448,9 @@ pub(crate) struct Connection<K: Kind> {
     on_lost: Cell<Option<OnLost>>,
     /// The receive in the kernel, when reading by completion.
     ring: Cell<RingRecv>,
+    /// The key of the send in the kernel, when writing by completion (its
+    /// bytes still count as buffered: see [`OutBuf::take_for_ring`]).
+    sending: Cell<Option<u32>>,
 }
 
 impl<K: Kind> Connection<K> {
@@ -407,6 +476,7 @@ impl<K: Kind> Connection<K> {
             rare: Cell::new(None),
             on_lost: Cell::new(None),
             ring: Cell::new(RingRecv::Off),
+            sending: Cell::new(None),
         })
     }
 
@@ -618,8 +688,9 @@ impl<K: Kind> Connection<K> {
     fn queue_flush(&self) {
         // Inside our own do_read the flush happens when the protocol
         // returns, with the data still in cache; no need for the reactor's
-        // end-of-pass list.
-        if !self.replace_io(Io::FLUSH_QUEUED, true) && !self.has(Io::IN_READ) {
+        // end-of-pass list. On a ring it is always the end of the pass, so
+        // the pass's writes gather into one send.
+        if !self.replace_io(Io::FLUSH_QUEUED, true) && (!self.has(Io::IN_READ) || self.has(Io::RING)) {
             if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
                 reactor.schedule_flush(me);
             }
@@ -697,7 +768,8 @@ impl<K: Kind> Connection<K> {
         };
         if delivered {
             self.flush_stage(reactor);
-            if self.has(Io::FLUSH_QUEUED) {
+            // On a ring the flush is already queued for the end of the pass.
+            if self.has(Io::FLUSH_QUEUED) && !self.has(Io::RING) {
                 self.flush();
             }
         } else {
@@ -710,9 +782,21 @@ impl<K: Kind> Connection<K> {
     fn release_held(&self, reactor: &Reactor) -> Result<(), Failure> {
         self.set_io(Io::HELD, false);
         let data = self.peek_rare(|r| std::mem::take(&mut r.held_in)).unwrap_or_default();
-        if !data.is_empty() {
+        // A read at a time, as a readiness backend would deliver them, so
+        // the protocol can pause again between two and a large hold never
+        // reaches it as one burst.
+        let mut at = 0;
+        while at < data.len() {
+            if self.life.get() != Life::Open || !self.has(Io::READING) {
+                let rest = data[at..].to_vec();
+                self.with_rare(|r| r.held_in = rest);
+                self.set_io(Io::HELD, true);
+                return Ok(());
+            }
+            let end = data.len().min(at + READ_CHUNK);
             reactor.write_stage().clear();
-            self.deliver(reactor, &data);
+            self.deliver(reactor, &data[at..end]);
+            at = end;
         }
         if self.life.get() == Life::Open && self.has(Io::READING) && !self.has(Io::HELD) {
             match self.ring.get() {
@@ -739,6 +823,16 @@ impl<K: Kind> Connection<K> {
 
     /// Sends what is buffered; on a full socket, asks for writability.
     fn send_buffered(&self) -> Result<(), Failure> {
+        if self.has(Io::RING) {
+            if self.sending.get().is_some() {
+                // One send at a time: its completion sends the rest.
+                return Ok(());
+            }
+            if !self.has(Io::FILE) && self.queued_len() > 0 {
+                return self.ring_submit();
+            }
+            // Files go by sendfile(2), below, with nothing in flight ahead.
+        }
         if self.has(Io::FILE) && !self.send_file_segment()? {
             return self.wait_writable();
         }
@@ -788,6 +882,28 @@ impl<K: Kind> Connection<K> {
             }
         }
         self.drained()
+    }
+
+    /// Hands the queued chunks to the ring in one send.
+    fn ring_submit(&self) -> Result<(), Failure> {
+        let reactor = self.reactor.get().ok_or_else(|| Failure::new(Error::ReactorGone))?;
+        let me: Rc<dyn RingWriter> = self.rc().ok_or_else(|| Failure::new(Error::ConnectionLost))?;
+        let out = self.out_mut().take_for_ring(MAX_IOV);
+        match reactor.ring_send(self.fd, me.clone(), out) {
+            Ok(key) => {
+                self.sending.set(Some(key));
+                if self.replace_io(Io::WRITING, false) {
+                    // The ring waits for room itself.
+                    let me: Rc<dyn FileDescriptor> = me;
+                    reactor.remove_writer(&me);
+                }
+                Ok(())
+            }
+            Err((e, out)) => {
+                self.out_mut().put_back(out, None);
+                Err(Failure::new(e).context("connection lost"))
+            }
+        }
     }
 
     /// Asks to be told when the socket takes more.
@@ -944,6 +1060,13 @@ impl<K: Kind> Connection<K> {
         if self.has(Io::HELD) {
             self.set_io(Io::HELD, false);
             drop(self.peek_rare(|r| std::mem::take(&mut r.held_in)));
+        }
+        if let Some(key) = self.sending.take() {
+            // Before the close, as for the receive.
+            if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
+                let me: Rc<dyn RingWriter> = me;
+                reactor.ring_send_forget(key, &me);
+            }
         }
         if let Some(sock) = self.sock.take() {
             if was == Life::Aborting {
@@ -1104,6 +1227,55 @@ impl<K: Kind> FileDescriptor for Connection<K> {
     }
 }
 
+impl<K: Kind> RingWriter for Connection<K> {
+    fn ring_sent(&self, result: Result<usize, Errno>, mut out: Outgoing) -> Result<(), Failure> {
+        self.sending.set(None);
+        if self.closing() {
+            return Ok(());
+        }
+        let spare = match result {
+            Ok(n) => out.consume(n).pop(),
+            // Not sent (the socket was full, for a descriptor the kernel
+            // would not wait on): wait for room as a readiness backend does.
+            Err(Errno::AGAIN) | Err(Errno::INTR) => None,
+            Err(Errno::PIPE) | Err(Errno::CONNRESET) => return Err(Failure::new(Error::ConnectionLost)),
+            Err(e) => {
+                return Err(Failure::new(Error::io(format!("writing to a {} connection", K::NAME), e.into()))
+                    .context("connection lost"))
+            }
+        };
+        let left = out.len();
+        if left > 0 && self.has(Io::FILE) {
+            // The unsent rest goes before the first queued file too.
+            self.with_rare(|r| {
+                if let Some(first) = r.files.front_mut() {
+                    first.ahead += left;
+                }
+            });
+        }
+        self.out_mut().put_back(out, spare);
+        if matches!(result, Err(Errno::AGAIN) | Err(Errno::INTR)) {
+            return self.wait_writable();
+        }
+        if self.buffered_len() <= self.out.borrow().as_ref().map_or(0, |o| o.low as usize) {
+            if let Some(p) = self.producer_in(Mode::StreamingPaused, Mode::Streaming) {
+                if !self.call_producer("resume_producing", &p, |p| p.resume_producing()) {
+                    return Ok(());
+                }
+            }
+        }
+        if self.life.get() == Life::Lost {
+            return Ok(());
+        }
+        if self.queued_len() > 0 || self.has(Io::FILE) {
+            // Sent at the end of the pass, with what this pass adds.
+            self.queue_flush();
+            return Ok(());
+        }
+        self.drained()
+    }
+}
+
 impl<K: Kind> RingReader for Connection<K> {
     fn ring_received(&self, got: RingRead<'_>, ended: bool) -> Result<(), Failure> {
         if ended {
@@ -1181,7 +1353,11 @@ impl<K: Kind> Connection<K> {
         if self.closing() || self.write_side.get() == WriteSide::Closed || data.is_empty() {
             return;
         }
-        if self.has(Io::IN_READ) && self.buffered_len() == 0 && !self.has(Io::FILE) {
+        if self.has(Io::IN_READ)
+            && self.buffered_len() == 0
+            && !self.has(Io::FILE)
+            && self.sending.get().is_none()
+        {
             let Some(reactor) = self.reactor.get() else { return };
             let mut stage = reactor.write_stage();
             let high = self.out.borrow().as_ref().map_or(DEFAULT_HIGH_WATER, |o| o.high as usize);
@@ -1191,7 +1367,7 @@ impl<K: Kind> Connection<K> {
                 // nor counted; the rest goes to the connection's own
                 // buffer, where a registered producer is paused. (A send
                 // error is left for the flush to find, as below.)
-                let sent = if stage.is_empty() {
+                let sent = if stage.is_empty() && !self.has(Io::RING) {
                     self.with_sock(|sock| self.kind.send(sock, data).unwrap_or(0)).unwrap_or(0)
                 } else {
                     0
@@ -1206,7 +1382,7 @@ impl<K: Kind> Connection<K> {
                 return;
             }
             let mut sent = 0;
-            if stage.is_empty() && data.len() >= DIRECT_WRITE {
+            if stage.is_empty() && data.len() >= DIRECT_WRITE && !self.has(Io::RING) {
                 // Large, and nothing queued ahead of it: send it now rather
                 // than copy it. A failure is left for the flush after
                 // data_received to find, so the connection is never closed
@@ -1215,7 +1391,8 @@ impl<K: Kind> Connection<K> {
             }
             // The rest is sent when data_received returns; see `flush_stage`.
             stage.extend_from_slice(&data[sent..]);
-            self.set_io(Io::FLUSH_QUEUED, true);
+            drop(stage);
+            self.queue_flush();
             return;
         }
         self.out_mut().push(data);
@@ -1351,7 +1528,7 @@ impl<K: Kind> Connection<K> {
             return true;
         }
         self.unstage();
-        let buffered = self.buffered_len();
+        let buffered = self.queued_len();
         self.with_rare(|r| {
             let before: usize = r.files.iter().map(|f| f.ahead).sum();
             let ahead = buffered.saturating_sub(before);
@@ -1667,6 +1844,20 @@ impl<K: Kind> Connection<K> {
             stage.clear();
             return;
         }
+        if self.has(Io::RING) {
+            // Gathered with the pass's other writes into one send at its
+            // end; a large reply moves over without a copy.
+            if stage.len() >= CHUNK && self.queued_len() == 0 {
+                let taken = std::mem::take(&mut *stage);
+                self.out_mut().push_vec(taken);
+            } else {
+                self.out_mut().push(&stage);
+                stage.clear();
+            }
+            drop(stage);
+            self.after_write();
+            return;
+        }
         let sent = self.with_sock(|sock| loop {
             match self.kind.send(sock, &stage) {
                 Err(Errno::INTR) => continue,
@@ -1700,8 +1891,15 @@ impl<K: Kind> Connection<K> {
         std::cell::RefMut::map(self.out.borrow_mut(), |o| &mut **o.get_or_insert_with(Default::default))
     }
 
+    /// Bytes not yet taken by the kernel: queued, and in a ring send.
     #[inline]
     fn buffered_len(&self) -> usize {
+        self.out.borrow().as_ref().map_or(0, |o| o.len() + o.flying)
+    }
+
+    /// Bytes queued and not yet handed to a send.
+    #[inline]
+    fn queued_len(&self) -> usize {
         self.out.borrow().as_ref().map_or(0, |o| o.len())
     }
 
@@ -1731,7 +1929,7 @@ impl<K: Kind> Connection<K> {
     #[inline]
     fn after_write(&self) {
         self.queue_flush();
-        let over = self.out.borrow().as_ref().is_some_and(|o| o.len > o.high as usize);
+        let over = self.out.borrow().as_ref().is_some_and(|o| o.len + o.flying > o.high as usize);
         if over {
             if let Some(p) = self.producer_in(Mode::Streaming, Mode::StreamingPaused) {
                 self.call_producer("pause_producing", &p, |p| p.pause_producing());
@@ -1793,6 +1991,46 @@ mod tests {
             // The buffer is reusable after draining.
             out.push(b"again");
             prop_assert_eq!(drain(&mut out), b"again".to_vec());
+        }
+
+        /// Ring sends: chunks taken for a send, partly sent, and put back
+        /// ahead of what was written meanwhile, come out complete and in
+        /// order; in-flight bytes count as buffered until put back.
+        #[test]
+        fn ring_sends_keep_the_order(steps in proptest::collection::vec((0usize..40_000, any::<bool>(), 0usize..70_000, 1usize..5), 1..30)) {
+            let mut out = OutBuf::default();
+            let mut expected = Vec::new();
+            let mut got = Vec::new();
+            let mut byte = 0u8;
+            for (len, owned, sent, max) in steps {
+                let data: Vec<u8> = (0..len).map(|_| { byte = byte.wrapping_add(1); byte }).collect();
+                expected.extend_from_slice(&data);
+                if owned { out.push_vec(data) } else { out.push(&data) }
+                if out.len() == 0 {
+                    continue;
+                }
+                let total = out.len();
+                let mut flight = out.take_for_ring(max);
+                prop_assert_eq!(out.len() + out.flying, total);
+                // Written while the send is in the kernel.
+                let more: Vec<u8> = (0..len / 3).map(|_| { byte = byte.wrapping_add(1); byte }).collect();
+                let n = sent.min(flight.len());
+                let mut flat: Vec<u8> = Vec::new();
+                for (i, c) in flight.chunks.iter().enumerate() {
+                    flat.extend_from_slice(&c[if i == 0 { flight.head } else { 0 }..]);
+                }
+                got.extend_from_slice(&flat[..n]);
+                out.push(&more);
+                let spare = flight.consume(n).pop();
+                prop_assert_eq!(flight.len(), flat.len() - n);
+                out.put_back(flight, spare);
+                prop_assert_eq!(out.flying, 0);
+                // `more` is expected after the unsent rest: it was pushed
+                // after everything taken.
+                expected.extend_from_slice(&more);
+            }
+            got.extend(drain(&mut out));
+            prop_assert!(got == expected, "{} bytes out, {} expected", got.len(), expected.len());
         }
     }
 }

@@ -40,6 +40,7 @@ use io_uring::{opcode, IoUring, Probe as OpProbe};
 
 pub(crate) mod poller;
 pub(crate) mod recv;
+pub(crate) mod send;
 
 /// Submission queue entries. The completion queue is sized separately
 /// (see [`CQ_ENTRIES`]); a full submission queue is simply submitted early.

@@ -39,6 +39,7 @@ use io_uring::types::{SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::recv::{Got, Pool, Received, RingBuf, GROUP};
+use super::send::{InFlight, Outgoing, Sent};
 use super::{probe, Refused, Setup};
 use crate::backend::{Event, Interest, Poller};
 
@@ -50,8 +51,12 @@ const IGNORED: u64 = u64::MAX;
 /// reactor's key for the reader); clear in poll requests.
 const RECV: u64 = 1 << 62;
 
-/// Poll generations use bits 32..62 of the user data, below [`RECV`].
-const GENERATION_MASK: u32 = (1 << 30) - 1;
+/// Set in the user data of stream sends (whose low 32 bits are the
+/// reactor's key for the writer).
+const SEND: u64 = 1 << 61;
+
+/// Poll generations use bits 32..61 of the user data, below [`SEND`].
+const GENERATION_MASK: u32 = (1 << 29) - 1;
 
 /// How long dropping the poller waits for cancelled receives to finish
 /// before it leaks their buffers instead of freeing memory the kernel might
@@ -88,6 +93,12 @@ pub(crate) struct RingPoller {
     live_recvs: usize,
     /// Receive completions since the last `take_received`.
     received: Vec<Received>,
+    /// Sends in the kernel, indexed by the reactor's key: the memory each
+    /// request reads (see `send.rs`).
+    sends: Vec<Option<Box<InFlight>>>,
+    live_sends: usize,
+    /// Send completions since the last `take_sent`.
+    sent: Vec<Sent>,
 }
 
 fn poll_mask(want: Interest) -> u32 {
@@ -122,6 +133,9 @@ impl RingPoller {
             streams: None,
             live_recvs: 0,
             received: Vec::new(),
+            sends: Vec::new(),
+            live_sends: 0,
+            sent: Vec::new(),
         })
     }
 
@@ -177,6 +191,65 @@ impl RingPoller {
         Ok(())
     }
 
+    /// Sends `out` on `fd`, its completion to come back from
+    /// [`RingPoller::take_sent`] under `key`, with the chunks. At most one
+    /// send per key is in the kernel; a refused submission hands the chunks
+    /// back.
+    pub fn send_start(&mut self, fd: RawFd, key: u32, out: Outgoing) -> Result<(), (io::Error, Outgoing)> {
+        let slot = key as usize;
+        if self.sends.len() <= slot {
+            self.sends.resize_with(slot + 1, || None);
+        }
+        if self.sends[slot].is_some() {
+            return Err((io::Error::from(io::ErrorKind::AlreadyExists), out));
+        }
+        let flight = InFlight::new(out);
+        let data = SEND | u64::from(key);
+        let flags = libc::MSG_NOSIGNAL;
+        let entry = if flight.iov.len() == 1 {
+            let iov = flight.iov[0];
+            opcode::Send::new(types::Fd(fd), iov.iov_base as *const u8, iov.iov_len as u32)
+                .flags(flags)
+                .build()
+                .user_data(data)
+        } else {
+            opcode::SendMsg::new(types::Fd(fd), &flight.msg).flags(flags as u32).build().user_data(data)
+        };
+        // The box goes into the table before the request can reach the
+        // kernel, and stays until its completion.
+        self.sends[slot] = Some(flight);
+        if let Err(e) = self.push(&entry) {
+            let flight = self.sends[slot].take().map(|f| f.out).unwrap_or_default();
+            return Err((e, flight));
+        }
+        self.live_sends += 1;
+        Ok(())
+    }
+
+    /// Cancels the send under `key` and carries the cancellation out at
+    /// once, so the request no longer holds the socket open and the caller
+    /// may close it. Its completion still comes (with what it sent, or
+    /// `ECANCELED`), and only then is its memory freed.
+    pub fn send_cancel(&mut self, key: u32) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(SEND | u64::from(key)).build().user_data(IGNORED);
+        self.push(&entry)?;
+        self.flush()
+    }
+
+    /// Hands over the send completions reaped by the last waits.
+    pub fn take_sent(&mut self, into: &mut Vec<Sent>) {
+        std::mem::swap(into, &mut self.sent);
+    }
+
+    fn complete_send(&mut self, cqe: &cqueue::Entry) {
+        let key = (cqe.user_data() & 0xffff_ffff) as u32;
+        let Some(flight) = self.sends.get_mut(key as usize).and_then(Option::take) else { return };
+        self.live_sends -= 1;
+        let res = cqe.result();
+        let result = if res >= 0 { Ok(res as usize) } else { Err(-res) };
+        self.sent.push(Sent { key, result, out: flight.out });
+    }
+
     /// Hands over the receive completions reaped by the last waits.
     pub fn take_received(&mut self, into: &mut Vec<Received>) {
         std::mem::swap(into, &mut self.received);
@@ -222,10 +295,12 @@ impl RingPoller {
     /// Queues one request, handing the queue to the kernel first if full.
     fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: the entries pushed here are poll requests and their
-            // cancellations, which point at no memory of ours: the kernel
-            // reads only the descriptor number, the mask and the user data
-            // copied into the entry itself.
+            // SAFETY: poll requests, receives and cancellations point at
+            // no memory of ours (a receive writes only into the buffer
+            // ring, which the poller keeps until every receive is over);
+            // a send points at an `InFlight` that `send_start` put in
+            // `self.sends` first and that stays there, unmoved (boxed),
+            // until the send's completion is reaped.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
@@ -364,8 +439,11 @@ impl Poller for RingPoller {
         }
         loop {
             let Some(cqe) = self.ring.completion().next() else { break };
-            if cqe.user_data() != IGNORED && cqe.user_data() & RECV != 0 {
+            let data = cqe.user_data();
+            if data != IGNORED && data & RECV != 0 {
                 self.complete_recv(&cqe);
+            } else if data != IGNORED && data & SEND != 0 {
+                self.complete_send(&cqe);
             } else {
                 complete(&mut self.slots, &mut self.rearm, &cqe, events);
             }
@@ -375,30 +453,40 @@ impl Poller for RingPoller {
 }
 
 impl Drop for RingPoller {
-    /// A receive still in the kernel could write into the buffer pool, so
-    /// every one is cancelled and its final completion awaited before the
-    /// pool may be freed. If some never finish, the pool is leaked: a
-    /// bounded loss instead of memory written after it was freed.
+    /// A receive still in the kernel could write into the buffer pool, and
+    /// a send still reads its chunks, so every request is cancelled and its
+    /// final completion awaited before that memory may be freed. What never
+    /// finishes is leaked: a bounded loss instead of memory used by the
+    /// kernel after it was freed.
     fn drop(&mut self) {
-        if self.live_recvs > 0 {
+        if self.live_recvs > 0 || self.live_sends > 0 {
             let all = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(IGNORED);
             let _ = self.push(&all);
             let deadline = std::time::Instant::now() + DRAIN_PATIENCE;
-            while self.live_recvs > 0 && std::time::Instant::now() < deadline {
+            while (self.live_recvs > 0 || self.live_sends > 0) && std::time::Instant::now() < deadline {
                 let _ = self.wait(Some(Duration::from_millis(50)), 1);
-                while let Some(cqe) = self.ring.completion().next() {
-                    if cqe.user_data() != IGNORED && cqe.user_data() & RECV != 0 && !cqueue::more(cqe.flags())
-                    {
+                let done: Vec<cqueue::Entry> = self.ring.completion().collect();
+                for cqe in done {
+                    let data = cqe.user_data();
+                    if data != IGNORED && data & RECV != 0 && !cqueue::more(cqe.flags()) {
                         self.live_recvs -= 1;
+                    } else if data != IGNORED && data & SEND != 0 {
+                        self.complete_send(&cqe);
                     }
                 }
                 // Buffers named by those completions go back to the pool
-                // when these drop.
+                // when these drop; sent chunks are freed.
                 self.received.clear();
+                self.sent.clear();
             }
             if self.live_recvs > 0 {
                 if let Some(Some(pool)) = self.streams.take() {
                     std::mem::forget(pool);
+                }
+            }
+            if self.live_sends > 0 {
+                for flight in self.sends.drain(..).flatten() {
+                    std::mem::forget(flight);
                 }
             }
         }
