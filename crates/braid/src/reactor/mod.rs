@@ -44,7 +44,7 @@ pub use events::{Hold, Phase, TriggerId, TriggerOutcome, TriggerResult};
 pub use fdset::{FileDescriptor, IntoDescriptor};
 pub use guard::CallbackResult;
 pub(crate) use guard::{catch as catch_panic, log_failure, run_logged};
-pub(crate) use ring_reads::{RingRead, RingReader};
+pub(crate) use ring_reads::{RingRead, RingReader, RingRecv};
 pub(crate) use ring_sends::RingWriter;
 pub use threads::Remote;
 pub use time::{DelayedCall, ReactorTime};

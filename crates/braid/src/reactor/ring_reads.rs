@@ -29,6 +29,8 @@ use crate::error::Failure;
 /// What one receive completion brought a reader.
 pub(crate) enum RingRead<'a> {
     Data(&'a [u8]),
+    /// A connection accepted by a multishot accept (a listener's).
+    Accepted(std::os::fd::OwnedFd),
     /// The peer shut down its sending side.
     Eof,
     /// The receive failed with this errno.
@@ -55,6 +57,32 @@ pub(crate) trait RingReader: FileDescriptor {
 pub(crate) struct Owner {
     reader: Option<Rc<dyn RingReader>>,
     fd: RawFd,
+    /// A multishot accept rather than a receive.
+    accept: bool,
+}
+
+/// A reader's request on the ring, from its own side: what the connection
+/// or listener needs to know to pause, resume and close safely.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RingRecv {
+    /// None in the kernel.
+    Off,
+    /// Receiving (or accepting) under this key.
+    On(u32),
+    /// Cancelled; its final completion has not come yet.
+    Stopping(u32),
+    /// Cancelled, and reading resumed since: a new request starts when the
+    /// old one's final completion comes.
+    Restart(u32),
+}
+
+impl RingRecv {
+    pub(crate) fn key(self) -> Option<u32> {
+        match self {
+            RingRecv::Off => None,
+            RingRecv::On(k) | RingRecv::Stopping(k) | RingRecv::Restart(k) => Some(k),
+        }
+    }
 }
 
 pub(crate) type Owners = slab::Slab<Owner>;
@@ -74,24 +102,45 @@ impl Reactor {
 
     /// Starts a multishot receive for `reader` on `fd`; returns its key.
     pub(crate) fn ring_read_start(&self, fd: RawFd, reader: Rc<dyn RingReader>) -> Result<u32, crate::Error> {
+        self.ring_request(fd, reader, false)
+    }
+
+    /// Starts a multishot accept for the listener `reader` on `fd`;
+    /// returns its key. It is stopped and forgotten as a receive is.
+    pub(crate) fn ring_accept_start(
+        &self,
+        fd: RawFd,
+        reader: Rc<dyn RingReader>,
+    ) -> Result<u32, crate::Error> {
+        self.ring_request(fd, reader, true)
+    }
+
+    fn ring_request(&self, fd: RawFd, reader: Rc<dyn RingReader>, accept: bool) -> Result<u32, crate::Error> {
         let mut owners = self.inner.recv_owners.borrow_mut();
         let entry = owners.vacant_entry();
         let key = u32::try_from(entry.key()).map_err(|_| crate::Error::BadDescriptor(fd))?;
         let started = match &mut *self.inner.poller.borrow_mut() {
+            AnyPoller::Uring(p) if accept => p.accept_start(fd, key),
             AnyPoller::Uring(p) => p.recv_start(fd, key),
             _ => Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
         };
-        started.map_err(|e| crate::Error::io(format!("starting a receive on fd {fd}"), e))?;
-        entry.insert(Owner { reader: Some(reader), fd });
+        let what = if accept { "an accept" } else { "a receive" };
+        started.map_err(|e| crate::Error::io(format!("starting {what} on fd {fd}"), e))?;
+        entry.insert(Owner { reader: Some(reader), fd, accept });
         Ok(key)
+    }
+
+    fn is_accept(&self, key: u32) -> bool {
+        self.inner.recv_owners.borrow().get(key as usize).is_some_and(|o| o.accept)
     }
 
     /// Stops the receive under `key`, if `reader` still owns it. Bytes it
     /// had already received still reach the reader.
     pub(crate) fn ring_read_stop(&self, key: u32, reader: &Rc<dyn RingReader>) {
         if self.owns(key, reader) {
+            let accept = self.is_accept(key);
             if let AnyPoller::Uring(p) = &mut *self.inner.poller.borrow_mut() {
-                let _ = p.recv_cancel(key, false);
+                let _ = p.recv_cancel(key, accept, false);
             }
         }
     }
@@ -102,9 +151,10 @@ impl Reactor {
         if !self.owns(key, reader) {
             return;
         }
+        let accept = self.is_accept(key);
         let dropped = self.inner.recv_owners.borrow_mut().get_mut(key as usize).and_then(|o| o.reader.take());
         if let AnyPoller::Uring(p) = &mut *self.inner.poller.borrow_mut() {
-            let _ = p.recv_cancel(key, true);
+            let _ = p.recv_cancel(key, accept, true);
         }
         drop(dropped);
     }
@@ -132,16 +182,23 @@ impl Reactor {
                 }
                 o
             };
-            // A forgotten reader's buffer goes back to the ring here.
+            // A forgotten reader's buffer goes back to the ring here (and
+            // a connection accepted for a forgotten listener is closed).
             let Some((reader, fd)) = owner else { continue };
-            let read = match &what {
-                Got::Data(buf) => RingRead::Data(buf),
-                Got::Eof => RingRead::Eof,
-                Got::Error(errno) => RingRead::Error(rustix::io::Errno::from_raw_os_error(*errno)),
-                Got::Nothing => RingRead::Nothing,
+            let result = match what {
+                Got::Data(buf) => {
+                    let r = guard::catch(|| reader.ring_received(RingRead::Data(&buf), ended));
+                    drop(buf);
+                    r
+                }
+                Got::Accepted(sock) => guard::catch(|| reader.ring_received(RingRead::Accepted(sock), ended)),
+                Got::Eof => guard::catch(|| reader.ring_received(RingRead::Eof, ended)),
+                Got::Error(errno) => {
+                    let e = rustix::io::Errno::from_raw_os_error(errno);
+                    guard::catch(|| reader.ring_received(RingRead::Error(e), ended))
+                }
+                Got::Nothing => guard::catch(|| reader.ring_received(RingRead::Nothing, ended)),
             };
-            let result = guard::catch(|| reader.ring_received(read, ended));
-            drop(what);
             if let Err(why) = result {
                 self.disconnect(fd, &reader.descriptor(), why, true);
             }
@@ -164,14 +221,14 @@ impl Reactor {
                 .iter_mut()
                 .filter_map(|(key, o)| {
                     let r = o.reader.take()?;
-                    keys.push(key as u32);
+                    keys.push((key as u32, o.accept));
                     Some((o.fd, r.descriptor()))
                 })
                 .collect()
         };
         if let AnyPoller::Uring(p) = &mut *self.inner.poller.borrow_mut() {
-            for key in keys {
-                let _ = p.recv_cancel(key, false);
+            for (key, accept) in keys {
+                let _ = p.recv_cancel(key, accept, false);
             }
             let _ = p.flush();
         }
@@ -205,7 +262,7 @@ mod tests {
     struct Probe {
         reactor: Reactor,
         transport: Option<Transport>,
-        seen: Rc<RefCell<Option<(usize, bool)>>>,
+        seen: Rc<RefCell<Option<(usize, usize, usize)>>>,
     }
 
     impl Protocol for Probe {
@@ -215,9 +272,11 @@ mod tests {
         fn data_received(&mut self, data: &[u8]) {
             let mut seen = self.seen.borrow_mut();
             if seen.is_none() {
-                let receives = self.reactor.inner.recv_owners.borrow().len();
+                let owners = self.reactor.inner.recv_owners.borrow();
+                let accepts = owners.iter().filter(|(_, o)| o.accept).count();
+                let receives = owners.len() - accepts;
                 let polled = self.reactor.inner.fds.borrow().readers().len();
-                *seen = Some((receives, polled == 1));
+                *seen = Some((accepts, receives, polled));
             }
             if let Some(t) = &self.transport {
                 t.write(data);
@@ -225,11 +284,12 @@ mod tests {
         }
     }
 
-    /// On io_uring a TCP connection reads by completion: one receive in
-    /// the reactor's table, and only the listener among the polled
-    /// readers; its bytes still come back whole and in order.
+    /// On io_uring a TCP listener accepts by completion and its connection
+    /// reads by completion: one accept and one receive in the reactor's
+    /// table, and no descriptor polled; the bytes still come back whole
+    /// and in order.
     #[test]
-    fn tcp_reads_by_completion_on_a_ring() {
+    fn tcp_accepts_and_reads_by_completion_on_a_ring() {
         let r = Reactor::new(Backend::IoUring).expect("io_uring reactor");
         assert!(r.reads_by_completion(), "this kernel should take multishot receives");
         let seen = Rc::new(RefCell::new(None));
@@ -266,6 +326,6 @@ mod tests {
         });
         r.run().unwrap();
         assert!(client.join().unwrap(), "the echo came back changed");
-        assert_eq!(*seen.borrow(), Some((1, true)), "(receives started, only the listener polled)");
+        assert_eq!(*seen.borrow(), Some((1, 1, 0)), "(accepts, receives, descriptors polled)");
     }
 }

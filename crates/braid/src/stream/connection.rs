@@ -36,7 +36,9 @@
 //! Sends on a ring: such a connection also writes by completion. What a
 //! pass writes gathers in the buffer and goes out at the end of the pass
 //! as one send request, whose chunks move into the poller until the
-//! kernel completes it (see `backend/uring/send.rs`). One send at a time:
+//! kernel completes it (see `backend/uring/send.rs`); a large write with
+//! nothing ahead of it is still sent at once, from the protocol's own
+//! buffer, as on the other backends. One send at a time:
 //! writes made meanwhile queue behind it, and the unsent rest of a short
 //! send goes back in front of them, so bytes never reorder. The bytes of a
 //! send in the kernel still count as buffered (they are still ours), for
@@ -63,8 +65,8 @@ use crate::backend::uring::send::Outgoing;
 use crate::error::{Error, Failure};
 use crate::protocol::Protocol;
 use crate::reactor::{
-    catch_panic, log_failure, run_logged, FileDescriptor, Flush, Reactor, RingRead, RingReader, RingWriter,
-    WeakReactor, READ_CHUNK,
+    catch_panic, log_failure, run_logged, FileDescriptor, Flush, Reactor, RingRead, RingReader, RingRecv,
+    RingWriter, WeakReactor, READ_CHUNK,
 };
 use crate::stream::kind::Tcp;
 use crate::stream::Address;
@@ -96,6 +98,8 @@ pub(crate) struct OutBuf {
     /// Bytes taken out of the queue by a ring send still in the kernel:
     /// ours until it completes, so they count as buffered.
     flying: usize,
+    /// A chunk a finished ring send gave back, cleared, for reuse.
+    spare: Vec<u8>,
     /// A streaming producer is paused above `high` bytes buffered and
     /// resumed at or below `low`. Kept here, not in the connection: only a
     /// connection that writes (or sets them) needs them.
@@ -111,6 +115,7 @@ impl Default for OutBuf {
             head: 0,
             len: 0,
             flying: 0,
+            spare: Vec::new(),
             high: DEFAULT_HIGH_WATER as u32,
             low: 0,
         }
@@ -199,52 +204,59 @@ impl OutBuf {
         Ok(true)
     }
 
+    /// Makes `data` the queue's only chunk, without a copy, and hands back
+    /// the queue's empty first chunk in its place. The queue must be empty.
+    pub fn swap_in(&mut self, data: &mut Vec<u8>) {
+        debug_assert_eq!(self.len, 0);
+        std::mem::swap(&mut self.first, data);
+        data.clear();
+        self.head = 0;
+        self.len = self.first.len();
+    }
+
     /// Takes the queued chunks (at most `max` of them) for a send on the
-    /// ring; they no longer count as buffered.
+    /// ring; they count as buffered still, until put back.
     pub fn take_for_ring(&mut self, max: usize) -> Outgoing {
-        let mut out = Outgoing { chunks: VecDeque::new(), head: self.head };
-        let first = std::mem::take(&mut self.first);
-        out.chunks.push_back(first);
-        while out.chunks.len() < max {
+        let mut out =
+            Outgoing { first: std::mem::take(&mut self.first), rest: VecDeque::new(), head: self.head };
+        while out.rest.len() + 1 < max {
             let Some(c) = self.rest.pop_front() else { break };
-            out.chunks.push_back(c);
+            out.rest.push_back(c);
         }
         self.head = 0;
-        if let Some(next) = self.rest.pop_front() {
-            self.first = next;
-        }
+        // Later writes go into the memory a finished send gave back.
+        self.first = self.rest.pop_front().unwrap_or_else(|| std::mem::take(&mut self.spare));
         self.len -= out.len();
         self.flying = out.len();
         out
     }
 
     /// Puts what a ring send left unsent back at the front, ahead of what
-    /// was queued meanwhile; `spare` (a sent chunk) may become the first
-    /// chunk's memory.
-    pub fn put_back(&mut self, mut out: Outgoing, spare: Option<Vec<u8>>) {
+    /// was queued meanwhile; `spare` (a sent chunk, cleared) is kept for
+    /// the next send's later writes.
+    pub fn put_back(&mut self, out: Outgoing, spare: Option<Vec<u8>>) {
         self.flying = 0;
+        if let Some(spare) = spare {
+            if self.spare.capacity() == 0 && spare.capacity() <= KEEP_CAPACITY {
+                self.spare = spare;
+            }
+        }
+        let left = out.len();
+        if left == 0 {
+            return;
+        }
         if self.head > 0 {
             self.first.drain(..self.head);
             self.head = 0;
         }
-        let left = out.len();
-        if left == 0 {
-            if let Some(spare) = spare {
-                if self.first.capacity() == 0 && self.rest.is_empty() && spare.capacity() <= KEEP_CAPACITY {
-                    self.first = spare;
-                }
-            }
-            return;
+        let Outgoing { first, mut rest, head } = out;
+        let mine = std::mem::replace(&mut self.first, first);
+        if !mine.is_empty() {
+            rest.push_back(mine);
         }
-        let first = std::mem::take(&mut self.first);
-        if !first.is_empty() {
-            self.rest.push_front(first);
-        }
-        while let Some(c) = out.chunks.pop_back() {
-            self.rest.push_front(c);
-        }
-        self.first = self.rest.pop_front().unwrap_or_default();
-        self.head = out.head;
+        rest.append(&mut self.rest);
+        self.rest = rest;
+        self.head = head;
         self.len += left;
     }
 
@@ -290,29 +302,6 @@ struct Rare {
     /// Bytes a ring receive delivered while reading was paused, for the
     /// protocol once it resumes (see the module docs).
     held_in: Vec<u8>,
-}
-
-/// The connection's receive on a ring (reading by completion).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RingRecv {
-    /// None in the kernel.
-    Off,
-    /// Receiving under this key.
-    On(u32),
-    /// Cancelled; its final completion has not come yet.
-    Stopping(u32),
-    /// Cancelled, and reading resumed since: a new receive starts when the
-    /// old one's final completion comes.
-    Restart(u32),
-}
-
-impl RingRecv {
-    fn key(self) -> Option<u32> {
-        match self {
-            RingRecv::Off => None,
-            RingRecv::On(k) | RingRecv::Stopping(k) | RingRecv::Restart(k) => Some(k),
-        }
-    }
 }
 
 /// Part of a file to send with sendfile(2), after the bytes that were
@@ -1234,7 +1223,7 @@ impl<K: Kind> RingWriter for Connection<K> {
             return Ok(());
         }
         let spare = match result {
-            Ok(n) => out.consume(n).pop(),
+            Ok(n) => out.consume(n),
             // Not sent (the socket was full, for a descriptor the kernel
             // would not wait on): wait for room as a readiness backend does.
             Err(Errno::AGAIN) | Err(Errno::INTR) => None,
@@ -1309,7 +1298,7 @@ impl<K: Kind> RingReader for Connection<K> {
                     e.into(),
                 )))
             }
-            RingRead::Nothing => {}
+            RingRead::Nothing | RingRead::Accepted(_) => {}
         }
         // The receive ended while still wanted (the ring ran out of
         // buffers, or a resume came during its cancellation): again.
@@ -1367,7 +1356,7 @@ impl<K: Kind> Connection<K> {
                 // nor counted; the rest goes to the connection's own
                 // buffer, where a registered producer is paused. (A send
                 // error is left for the flush to find, as below.)
-                let sent = if stage.is_empty() && !self.has(Io::RING) {
+                let sent = if stage.is_empty() {
                     self.with_sock(|sock| self.kind.send(sock, data).unwrap_or(0)).unwrap_or(0)
                 } else {
                     0
@@ -1382,9 +1371,11 @@ impl<K: Kind> Connection<K> {
                 return;
             }
             let mut sent = 0;
-            if stage.is_empty() && data.len() >= DIRECT_WRITE && !self.has(Io::RING) {
-                // Large, and nothing queued ahead of it: send it now rather
-                // than copy it. A failure is left for the flush after
+            if stage.is_empty() && data.len() >= DIRECT_WRITE {
+                // Large, and nothing queued ahead of it (nor in a ring
+                // send): send it now rather than copy it, on a ring too,
+                // where the copy would cost more than the system call it
+                // saves. A failure is left for the flush after
                 // data_received to find, so the connection is never closed
                 // from inside the protocol's own call.
                 sent = self.with_sock(|sock| self.kind.send(sock, data).unwrap_or(0)).unwrap_or(0);
@@ -1846,10 +1837,9 @@ impl<K: Kind> Connection<K> {
         }
         if self.has(Io::RING) {
             // Gathered with the pass's other writes into one send at its
-            // end; a large reply moves over without a copy.
-            if stage.len() >= CHUNK && self.queued_len() == 0 {
-                let taken = std::mem::take(&mut *stage);
-                self.out_mut().push_vec(taken);
+            // end; into an empty queue it moves over without a copy.
+            if self.queued_len() == 0 {
+                self.out_mut().swap_in(&mut stage);
             } else {
                 self.out_mut().push(&stage);
                 stage.clear();
@@ -2015,13 +2005,10 @@ mod tests {
                 // Written while the send is in the kernel.
                 let more: Vec<u8> = (0..len / 3).map(|_| { byte = byte.wrapping_add(1); byte }).collect();
                 let n = sent.min(flight.len());
-                let mut flat: Vec<u8> = Vec::new();
-                for (i, c) in flight.chunks.iter().enumerate() {
-                    flat.extend_from_slice(&c[if i == 0 { flight.head } else { 0 }..]);
-                }
+                let flat: Vec<u8> = flight.slices().flatten().copied().collect();
                 got.extend_from_slice(&flat[..n]);
                 out.push(&more);
-                let spare = flight.consume(n).pop();
+                let spare = flight.consume(n);
                 prop_assert_eq!(flight.len(), flat.len() - n);
                 out.put_back(flight, spare);
                 prop_assert_eq!(out.flying, 0);

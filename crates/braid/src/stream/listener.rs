@@ -16,6 +16,15 @@
 //! - ENFILE, ENOBUFS, ENOMEM, EMFILE without a reserve: the listener stops
 //!   reading and a back-off timer (10 ms, doubling to 1 s) turns it back on.
 //!
+//! On io_uring the listener accepts by completion instead: one multishot
+//! accept, whose completions each bring a connected socket (its peer's
+//! address is then asked of the kernel, as the multishot accept does not
+//! report it). There is no batch to size: the kernel posts what arrives,
+//! and the completion queue bounds one wait. Out of descriptors, the
+//! accept ends with the error; the same two tools apply, then it is
+//! started again (at once after shedding, after the delay when backing
+//! off). Pausing cancels it; closing forgets it before the socket closes.
+//!
 //! A port lives in the reactor from `listen_tcp` until `stop_listening` (or
 //! shutdown), whether or not the caller keeps its `ListeningPort`: the
 //! reactor holds it even while it is not watched (backing off).
@@ -38,7 +47,10 @@ use super::kind::Kind;
 use crate::defer::Deferred;
 use crate::error::{Error, Failure};
 use crate::protocol::{Factory, SharedFactory};
-use crate::reactor::{catch_panic, log_failure, DelayedCall, FileDescriptor, Reactor, WeakReactor};
+use crate::reactor::{
+    catch_panic, log_failure, DelayedCall, FileDescriptor, Reactor, RingRead, RingReader, RingRecv,
+    WeakReactor,
+};
 use crate::stream::Address;
 
 const INITIAL_ACCEPTS: usize = 100;
@@ -89,7 +101,12 @@ pub(crate) struct Port<L: Listen> {
     backoff: Cell<Duration>,
     backoff_call: RefCell<Option<DelayedCall>>,
     listening: Cell<bool>,
+    /// Wants connections (cleared while backing off or stopped).
     reading: Cell<bool>,
+    /// Accepts by completion (io_uring).
+    by_ring: bool,
+    /// The multishot accept in the kernel, when `by_ring`.
+    ring: Cell<RingRecv>,
 }
 
 impl<L: Listen> Port<L> {
@@ -102,6 +119,7 @@ impl<L: Listen> Port<L> {
     ) -> Result<Rc<Port<L>>, Error> {
         reserve_fd();
         let fd = sock.as_raw_fd();
+        let by_ring = reactor.reads_by_completion();
         let port = Rc::new_cyclic(|me| Port {
             listen,
             reactor: reactor.weak(),
@@ -116,8 +134,14 @@ impl<L: Listen> Port<L> {
             backoff_call: RefCell::new(None),
             listening: Cell::new(true),
             reading: Cell::new(false),
+            by_ring,
+            ring: Cell::new(RingRecv::Off),
         });
-        reactor.add_reader(port.clone())?;
+        if by_ring {
+            port.ring_start(reactor)?;
+        } else {
+            reactor.add_reader(port.clone())?;
+        }
         port.reading.set(true);
         port.held.set(Some(reactor.hold(port.clone())));
         if let Err(failure) = catch_panic(|| {
@@ -215,7 +239,19 @@ impl<L: Listen> Port<L> {
     fn stop_reading(&self) {
         if self.reading.replace(false) {
             if let (Some(me), Some(reactor)) = (self.me.upgrade(), self.reactor.get()) {
-                reactor.remove_reader(&me);
+                if !self.by_ring {
+                    reactor.remove_reader(&me);
+                    return;
+                }
+                match self.ring.get() {
+                    RingRecv::On(k) => {
+                        let me: Rc<dyn RingReader> = me;
+                        reactor.ring_read_stop(k, &me);
+                        self.ring.set(RingRecv::Stopping(k));
+                    }
+                    RingRecv::Restart(k) => self.ring.set(RingRecv::Stopping(k)),
+                    RingRecv::Off | RingRecv::Stopping(_) => {}
+                }
             }
         }
     }
@@ -224,11 +260,39 @@ impl<L: Listen> Port<L> {
         if self.reading.get() {
             return;
         }
-        if let (Some(me), Some(reactor)) = (self.me.upgrade(), self.reactor.get()) {
+        let Some(reactor) = self.reactor.get() else { return };
+        if self.by_ring {
+            let started = match self.ring.get() {
+                RingRecv::Off => self.ring_start(&reactor).is_ok(),
+                RingRecv::Stopping(k) => {
+                    self.ring.set(RingRecv::Restart(k));
+                    true
+                }
+                RingRecv::On(_) | RingRecv::Restart(_) => true,
+            };
+            self.reading.set(started);
+            return;
+        }
+        if let Some(me) = self.me.upgrade() {
             if reactor.add_reader(me).is_ok() {
                 self.reading.set(true);
             }
         }
+    }
+
+    /// Starts the multishot accept (none is in the kernel).
+    fn ring_start(&self, reactor: &Reactor) -> Result<(), Error> {
+        let me: Rc<dyn RingReader> = self.me.upgrade().ok_or(Error::ConnectionDone)?;
+        let key = reactor.ring_accept_start(self.fd, me)?;
+        self.ring.set(RingRecv::On(key));
+        Ok(())
+    }
+
+    /// Handles one socket a multishot accept brought.
+    fn ring_accepted(&self, reactor: &Reactor, client: OwnedFd) {
+        self.backoff.set(BACKOFF_MIN);
+        let addr = rustix::net::getpeername(&client).ok().flatten();
+        self.handle(reactor, client, addr);
     }
 
     /// Stops listening: no more accepts now; the socket closes and the
@@ -264,6 +328,13 @@ impl<L: Listen> Port<L> {
     fn close(&self) -> Result<(), Failure> {
         let Some(sock) = self.sock.borrow_mut().take() else { return Ok(()) };
         self.listening.set(false);
+        if let Some(key) = self.ring.replace(RingRecv::Off).key() {
+            // Before the close: the accept must not keep the socket open.
+            if let (Some(me), Some(reactor)) = (self.me.upgrade(), self.reactor.get()) {
+                let me: Rc<dyn RingReader> = me;
+                reactor.ring_read_forget(key, &me);
+            }
+        }
         drop(sock);
         if let (Some(key), Some(reactor)) = (self.held.take(), self.reactor.get()) {
             reactor.release(key);
@@ -346,6 +417,47 @@ impl<L: Listen> FileDescriptor for Port<L> {
 
     fn log_prefix(&self) -> String {
         format!("{} port {}", L::NAME, self.local)
+    }
+}
+
+impl<L: Listen> RingReader for Port<L> {
+    fn ring_received(&self, got: RingRead<'_>, ended: bool) -> Result<(), Failure> {
+        if ended {
+            self.ring.set(RingRecv::Off);
+        }
+        let Some(reactor) = self.reactor.get() else { return Ok(()) };
+        match got {
+            // Closing, or not listening any more: dropped, so closed.
+            RingRead::Accepted(client) if !self.listening.get() => drop(client),
+            RingRead::Accepted(client) => self.ring_accepted(&reactor, client),
+            // The client gave up before we accepted, and the like: the
+            // accept goes on (or is started again below).
+            RingRead::Error(Errno::INTR | Errno::CONNABORTED | Errno::PERM | Errno::PROTO | Errno::AGAIN) => {
+            }
+            RingRead::Error(Errno::MFILE) => {
+                let shed = {
+                    let sock = self.sock.borrow();
+                    sock.as_ref().and_then(|s| self.shed_load(s, INITIAL_ACCEPTS))
+                };
+                if shed.is_none() {
+                    self.back_off(Errno::MFILE);
+                }
+            }
+            RingRead::Error(e) => self.back_off(e),
+            RingRead::Data(_) | RingRead::Eof | RingRead::Nothing => {}
+        }
+        if ended && self.reading.get() && self.listening.get() && self.ring.get() == RingRecv::Off {
+            self.ring_start(&reactor).map_err(Failure::new)?;
+        }
+        Ok(())
+    }
+
+    fn ring_reading(&self) -> bool {
+        self.reading.get()
+    }
+
+    fn descriptor(self: Rc<Self>) -> Rc<dyn FileDescriptor> {
+        self
     }
 }
 

@@ -31,7 +31,7 @@
 //! (`-EBADF`), as poll(2) reports POLLNVAL, and then forgotten.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -55,13 +55,20 @@ const RECV: u64 = 1 << 62;
 /// reactor's key for the writer).
 const SEND: u64 = 1 << 61;
 
-/// Poll generations use bits 32..61 of the user data, below [`SEND`].
-const GENERATION_MASK: u32 = (1 << 29) - 1;
+/// Set, with [`RECV`], in the user data of multishot accepts: they are
+/// routed and cancelled as receives are, and bring descriptors.
+const ACCEPT: u64 = 1 << 60;
+
+/// Poll generations use bits 32..60 of the user data, below [`ACCEPT`].
+const GENERATION_MASK: u32 = (1 << 28) - 1;
 
 /// How long dropping the poller waits for cancelled receives to finish
 /// before it leaks their buffers instead of freeing memory the kernel might
 /// still write.
 const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How many finished send boxes are kept for reuse.
+const SPARE_FLIGHTS: usize = 256;
 
 /// The longest wait handed to the kernel at once, as in the other backends.
 const MAX_WAIT_SECS: u64 = i32::MAX as u64;
@@ -97,6 +104,10 @@ pub(crate) struct RingPoller {
     /// request reads (see `send.rs`).
     sends: Vec<Option<Box<InFlight>>>,
     live_sends: usize,
+    /// Boxes of finished sends, for the next ones (boxed so they move
+    /// in and out of `sends` without a new allocation).
+    #[allow(clippy::vec_box)]
+    spare_flights: Vec<Box<InFlight>>,
     /// Send completions since the last `take_sent`.
     sent: Vec<Sent>,
 }
@@ -135,6 +146,7 @@ impl RingPoller {
             received: Vec::new(),
             sends: Vec::new(),
             live_sends: 0,
+            spare_flights: Vec::new(),
             sent: Vec::new(),
         })
     }
@@ -178,12 +190,27 @@ impl RingPoller {
         Ok(())
     }
 
-    /// Cancels the receive under `key`. Completions already on their way
-    /// still come, then a final one. With `now`, the cancellation is
-    /// carried out before this returns, so the request no longer holds
-    /// the socket open and the caller may close it.
-    pub fn recv_cancel(&mut self, key: u32, now: bool) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(RECV | u64::from(key)).build().user_data(IGNORED);
+    /// Starts a multishot accept on the listening socket `fd`; each
+    /// accepted connection comes back from [`RingPoller::take_received`]
+    /// under `key`, as [`Got::Accepted`] (non-blocking, close-on-exec).
+    pub fn accept_start(&mut self, fd: RawFd, key: u32) -> io::Result<()> {
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let entry = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(flags)
+            .build()
+            .user_data(RECV | ACCEPT | u64::from(key));
+        self.push(&entry)?;
+        self.live_recvs += 1;
+        Ok(())
+    }
+
+    /// Cancels the receive (or, with `accept`, the accept) under `key`.
+    /// Completions already on their way still come, then a final one. With
+    /// `now`, the cancellation is carried out before this returns, so the
+    /// request no longer holds the socket open and the caller may close it.
+    pub fn recv_cancel(&mut self, key: u32, accept: bool, now: bool) -> io::Result<()> {
+        let tag = if accept { RECV | ACCEPT } else { RECV };
+        let entry = opcode::AsyncCancel::new(tag | u64::from(key)).build().user_data(IGNORED);
         self.push(&entry)?;
         if now {
             self.flush()?;
@@ -203,17 +230,20 @@ impl RingPoller {
         if self.sends[slot].is_some() {
             return Err((io::Error::from(io::ErrorKind::AlreadyExists), out));
         }
-        let flight = InFlight::new(out);
+        let mut flight = self.spare_flights.pop().unwrap_or_default();
+        flight.fill(out);
         let data = SEND | u64::from(key);
         let flags = libc::MSG_NOSIGNAL;
-        let entry = if flight.iov.len() == 1 {
-            let iov = flight.iov[0];
-            opcode::Send::new(types::Fd(fd), iov.iov_base as *const u8, iov.iov_len as u32)
-                .flags(flags)
-                .build()
-                .user_data(data)
-        } else {
-            opcode::SendMsg::new(types::Fd(fd), &flight.msg).flags(flags as u32).build().user_data(data)
+        let entry = match &flight.msg {
+            Some(msg) => opcode::SendMsg::new(types::Fd(fd), msg).flags(flags as u32).build().user_data(data),
+            None => {
+                let iov = flight.iov[0];
+                let len = u32::try_from(iov.iov_len).unwrap_or(u32::MAX);
+                opcode::Send::new(types::Fd(fd), iov.iov_base as *const u8, len)
+                    .flags(flags)
+                    .build()
+                    .user_data(data)
+            }
         };
         // The box goes into the table before the request can reach the
         // kernel, and stays until its completion.
@@ -243,11 +273,16 @@ impl RingPoller {
 
     fn complete_send(&mut self, cqe: &cqueue::Entry) {
         let key = (cqe.user_data() & 0xffff_ffff) as u32;
-        let Some(flight) = self.sends.get_mut(key as usize).and_then(Option::take) else { return };
+        let Some(mut flight) = self.sends.get_mut(key as usize).and_then(Option::take) else { return };
         self.live_sends -= 1;
         let res = cqe.result();
         let result = if res >= 0 { Ok(res as usize) } else { Err(-res) };
-        self.sent.push(Sent { key, result, out: flight.out });
+        let out = std::mem::take(&mut flight.out);
+        flight.msg = None;
+        if self.spare_flights.len() < SPARE_FLIGHTS {
+            self.spare_flights.push(flight);
+        }
+        self.sent.push(Sent { key, result, out });
     }
 
     /// Hands over the receive completions reaped by the last waits.
@@ -263,6 +298,17 @@ impl RingPoller {
             self.live_recvs = self.live_recvs.saturating_sub(1);
         }
         let res = cqe.result();
+        if cqe.user_data() & ACCEPT != 0 {
+            let got = match res {
+                // SAFETY: a successful accept's result is a descriptor the
+                // kernel just installed for us; nothing else owns it.
+                fd if fd >= 0 => Got::Accepted(unsafe { OwnedFd::from_raw_fd(fd) }),
+                n if n == -libc::ECANCELED => Got::Nothing,
+                n => Got::Error(-n),
+            };
+            self.received.push(Received { key, got, ended });
+            return;
+        }
         let buf = cqueue::buffer_select(flags);
         let got = match (res, buf, self.streams.as_ref().and_then(Option::as_ref)) {
             (n, Some(bid), Some(pool)) if n > 0 => match RingBuf::new(pool, bid, n as usize) {
@@ -468,8 +514,10 @@ impl Drop for RingPoller {
                 let done: Vec<cqueue::Entry> = self.ring.completion().collect();
                 for cqe in done {
                     let data = cqe.user_data();
-                    if data != IGNORED && data & RECV != 0 && !cqueue::more(cqe.flags()) {
-                        self.live_recvs -= 1;
+                    if data != IGNORED && data & RECV != 0 {
+                        // Counts it out; what it brought (a buffer, an
+                        // accepted descriptor) is given back below.
+                        self.complete_recv(&cqe);
                     } else if data != IGNORED && data & SEND != 0 {
                         self.complete_send(&cqe);
                     }

@@ -206,6 +206,8 @@ impl Drop for RingBuf {
 /// What one receive completion brought.
 pub(crate) enum Got {
     Data(RingBuf),
+    /// A connection a multishot accept took.
+    Accepted(std::os::fd::OwnedFd),
     /// The peer shut down its sending side.
     Eof,
     /// The receive failed with this errno.

@@ -22,70 +22,80 @@
 
 use std::collections::VecDeque;
 
-/// The chunks of one send, the first partly sent already.
+/// The chunks of one send, the first partly sent already. The first is
+/// held inline: most sends are one chunk, and then no queue is allocated.
 #[derive(Default)]
 pub(crate) struct Outgoing {
-    pub chunks: VecDeque<Vec<u8>>,
-    /// Bytes of the first chunk already sent.
+    pub first: Vec<u8>,
+    pub rest: VecDeque<Vec<u8>>,
+    /// Bytes of `first` already sent.
     pub head: usize,
 }
 
 impl Outgoing {
     /// The bytes still to send.
     pub fn len(&self) -> usize {
-        self.chunks.iter().map(Vec::len).sum::<usize>() - self.head
+        self.first.len() - self.head + self.rest.iter().map(Vec::len).sum::<usize>()
     }
 
-    /// Drops the first `n` bytes (sent). Fully sent chunks are cleared and
-    /// kept at the back, so the caller can reuse their memory.
-    pub fn consume(&mut self, mut n: usize) -> Vec<Vec<u8>> {
-        let mut done = Vec::new();
+    /// The unsent bytes, chunk by chunk.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(&self.first[self.head..]).chain(self.rest.iter().map(Vec::as_slice))
+    }
+
+    /// Drops the first `n` bytes (sent). Returns the first chunk that was
+    /// sent whole, cleared, so the caller can reuse its memory.
+    pub fn consume(&mut self, mut n: usize) -> Option<Vec<u8>> {
+        let mut spare = None;
         while n > 0 {
-            let Some(first) = self.chunks.front() else { break };
-            let left = first.len() - self.head;
+            let left = self.first.len() - self.head;
             if n < left {
                 self.head += n;
                 break;
             }
             n -= left;
             self.head = 0;
-            if let Some(mut chunk) = self.chunks.pop_front() {
-                chunk.clear();
-                done.push(chunk);
+            let mut done = std::mem::replace(&mut self.first, self.rest.pop_front().unwrap_or_default());
+            if spare.is_none() {
+                done.clear();
+                spare = Some(done);
+            }
+            if self.first.is_empty() && self.rest.is_empty() {
+                break;
             }
         }
-        done
+        spare
     }
 }
 
-/// A send in the kernel: the memory its request points at.
+/// A send in the kernel: the memory its request points at. Boxes are
+/// reused from send to send.
+#[derive(Default)]
 pub(super) struct InFlight {
     pub out: Outgoing,
     /// One per chunk (a multi-chunk send's `msg` points here).
     pub iov: Vec<libc::iovec>,
-    pub msg: libc::msghdr,
+    pub msg: Option<libc::msghdr>,
 }
 
 impl InFlight {
-    pub fn new(out: Outgoing) -> Box<InFlight> {
-        let iov = out
-            .chunks
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let skip = if i == 0 { out.head } else { 0 };
-                libc::iovec { iov_base: c[skip..].as_ptr() as *mut libc::c_void, iov_len: c.len() - skip }
-            })
-            .collect::<Vec<_>>();
-        // SAFETY: msghdr is a plain C struct for which all zeroes is a
-        // valid value (no address, no control data, no flags).
-        let msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        let mut flight = Box::new(InFlight { out, iov, msg });
-        // The iovecs' heap memory does not move with the box.
-        let iov = flight.iov.as_mut_ptr();
-        flight.msg.msg_iov = iov;
-        flight.msg.msg_iovlen = flight.iov.len() as _;
-        flight
+    /// Takes `out` and points the iovecs (and the message header, for more
+    /// than one chunk) at its chunks.
+    pub fn fill(&mut self, out: Outgoing) {
+        self.out = out;
+        self.iov.clear();
+        for c in self.out.slices() {
+            self.iov.push(libc::iovec { iov_base: c.as_ptr() as *mut libc::c_void, iov_len: c.len() });
+        }
+        self.msg = None;
+        if self.iov.len() > 1 {
+            // SAFETY: msghdr is a plain C struct for which all zeroes is a
+            // valid value (no address, no control data, no flags).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = self.iov.as_mut_ptr();
+            msg.msg_iovlen = self.iov.len() as _;
+            self.msg = Some(msg);
+        }
     }
 }
 
