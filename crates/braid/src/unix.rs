@@ -83,6 +83,8 @@ impl Unix {
 
 impl Kind for Unix {
     const NAME: &'static str = "UNIX";
+    const RING_READS: bool = true;
+    const RING_RECVMSG: bool = true;
 
     fn peer(&self) -> Address {
         Address::Unix(self.peer.clone())
@@ -118,6 +120,10 @@ impl Kind for Unix {
         let mut fds = self.fds.borrow_mut();
         let passing = fds.as_mut().filter(|p| !p.received.is_empty())?;
         Some(std::mem::take(&mut passing.received))
+    }
+
+    fn put_received_fds(&self, fds: Vec<OwnedFd>) {
+        self.fds.borrow_mut().get_or_insert_with(Default::default).received.extend(fds);
     }
 
     fn needs_carrier_byte(&self) -> bool {

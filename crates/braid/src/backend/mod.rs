@@ -77,7 +77,9 @@ pub enum Backend {
     /// `io_uring(7)`: Linux 5.11+, completion-based. Probed when a reactor
     /// is built; a kernel or seccomp filter that refuses it makes
     /// `Reactor::new` fail with [`Error::BackendUnavailable`] naming what is
-    /// missing, never a silent fallback.
+    /// missing, never a silent fallback. On Linux 6.0+ TCP and UNIX streams
+    /// accept, read and write by completion; other descriptors are watched
+    /// with poll requests on the ring.
     IoUring,
 }
 

@@ -22,13 +22,15 @@ use std::rc::Rc;
 
 use super::fdset::identity;
 use super::{guard, FileDescriptor, Reactor};
+use crate::backend::uring::poller::RecvOp;
 use crate::backend::uring::recv::{Got, Received};
 use crate::backend::AnyPoller;
 use crate::error::Failure;
 
 /// What one receive completion brought a reader.
 pub(crate) enum RingRead<'a> {
-    Data(&'a [u8]),
+    /// Bytes, and descriptors that came with them (UNIX streams).
+    Data(&'a [u8], Vec<std::os::fd::OwnedFd>),
     /// A connection accepted by a multishot accept (a listener's).
     Accepted(std::os::fd::OwnedFd),
     /// The peer shut down its sending side.
@@ -57,8 +59,8 @@ pub(crate) trait RingReader: FileDescriptor {
 pub(crate) struct Owner {
     reader: Option<Rc<dyn RingReader>>,
     fd: RawFd,
-    /// A multishot accept rather than a receive.
-    accept: bool,
+    /// What the request is.
+    op: RecvOp,
 }
 
 /// A reader's request on the ring, from its own side: what the connection
@@ -100,9 +102,15 @@ impl Reactor {
         }
     }
 
-    /// Starts a multishot receive for `reader` on `fd`; returns its key.
-    pub(crate) fn ring_read_start(&self, fd: RawFd, reader: Rc<dyn RingReader>) -> Result<u32, crate::Error> {
-        self.ring_request(fd, reader, false)
+    /// Starts a multishot receive for `reader` on `fd` (with `msg`, one
+    /// that takes descriptors too); returns its key.
+    pub(crate) fn ring_read_start(
+        &self,
+        fd: RawFd,
+        reader: Rc<dyn RingReader>,
+        msg: bool,
+    ) -> Result<u32, crate::Error> {
+        self.ring_request(fd, reader, if msg { RecvOp::RecvMsg } else { RecvOp::Recv })
     }
 
     /// Starts a multishot accept for the listener `reader` on `fd`;
@@ -112,35 +120,37 @@ impl Reactor {
         fd: RawFd,
         reader: Rc<dyn RingReader>,
     ) -> Result<u32, crate::Error> {
-        self.ring_request(fd, reader, true)
+        self.ring_request(fd, reader, RecvOp::Accept)
     }
 
-    fn ring_request(&self, fd: RawFd, reader: Rc<dyn RingReader>, accept: bool) -> Result<u32, crate::Error> {
+    fn ring_request(&self, fd: RawFd, reader: Rc<dyn RingReader>, op: RecvOp) -> Result<u32, crate::Error> {
         let mut owners = self.inner.recv_owners.borrow_mut();
         let entry = owners.vacant_entry();
         let key = u32::try_from(entry.key()).map_err(|_| crate::Error::BadDescriptor(fd))?;
         let started = match &mut *self.inner.poller.borrow_mut() {
-            AnyPoller::Uring(p) if accept => p.accept_start(fd, key),
-            AnyPoller::Uring(p) => p.recv_start(fd, key),
+            AnyPoller::Uring(p) => match op {
+                RecvOp::Accept => p.accept_start(fd, key),
+                RecvOp::Recv | RecvOp::RecvMsg => p.recv_start(fd, key, op == RecvOp::RecvMsg),
+            },
             _ => Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
         };
-        let what = if accept { "an accept" } else { "a receive" };
+        let what = if op == RecvOp::Accept { "an accept" } else { "a receive" };
         started.map_err(|e| crate::Error::io(format!("starting {what} on fd {fd}"), e))?;
-        entry.insert(Owner { reader: Some(reader), fd, accept });
+        entry.insert(Owner { reader: Some(reader), fd, op });
         Ok(key)
     }
 
-    fn is_accept(&self, key: u32) -> bool {
-        self.inner.recv_owners.borrow().get(key as usize).is_some_and(|o| o.accept)
+    fn op_of(&self, key: u32) -> RecvOp {
+        self.inner.recv_owners.borrow().get(key as usize).map_or(RecvOp::Recv, |o| o.op)
     }
 
     /// Stops the receive under `key`, if `reader` still owns it. Bytes it
     /// had already received still reach the reader.
     pub(crate) fn ring_read_stop(&self, key: u32, reader: &Rc<dyn RingReader>) {
         if self.owns(key, reader) {
-            let accept = self.is_accept(key);
+            let op = self.op_of(key);
             if let AnyPoller::Uring(p) = &mut *self.inner.poller.borrow_mut() {
-                let _ = p.recv_cancel(key, accept, false);
+                let _ = p.recv_cancel(key, op, false);
             }
         }
     }
@@ -151,10 +161,10 @@ impl Reactor {
         if !self.owns(key, reader) {
             return;
         }
-        let accept = self.is_accept(key);
+        let op = self.op_of(key);
         let dropped = self.inner.recv_owners.borrow_mut().get_mut(key as usize).and_then(|o| o.reader.take());
         if let AnyPoller::Uring(p) = &mut *self.inner.poller.borrow_mut() {
-            let _ = p.recv_cancel(key, accept, true);
+            let _ = p.recv_cancel(key, op, true);
         }
         drop(dropped);
     }
@@ -186,8 +196,8 @@ impl Reactor {
             // a connection accepted for a forgotten listener is closed).
             let Some((reader, fd)) = owner else { continue };
             let result = match what {
-                Got::Data(buf) => {
-                    let r = guard::catch(|| reader.ring_received(RingRead::Data(&buf), ended));
+                Got::Data(buf, fds) => {
+                    let r = guard::catch(|| reader.ring_received(RingRead::Data(&buf, fds), ended));
                     drop(buf);
                     r
                 }
@@ -221,14 +231,14 @@ impl Reactor {
                 .iter_mut()
                 .filter_map(|(key, o)| {
                     let r = o.reader.take()?;
-                    keys.push((key as u32, o.accept));
+                    keys.push((key as u32, o.op));
                     Some((o.fd, r.descriptor()))
                 })
                 .collect()
         };
         if let AnyPoller::Uring(p) = &mut *self.inner.poller.borrow_mut() {
-            for (key, accept) in keys {
-                let _ = p.recv_cancel(key, accept, false);
+            for (key, op) in keys {
+                let _ = p.recv_cancel(key, op, false);
             }
             let _ = p.flush();
         }
@@ -273,7 +283,7 @@ mod tests {
             let mut seen = self.seen.borrow_mut();
             if seen.is_none() {
                 let owners = self.reactor.inner.recv_owners.borrow();
-                let accepts = owners.iter().filter(|(_, o)| o.accept).count();
+                let accepts = owners.iter().filter(|(_, o)| o.op == super::RecvOp::Accept).count();
                 let receives = owners.len() - accepts;
                 let polled = self.reactor.inner.fds.borrow().readers().len();
                 *seen = Some((accepts, receives, polled));

@@ -743,7 +743,7 @@ impl<K: Kind> Connection<K> {
     /// Starts a receive on the ring (none is in the kernel).
     fn ring_start(&self, reactor: &Reactor) -> Result<(), Error> {
         let me: Rc<dyn RingReader> = self.rc().ok_or(Error::ConnectionLost)?;
-        let key = reactor.ring_read_start(self.fd, me)?;
+        let key = reactor.ring_read_start(self.fd, me, K::RING_RECVMSG)?;
         self.ring.set(RingRecv::On(key));
         Ok(())
     }
@@ -771,6 +771,8 @@ impl<K: Kind> Connection<K> {
     fn release_held(&self, reactor: &Reactor) -> Result<(), Failure> {
         self.set_io(Io::HELD, false);
         let data = self.peek_rare(|r| std::mem::take(&mut r.held_in)).unwrap_or_default();
+        // Descriptors that came with the held bytes go first.
+        self.deliver_fds();
         // A read at a time, as a readiness backend would deliver them, so
         // the protocol can pause again between two and a large hold never
         // reaches it as one burst.
@@ -817,10 +819,11 @@ impl<K: Kind> Connection<K> {
                 // One send at a time: its completion sends the rest.
                 return Ok(());
             }
-            if !self.has(Io::FILE) && self.queued_len() > 0 {
+            if !self.has(Io::FILE) && self.queued_len() > 0 && !self.kind.needs_carrier_byte() {
                 return self.ring_submit();
             }
-            // Files go by sendfile(2), below, with nothing in flight ahead.
+            // Files go by sendfile(2), and descriptors to pass by
+            // sendmsg(2), below, with nothing in flight ahead of them.
         }
         if self.has(Io::FILE) && !self.send_file_segment()? {
             return self.wait_writable();
@@ -1277,11 +1280,20 @@ impl<K: Kind> RingReader for Connection<K> {
         // Paused (or bytes still held): keep it for the protocol.
         let hold = !self.has(Io::READING) || self.has(Io::HELD);
         match got {
-            RingRead::Data(data) if hold => {
+            RingRead::Data(data, fds) if hold => {
+                if !fds.is_empty() {
+                    // Kept by the kind, for when the held bytes go.
+                    self.kind.put_received_fds(fds);
+                }
                 self.with_rare(|r| r.held_in.extend_from_slice(data));
                 self.set_io(Io::HELD, true);
             }
-            RingRead::Data(data) => {
+            RingRead::Data(data, fds) => {
+                if !fds.is_empty() {
+                    // Before the bytes that carried them, as `do_read`.
+                    self.kind.put_received_fds(fds);
+                    self.deliver_fds();
+                }
                 reactor.write_stage().clear();
                 self.deliver(&reactor, data);
             }

@@ -42,11 +42,15 @@ pub(crate) trait Kind: Sized + 'static {
     /// it are dropped, as after the write side is closed.
     const WRITES: bool = true;
 
-    /// Whether, on a ring (io_uring), the kind reads by completion
-    /// (multishot receives into the ring's buffers) rather than on
-    /// readiness. Only a kind whose reads are plain `recv` can: a UNIX
-    /// stream may carry descriptors, which need `recvmsg`.
+    /// Whether, on a ring (io_uring), the kind reads and writes by
+    /// completion (multishot receives into the ring's buffers, sends by
+    /// request) rather than on readiness: the stream sockets do.
     const RING_READS: bool = false;
+
+    /// For a kind that reads by completion: whether its receives are
+    /// message receives (`recvmsg`), which also bring the descriptors a
+    /// UNIX peer passes; they go to [`Kind::put_received_fds`].
+    const RING_RECVMSG: bool = false;
 
     /// The other end (kept by the kind, which knows its address type).
     fn peer(&self) -> Address;
@@ -89,6 +93,13 @@ pub(crate) trait Kind: Sized + 'static {
     /// (UNIX sockets); `None` for kinds that cannot receive any.
     fn take_received_fds(&self) -> Option<Vec<std::os::fd::OwnedFd>> {
         None
+    }
+
+    /// Keeps descriptors a ring receive brought, for the next
+    /// [`Kind::take_received_fds`]; a kind that cannot pass descriptors
+    /// closes them.
+    fn put_received_fds(&self, fds: Vec<std::os::fd::OwnedFd>) {
+        drop(fds);
     }
 
     /// True if descriptors wait to be sent and nothing is buffered to

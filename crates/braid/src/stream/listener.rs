@@ -444,7 +444,7 @@ impl<L: Listen> RingReader for Port<L> {
                 }
             }
             RingRead::Error(e) => self.back_off(e),
-            RingRead::Data(_) | RingRead::Eof | RingRead::Nothing => {}
+            RingRead::Data(..) | RingRead::Eof | RingRead::Nothing => {}
         }
         if ended && self.reading.get() && self.listening.get() && self.ring.get() == RingRecv::Off {
             self.ring_start(&reactor).map_err(Failure::new)?;

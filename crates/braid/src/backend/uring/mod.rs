@@ -13,7 +13,12 @@
 //!   `Error::BackendUnavailable`, and the default backend stays epoll.
 //! * [`poller`] watches descriptors with poll requests on the ring, which is
 //!   how the reactor's FD set (`add_reader`, `add_writer`) and every
-//!   readiness-driven transport run on this backend.
+//!   readiness-driven transport run on this backend; it also carries the
+//!   stream requests below and routes their completions by key.
+//! * [`recv`]: multishot receives (and accepts) into one shared ring of
+//!   provided buffers, lent to the reader for one call.
+//! * [`send`]: stream sends, one per socket in the kernel, whose memory the
+//!   poller holds until the completion.
 //!
 //! # Kernel requirements
 //!
@@ -24,6 +29,10 @@
 //! * **Linux 5.19**: `IORING_SETUP_COOP_TASKRUN`, so the kernel does not
 //!   interrupt the reactor's thread to post completions; they are posted
 //!   when it next enters the kernel, which it does to wait anyway.
+//! * **Linux 6.0**: stream sockets by completion: multishot accept (5.19),
+//!   provided-buffer rings (5.19) and multishot `recv`/`recvmsg` (6.0).
+//!   On an older kernel streams use the poll requests above, which work
+//!   everywhere the probe passes.
 //! * **Linux 6.1**: `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN`:
 //!   the kernel's completion work runs only inside the reactor's own wait,
 //!   batched, instead of at arbitrary points. The reactor is bound to one

@@ -59,8 +59,37 @@ const SEND: u64 = 1 << 61;
 /// routed and cancelled as receives are, and bring descriptors.
 const ACCEPT: u64 = 1 << 60;
 
-/// Poll generations use bits 32..60 of the user data, below [`ACCEPT`].
-const GENERATION_MASK: u32 = (1 << 28) - 1;
+/// Set, with [`RECV`], in the user data of multishot message receives
+/// (`recvmsg`, for sockets that may carry descriptors).
+const RECVMSG: u64 = 1 << 59;
+
+/// Poll generations use bits 32..59 of the user data, below [`RECVMSG`].
+const GENERATION_MASK: u32 = (1 << 27) - 1;
+
+/// Room for the control data of one message receive: one `SCM_RIGHTS`
+/// message of the most descriptors Linux sends at once (`SCM_MAX_FD`).
+const CONTROL_LEN: u32 = 1024 + 16;
+
+/// Which kind of multishot request a receive key names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RecvOp {
+    /// `recv` into the buffer ring.
+    Recv,
+    /// `recvmsg` into the buffer ring, with room for descriptors.
+    RecvMsg,
+    /// `accept`: each completion is a connected socket.
+    Accept,
+}
+
+impl RecvOp {
+    fn tag(self) -> u64 {
+        match self {
+            RecvOp::Recv => RECV,
+            RecvOp::RecvMsg => RECV | RECVMSG,
+            RecvOp::Accept => RECV | ACCEPT,
+        }
+    }
+}
 
 /// How long dropping the poller waits for cancelled receives to finish
 /// before it leaks their buffers instead of freeing memory the kernel might
@@ -100,6 +129,10 @@ pub(crate) struct RingPoller {
     live_recvs: usize,
     /// Receive completions since the last `take_received`.
     received: Vec<Received>,
+    /// The message header every message receive reads its sizes from (no
+    /// address, [`CONTROL_LEN`] of control data), boxed so it never moves
+    /// while a request may read it.
+    recvmsg_hdr: Box<libc::msghdr>,
     /// Sends in the kernel, indexed by the reactor's key: the memory each
     /// request reads (see `send.rs`).
     sends: Vec<Option<Box<InFlight>>>,
@@ -144,6 +177,13 @@ impl RingPoller {
             streams: None,
             live_recvs: 0,
             received: Vec::new(),
+            recvmsg_hdr: {
+                // SAFETY: msghdr is a plain C struct for which all zeroes
+                // is a valid value (no address, no buffers, no flags).
+                let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+                hdr.msg_controllen = CONTROL_LEN as _;
+                hdr
+            },
             sends: Vec::new(),
             live_sends: 0,
             spare_flights: Vec::new(),
@@ -178,13 +218,22 @@ impl RingPoller {
         self.streams.as_ref().and_then(Option::as_ref)
     }
 
-    /// Starts a multishot receive on `fd`; its completions come back from
+    /// Starts a multishot receive on `fd` (with `msg`, a message receive
+    /// that also takes descriptors); its completions come back from
     /// [`RingPoller::take_received`] under `key`.
-    pub fn recv_start(&mut self, fd: RawFd, key: u32) -> io::Result<()> {
+    pub fn recv_start(&mut self, fd: RawFd, key: u32, msg: bool) -> io::Result<()> {
         if self.pool().is_none() {
             return Err(io::Error::from(io::ErrorKind::Unsupported));
         }
-        let entry = opcode::RecvMulti::new(types::Fd(fd), GROUP).build().user_data(RECV | u64::from(key));
+        let entry = if msg {
+            let hdr: *const libc::msghdr = &*self.recvmsg_hdr;
+            opcode::RecvMsgMulti::new(types::Fd(fd), hdr, GROUP)
+                .flags(libc::MSG_CMSG_CLOEXEC as u32)
+                .build()
+                .user_data(RecvOp::RecvMsg.tag() | u64::from(key))
+        } else {
+            opcode::RecvMulti::new(types::Fd(fd), GROUP).build().user_data(RECV | u64::from(key))
+        };
         self.push(&entry)?;
         self.live_recvs += 1;
         Ok(())
@@ -204,13 +253,12 @@ impl RingPoller {
         Ok(())
     }
 
-    /// Cancels the receive (or, with `accept`, the accept) under `key`.
+    /// Cancels the receive (or accept) of kind `op` under `key`.
     /// Completions already on their way still come, then a final one. With
     /// `now`, the cancellation is carried out before this returns, so the
     /// request no longer holds the socket open and the caller may close it.
-    pub fn recv_cancel(&mut self, key: u32, accept: bool, now: bool) -> io::Result<()> {
-        let tag = if accept { RECV | ACCEPT } else { RECV };
-        let entry = opcode::AsyncCancel::new(tag | u64::from(key)).build().user_data(IGNORED);
+    pub fn recv_cancel(&mut self, key: u32, op: RecvOp, now: bool) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(op.tag() | u64::from(key)).build().user_data(IGNORED);
         self.push(&entry)?;
         if now {
             self.flush()?;
@@ -312,7 +360,8 @@ impl RingPoller {
         let buf = cqueue::buffer_select(flags);
         let got = match (res, buf, self.streams.as_ref().and_then(Option::as_ref)) {
             (n, Some(bid), Some(pool)) if n > 0 => match RingBuf::new(pool, bid, n as usize) {
-                Some(buf) => Got::Data(buf),
+                Some(buf) if cqe.user_data() & RECVMSG != 0 => message(buf, &self.recvmsg_hdr),
+                Some(buf) => Got::Data(buf, Vec::new()),
                 None => Got::Error(libc::EIO),
             },
             (0, _, _) => Got::Eof,
@@ -398,6 +447,61 @@ impl RingPoller {
             }
         }
     }
+}
+
+/// What a message receive put in `buf`: a header, the control data, the
+/// payload. No payload is the end of the stream; descriptors in the control
+/// data become owned (they are ours from the moment the kernel installed
+/// them).
+fn message(mut buf: RingBuf, hdr: &libc::msghdr) -> Got {
+    let (start, len, fds, truncated) = {
+        let Ok(out) = types::RecvMsgOut::parse(&buf, hdr) else { return Got::Error(libc::EIO) };
+        let payload = out.payload_data();
+        let start = payload.as_ptr() as usize - buf.as_ptr() as usize;
+        (start, payload.len(), rights(out.control_data()), out.is_control_data_truncated())
+    };
+    if truncated {
+        // The kernel closed what it could not deliver, as for recvmsg(2).
+        tracing::warn!(target: "braid", "descriptors passed over a UNIX connection were lost: the kernel truncated the control data");
+    }
+    if len == 0 {
+        return Got::Eof;
+    }
+    buf.narrow(start, len);
+    Got::Data(buf, fds)
+}
+
+/// The descriptors of the `SCM_RIGHTS` messages in `control`.
+fn rights(control: &[u8]) -> Vec<OwnedFd> {
+    let header = std::mem::size_of::<libc::cmsghdr>();
+    let mut fds = Vec::new();
+    let mut at = 0;
+    while at + header <= control.len() {
+        // SAFETY: `at + header <= control.len()`, and the header is read
+        // unaligned, so any byte offset inside the slice will do.
+        let cmsg: libc::cmsghdr = unsafe { std::ptr::read_unaligned(control[at..].as_ptr().cast()) };
+        let len = cmsg.cmsg_len as usize;
+        if len < header || at + len > control.len() {
+            break;
+        }
+        // Linux aligns a control message's data to the size of its length
+        // field (CMSG_ALIGN): right after the header on every target.
+        let data = &control[at + header..at + len];
+        if cmsg.cmsg_level == libc::SOL_SOCKET && cmsg.cmsg_type == libc::SCM_RIGHTS {
+            for raw in data.chunks_exact(4) {
+                let fd = i32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
+                if fd >= 0 {
+                    // SAFETY: an SCM_RIGHTS message names descriptors the
+                    // kernel installed in this process for this receive;
+                    // nothing else owns them.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        let step = (len + std::mem::size_of::<usize>() - 1) & !(std::mem::size_of::<usize>() - 1);
+        at += step;
+    }
+    fds
 }
 
 /// Turns one completion into an event, if it still means something.

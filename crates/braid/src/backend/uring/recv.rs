@@ -171,6 +171,9 @@ impl Drop for Pool {
 pub(crate) struct RingBuf {
     pool: Rc<Pool>,
     bid: u16,
+    /// The bytes meant: `start..start + len` of the buffer (a message
+    /// receive puts a header and control data ahead of the payload).
+    start: usize,
     len: usize,
 }
 
@@ -181,7 +184,14 @@ impl RingBuf {
         if bid as usize >= pool.blocks.borrow().len() * BLOCK || len > BUF_SIZE {
             return None;
         }
-        Some(RingBuf { pool: pool.clone(), bid, len })
+        Some(RingBuf { pool: pool.clone(), bid, start: 0, len })
+    }
+
+    /// Narrows the bytes meant to `start..start + len` of those meant now.
+    pub(crate) fn narrow(&mut self, start: usize, len: usize) {
+        let start = start.min(self.len);
+        self.start += start;
+        self.len = len.min(self.len - start);
     }
 }
 
@@ -192,8 +202,10 @@ impl Deref for RingBuf {
         // SAFETY: the completion that named `bid` gave the buffer back to
         // us; the kernel does not write it again until `drop` publishes
         // it, and the pool (kept alive by `self.pool`) never moves or frees
-        // it meanwhile. The kernel wrote the first `len <= BUF_SIZE` bytes.
-        unsafe { std::slice::from_raw_parts(self.pool.buffer(self.bid), self.len) }
+        // it meanwhile. The kernel wrote the first bytes, of which
+        // `start..start + len` lie within them (`new` and `narrow` keep
+        // that), so within the `BUF_SIZE` buffer.
+        unsafe { std::slice::from_raw_parts(self.pool.buffer(self.bid).add(self.start), self.len) }
     }
 }
 
@@ -205,7 +217,9 @@ impl Drop for RingBuf {
 
 /// What one receive completion brought.
 pub(crate) enum Got {
-    Data(RingBuf),
+    /// Bytes, and the descriptors that came with them (a message receive's
+    /// `SCM_RIGHTS`; none for a plain receive).
+    Data(RingBuf, Vec<std::os::fd::OwnedFd>),
     /// A connection a multishot accept took.
     Accepted(std::os::fd::OwnedFd),
     /// The peer shut down its sending side.
