@@ -1491,6 +1491,53 @@ fn render_echo(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: 
         s.push('\n');
     }
 
+    // The completion backend against the readiness one, with its targets.
+    if let (Some(ring), Some(epoll)) = (idx("braid-io_uring"), idx("braid-epoll")) {
+        let _ = writeln!(
+            s,
+            "### io_uring against epoll\n\nRatios of medians, braid-io_uring ÷ braid-epoll, same run, \
+             against the completion backend's targets (server CPU per operation; idle: RSS per connection \
+             in bytes, a limit rather than a ratio).\n"
+        );
+        let _ = writeln!(s, "| scenario | CPU/op io_uring ÷ epoll | target | met |\n|---|---:|---:|---|");
+        for (sc, cells) in scenarios.iter().zip(results) {
+            let med = |i: usize| -> Option<Sample> {
+                match cells.get(i)? {
+                    Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
+                    _ => None,
+                }
+            };
+            let (Some(r), Some(e)) = (med(ring), med(epoll)) else { continue };
+            let target = match sc.name {
+                "pipeline-1000" => Some(0.85),
+                "pipeline-100" | "bulk" => Some(0.95),
+                "pingpong" | "accept" => Some(1.0),
+                _ => None,
+            };
+            let q = r.cpu_per_op_ns / e.cpu_per_op_ns;
+            match target {
+                Some(t) => {
+                    let met = if q <= t { "yes" } else { "**no**" };
+                    let _ = writeln!(s, "| {} | **{q:.2}** | ≤ {t:.2} | {met} |", sc.name);
+                }
+                None => {
+                    let _ = writeln!(s, "| {} | {q:.2} | | |", sc.name);
+                }
+            }
+            if sc.name == "idle" {
+                let rss = r.extra["rss_per_conn"];
+                let met = if rss <= 512.0 { "yes" } else { "**no**" };
+                let _ = writeln!(
+                    s,
+                    "| idle RSS per connection | {} (epoll {}) | ≤ 512 B | {met} |",
+                    fmt_bytes(rss),
+                    fmt_bytes(e.extra["rss_per_conn"])
+                );
+            }
+        }
+        s.push('\n');
+    }
+
     // Every repetition, for judging the noise.
     let _ =
         writeln!(s, "<details><summary>Every repetition (throughput; server CPU per operation)</summary>\n");

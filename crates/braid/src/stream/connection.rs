@@ -204,6 +204,12 @@ impl OutBuf {
         Ok(true)
     }
 
+    /// Empty, nothing in flight, and the default limits: nothing worth
+    /// keeping.
+    pub fn is_idle_default(&self) -> bool {
+        self.len == 0 && self.flying == 0 && self.high == DEFAULT_HIGH_WATER as u32 && self.low == 0
+    }
+
     /// Makes `data` the queue's only chunk, without a copy, and hands back
     /// the queue's empty first chunk in its place. The queue must be empty.
     pub fn swap_in(&mut self, data: &mut Vec<u8>) {
@@ -302,6 +308,9 @@ struct Rare {
     /// Bytes a ring receive delivered while reading was paused, for the
     /// protocol once it resumes (see the module docs).
     held_in: Vec<u8>,
+    /// Bytes of `held_in` already delivered (a release that paused again
+    /// part way keeps the rest where it is, uncopied).
+    held_at: usize,
 }
 
 /// Part of a file to send with sendfile(2), after the bytes that were
@@ -770,17 +779,22 @@ impl<K: Kind> Connection<K> {
     /// that it reads again; then receives on. An `Err` ends the connection.
     fn release_held(&self, reactor: &Reactor) -> Result<(), Failure> {
         self.set_io(Io::HELD, false);
-        let data = self.peek_rare(|r| std::mem::take(&mut r.held_in)).unwrap_or_default();
+        let (data, mut at) = self
+            .peek_rare(|r| (std::mem::take(&mut r.held_in), std::mem::take(&mut r.held_at)))
+            .unwrap_or_default();
         // Descriptors that came with the held bytes go first.
         self.deliver_fds();
         // A read at a time, as a readiness backend would deliver them, so
         // the protocol can pause again between two and a large hold never
         // reaches it as one burst.
-        let mut at = 0;
         while at < data.len() {
             if self.life.get() != Life::Open || !self.has(Io::READING) {
-                let rest = data[at..].to_vec();
-                self.with_rare(|r| r.held_in = rest);
+                // Nothing was added meanwhile: receives complete only
+                // between passes, never inside this call.
+                self.with_rare(|r| {
+                    r.held_in = data;
+                    r.held_at = at;
+                });
                 self.set_io(Io::HELD, true);
                 return Ok(());
             }
@@ -874,6 +888,17 @@ impl<K: Kind> Connection<K> {
             }
         }
         self.drained()
+    }
+
+    /// Frees the emptied write buffer of a connection that writes by
+    /// completion, unless it holds limits of its own: every reply passes
+    /// through it there, and an idle connection should keep no memory for
+    /// its last one.
+    fn release_out(&self) {
+        let mut out = self.out.borrow_mut();
+        if out.as_ref().is_some_and(|o| o.is_idle_default()) {
+            *out = None;
+        }
     }
 
     /// Hands the queued chunks to the ring in one send.
@@ -1051,7 +1076,10 @@ impl<K: Kind> Connection<K> {
         }
         if self.has(Io::HELD) {
             self.set_io(Io::HELD, false);
-            drop(self.peek_rare(|r| std::mem::take(&mut r.held_in)));
+            drop(self.peek_rare(|r| {
+                r.held_at = 0;
+                std::mem::take(&mut r.held_in)
+            }));
         }
         if let Some(key) = self.sending.take() {
             // Before the close, as for the receive.
@@ -1264,6 +1292,7 @@ impl<K: Kind> RingWriter for Connection<K> {
             self.queue_flush();
             return Ok(());
         }
+        self.release_out();
         self.drained()
     }
 }
@@ -1849,8 +1878,9 @@ impl<K: Kind> Connection<K> {
         }
         if self.has(Io::RING) {
             // Gathered with the pass's other writes into one send at its
-            // end; into an empty queue it moves over without a copy.
-            if self.queued_len() == 0 {
+            // end; a large reply moves into an empty queue without a copy
+            // (a small one is copied, so the stage keeps its memory).
+            if self.queued_len() == 0 && stage.len() >= CHUNK {
                 self.out_mut().swap_in(&mut stage);
             } else {
                 self.out_mut().push(&stage);
