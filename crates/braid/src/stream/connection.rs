@@ -1287,8 +1287,9 @@ impl<K: Kind> RingWriter for Connection<K> {
         if self.life.get() == Life::Lost {
             return Ok(());
         }
-        if self.queued_len() > 0 || self.has(Io::FILE) {
-            // Sent at the end of the pass, with what this pass adds.
+        if self.queued_len() > 0 || self.has(Io::FILE) || self.kind.needs_carrier_byte() {
+            // Sent at the end of the pass, with what this pass adds (and
+            // descriptors waiting to be passed, by sendmsg).
             self.queue_flush();
             return Ok(());
         }
