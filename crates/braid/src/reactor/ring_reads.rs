@@ -155,6 +155,19 @@ impl Reactor {
         }
     }
 
+    /// Pauses `reader`'s request, whose state is `state`: cancels it if it
+    /// runs, or forgets a restart asked for while it was being cancelled.
+    pub(crate) fn ring_read_pause(&self, state: &std::cell::Cell<RingRecv>, reader: &Rc<dyn RingReader>) {
+        match state.get() {
+            RingRecv::On(k) => {
+                self.ring_read_stop(k, reader);
+                state.set(RingRecv::Stopping(k));
+            }
+            RingRecv::Restart(k) => state.set(RingRecv::Stopping(k)),
+            RingRecv::Off | RingRecv::Stopping(_) => {}
+        }
+    }
+
     /// Stops the receive under `key` for good and drops its reader: the
     /// socket may be closed once this returns.
     pub(crate) fn ring_read_forget(&self, key: u32, reader: &Rc<dyn RingReader>) {

@@ -699,15 +699,8 @@ impl<K: Kind> Connection<K> {
         if self.replace_io(Io::READING, false) {
             if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
                 if self.has(Io::RING) {
-                    match self.ring.get() {
-                        RingRecv::On(k) => {
-                            let me: Rc<dyn RingReader> = me;
-                            reactor.ring_read_stop(k, &me);
-                            self.ring.set(RingRecv::Stopping(k));
-                        }
-                        RingRecv::Restart(k) => self.ring.set(RingRecv::Stopping(k)),
-                        RingRecv::Off | RingRecv::Stopping(_) => {}
-                    }
+                    let me: Rc<dyn RingReader> = me;
+                    reactor.ring_read_pause(&self.ring, &me);
                 } else {
                     reactor.remove_reader(&me);
                 }

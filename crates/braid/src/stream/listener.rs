@@ -243,15 +243,8 @@ impl<L: Listen> Port<L> {
                     reactor.remove_reader(&me);
                     return;
                 }
-                match self.ring.get() {
-                    RingRecv::On(k) => {
-                        let me: Rc<dyn RingReader> = me;
-                        reactor.ring_read_stop(k, &me);
-                        self.ring.set(RingRecv::Stopping(k));
-                    }
-                    RingRecv::Restart(k) => self.ring.set(RingRecv::Stopping(k)),
-                    RingRecv::Off | RingRecv::Stopping(_) => {}
-                }
+                let me: Rc<dyn RingReader> = me;
+                reactor.ring_read_pause(&self.ring, &me);
             }
         }
     }
