@@ -153,6 +153,9 @@ pub(crate) struct Inner {
     flushes: RefCell<Vec<Rc<dyn Flush>>>,
     /// The other half of the flush list's double buffer (no allocation per pass).
     spare_flushes: Cell<Vec<Rc<dyn Flush>>>,
+    /// True while the first round of end-of-pass flushes serves exactly one
+    /// transport (see [`Reactor::lone_flush`]).
+    lone_flush: Cell<bool>,
     /// One read buffer shared by every connection of this reactor, so an
     /// idle connection holds no buffer of its own.
     read_buf: Cell<Vec<u8>>,
@@ -263,6 +266,7 @@ impl Reactor {
                 iterations: Cell::new(0),
                 flushes: RefCell::new(Vec::new()),
                 spare_flushes: Cell::new(Vec::new()),
+                lone_flush: Cell::new(false),
                 read_buf: Cell::new(Vec::new()),
                 write_stage: RefCell::new(Vec::new()),
                 extensions: RefCell::new(HashMap::new()),
@@ -619,11 +623,12 @@ impl Reactor {
     /// blocking.
     fn run_flushes(&self) {
         let mut batch = self.inner.spare_flushes.take();
-        for _ in 0..4 {
+        for round in 0..4 {
             std::mem::swap(&mut batch, &mut *self.inner.flushes.borrow_mut());
             if batch.is_empty() {
                 break;
             }
+            self.inner.lone_flush.set(round == 0 && batch.len() == 1);
             for f in batch.drain(..) {
                 guard::run_logged(
                     || "while flushing a transport".to_string(),
@@ -634,7 +639,16 @@ impl Reactor {
                 );
             }
         }
+        self.inner.lone_flush.set(false);
         self.inner.spare_flushes.set(batch);
+    }
+
+    /// Whether the flush being served is this pass's only one. A ring
+    /// backend gathers a pass's sends into one system call; with a single
+    /// sender there is nothing to gather, and a direct send saves the ring
+    /// a request and the loop a pass for its completion.
+    pub(crate) fn lone_flush(&self) -> bool {
+        self.inner.lone_flush.get()
     }
 
     /// This reactor's instance of a higher layer's state `T`, created with

@@ -826,11 +826,16 @@ impl<K: Kind> Connection<K> {
                 // One send at a time: its completion sends the rest.
                 return Ok(());
             }
-            if !self.has(Io::FILE) && self.queued_len() > 0 && !self.kind.needs_carrier_byte() {
+            if !self.has(Io::FILE)
+                && self.queued_len() > 0
+                && !self.kind.needs_carrier_byte()
+                && !self.reactor.get().is_some_and(|r| r.lone_flush())
+            {
                 return self.ring_submit();
             }
             // Files go by sendfile(2), and descriptors to pass by
-            // sendmsg(2), below, with nothing in flight ahead of them.
+            // sendmsg(2), below, with nothing in flight ahead of them; so
+            // does the pass's only sender (`Reactor::lone_flush`).
         }
         if self.has(Io::FILE) && !self.send_file_segment()? {
             return self.wait_writable();
@@ -873,12 +878,20 @@ impl<K: Kind> Connection<K> {
             return Ok(());
         }
         if !drained {
+            if self.has(Io::RING) && !self.has(Io::FILE) && !self.kind.needs_carrier_byte() {
+                // What a direct send left goes by the ring, which waits
+                // for room itself.
+                return self.ring_submit();
+            }
             return self.wait_writable();
         }
         if self.replace_io(Io::WRITING, false) {
             if let (Some(me), Some(reactor)) = (self.rc(), self.reactor.get()) {
                 reactor.remove_writer(&me);
             }
+        }
+        if self.has(Io::RING) {
+            self.release_out();
         }
         self.drained()
     }
