@@ -546,3 +546,80 @@ reactor_test! {
         let _ = std::fs::remove_file(&path);
     }
 }
+
+/// Writes `bulk` bytes when made, then, a little later (once they are on
+/// their way), passes one descriptor with nothing written after it.
+struct BulkThenFd {
+    bulk: usize,
+    fd: Option<std::os::fd::OwnedFd>,
+    reactor: Reactor,
+}
+
+impl Protocol for BulkThenFd {
+    fn connection_made(&mut self, t: Transport) {
+        t.write(&vec![7u8; self.bulk]);
+        let fd = self.fd.take().unwrap();
+        self.reactor.call_later(std::time::Duration::from_millis(20), move || {
+            t.unix().expect("a UNIX transport").send_file_descriptor(fd).unwrap();
+        });
+    }
+    fn data_received(&mut self, _: &[u8]) {}
+}
+
+reactor_test! {
+    /// A descriptor passed while the bytes ahead of it wait for room in a
+    /// full socket (on a ring: in a send in flight, which then completes
+    /// whole), with nothing written after it: it still goes once they
+    /// have, and every byte arrives.
+    fn a_descriptor_passed_behind_a_waiting_send_still_goes(r) {
+        use std::io::Write;
+        const LATE: usize = 1024;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        // Fill the socket first, so the protocol's bytes must wait.
+        a.set_nonblocking(true).unwrap();
+        let mut filler = 0;
+        // Large writes, then single bytes, until not even one more fits.
+        for size in [4096, 1] {
+            loop {
+                match a.write(&vec![7u8; size]) {
+                    Ok(n) => filler += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("filling the socket: {e}"),
+                }
+            }
+        }
+        let total = filler + LATE;
+        let (reads, mut writes) = pipes(1);
+        let mut sender = Some(BulkThenFd { bulk: LATE, fd: writes.pop(), reactor: r.clone() });
+        r.adopt_stream_connection(a, move || sender.take().unwrap()).unwrap();
+        let fds = Rc::new(RefCell::new(Vec::new()));
+        let bytes = Rc::new(RefCell::new(Vec::new()));
+        let mut collector = Some(FdCollector {
+            fds: fds.clone(),
+            bytes: bytes.clone(),
+            accept_fds: true,
+            want_bytes: total,
+            want_fds: 1,
+            reactor: r.clone(),
+            fds_before_bytes: Rc::new(std::cell::Cell::new(None)),
+        });
+        // Nothing reads the other end until long after the descriptor is
+        // queued: until then the bytes ahead of it wait for room.
+        let rr = r.clone();
+        r.call_later(std::time::Duration::from_millis(100), move || {
+            rr.adopt_stream_connection(b, move || collector.take().unwrap()).unwrap();
+        });
+        run_reactor(&r);
+        let got = bytes.borrow();
+        assert!(got.len() >= total, "{} of {total} bytes arrived", got.len());
+        assert!(got[..total].iter().all(|&b| b == 7), "the bytes were changed");
+        // At most a zero byte carried the descriptor after them.
+        assert!(got[total..].iter().all(|&b| b == 0) && got.len() <= total + 1, "{} bytes", got.len());
+        let fds = fds.borrow();
+        assert_eq!(fds.len(), 1, "the descriptor did not arrive");
+        rustix::io::write(&fds[0], b"!").unwrap();
+        let mut one = [0u8; 1];
+        rustix::io::read(&reads[0], &mut one).unwrap();
+        assert_eq!(&one, b"!");
+    }
+}
