@@ -147,26 +147,41 @@ fn main() {
     let mut samples = vec![vec![Vec::new(); SCENARIOS.len()]; SERVERS.len()];
     let mut rates = vec![vec![Vec::new(); SCENARIOS.len()]; SERVERS.len()];
     for rep in 0..reps {
-        for (s, name) in SERVERS.iter().enumerate() {
-            let (mut server, addr) = if s == 0 {
-                start_nginx(&dir.0, free_port())
-            } else {
-                let mut c = pinned(0, &bin.join("braid"));
-                c.args(["--reactor", "epoll", "web", "--path"]).arg(&www);
-                c.args(["--listen", "tcp:0:interface=127.0.0.1", "--access-log", "off"]);
-                c.env_remove("BRAID_REACTOR");
-                start(c, name)
-            };
-            // Both serve the same bytes before either is timed.
-            let (status, body) = get(&addr, "/4k.bin");
-            if !status.contains(" 200") || body != four_k {
-                die(&format!("{name}: GET /4k.bin gave {status:?} and {} bytes", body.len()));
-            }
-            let (status, _) = get(&addr, "/missing");
-            if !status.contains(" 404") {
-                die(&format!("{name}: GET /missing gave {status:?}"));
-            }
-            for (i, (path, size, per)) in SCENARIOS.iter().enumerate() {
+        // Both servers run through the whole repetition (each idle while
+        // the other is loaded), so every scenario is measured on both
+        // back to back, the order alternating between repetitions and
+        // scenarios: a slow spell of the machine falls on both sides of a
+        // pair rather than on one server's whole run.
+        let mut servers: Vec<(Child, String)> = SERVERS
+            .iter()
+            .enumerate()
+            .map(|(s, name)| {
+                let (server, addr) = if s == 0 {
+                    start_nginx(&dir.0, free_port())
+                } else {
+                    let mut c = pinned(0, &bin.join("braid"));
+                    c.args(["--reactor", "epoll", "web", "--path"]).arg(&www);
+                    c.args(["--listen", "tcp:0:interface=127.0.0.1", "--access-log", "off"]);
+                    c.env_remove("BRAID_REACTOR");
+                    start(c, name)
+                };
+                // Both serve the same bytes before either is timed.
+                let (status, body) = get(&addr, "/4k.bin");
+                if !status.contains(" 200") || body != four_k {
+                    die(&format!("{name}: GET /4k.bin gave {status:?} and {} bytes", body.len()));
+                }
+                let (status, _) = get(&addr, "/missing");
+                if !status.contains(" 404") {
+                    die(&format!("{name}: GET /missing gave {status:?}"));
+                }
+                (server, addr)
+            })
+            .collect();
+        for (i, (path, size, per)) in SCENARIOS.iter().enumerate() {
+            let order: [usize; 2] = if (rep + i) % 2 == 0 { [0, 1] } else { [1, 0] };
+            for s in order {
+                let name = SERVERS[s];
+                let (server, addr) = &servers[s];
                 let (cpu, requests, bad) = load(server.id(), &format!("http://{addr}{path}"), seconds);
                 if requests <= 0.0 {
                     die(&format!("{name}: wrk counted no requests for {path}"));
@@ -185,6 +200,8 @@ fn main() {
                     units / seconds
                 );
             }
+        }
+        for (server, _) in &mut servers {
             let _ = server.kill();
             let _ = server.wait();
         }
@@ -192,9 +209,11 @@ fn main() {
     println!("## Static files (braid web and nginx)\n");
     println!(
         "`braid web --access-log off` (epoll) and nginx {} with the configuration below, serving the same directory; \
-         wrk 4 (`-t1 -c100 -d{seconds}s`, keep-alive) on CPU 1, the server on CPU 0. **Server CPU** per request or \
-         per MiB, read from /proc/PID/task/*/schedstat around each wrk run; medians of {reps} repetitions. Target \
-         (DESIGN.md §11): braid ≤ 1.0× nginx's server CPU per request and per MiB.\n",
+         wrk 4 (`-t1 -c100 -d{seconds}s`, keep-alive) on CPU 1, the servers on CPU 0. **Server CPU** per request or \
+         per MiB, read from /proc/PID/task/*/schedstat around each wrk run. Both servers run through a repetition \
+         and each file is loaded on one then the other, the order alternating; the figures are medians of {reps} \
+         repetitions, and the ratio is the median of the {reps} per-repetition ratios (each pair measured back to \
+         back). Target (DESIGN.md §11): braid ≤ 1.0× nginx's server CPU per request and per MiB.\n",
         nginx_version()
     );
     println!("| file | figure | nginx | braid web | braid ÷ nginx |");
@@ -202,13 +221,14 @@ fn main() {
     for (i, (path, _, per)) in SCENARIOS.iter().enumerate() {
         let m: Vec<f64> = (0..SERVERS.len()).map(|s| median(samples[s][i].clone())).collect();
         let r: Vec<f64> = (0..SERVERS.len()).map(|s| median(rates[s][i].clone())).collect();
+        let paired = |v: &[Vec<Vec<f64>>]| median(v[1][i].iter().zip(&v[0][i]).map(|(b, n)| b / n).collect());
         println!(
             "| `{path}` | server CPU, µs per {per} | {:.1} | {:.1} | **{:.2}** |",
             m[0] / 1e3,
             m[1] / 1e3,
-            m[1] / m[0]
+            paired(&samples)
         );
-        println!("| `{path}` | {per}s per second | {:.0} | {:.0} | {:.2} |", r[0], r[1], r[1] / r[0]);
+        println!("| `{path}` | {per}s per second | {:.0} | {:.0} | {:.2} |", r[0], r[1], paired(&rates));
     }
     println!("\n<details><summary>Every repetition (server CPU, ns per request or MiB), and the nginx configuration</summary>\n");
     for (s, name) in SERVERS.iter().enumerate() {
