@@ -620,6 +620,7 @@ impl TlsState {
         let mut incoming = scratch.as_ref().map(|s| s.incoming.take()).unwrap_or_default();
         let mut error = None;
         let closed;
+        let plain_from;
         let was_handshaking;
         let handshaking;
         {
@@ -628,6 +629,7 @@ impl TlsState {
             was_handshaking = conn.is_handshaking();
             let read = conn.read(data, &mut incoming, &mut out, &mut plain);
             closed = read.peer_closed;
+            plain_from = read.plain_from;
             if let Some(e) = read.error {
                 error = Some(Failure::new(if conn.is_handshaking() {
                     TlsError::handshake(e)
@@ -643,7 +645,7 @@ impl TlsState {
             }
             s.incoming.set(incoming);
         }
-        let got = plain.len();
+        let got = &plain[plain_from..];
         if error.is_none() {
             self.send_out(scratch.clone(), out);
         } else if let Some(s) = scratch.as_ref() {
@@ -655,11 +657,11 @@ impl TlsState {
         // A paused application gets nothing until it resumes, and what
         // waits for it keeps its place ahead of what comes after.
         let hold = self.app_paused.get() || !self.held.borrow().is_empty() || self.held_close.get();
-        if got > 0 && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
+        if !got.is_empty() && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
             if hold {
-                self.held.borrow_mut().extend_from_slice(&plain[..got]);
+                self.held.borrow_mut().extend_from_slice(got);
             } else {
-                self.call_app(|p| p.data_received(&plain[..got]));
+                self.call_app(|p| p.data_received(got));
             }
         }
         if let Some(s) = scratch {
