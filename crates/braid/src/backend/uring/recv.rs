@@ -55,7 +55,14 @@ pub(crate) struct Pool {
 }
 
 const ENTRIES_BYTES: usize = MAX_BUFS * std::mem::size_of::<BufRingEntry>();
-const BLOCK_BYTES: usize = BLOCK * BUF_SIZE;
+/// Each block's buffers start this far into its mapping, so a buffer is
+/// half a page off the page-aligned start the allocator's large buffers
+/// also tend to have (less their header). Protocols copy out of these
+/// buffers into such buffers (a write staged for sending, a line kept for
+/// later); a destination a few bytes past its source modulo 4 KiB slows a
+/// copy several times over (4K aliasing).
+const BLOCK_SKEW: usize = 2048;
+const BLOCK_BYTES: usize = BLOCK * BUF_SIZE + BLOCK_SKEW;
 
 /// A fresh private anonymous mapping: page aligned, as the kernel wants the
 /// ring, and zero pages that cost no memory until written (the allocator's
@@ -122,7 +129,7 @@ impl Pool {
         // SAFETY: `bid` names a buffer of an existing block (bids are
         // handed out only for published buffers), so the offset stays
         // inside that block's allocation.
-        unsafe { block.as_ptr().add((bid % BLOCK) * BUF_SIZE) }
+        unsafe { block.as_ptr().add(BLOCK_SKEW + (bid % BLOCK) * BUF_SIZE) }
     }
 
     /// Hands buffer `bid` to the kernel.
