@@ -129,6 +129,12 @@ pub(crate) struct RingPoller {
     live_recvs: usize,
     /// Receive completions since the last `take_received`.
     received: Vec<Received>,
+    /// Counts the `take_received` calls: which batch of completions is
+    /// being reaped.
+    round: u32,
+    /// Per receive key, the last round in which a completion brought it
+    /// bytes.
+    fed: Vec<u32>,
     /// The message header every message receive reads its sizes from (no
     /// address, [`CONTROL_LEN`] of control data), boxed so it never moves
     /// while a request may read it.
@@ -177,6 +183,8 @@ impl RingPoller {
             streams: None,
             live_recvs: 0,
             received: Vec::new(),
+            round: 0,
+            fed: Vec::new(),
             recvmsg_hdr: {
                 // SAFETY: msghdr is a plain C struct for which all zeroes
                 // is a valid value (no address, no buffers, no flags).
@@ -211,7 +219,7 @@ impl RingPoller {
                         0,
                     )
                 };
-                (registered.is_ok() && pool.grow()).then(|| Rc::new(pool))
+                (registered.is_ok() && pool.start()).then(|| Rc::new(pool))
             });
             self.streams = Some(pool);
         }
@@ -336,6 +344,7 @@ impl RingPoller {
     /// Hands over the receive completions reaped by the last waits.
     pub fn take_received(&mut self, into: &mut Vec<Received>) {
         std::mem::swap(into, &mut self.received);
+        self.round = self.round.wrapping_add(1);
     }
 
     fn complete_recv(&mut self, cqe: &cqueue::Entry) {
@@ -359,17 +368,38 @@ impl RingPoller {
         }
         let buf = cqueue::buffer_select(flags);
         let got = match (res, buf, self.streams.as_ref().and_then(Option::as_ref)) {
-            (n, Some(bid), Some(pool)) if n > 0 => match RingBuf::new(pool, bid, n as usize) {
-                Some(buf) if cqe.user_data() & RECVMSG != 0 => message(buf, &self.recvmsg_hdr),
-                Some(buf) => Got::Data(buf, Vec::new()),
-                None => Got::Error(libc::EIO),
-            },
+            (n, Some(bid), Some(pool)) if n > 0 => {
+                let i = key as usize;
+                if self.fed.len() <= i {
+                    self.fed.resize(i + 1, self.round.wrapping_sub(1));
+                }
+                self.fed[i] = self.round;
+                match RingBuf::new(pool, bid, n as usize) {
+                    Some(buf) if cqe.user_data() & RECVMSG != 0 => message(buf, &self.recvmsg_hdr),
+                    Some(buf) => Got::Data(buf, Vec::new()),
+                    None => Got::Error(libc::EIO),
+                }
+            }
+            (n, Some(bid), Some(pool)) => {
+                // A buffer named by a completion with no bytes for us.
+                pool.reclaim(bid);
+                match n {
+                    0 => Got::Eof,
+                    n if n == -libc::ECANCELED => Got::Nothing,
+                    n => Got::Error(-n),
+                }
+            }
             (0, _, _) => Got::Eof,
             (n, _, _) if n == -libc::ECANCELED => Got::Nothing,
             (n, _, _) if n == -libc::ENOBUFS => {
-                // The ring ran dry: give it more for the re-armed receive.
-                if let Some(pool) = self.streams.as_ref().and_then(Option::as_ref) {
-                    pool.grow();
+                // The ring ran dry. A receive that already had buffers in
+                // this batch has had its share of the pass (it re-arms and
+                // reads on in the next): more buffers would only let one
+                // busy stream fill more of them before any is read, out of
+                // cache by then. One that got none needs more.
+                let fed = self.fed.get(key as usize) == Some(&self.round);
+                if let (false, Some(pool)) = (fed, self.streams.as_ref().and_then(Option::as_ref)) {
+                    pool.ran_dry();
                 }
                 Got::Nothing
             }
@@ -723,6 +753,75 @@ mod tests {
         let mut buf = [0u8; 1];
         let n = rustix::io::read(&b, &mut buf).expect("the peer reads the end of the stream, not EAGAIN");
         assert_eq!(n, 0);
+    }
+
+    /// Fills `w`'s socket until it takes no more; returns the bytes queued.
+    fn fill(w: &OwnedFd) -> usize {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut queued = 0;
+        loop {
+            match rustix::io::write(w, &chunk) {
+                Ok(n) => queued += n,
+                Err(rustix::io::Errno::AGAIN) => return queued,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+    }
+
+    /// Waits until the receive under `key` has ended, gathering what came
+    /// (in one batch: nothing is taken meanwhile).
+    fn until_ended(p: &mut RingPoller, key: u32) -> Vec<Received> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let _ = c::poll_once(p, Some(Duration::from_millis(100)));
+            if p.received.iter().any(|r| r.key == key && r.ended) {
+                let mut got = Vec::new();
+                p.take_received(&mut got);
+                return got;
+            }
+            assert!(std::time::Instant::now() < deadline, "the receive under {key} never ended");
+        }
+    }
+
+    /// A receive that filled buffers and then found the ring empty has had
+    /// its share of the pass: the ring does not grow for it, so one busy
+    /// stream cycles through a few warm buffers. A receive that found the
+    /// ring empty before it got any buffer makes it grow.
+    #[test]
+    fn only_a_starved_receive_grows_the_buffer_ring() {
+        let mut p = new();
+        assert!(p.reads_streams(), "this kernel's io_uring takes no multishot receives into a buffer ring");
+        let first = Pool::FIRST_WANT;
+        let wanted = |p: &mut RingPoller| p.pool().map(|pool| pool.wanted()).unwrap();
+        assert_eq!(wanted(&mut p), first);
+
+        let (a, b) = c::socketpair();
+        rustix::net::sockopt::set_socket_send_buffer_size(&b, 1 << 20).unwrap();
+        let queued = fill(&b);
+        assert!(
+            queued > first * super::super::recv::BUF_SIZE,
+            "a socketpair took only {queued} bytes: too few to use up the ring's first buffers"
+        );
+        p.recv_start(c::raw(&a), 1, false).unwrap();
+        let busy = until_ended(&mut p, 1);
+        let held: Vec<RingBuf> = busy
+            .into_iter()
+            .filter_map(|r| match r.got {
+                Got::Data(buf, _) => Some(buf),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(held.len(), first, "the busy receive should have taken every published buffer");
+        assert_eq!(wanted(&mut p), first, "a receive that had its share grew the ring");
+
+        // Every buffer is still ours: the next receive finds none.
+        let (c2, d) = c::socketpair();
+        c::write_byte(&d);
+        p.recv_start(c::raw(&c2), 2, false).unwrap();
+        let starved = until_ended(&mut p, 2);
+        assert!(starved.iter().all(|r| matches!(r.got, Got::Nothing)), "a receive got bytes from an empty ring");
+        assert_eq!(wanted(&mut p), 2 * first, "a receive that got no buffer did not grow the ring");
+        drop(held);
     }
 
     /// A completion from a cancelled generation is never reported for the

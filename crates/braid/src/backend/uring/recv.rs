@@ -19,12 +19,20 @@
 //! completion, and leaks it rather than free memory a request might still
 //! write (see the poller's `Drop`).
 //!
-//! # Growth
+//! # Growth, and which buffer the kernel fills next
 //!
-//! The ring starts with a few buffers and gains a block more whenever the
-//! kernel found it empty (`-ENOBUFS`, which ends that receive; the
-//! connection re-arms it), up to a fixed maximum, so a reactor with a few
-//! connections keeps a small pool and a busy one stops running dry.
+//! The kernel takes published buffers in the order they were published, so
+//! with every idle buffer published each receive would land in the one
+//! used longest ago: a working set of every buffer, long out of cache,
+//! where an epoll loop reads every time into one hot buffer. So only as
+//! many buffers are published as the kernel has been seen to need at once
+//! (`want`); the rest wait, most recently used on top, and a buffer handed
+//! back goes straight to the kernel while it holds fewer than that. When
+//! the kernel finds the ring empty (`-ENOBUFS`, which ends that receive;
+//! the connection re-arms it) `want` doubles, and a block of buffers more
+//! is made when none wait, up to a fixed maximum: a reactor with one busy
+//! connection cycles through a few buffers, and a busy one stops running
+//! dry.
 
 use std::cell::Cell;
 use std::ops::Deref;
@@ -38,6 +46,8 @@ use io_uring::types::BufRingEntry;
 pub(crate) const BUF_SIZE: usize = 64 * 1024;
 /// Buffers added at a time.
 const BLOCK: usize = 64;
+/// Buffers the kernel holds at first.
+const FIRST_WANT: usize = 4;
 /// The most buffers the ring ever holds (a power of two, as the kernel
 /// requires of the ring's size).
 const MAX_BUFS: usize = 1024;
@@ -52,6 +62,12 @@ pub(crate) struct Pool {
     blocks: std::cell::RefCell<Vec<NonNull<u8>>>,
     /// Our copy of the ring's tail (the kernel reads the shared one).
     tail: Cell<u16>,
+    /// Buffers neither published nor lent out, the most recently used last.
+    idle: std::cell::RefCell<Vec<u16>>,
+    /// Buffers published and not yet named by a completion.
+    published: Cell<usize>,
+    /// How many the kernel should hold at once.
+    want: Cell<usize>,
 }
 
 const ENTRIES_BYTES: usize = MAX_BUFS * std::mem::size_of::<BufRingEntry>();
@@ -95,7 +111,14 @@ impl Pool {
     /// the caller registers with the kernel.
     pub fn new() -> Option<Pool> {
         let entries = map(ENTRIES_BYTES)?.cast::<BufRingEntry>();
-        Some(Pool { entries, blocks: std::cell::RefCell::new(Vec::new()), tail: Cell::new(0) })
+        Some(Pool {
+            entries,
+            blocks: std::cell::RefCell::new(Vec::new()),
+            tail: Cell::new(0),
+            idle: std::cell::RefCell::new(Vec::new()),
+            published: Cell::new(0),
+            want: Cell::new(FIRST_WANT),
+        })
     }
 
     pub fn ring_addr(&self) -> u64 {
@@ -106,9 +129,38 @@ impl Pool {
         MAX_BUFS as u16
     }
 
-    /// Adds a block of buffers and publishes them; false at the maximum or
-    /// if memory is refused.
-    pub fn grow(&self) -> bool {
+    /// Makes the first block of buffers and publishes a few; false if
+    /// memory is refused.
+    pub fn start(&self) -> bool {
+        self.add_block() && {
+            self.top_up();
+            true
+        }
+    }
+
+    /// The kernel found the ring empty: it gets twice as many buffers from
+    /// now on (up to the maximum), from those waiting or a new block.
+    pub fn ran_dry(&self) {
+        self.want.set((self.want.get() * 2).min(MAX_BUFS));
+        self.top_up();
+    }
+
+    /// Publishes waiting buffers, making blocks as needed, until the kernel
+    /// holds `want` (or no more can be made).
+    fn top_up(&self) {
+        while self.published.get() < self.want.get() {
+            let bid = self.idle.borrow_mut().pop();
+            match bid {
+                Some(bid) => self.publish(bid),
+                None if self.add_block() => {}
+                None => break,
+            }
+        }
+    }
+
+    /// Maps a block of buffers, all waiting; false at the maximum or if
+    /// memory is refused.
+    fn add_block(&self) -> bool {
         let mut blocks = self.blocks.borrow_mut();
         if (blocks.len() + 1) * BLOCK > MAX_BUFS {
             return false;
@@ -116,11 +168,43 @@ impl Pool {
         let Some(block) = map(BLOCK_BYTES) else { return false };
         let first = blocks.len() * BLOCK;
         blocks.push(block);
-        drop(blocks);
-        for bid in first..first + BLOCK {
-            self.publish(bid as u16);
-        }
+        // Reversed, so the lowest ids come off the top first.
+        self.idle.borrow_mut().extend((first..first + BLOCK).rev().map(|bid| bid as u16));
         true
+    }
+
+    /// How many buffers the kernel is to hold at once.
+    #[cfg(test)]
+    pub(crate) fn wanted(&self) -> usize {
+        self.want.get()
+    }
+
+    /// The initial [`Pool::wanted`].
+    #[cfg(test)]
+    pub(crate) const FIRST_WANT: usize = FIRST_WANT;
+
+    /// A completion named `bid`: the kernel no longer holds it.
+    fn taken(&self) {
+        self.published.set(self.published.get().saturating_sub(1));
+    }
+
+    /// Buffer `bid` is free again: to the kernel if it holds fewer than it
+    /// needs, else on top of the waiting ones.
+    fn give_back(&self, bid: u16) {
+        if self.published.get() < self.want.get() {
+            self.publish(bid);
+        } else {
+            self.idle.borrow_mut().push(bid);
+        }
+    }
+
+    /// A completion named `bid` without bytes for us (it failed, or the
+    /// stream ended): the buffer is free at once.
+    pub(crate) fn reclaim(&self, bid: u16) {
+        if (bid as usize) < self.blocks.borrow().len() * BLOCK {
+            self.taken();
+            self.give_back(bid);
+        }
     }
 
     fn buffer(&self, bid: u16) -> *mut u8 {
@@ -149,6 +233,7 @@ impl Pool {
         }
         let next = tail.wrapping_add(1);
         self.tail.set(next);
+        self.published.set(self.published.get() + 1);
         // SAFETY: `tail` points at entry 0's `resv` field, a properly
         // aligned u16 inside our allocation that the kernel only reads; the
         // release store makes the entry written above visible before the
@@ -188,7 +273,12 @@ impl RingBuf {
     /// Takes ownership of buffer `bid`, which a completion said holds
     /// `len` bytes.
     pub(crate) fn new(pool: &Rc<Pool>, bid: u16, len: usize) -> Option<RingBuf> {
-        if bid as usize >= pool.blocks.borrow().len() * BLOCK || len > BUF_SIZE {
+        if bid as usize >= pool.blocks.borrow().len() * BLOCK {
+            return None;
+        }
+        pool.taken();
+        if len > BUF_SIZE {
+            pool.give_back(bid);
             return None;
         }
         Some(RingBuf { pool: pool.clone(), bid, start: 0, len })
@@ -216,9 +306,17 @@ impl Deref for RingBuf {
     }
 }
 
+impl std::ops::DerefMut for RingBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`: the buffer is ours alone until `drop`
+        // publishes it, and `&mut self` makes this the only view of it.
+        unsafe { std::slice::from_raw_parts_mut(self.pool.buffer(self.bid).add(self.start), self.len) }
+    }
+}
+
 impl Drop for RingBuf {
     fn drop(&mut self) {
-        self.pool.publish(self.bid);
+        self.pool.give_back(self.bid);
     }
 }
 
