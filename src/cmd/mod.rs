@@ -232,6 +232,10 @@ impl Protocol for Counted {
     fn data_received(&mut self, data: &[u8]) {
         self.inner.data_received(data)
     }
+
+    fn data_received_mut(&mut self, data: &mut [u8]) {
+        self.inner.data_received_mut(data)
+    }
     fn connection_lost(&mut self, reason: Failure) {
         if let Some(k) = self.key.take() {
             self.open.0.borrow_mut().try_remove(k);

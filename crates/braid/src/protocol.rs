@@ -24,6 +24,16 @@ pub trait Protocol {
     /// Bytes arrived. The slice is only valid during the call.
     fn data_received(&mut self, data: &[u8]);
 
+    /// Bytes arrived, in a buffer this call may change: the reactor's own
+    /// read buffer, which it reuses once the call returns. The default
+    /// hands them to [`Protocol::data_received`]. A protocol that rewrites
+    /// what it reads where it lies (the TLS layer decrypts records in
+    /// place) overrides this to save a copy; one that wraps another
+    /// protocol passes it on.
+    fn data_received_mut(&mut self, data: &mut [u8]) {
+        self.data_received(data)
+    }
+
     /// The connection is gone: `Error::ConnectionDone` for a clean close,
     /// `ConnectionLost` or `ConnectionAborted` otherwise.
     fn connection_lost(&mut self, reason: Failure) {

@@ -233,6 +233,9 @@ impl Protocol for StartsTls {
     fn data_received(&mut self, data: &[u8]) {
         self.inner.data_received(data)
     }
+    fn data_received_mut(&mut self, data: &mut [u8]) {
+        self.inner.data_received_mut(data)
+    }
     fn connection_lost(&mut self, reason: Failure) {
         self.inner.connection_lost(reason)
     }
@@ -394,6 +397,59 @@ stream_test! {
         });
         assert!(back == data, "{kind:?}: {} of {} bytes came back", back.len(), data.len());
         assert_eq!(*log.borrow(), ["made", "read closed", "lost: connection was closed cleanly"], "{kind:?}");
+    }
+}
+
+/// Takes its bytes in the buffer it may change, turns them to upper case
+/// there and echoes them; counts the arrivals that came by the other door.
+struct InPlace {
+    t: Option<Transport>,
+    by_copy: Rc<Cell<usize>>,
+}
+
+impl Protocol for InPlace {
+    fn connection_made(&mut self, t: Transport) {
+        self.t = Some(t);
+    }
+    fn data_received(&mut self, data: &[u8]) {
+        self.by_copy.set(self.by_copy.get() + 1);
+        self.data_received_mut(&mut data.to_vec());
+    }
+    fn data_received_mut(&mut self, data: &mut [u8]) {
+        data.make_ascii_uppercase();
+        let t = self.t.as_ref().unwrap();
+        t.write(data);
+        if data.last() == Some(&b'!') {
+            t.lose_connection();
+        }
+    }
+}
+
+stream_test! {
+    /// Every kind hands what it reads (or, for TLS, decrypts) in a buffer
+    /// the protocol may change, and what the protocol does to it there is
+    /// what it writes: nothing else reads that buffer afterwards.
+    fn bytes_come_in_a_buffer_the_protocol_may_change(r, kind) {
+        let by_copy = Rc::new(Cell::new(0));
+        let b = by_copy.clone();
+        let (_port, target) = kind.listen(&r, move || InPlace { t: None, by_copy: b.clone() });
+        let text: Vec<u8> = (0..200_000).map(|i| b"abcdefghij"[i % 10]).collect();
+        let sent = text.clone();
+        let back = with_client(&r, target, move |t| {
+            let mut c = t.connect();
+            let mut w = c.try_clone();
+            let writer = std::thread::spawn(move || {
+                w.write_all(&sent).unwrap();
+                w.write_all(b"!").unwrap();
+            });
+            let back = c.read_to_end();
+            writer.join().unwrap();
+            back
+        });
+        let mut want = text.to_ascii_uppercase();
+        want.push(b'!');
+        assert!(back == want, "{kind:?}: {} of {} bytes came back as expected", back.len(), want.len());
+        assert_eq!(by_copy.get(), 0, "{kind:?}: bytes came by data_received");
     }
 }
 

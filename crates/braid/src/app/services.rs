@@ -192,6 +192,10 @@ impl Protocol for Watched {
     fn data_received(&mut self, data: &[u8]) {
         self.inner.data_received(data)
     }
+
+    fn data_received_mut(&mut self, data: &mut [u8]) {
+        self.inner.data_received_mut(data)
+    }
     fn connection_lost(&mut self, reason: Failure) {
         self.inner.connection_lost(reason);
         if let Some(s) = self.service.upgrade() {

@@ -30,7 +30,7 @@ use crate::error::Failure;
 /// What one receive completion brought a reader.
 pub(crate) enum RingRead<'a> {
     /// Bytes, and descriptors that came with them (UNIX streams).
-    Data(&'a [u8], Vec<std::os::fd::OwnedFd>),
+    Data(&'a mut [u8], Vec<std::os::fd::OwnedFd>),
     /// A connection accepted by a multishot accept (a listener's).
     Accepted(std::os::fd::OwnedFd),
     /// The peer shut down its sending side.
@@ -209,8 +209,8 @@ impl Reactor {
             // a connection accepted for a forgotten listener is closed).
             let Some((reader, fd)) = owner else { continue };
             let result = match what {
-                Got::Data(buf, fds) => {
-                    let r = guard::catch(|| reader.ring_received(RingRead::Data(&buf, fds), ended));
+                Got::Data(mut buf, fds) => {
+                    let r = guard::catch(|| reader.ring_received(RingRead::Data(&mut buf, fds), ended));
                     drop(buf);
                     r
                 }

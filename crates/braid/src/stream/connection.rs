@@ -752,10 +752,10 @@ impl<K: Kind> Connection<K> {
 
     /// Hands `data` to the protocol as `data_received`, then sends what it
     /// wrote in reply.
-    fn deliver(&self, reactor: &Reactor, data: &[u8]) {
+    fn deliver(&self, reactor: &Reactor, data: &mut [u8]) {
         let delivered = {
             let _reading = ReadScope::enter(&self.io);
-            self.call_protocol("data_received", |p| p.data_received(data))
+            self.call_protocol("data_received", |p| p.data_received_mut(data))
         };
         if delivered {
             self.flush_stage(reactor);
@@ -772,7 +772,7 @@ impl<K: Kind> Connection<K> {
     /// that it reads again; then receives on. An `Err` ends the connection.
     fn release_held(&self, reactor: &Reactor) -> Result<(), Failure> {
         self.set_io(Io::HELD, false);
-        let (data, mut at) = self
+        let (mut data, mut at) = self
             .peek_rare(|r| (std::mem::take(&mut r.held_in), std::mem::take(&mut r.held_at)))
             .unwrap_or_default();
         // Descriptors that came with the held bytes go first.
@@ -793,7 +793,7 @@ impl<K: Kind> Connection<K> {
             }
             let end = data.len().min(at + READ_CHUNK);
             reactor.write_stage().clear();
-            self.deliver(reactor, &data[at..end]);
+            self.deliver(reactor, &mut data[at..end]);
             at = end;
         }
         if self.life.get() == Life::Open && self.has(Io::READING) && !self.has(Io::HELD) {
@@ -1203,7 +1203,7 @@ impl<K: Kind> FileDescriptor for Connection<K> {
             }
             Ok(n) => {
                 self.deliver_fds();
-                self.deliver(&reactor, &buf[..n]);
+                self.deliver(&reactor, &mut buf[..n]);
                 Ok(())
             }
             Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(()),

@@ -25,7 +25,7 @@ use crate::transport::{
 };
 
 use super::config::{ClientConfig, ServerConfig};
-use super::session::Session;
+use super::session::{OutBuf, Session};
 use super::TlsError;
 
 /// Where the handshake timer is scheduled. A reactor is held weakly, as
@@ -42,7 +42,7 @@ pub(crate) enum Timer {
 /// allocates nothing per chunk and an idle one holds no buffer.
 #[derive(Default)]
 struct Scratch {
-    out: Cell<Vec<u8>>,
+    out: Cell<OutBuf>,
     plain: Cell<Vec<u8>>,
     incoming: Cell<Vec<u8>>,
 }
@@ -334,6 +334,20 @@ impl Protocol for TlsProtocol {
     }
 
     fn data_received(&mut self, data: &[u8]) {
+        // rustls decrypts in place: a copy it may scramble.
+        let scratch = self.state.timer.scratch();
+        let mut copy = scratch.as_ref().map(|s| s.incoming.take()).unwrap_or_default();
+        copy.clear();
+        copy.extend_from_slice(data);
+        self.state.receive(&mut copy);
+        if let Some(s) = scratch {
+            if copy.capacity() <= SCRATCH_KEEP {
+                s.incoming.set(copy);
+            }
+        }
+    }
+
+    fn data_received_mut(&mut self, data: &mut [u8]) {
         self.state.receive(data)
     }
 
@@ -472,18 +486,18 @@ impl TlsState {
     }
 
     /// Sends `out` below and gives the buffer back to the scratch.
-    fn send_out(&self, scratch: Option<Rc<Scratch>>, mut out: Vec<u8>) {
+    fn send_out(&self, scratch: Option<Rc<Scratch>>, mut out: OutBuf) {
         if !out.is_empty() {
             if let Some(lower) = self.lower() {
                 // The transport sends what it can at once and copies only
                 // the rest: the buffer goes back for the next call.
-                lower.write(&out);
+                lower.write(out.as_slice());
             }
         }
         if let Some(s) = scratch {
             out.clear();
-            if out.capacity() > SCRATCH_KEEP {
-                out = Vec::new();
+            if out.footprint() > SCRATCH_KEEP {
+                out = OutBuf::default();
             }
             s.out.set(out);
         }
@@ -598,11 +612,13 @@ impl TlsState {
         }
     }
 
-    fn receive(&self, data: &[u8]) {
+    /// Ciphertext from below (or plaintext, before TLS starts), in a
+    /// buffer this may scramble.
+    fn receive(&self, data: &mut [u8]) {
         match self.phase.get() {
             Phase::Plain => {
                 if self.life.get() != Life::Lost {
-                    self.call_app(|p| p.data_received(data));
+                    self.call_app(|p| p.data_received_mut(data));
                 }
                 return;
             }
@@ -617,7 +633,6 @@ impl TlsState {
         plain.clear();
         let mut out = scratch.as_ref().map(|s| s.out.take()).unwrap_or_default();
         out.clear();
-        let mut incoming = scratch.as_ref().map(|s| s.incoming.take()).unwrap_or_default();
         let mut error = None;
         let closed;
         let plain_from;
@@ -627,7 +642,7 @@ impl TlsState {
             let mut tls = self.tls.borrow_mut();
             let Some(conn) = tls.as_mut() else { return };
             was_handshaking = conn.is_handshaking();
-            let read = conn.read(data, &mut incoming, &mut out, &mut plain);
+            let read = conn.read(data, &mut out, &mut plain);
             closed = read.peer_closed;
             plain_from = read.plain_from;
             if let Some(e) = read.error {
@@ -639,13 +654,7 @@ impl TlsState {
             }
             handshaking = conn.is_handshaking();
         }
-        if let Some(s) = scratch.as_ref() {
-            if incoming.capacity() > SCRATCH_KEEP {
-                incoming = Vec::new();
-            }
-            s.incoming.set(incoming);
-        }
-        let got = &plain[plain_from..];
+        let got = &mut plain[plain_from..];
         if error.is_none() {
             self.send_out(scratch.clone(), out);
         } else if let Some(s) = scratch.as_ref() {
@@ -661,7 +670,7 @@ impl TlsState {
             if hold {
                 self.held.borrow_mut().extend_from_slice(got);
             } else {
-                self.call_app(|p| p.data_received(got));
+                self.call_app(|p| p.data_received_mut(got));
             }
         }
         if let Some(s) = scratch {
@@ -715,9 +724,9 @@ impl TlsState {
             // application: it stays held for the next resume.
             return;
         }
-        let data = std::mem::take(&mut *self.held.borrow_mut());
+        let mut data = std::mem::take(&mut *self.held.borrow_mut());
         if !data.is_empty() && !matches!(self.life.get(), Life::Lost | Life::Aborting) {
-            self.call_app(|p| p.data_received(&data));
+            self.call_app(|p| p.data_received_mut(&mut data));
         }
         if self.app_paused.get() {
             return;

@@ -102,63 +102,84 @@ impl Session {
     }
 
     /// Reads the records in `data`, after what is pending from earlier
-    /// reads, decrypting in our buffers (`scratch` when nothing is
-    /// pending): plaintext goes into `plain`, which must come empty, from
+    /// reads: plaintext goes into `plain`, which must come empty, from
     /// [`Received::plain_from`] on, and what the handshake answers to
     /// `out`.
-    pub fn read(
-        &mut self,
-        data: &[u8],
-        scratch: &mut Vec<u8>,
-        out: &mut Vec<u8>,
-        plain: &mut Vec<u8>,
-    ) -> Received {
+    ///
+    /// rustls decrypts where the ciphertext lies, so whole records are
+    /// read in `data` itself (which is left scrambled) and only a record
+    /// cut by the end of a read is copied: its start is kept in `pending`,
+    /// and the next read completes it from its front before going on in
+    /// place. Bytes rustls keeps across records (a handshake message it
+    /// joins) make the rest go through `pending` too.
+    pub fn read(&mut self, data: &mut [u8], out: &mut OutBuf, plain: &mut Vec<u8>) -> Received {
         let server = matches!(self.role, Role::Server(_));
         if server && self.sni.is_none() {
             let _ = super::config::take_sni();
         }
-        let use_pending = !self.pending.is_empty();
-        let mut incoming = if use_pending {
-            let mut p = std::mem::take(&mut self.pending);
-            p.extend_from_slice(data);
-            p
-        } else {
-            let mut s = std::mem::take(scratch);
-            s.clear();
-            s.extend_from_slice(data);
-            s
-        };
         let mut plain_from = 0;
-        let pass =
-            with_role!(self, |c, process| read(c, process, &mut incoming, out, plain, &mut plain_from));
+        let mut rest = data;
+        let mut pass = Pass { consumed: 0, peer_closed: false, error: None };
+        if !self.pending.is_empty() {
+            let take = completing(&self.pending, rest);
+            let mut pending = std::mem::take(&mut self.pending);
+            pending.extend_from_slice(&rest[..take]);
+            rest = &mut rest[take..];
+            pass = with_role!(self, |c, process| read(c, process, &mut pending, out, plain, &mut plain_from));
+            let left = pass.consumed.min(pending.len());
+            if pass.error.is_some() || pass.peer_closed {
+                return self.finish(server, pass, plain_from);
+            }
+            if left < pending.len() {
+                // rustls keeps some of it: all the rest goes after it.
+                pending.drain(..left);
+                pending.extend_from_slice(rest);
+                pass = with_role!(self, |c, process| read(
+                    c,
+                    process,
+                    &mut pending,
+                    out,
+                    plain,
+                    &mut plain_from
+                ));
+                let left = pass.consumed.min(pending.len());
+                pending.drain(..left);
+                self.pending = pending;
+                return self.finish(server, pass, plain_from);
+            }
+        }
+        if !rest.is_empty() {
+            pass = with_role!(self, |c, process| read(c, process, rest, out, plain, &mut plain_from));
+            let left = pass.consumed.min(rest.len());
+            if pass.error.is_none() && !pass.peer_closed && left < rest.len() {
+                self.pending.extend_from_slice(&rest[left..]);
+            }
+        }
+        self.finish(server, pass, plain_from)
+    }
+
+    /// The end of [`Session::read`]: notes the name the client asked for,
+    /// and refuses an incomplete record or message grown too large.
+    fn finish(&mut self, server: bool, pass: Pass, plain_from: usize) -> Received {
         if server && self.sni.is_none() {
             self.sni = super::config::take_sni().map(String::into_boxed_str);
         }
         let mut error = pass.error;
-        let left = pass.consumed.min(incoming.len());
-        if error.is_none() && !pass.peer_closed && left < incoming.len() {
-            if incoming.len() - left > MAX_PENDING {
-                error = Some(rustls::Error::General(format!(
-                    "more than {MAX_PENDING} bytes of an incomplete TLS record or handshake message"
-                )));
-            } else if use_pending {
-                incoming.drain(..left);
-                self.pending = incoming;
-                return Received { peer_closed: pass.peer_closed, error, plain_from };
-            } else {
-                self.pending.extend_from_slice(&incoming[left..]);
-            }
+        if error.is_none() && !pass.peer_closed && self.pending.len() > MAX_PENDING {
+            error = Some(rustls::Error::General(format!(
+                "more than {MAX_PENDING} bytes of an incomplete TLS record or handshake message"
+            )));
         }
-        if !use_pending {
-            incoming.clear();
-            *scratch = incoming;
+        if error.is_some() || pass.peer_closed {
+            // Nothing more is read after these.
+            self.pending = Vec::new();
         }
         Received { peer_closed: pass.peer_closed, error, plain_from }
     }
 
     /// Appends to `out` whatever rustls has to send now: a client's hello,
     /// handshake records, an alert after an error.
-    pub fn flush(&mut self, out: &mut Vec<u8>) {
+    pub fn flush(&mut self, out: &mut OutBuf) {
         let pending = &mut self.pending;
         // Only while rustls has records queued: a call past them would
         // read the input again, which after an error it must not.
@@ -182,7 +203,7 @@ impl Session {
     }
 
     /// Encrypts `data` into `out` (once the handshake is done).
-    pub fn encrypt(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), rustls::Error> {
+    pub fn encrypt(&mut self, data: &[u8], out: &mut OutBuf) -> Result<(), rustls::Error> {
         self.with_write_traffic(out, |w, out| {
             let mut w = w;
             encrypt(out, data.len(), |buf| w.encrypt(data, buf))
@@ -191,7 +212,7 @@ impl Session {
 
     /// Appends a close_notify alert to `out` (once the handshake is done;
     /// before, there is nothing to close and nothing is sent).
-    pub fn close_notify(&mut self, out: &mut Vec<u8>) {
+    pub fn close_notify(&mut self, out: &mut OutBuf) {
         let _ = self.with_write_traffic(out, |w, out| {
             let mut w = w;
             encrypt(out, 0, |buf| w.queue_close_notify(buf))
@@ -202,8 +223,8 @@ impl Session {
     /// rustls has queued ahead of it (a key update, session tickets).
     fn with_write_traffic<R>(
         &mut self,
-        out: &mut Vec<u8>,
-        f: impl FnOnce(WriteTraffic<'_>, &mut Vec<u8>) -> Result<R, rustls::Error>,
+        out: &mut OutBuf,
+        f: impl FnOnce(WriteTraffic<'_>, &mut OutBuf) -> Result<R, rustls::Error>,
     ) -> Result<R, rustls::Error> {
         let mut f = Some(f);
         let pending = &mut self.pending;
@@ -293,7 +314,7 @@ fn read<D>(
     c: &mut UnbufferedConnectionCommon<D>,
     process: Process<D>,
     incoming: &mut [u8],
-    out: &mut Vec<u8>,
+    out: &mut OutBuf,
     plain: &mut Vec<u8>,
     plain_from: &mut usize,
 ) -> Pass {
@@ -369,7 +390,7 @@ impl TooSmall for EncryptError {
 
 /// Appends what `f` writes to `out`, growing `out` to the size rustls asks for.
 fn encode<E: TooSmall>(
-    out: &mut Vec<u8>,
+    out: &mut OutBuf,
     f: impl FnMut(&mut [u8]) -> Result<usize, E>,
 ) -> Result<(), rustls::Error> {
     append(out, 512, f)
@@ -378,7 +399,7 @@ fn encode<E: TooSmall>(
 /// The same for encryption: `plain` bytes need at most one record's
 /// overhead per 16 KiB.
 fn encrypt<E: TooSmall>(
-    out: &mut Vec<u8>,
+    out: &mut OutBuf,
     plain: usize,
     f: impl FnMut(&mut [u8]) -> Result<usize, E>,
 ) -> Result<(), rustls::Error> {
@@ -386,32 +407,115 @@ fn encrypt<E: TooSmall>(
 }
 
 fn append<E: TooSmall>(
-    out: &mut Vec<u8>,
+    out: &mut OutBuf,
     mut room: usize,
     mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
 ) -> Result<(), rustls::Error> {
-    let len = out.len();
     loop {
-        out.resize(len + room, 0);
-        match f(&mut out[len..]) {
+        match f(out.room(room)) {
             Ok(n) => {
-                out.truncate(len + n);
+                out.len += n;
                 return Ok(());
             }
             Err(e) => match e.required() {
                 Some(need) if need > room => room = need,
-                _ => {
-                    out.truncate(len);
-                    return Err(rustls::Error::General(e.to_string()));
-                }
+                _ => return Err(rustls::Error::General(e.to_string())),
             },
         }
     }
 }
 
+/// How many bytes from the front of `data` complete the records begun in
+/// `pending` (all of `data` if it ends first): `pending` then ends where a
+/// record does, and what follows can be read where it lies.
+fn completing(pending: &[u8], data: &[u8]) -> usize {
+    let byte = |i: usize| if i < pending.len() { pending.get(i) } else { data.get(i - pending.len()) };
+    let mut at = 0;
+    while at < pending.len() {
+        let (Some(&hi), Some(&lo)) = (byte(at + 3), byte(at + 4)) else { return data.len() };
+        at += 5 + usize::from(u16::from_be_bytes([hi, lo]));
+    }
+    (at - pending.len()).min(data.len())
+}
+
+/// Ciphertext on its way out: `bytes[..len]`. The rest of `bytes` is room
+/// already initialized, kept across uses, so encrypting into it costs no
+/// zeroing first (a `Vec` resized before and truncated after each record
+/// would be cleared again every time).
+#[derive(Default)]
+pub(crate) struct OutBuf {
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+impl OutBuf {
+    /// The ciphertext.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// The memory held, for a caller that keeps only small buffers.
+    pub fn footprint(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    /// At least `room` bytes after the ciphertext, to write more into.
+    fn room(&mut self, room: usize) -> &mut [u8] {
+        let end = self.len + room;
+        if self.bytes.len() < end {
+            self.bytes.resize(end, 0);
+        }
+        &mut self.bytes[self.len..]
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{place_plain, COPY_SKEW};
+    use super::{completing, place_plain, COPY_SKEW};
+
+    /// A record of `body` bytes: header (application data, TLS 1.2
+    /// version, length) and body.
+    fn record(body: usize, fill: u8) -> Vec<u8> {
+        let mut r = vec![23, 3, 3];
+        r.extend_from_slice(&(body as u16).to_be_bytes());
+        r.resize(5 + body, fill);
+        r
+    }
+
+    /// What completes the records begun in the pending bytes is exactly
+    /// the rest of the last one, wherever the earlier read cut it (even
+    /// inside its header), so the next records are read where they lie.
+    #[test]
+    fn completing_takes_the_rest_of_the_cut_record_and_no_more() {
+        let stream: Vec<u8> = [record(16_384, 1), record(300, 2), record(16_384, 3)].concat();
+        let second = 5 + 16_384;
+        let third = second + 5 + 300;
+        for cut in [1, 3, 4, 5, 6, 100, second - 1, second + 2, third - 1, third + 4] {
+            let (pending, data) = stream.split_at(cut);
+            let end = if cut < second {
+                second
+            } else if cut < third {
+                third
+            } else {
+                stream.len()
+            };
+            assert_eq!(completing(pending, data), end - cut, "cut at {cut}");
+        }
+        // Records that end where the read ends leave nothing to complete.
+        assert_eq!(completing(&stream[..second], &stream[second..]), 0);
+        // A read too short to complete the record, or even its header, is
+        // taken whole.
+        assert_eq!(completing(&stream[..10], &stream[10..20]), 10);
+        assert_eq!(completing(&stream[..2], &stream[2..4]), 2);
+    }
 
     #[test]
     fn plaintext_is_placed_half_a_page_off_its_source() {

@@ -819,7 +819,10 @@ mod tests {
         c::write_byte(&d);
         p.recv_start(c::raw(&c2), 2, false).unwrap();
         let starved = until_ended(&mut p, 2);
-        assert!(starved.iter().all(|r| matches!(r.got, Got::Nothing)), "a receive got bytes from an empty ring");
+        assert!(
+            starved.iter().all(|r| matches!(r.got, Got::Nothing)),
+            "a receive got bytes from an empty ring"
+        );
         assert_eq!(wanted(&mut p), 2 * first, "a receive that got no buffer did not grow the ring");
         drop(held);
     }
