@@ -345,6 +345,9 @@ impl RingPoller {
     pub fn take_received(&mut self, into: &mut Vec<Received>) {
         std::mem::swap(into, &mut self.received);
         self.round = self.round.wrapping_add(1);
+        if let Some(Some(pool)) = &self.streams {
+            pool.end_round();
+        }
     }
 
     fn complete_recv(&mut self, cqe: &cqueue::Entry) {

@@ -32,7 +32,9 @@
 //! the connection re-arms it) `want` doubles, and a block of buffers more
 //! is made when none wait, up to a fixed maximum: a reactor with one busy
 //! connection cycles through a few buffers, and a busy one stops running
-//! dry.
+//! dry. `want` halves again after a long run of batches that each took a
+//! small part of it, so a burst long past does not leave every later
+//! receive landing in a cold buffer.
 
 use std::cell::Cell;
 use std::ops::Deref;
@@ -48,6 +50,9 @@ pub(crate) const BUF_SIZE: usize = 64 * 1024;
 const BLOCK: usize = 64;
 /// Buffers the kernel holds at first.
 const FIRST_WANT: usize = 4;
+/// Batches of completions over which the most any one took is compared
+/// with `want`, to let it shrink.
+const DECAY_ROUNDS: u32 = 1024;
 /// The most buffers the ring ever holds (a power of two, as the kernel
 /// requires of the ring's size).
 const MAX_BUFS: usize = 1024;
@@ -68,6 +73,12 @@ pub(crate) struct Pool {
     published: Cell<usize>,
     /// How many the kernel should hold at once.
     want: Cell<usize>,
+    /// Buffers taken in the batch of completions being reaped.
+    round_taken: Cell<usize>,
+    /// The most taken in one batch since `want` was last weighed, and how
+    /// many batches that covers.
+    peak: Cell<usize>,
+    rounds: Cell<u32>,
 }
 
 const ENTRIES_BYTES: usize = MAX_BUFS * std::mem::size_of::<BufRingEntry>();
@@ -118,6 +129,9 @@ impl Pool {
             idle: std::cell::RefCell::new(Vec::new()),
             published: Cell::new(0),
             want: Cell::new(FIRST_WANT),
+            round_taken: Cell::new(0),
+            peak: Cell::new(0),
+            rounds: Cell::new(0),
         })
     }
 
@@ -186,6 +200,26 @@ impl Pool {
     /// A completion named `bid`: the kernel no longer holds it.
     fn taken(&self) {
         self.published.set(self.published.get().saturating_sub(1));
+        self.round_taken.set(self.round_taken.get() + 1);
+    }
+
+    /// A batch of completions has been reaped. After [`DECAY_ROUNDS`] of
+    /// them in which none took more than a quarter of `want`, `want`
+    /// halves: the buffers the kernel holds beyond it are not published
+    /// again once they come back.
+    pub(crate) fn end_round(&self) {
+        self.peak.set(self.peak.get().max(self.round_taken.replace(0)));
+        let rounds = self.rounds.get() + 1;
+        if rounds < DECAY_ROUNDS {
+            self.rounds.set(rounds);
+            return;
+        }
+        let want = self.want.get();
+        if self.peak.get() * 4 <= want && want > FIRST_WANT {
+            self.want.set((want / 2).max(FIRST_WANT));
+        }
+        self.rounds.set(0);
+        self.peak.set(0);
     }
 
     /// Buffer `bid` is free again: to the kernel if it holds fewer than it
@@ -342,4 +376,74 @@ pub(crate) struct Received {
     /// The receive is over: no more completions carry this key, and the
     /// reader must re-arm to read again.
     pub ended: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Pool, RingBuf, DECAY_ROUNDS, FIRST_WANT};
+    use std::rc::Rc;
+
+    /// The kernel is not involved: a pool's ring is ordinary memory until
+    /// it is registered, and completions are played by taking buffers.
+    fn pool() -> Rc<Pool> {
+        let pool = Pool::new().expect("mapping the ring");
+        assert!(pool.start());
+        Rc::new(pool)
+    }
+
+    /// Takes what a completion would: the oldest published buffer.
+    fn take(pool: &Rc<Pool>, bids: &mut std::collections::VecDeque<u16>) -> RingBuf {
+        let bid = bids.pop_front().expect("a published buffer");
+        RingBuf::new(pool, bid, 1).expect("a buffer of the pool")
+    }
+
+    #[test]
+    fn the_kernel_holds_a_few_buffers_and_gets_back_the_warmest() {
+        let pool = pool();
+        assert_eq!(pool.published.get(), FIRST_WANT);
+        // The ring was published lowest id first.
+        let mut ring: std::collections::VecDeque<u16> = (0..FIRST_WANT as u16).collect();
+        let a = take(&pool, &mut ring);
+        let b = take(&pool, &mut ring);
+        let (a_bid, b_bid) = (a.bid, b.bid);
+        drop(a);
+        drop(b);
+        // Handed back at once, not left for buffers never used.
+        assert_eq!(pool.published.get(), FIRST_WANT);
+        assert!(pool.idle.borrow().iter().all(|&bid| bid as usize >= FIRST_WANT));
+        let tail = pool.tail.get() as usize;
+        let last_two: Vec<u16> = (tail - 2..tail)
+            .map(|slot| {
+                // SAFETY (test): reading back entries this pool wrote.
+                unsafe { (*pool.entries.as_ptr().add(slot % super::MAX_BUFS)).bid() }
+            })
+            .collect();
+        assert_eq!(last_two, [a_bid, b_bid]);
+    }
+
+    #[test]
+    fn want_doubles_when_dry_and_halves_after_a_long_quiet() {
+        let pool = pool();
+        pool.ran_dry();
+        pool.ran_dry();
+        assert_eq!(pool.wanted(), 4 * FIRST_WANT);
+        assert_eq!(pool.published.get(), 4 * FIRST_WANT);
+        // Busy batches keep it.
+        let mut ring: std::collections::VecDeque<u16> = (0..4 * FIRST_WANT as u16).collect();
+        for round in 0..DECAY_ROUNDS {
+            if round == DECAY_ROUNDS / 2 {
+                let held: Vec<RingBuf> = (0..2 * FIRST_WANT).map(|_| take(&pool, &mut ring)).collect();
+                pool.end_round();
+                drop(held);
+                continue;
+            }
+            pool.end_round();
+        }
+        assert_eq!(pool.wanted(), 4 * FIRST_WANT, "a batch that took half of it let it shrink");
+        // Quiet ones halve it, down to the first size and no further.
+        for _ in 0..3 * DECAY_ROUNDS {
+            pool.end_round();
+        }
+        assert_eq!(pool.wanted(), FIRST_WANT);
+    }
 }
