@@ -135,6 +135,8 @@ pub(crate) struct RingPoller {
     /// Per receive key, the last round in which a completion brought it
     /// bytes.
     fed: Vec<u32>,
+    /// The last round in which the buffer ring was grown.
+    grown: u32,
     /// The message header every message receive reads its sizes from (no
     /// address, [`CONTROL_LEN`] of control data), boxed so it never moves
     /// while a request may read it.
@@ -185,6 +187,7 @@ impl RingPoller {
             received: Vec::new(),
             round: 0,
             fed: Vec::new(),
+            grown: u32::MAX,
             recvmsg_hdr: {
                 // SAFETY: msghdr is a plain C struct for which all zeroes
                 // is a valid value (no address, no buffers, no flags).
@@ -399,10 +402,15 @@ impl RingPoller {
                 // this batch has had its share of the pass (it re-arms and
                 // reads on in the next): more buffers would only let one
                 // busy stream fill more of them before any is read, out of
-                // cache by then. One that got none needs more.
+                // cache by then. One that got none needs more: once per
+                // batch, however many starved in it (the buffers added
+                // for the first are not the kernel's until the next wait).
                 let fed = self.fed.get(key as usize) == Some(&self.round);
                 if let (false, Some(pool)) = (fed, self.streams.as_ref().and_then(Option::as_ref)) {
-                    pool.ran_dry();
+                    if self.grown != self.round {
+                        self.grown = self.round;
+                        pool.ran_dry();
+                    }
                 }
                 Got::Nothing
             }
@@ -771,18 +779,18 @@ mod tests {
         }
     }
 
-    /// Waits until the receive under `key` has ended, gathering what came
+    /// Waits until the receives under `keys` have ended, gathering what came
     /// (in one batch: nothing is taken meanwhile).
-    fn until_ended(p: &mut RingPoller, key: u32) -> Vec<Received> {
+    fn until_ended(p: &mut RingPoller, keys: &[u32]) -> Vec<Received> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let _ = c::poll_once(p, Some(Duration::from_millis(100)));
-            if p.received.iter().any(|r| r.key == key && r.ended) {
+            if keys.iter().all(|&key| p.received.iter().any(|r| r.key == key && r.ended)) {
                 let mut got = Vec::new();
                 p.take_received(&mut got);
                 return got;
             }
-            assert!(std::time::Instant::now() < deadline, "the receive under {key} never ended");
+            assert!(std::time::Instant::now() < deadline, "the receives under {keys:?} never ended");
         }
     }
 
@@ -806,7 +814,7 @@ mod tests {
             "a socketpair took only {queued} bytes: too few to use up the ring's first buffers"
         );
         p.recv_start(c::raw(&a), 1, false).unwrap();
-        let busy = until_ended(&mut p, 1);
+        let busy = until_ended(&mut p, &[1]);
         let held: Vec<RingBuf> = busy
             .into_iter()
             .filter_map(|r| match r.got {
@@ -817,16 +825,20 @@ mod tests {
         assert_eq!(held.len(), first, "the busy receive should have taken every published buffer");
         assert_eq!(wanted(&mut p), first, "a receive that had its share grew the ring");
 
-        // Every buffer is still ours: the next receive finds none.
-        let (c2, d) = c::socketpair();
-        c::write_byte(&d);
+        // Every buffer is still ours: the next receives find none. Two
+        // starved in one batch grow the ring once.
+        let (c2, d2) = c::socketpair();
+        let (c3, d3) = c::socketpair();
+        c::write_byte(&d2);
+        c::write_byte(&d3);
         p.recv_start(c::raw(&c2), 2, false).unwrap();
-        let starved = until_ended(&mut p, 2);
+        p.recv_start(c::raw(&c3), 3, false).unwrap();
+        let starved = until_ended(&mut p, &[2, 3]);
         assert!(
             starved.iter().all(|r| matches!(r.got, Got::Nothing)),
             "a receive got bytes from an empty ring"
         );
-        assert_eq!(wanted(&mut p), 2 * first, "a receive that got no buffer did not grow the ring");
+        assert_eq!(wanted(&mut p), 2 * first, "receives that got no buffer did not grow the ring once");
         drop(held);
     }
 
