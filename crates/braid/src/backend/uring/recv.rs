@@ -29,8 +29,10 @@
 //! (`want`); the rest wait, most recently used on top, and a buffer handed
 //! back goes straight to the kernel while it holds fewer than that. When
 //! the kernel finds the ring empty (`-ENOBUFS`, which ends that receive;
-//! the connection re-arms it) `want` doubles, and a block of buffers more
-//! is made when none wait, up to a fixed maximum: a reactor with one busy
+//! the connection re-arms it) for a receive that got no buffer in that
+//! batch of completions, `want` doubles (once per batch; the poller
+//! decides), and a block of buffers more is made when none wait, up to a
+//! fixed maximum: a reactor with one busy
 //! connection cycles through a few buffers, and a busy one stops running
 //! dry. `want` halves again after a long run of batches that each took a
 //! small part of it, so a burst long past does not leave every later
