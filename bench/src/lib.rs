@@ -256,6 +256,89 @@ pub mod tls {
     }
 }
 
+/// Holding a server to a share of one CPU with a cgroup CPU quota, so that the server and not
+/// the load generator sets the pace. A rustls client does about as much work per handshake as a
+/// rustls server, so on two CPUs a one-thread load generator cannot keep a whole-CPU server busy;
+/// with the server held to part of its CPU, its handshakes/s measure the server.
+pub mod quota {
+    use std::path::{Path, PathBuf};
+
+    /// The scheduling period the quota is spread over. Short, so a throttled server stalls for
+    /// a few milliseconds at a time rather than for most of a default 100 ms period.
+    pub const PERIOD_US: u64 = 10_000;
+
+    /// A cgroup of its own with a CPU quota; removed when dropped (its processes must have
+    /// exited by then).
+    pub struct CpuQuota {
+        dir: PathBuf,
+        share: f64,
+    }
+
+    /// The quota in µs per [`PERIOD_US`] for `share` of one CPU (at least the kernel's 1 ms).
+    pub fn quota_us(share: f64) -> u64 {
+        ((share * PERIOD_US as f64).round() as u64).clamp(1_000, PERIOD_US)
+    }
+
+    impl CpuQuota {
+        /// A new cgroup named `name` that lets its processes use `share` (0–1] of one CPU:
+        /// `cpu.max` on cgroup v2, `cpu.cfs_quota_us` under the v1 `cpu` controller. Errors say
+        /// which file refused, so a run can say why it could not hold the server.
+        pub fn create(name: &str, share: f64) -> Result<CpuQuota, String> {
+            let root = Path::new("/sys/fs/cgroup");
+            let quota = quota_us(share);
+            let v2 = root.join("cgroup.controllers");
+            let v1 = root.join("cpu");
+            let dir = if std::fs::read_to_string(&v2).is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu"))
+            {
+                let _ = std::fs::write(root.join("cgroup.subtree_control"), "+cpu");
+                let dir = root.join(name);
+                make_dir(&dir)?;
+                write(&dir.join("cpu.max"), &format!("{quota} {PERIOD_US}"))?;
+                dir
+            } else if v1.join("cpu.cfs_quota_us").exists() {
+                let dir = v1.join(name);
+                make_dir(&dir)?;
+                write(&dir.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
+                write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                dir
+            } else {
+                return Err("no cgroup CPU controller under /sys/fs/cgroup (v2 cpu.max or v1 cpu/)".into());
+            };
+            Ok(CpuQuota { dir, share: quota as f64 / PERIOD_US as f64 })
+        }
+
+        /// Moves process `pid` (all its threads, and the children it makes later) into the group.
+        pub fn add(&self, pid: u32) -> Result<(), String> {
+            write(&self.dir.join("cgroup.procs"), &pid.to_string())
+        }
+
+        /// The share of one CPU the quota allows, as written.
+        pub fn share(&self) -> f64 {
+            self.share
+        }
+    }
+
+    impl Drop for CpuQuota {
+        fn drop(&mut self) {
+            // The kernel removes an empty group on rmdir; a process that outlived the run
+            // keeps it, and it is harmless.
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+
+    fn make_dir(dir: &Path) -> Result<(), String> {
+        match std::fs::create_dir(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(format!("creating {}: {e}", dir.display())),
+        }
+    }
+
+    fn write(path: &Path, text: &str) -> Result<(), String> {
+        std::fs::write(path, text).map_err(|e| format!("writing {text:?} to {}: {e}", path.display()))
+    }
+}
+
 /// What the side benchmarks (`portforward`, `web`) share: finding the
 /// other binaries, pinning, starting a server and reading its CPU time.
 pub mod side {
@@ -358,5 +441,13 @@ mod tests {
         assert!(a.flag("quick"));
         assert_eq!(a.num("seconds", 0.0), 2.0);
         assert_eq!(a.num("conns", 7u32), 7);
+    }
+
+    #[test]
+    fn a_quota_is_its_share_of_the_period_and_never_below_the_kernels_minimum() {
+        assert_eq!(quota::quota_us(0.4), 4_000);
+        assert_eq!(quota::quota_us(1.0), quota::PERIOD_US);
+        assert_eq!(quota::quota_us(0.01), 1_000);
+        assert_eq!(quota::quota_us(3.0), quota::PERIOD_US);
     }
 }

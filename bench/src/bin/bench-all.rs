@@ -12,6 +12,9 @@
 //!                         udp-1200-64, datagram size and flows; TLS: tls-bulk, tls-handshake,
 //!                         tls-resume, tls-idle)
 //!   --tls-bulk-bytes N    bytes through tls-bulk (256 MiB)
+//!   --tls-handshake-cpu F the share of one CPU the server may use in tls-handshake and
+//!                         tls-resume (0.4; 0 leaves it the whole CPU): a cgroup CPU quota, so the
+//!                         server and not the load generator sets the handshake rate
 //!   --short-count N       short-idle: connections per measured run (5000)
 //!   --short-rounds N      short-idle: measured runs per phase (5; quick: 3)
 //!   --servers a,b         only these (tokio, mio, tokio-udp, tokio-rustls, braid-select, braid-poll,
@@ -81,6 +84,8 @@ struct Config {
     seconds: f64,
     bulk_bytes: u64,
     tls_bulk_bytes: u64,
+    /// The share of a CPU the server gets in the handshake scenarios (0: all of it).
+    tls_handshake_cpu: f64,
     idle_conns: usize,
     short_count: u64,
     short_rounds: usize,
@@ -208,6 +213,7 @@ fn main() {
         // machines (see bench/CHANGES.md, twelfth session).
         bulk_bytes: args.num("bulk-bytes", if quick { 256 << 20 } else { 4 << 30 }),
         tls_bulk_bytes: args.num("tls-bulk-bytes", 256u64 << 20).max(1 << 20),
+        tls_handshake_cpu: args.num("tls-handshake-cpu", 0.4f64).clamp(0.0, 1.0),
         idle_conns: args.num("idle-conns", 10_000),
         short_count: args.num("short-count", 5_000u64).max(1),
         short_rounds: args.num("short-rounds", if quick { 3 } else { 5usize }).clamp(1, 100),
@@ -540,8 +546,13 @@ fn scenario(name: &'static str, cfg: &Config) -> Scenario {
                 name,
                 transport: Transport::Tls,
                 title: format!(
-                    "TLS {} handshakes: connect, handshake, one 64 B round trip, close; 32 at a time",
-                    if resume { "resumed" } else { "full" }
+                    "TLS {} handshakes: connect, handshake, one 64 B round trip, close; 32 at a time; {}",
+                    if resume { "resumed" } else { "full" },
+                    if cfg.tls_handshake_cpu > 0.0 {
+                        format!("server held to {:.0}% of a CPU", cfg.tls_handshake_cpu * 100.0)
+                    } else {
+                        "server not held (load generator bound)".to_string()
+                    }
                 ),
                 args,
                 conns: 33,
@@ -575,6 +586,33 @@ fn scenario(name: &'static str, cfg: &Config) -> Scenario {
 
 /// Whether `server` takes part in `sc`: the tokio and mio TCP peers only in TCP scenarios,
 /// the tokio UDP peer only in UDP ones, the tokio-rustls peer only in TLS ones, braid in all.
+/// How the handshake scenarios make the server, not the load generator, set the rate.
+fn handshake_pacing(cfg: &Config) -> String {
+    if cfg.tls_handshake_cpu > 0.0 {
+        format!(
+            "In both the server is held to {:.0}% of its CPU by a cgroup CPU quota ({} µs per {} µs, \
+             `--tls-handshake-cpu`): a rustls client does about as much work per handshake as the server \
+             (more on a full one, where it verifies two P-256 signatures), so a one-thread load generator \
+             cannot keep a whole-CPU server busy, and unheld the rate measured the load generator. Held, \
+             the server is the bottleneck (its busy figure sits at the quota, the load generator's below \
+             100%), and handshakes/s is what the server does with the same CPU.",
+            cfg.tls_handshake_cpu * 100.0,
+            braid_bench::quota::quota_us(cfg.tls_handshake_cpu),
+            braid_bench::quota::PERIOD_US
+        )
+    } else {
+        "The server has its whole CPU (`--tls-handshake-cpu 0`), and the one-thread load generator, \
+         doing as much work per handshake, sets the rate."
+            .to_string()
+    }
+}
+
+/// The share of a CPU the server may use in this scenario, if it is held to one.
+fn server_cpu(cfg: &Config, sc: &Scenario) -> Option<f64> {
+    let held = matches!(sc.name, "tls-handshake" | "tls-resume") && cfg.tls_handshake_cpu > 0.0;
+    held.then_some(cfg.tls_handshake_cpu)
+}
+
 fn serves(server: &str, sc: &Scenario) -> bool {
     match sc.transport {
         Transport::Tcp => server == "tokio" || server == "mio" || server.starts_with("braid"),
@@ -620,13 +658,15 @@ fn lines_of(r: impl Read + Send + 'static) -> Receiver<String> {
 struct Server {
     child: Child,
     pid: u32,
+    /// The quota the server runs under, if any; its group goes away after the server.
+    _quota: Option<braid_bench::quota::CpuQuota>,
     addr: String,
     /// Kept so the reader threads go on draining the server's output.
     _output: (Receiver<String>, Receiver<String>),
 }
 
 impl Server {
-    fn start(cfg: &Config, name: &str, transport: Transport) -> Result<Server, String> {
+    fn start(cfg: &Config, name: &str, transport: Transport, cpu: Option<f64>) -> Result<Server, String> {
         let mut cmd = match name {
             "tokio" => pinned(cfg, 0, "echo_tokio"),
             "mio" => pinned(cfg, 0, "echo_mio"),
@@ -650,6 +690,27 @@ impl Server {
         cmd.args([port_flag, "0"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| format!("starting {name}: {e}"))?;
         let pid = child.id();
+        let quota = match cpu {
+            None => None,
+            Some(share) => {
+                let held = braid_bench::quota::CpuQuota::create(
+                    &format!("braid-bench-{}", std::process::id()),
+                    share,
+                )
+                .and_then(|q| q.add(pid).map(|()| q));
+                match held {
+                    Ok(q) => Some(q),
+                    Err(e) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(format!(
+                            "holding {name} to {:.0}% of a CPU: {e} (--tls-handshake-cpu 0 runs it unheld)",
+                            share * 100.0
+                        ));
+                    }
+                }
+            }
+        };
         // Both streams are read to the end by threads, so the server never blocks on a pipe.
         let out = lines_of(child.stdout.take().expect("stdout"));
         let err = lines_of(child.stderr.take().expect("stderr"));
@@ -668,7 +729,7 @@ impl Server {
                 }
             }
             if let Some(addr) = addr {
-                return Ok(Server { child, pid, addr, _output: (out, err) });
+                return Ok(Server { child, pid, _quota: quota, addr, _output: (out, err) });
             }
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!("{name} exited ({status}): {}", seen.trim()));
@@ -762,7 +823,7 @@ struct Mark {
 }
 
 fn run_one(cfg: &Config, server_name: &str, sc: &Scenario) -> Result<Sample, String> {
-    let server = Server::start(cfg, server_name, sc.transport)?;
+    let server = Server::start(cfg, server_name, sc.transport, server_cpu(cfg, sc))?;
     let result = drive_loadgen(cfg, &server, sc);
     let stopped = server.stop();
     let sample = result?;
@@ -1807,6 +1868,7 @@ fn render_tls(
          a warm-up of 200. Full handshakes come from a client without a session cache; resumed ones from \
          32 clients each with its own cache kept across its connections (rustls keeps only a few TLS 1.3 \
          tickets per server name, fewer than 32 connections in progress take); the share resumed is shown. \
+         {} \
          `tls-idle` opens {} connections, 32 at a time, each with a full handshake and one 64 B round trip, \
          and divides the server's VmRSS growth by them (RLIMIT_NOFILE permitting: the run fails rather \
          than measure fewer). rustls's own state per connection is `tls_state`: in one process with no \
@@ -1814,7 +1876,10 @@ fn render_tls(
          memory, the client is dropped and the server kept, {} times; its VmRSS growth per connection is \
          the floor any rustls server pays. The targets (DESIGN.md §11, issue 14): braid ≤ 1.0× tokio-rustls \
          server CPU per MiB, ≥ 1.0× its handshakes/s, idle ≤ rustls's own state + 256 B.\n",
-        cfg.seconds, cfg.idle_conns, cfg.idle_conns
+        cfg.seconds,
+        handshake_pacing(cfg),
+        cfg.idle_conns,
+        cfg.idle_conns
     );
     let _ = write!(s, "| scenario | figure |");
     for server in &cfg.servers {
@@ -2156,6 +2221,7 @@ mod tests {
             loadavg_before: String::new(),
             tls: None,
             tls_bulk_bytes: 1,
+            tls_handshake_cpu: 0.4,
         }
     }
 
