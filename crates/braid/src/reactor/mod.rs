@@ -39,6 +39,7 @@ mod threads;
 mod time;
 #[allow(dead_code)]
 pub(crate) mod timer_queue;
+mod write_chunks;
 
 pub use events::{Hold, Phase, TriggerId, TriggerOutcome, TriggerResult};
 pub use fdset::{FileDescriptor, IntoDescriptor};
@@ -163,6 +164,9 @@ pub(crate) struct Inner {
     /// gather until it returns; usually sent at once, so most connections
     /// never need a write buffer of their own.
     write_stage: RefCell<Vec<u8>>,
+    /// Emptied write buffers, lent to the next connection that writes by
+    /// completion (see `write_chunks`).
+    write_chunks: RefCell<write_chunks::WriteChunks>,
 }
 
 /// Work a transport batches until the end of the pass (internal).
@@ -269,6 +273,7 @@ impl Reactor {
                 lone_flush: Cell::new(false),
                 read_buf: Cell::new(Vec::new()),
                 write_stage: RefCell::new(Vec::new()),
+                write_chunks: RefCell::new(write_chunks::WriteChunks::default()),
                 extensions: RefCell::new(HashMap::new()),
             }),
         })
@@ -692,6 +697,17 @@ impl Reactor {
     /// The shared write staging buffer (see `write_stage`).
     pub(crate) fn write_stage(&self) -> std::cell::RefMut<'_, Vec<u8>> {
         self.inner.write_stage.borrow_mut()
+    }
+
+    /// An empty write buffer, with room from an earlier connection's use
+    /// when the reactor kept one.
+    pub(crate) fn take_write_chunk(&self) -> Vec<u8> {
+        self.inner.write_chunks.borrow_mut().take()
+    }
+
+    /// Hands back an emptied write buffer for another connection to use.
+    pub(crate) fn give_write_chunk(&self, chunk: Vec<u8>) {
+        self.inner.write_chunks.borrow_mut().give(chunk);
     }
 
     /// Returns the buffer lent by `take_read_buffer`.

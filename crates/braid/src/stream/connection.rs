@@ -903,7 +903,12 @@ impl<K: Kind> Connection<K> {
     fn release_out(&self) {
         let mut out = self.out.borrow_mut();
         if out.as_ref().is_some_and(|o| o.is_idle_default()) {
-            *out = None;
+            // Its memory goes to the next connection that writes.
+            if let (Some(o), Some(reactor)) = (out.take(), self.reactor.get()) {
+                let OutBuf { first, spare, .. } = *o;
+                reactor.give_write_chunk(first);
+                reactor.give_write_chunk(spare);
+            }
         }
     }
 
@@ -1927,7 +1932,19 @@ impl<K: Kind> Connection<K> {
     /// The write buffer, created on first use.
     #[inline]
     fn out_mut(&self) -> std::cell::RefMut<'_, OutBuf> {
-        std::cell::RefMut::map(self.out.borrow_mut(), |o| &mut **o.get_or_insert_with(Default::default))
+        std::cell::RefMut::map(self.out.borrow_mut(), |o| &mut **o.get_or_insert_with(|| self.new_out()))
+    }
+
+    /// A new write buffer; on a ring, in memory another connection gave
+    /// back (see `release_out`).
+    fn new_out(&self) -> Box<OutBuf> {
+        let mut out = Box::<OutBuf>::default();
+        if self.has(Io::RING) {
+            if let Some(reactor) = self.reactor.get() {
+                out.first = reactor.take_write_chunk();
+            }
+        }
+        out
     }
 
     /// Bytes not yet taken by the kernel: queued, and in a ring send.
