@@ -12,8 +12,8 @@
 
 /// How many emptied buffers are kept.
 const KEEP: usize = 64;
-/// Buffers larger than this are freed rather than kept, so the pool holds at
-/// most `KEEP` of them.
+/// Buffers larger than this are freed rather than kept, so the pool never
+/// holds more than `KEEP` times this much.
 const MAX_CAPACITY: usize = 16 * 1024;
 
 /// The reactor's spare write buffers.
