@@ -1430,13 +1430,7 @@ fn render_echo(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: 
     s.push('\n');
     let mut notes: Vec<String> = Vec::new();
     for (sc, cells) in scenarios.iter().zip(results) {
-        let meds: Vec<Option<Sample>> = cells
-            .iter()
-            .map(|c| match c {
-                Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
-                _ => None,
-            })
-            .collect();
+        let meds: Vec<Option<Sample>> = cells.iter().map(|c| samples_of(Some(c)).map(medians)).collect();
         let mut rows: Vec<Row> = Vec::new();
         if sc.name == "short-idle" {
             let n = cfg.idle_conns;
@@ -1534,12 +1528,7 @@ fn render_echo(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: 
             "| scenario | braid backend | CPU/op ÷ tokio | CPU/op ÷ mio | throughput ÷ tokio | throughput ÷ mio |\n|---|---|---:|---:|---:|---:|"
         );
         for (sc, cells) in scenarios.iter().zip(results) {
-            let med = |i: Option<usize>| -> Option<Sample> {
-                match cells.get(i?)? {
-                    Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
-                    _ => None,
-                }
-            };
+            let med = |i: Option<usize>| samples_of(cells.get(i?)).map(medians);
             let (tokio, mio) = (med(idx("tokio")), med(idx("mio")));
             for &b in &braids {
                 let backend = &cfg.servers[b]["braid-".len()..];
@@ -1590,12 +1579,7 @@ fn render_echo(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: 
             "| scenario | CPU/op io_uring ÷ epoll (median of per-repetition ratios) | ratio of medians | target | met |\n|---|---:|---:|---:|---|"
         );
         for (sc, cells) in scenarios.iter().zip(results) {
-            let med = |i: usize| -> Option<Sample> {
-                match cells.get(i)? {
-                    Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
-                    _ => None,
-                }
-            };
+            let med = |i: usize| samples_of(cells.get(i)).map(medians);
             let (Some(r), Some(e)) = (med(ring), med(epoll)) else { continue };
             let target = match sc.name {
                 "pipeline-1000" => Some(0.85),
@@ -1759,13 +1743,7 @@ fn render_udp(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: &
         ),
     ];
     for (sc, cells) in scenarios.iter().zip(results) {
-        let meds: Vec<Option<Sample>> = cells
-            .iter()
-            .map(|c| match c {
-                Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
-                _ => None,
-            })
-            .collect();
+        let meds: Vec<Option<Sample>> = cells.iter().map(|c| samples_of(Some(c)).map(medians)).collect();
         for (i, (figure, f)) in rows.iter().enumerate() {
             let label = if i == 0 { sc.title.as_str() } else { "" };
             let _ = write!(s, "| {label} | {figure} |");
@@ -1814,12 +1792,7 @@ fn render_udp(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: &
             "| scenario | braid backend | CPU/datagram ÷ tokio | datagrams/s ÷ tokio |\n|---|---|---:|---:|"
         );
         for (sc, cells) in scenarios.iter().zip(results) {
-            let med = |i: Option<usize>| -> Option<Sample> {
-                match cells.get(i?)? {
-                    Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
-                    _ => None,
-                }
-            };
+            let med = |i: Option<usize>| samples_of(cells.get(i?)).map(medians);
             let tokio = med(peer);
             for &b in &braids {
                 let backend = &cfg.servers[b]["braid-".len()..];
@@ -1925,13 +1898,7 @@ fn render_tls(
     // (version and suite, where): one line if every run agreed.
     let mut negotiated: Vec<(String, String)> = Vec::new();
     for (sc, cells) in scenarios.iter().zip(results) {
-        let meds: Vec<Option<Sample>> = cells
-            .iter()
-            .map(|c| match c {
-                Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
-                _ => None,
-            })
-            .collect();
+        let meds: Vec<Option<Sample>> = cells.iter().map(|c| samples_of(Some(c)).map(medians)).collect();
         for (server, cell) in cfg.servers.iter().zip(cells) {
             if let Cell::Samples(v) = cell {
                 for x in v {
@@ -2050,12 +2017,7 @@ fn render_tls(
         None => "—",
     };
     for (sc, cells) in scenarios.iter().zip(results) {
-        let med = |i: Option<usize>| -> Option<Sample> {
-            match cells.get(i?)? {
-                Cell::Samples(v) if !v.is_empty() => Some(medians(v)),
-                _ => None,
-            }
-        };
+        let med = |i: Option<usize>| samples_of(cells.get(i?)).map(medians);
         let tokio = med(peer);
         for &b in &braids {
             let backend = &cfg.servers[b]["braid-".len()..];
