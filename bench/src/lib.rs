@@ -260,6 +260,10 @@ pub mod tls {
 /// the load generator sets the pace. A rustls client does about as much work per handshake as a
 /// rustls server, so on two CPUs a one-thread load generator cannot keep a whole-CPU server busy;
 /// with the server held to part of its CPU, its handshakes/s measure the server.
+///
+/// It needs write access to the cgroup file system (root). On cgroup v2 it enables the `cpu`
+/// controller for the root group's children if it is not already (systemd usually has), and that
+/// setting outlives the run; the group it makes is removed at the end.
 pub mod quota {
     use std::path::{Path, PathBuf};
 
