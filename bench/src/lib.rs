@@ -275,7 +275,6 @@ pub mod quota {
     /// exited by then).
     pub struct CpuQuota {
         dir: PathBuf,
-        share: f64,
     }
 
     /// The quota in µs per [`PERIOD_US`] for `share` of one CPU (at least the kernel's 1 ms).
@@ -308,17 +307,12 @@ pub mod quota {
             } else {
                 return Err("no cgroup CPU controller under /sys/fs/cgroup (v2 cpu.max or v1 cpu/)".into());
             };
-            Ok(CpuQuota { dir, share: quota as f64 / PERIOD_US as f64 })
+            Ok(CpuQuota { dir })
         }
 
         /// Moves process `pid` (all its threads, and the children it makes later) into the group.
         pub fn add(&self, pid: u32) -> Result<(), String> {
             write(&self.dir.join("cgroup.procs"), &pid.to_string())
-        }
-
-        /// The share of one CPU the quota allows, as written.
-        pub fn share(&self) -> f64 {
-            self.share
         }
     }
 
