@@ -17,8 +17,9 @@
 //!                         server and not the load generator sets the handshake rate
 //!   --short-count N       short-idle: connections per measured run (5000)
 //!   --short-rounds N      short-idle: measured runs per phase (5; quick: 3)
-//!   --servers a,b         only these (tokio, mio, tokio-udp, tokio-rustls, braid-select, braid-poll,
-//!                         braid-epoll, braid-io_uring); tokio and mio serve the TCP scenarios, tokio-udp the UDP
+//!   --servers a,b         only these (tokio, mio, uring, tokio-udp, tokio-rustls, braid-select,
+//!                         braid-poll, braid-epoll, braid-io_uring); tokio, mio and uring (a
+//!                         hand-written io_uring loop) serve the TCP scenarios, tokio-udp the UDP
 //!                         ones, tokio-rustls the TLS ones, braid all three
 //!   --no-timers           skip the timer benchmark    --no-build    do not run cargo build
 //!   --no-extras           skip the side benchmarks (portforward against a tokio proxy, line parsing,
@@ -47,9 +48,10 @@ use std::time::{Duration, Instant};
 
 use braid_bench::{die, Args};
 
-const SERVER_NAMES: [&str; 8] = [
+const SERVER_NAMES: [&str; 9] = [
     "tokio",
     "mio",
+    "uring",
     "tokio-udp",
     "tokio-rustls",
     "braid-select",
@@ -239,6 +241,7 @@ fn main() {
         "braid",
         "echo_tokio",
         "echo_mio",
+        "echo_uring",
         "loadgen",
         "udp_echo_tokio",
         "udp_loadgen",
@@ -615,7 +618,7 @@ fn server_cpu(cfg: &Config, sc: &Scenario) -> Option<f64> {
 
 fn serves(server: &str, sc: &Scenario) -> bool {
     match sc.transport {
-        Transport::Tcp => server == "tokio" || server == "mio" || server.starts_with("braid"),
+        Transport::Tcp => matches!(server, "tokio" | "mio" | "uring") || server.starts_with("braid"),
         Transport::Udp => server == "tokio-udp" || server.starts_with("braid"),
         Transport::Tls => server == "tokio-rustls" || server.starts_with("braid"),
     }
@@ -670,6 +673,7 @@ impl Server {
         let mut cmd = match name {
             "tokio" => pinned(cfg, 0, "echo_tokio"),
             "mio" => pinned(cfg, 0, "echo_mio"),
+            "uring" => pinned(cfg, 0, "echo_uring"),
             "tokio-udp" => pinned(cfg, 0, "udp_echo_tokio"),
             "tokio-rustls" => pinned(cfg, 0, "tls_echo_tokio"),
             _ => {
@@ -1364,8 +1368,10 @@ fn render_echo(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: 
     let _ = writeln!(
         s,
         "## Echo\n\nServers: `echo_tokio` (tokio current_thread, a task per connection, 64 KiB buffer, \
-         `write_all`), `echo_mio` (hand-written edge-triggered mio loop, one shared 64 KiB buffer), and the \
-         `braid echo` command on each backend. The load generator (`loadgen`) is one thread on mio and checks \
+         `write_all`), `echo_mio` (hand-written edge-triggered mio loop, one shared 64 KiB buffer), \
+         `echo_uring` (\"uring\": a hand-written io_uring loop with no reactor: multishot accept, a multishot \
+         receive per connection into a shared ring of 64 KiB provided buffers, one send in flight per \
+         connection carrying all received since the last), and the `braid echo` command on each backend. The load generator (`loadgen`) is one thread on mio and checks \
          every echoed byte. All on 127.0.0.1; {pinning}; a fresh server for every measurement; servers \
          alternate within each repetition; {} repetition(s), medians shown. Timed scenarios run {} s.\n",
         cfg.reps, cfg.seconds
@@ -1572,11 +1578,13 @@ fn render_echo(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: 
              backend's targets (server CPU per operation; idle: RSS per connection in bytes, a limit rather \
              than a ratio). The judged figure is the median of the per-repetition ratios: within a \
              repetition the two ran back to back, so each ratio sees the machine in one state. The ratio \
-             of the two medians is shown beside it.\n"
+             of the two medians is shown beside it. The last column is the hand-written io_uring loop \
+             (`echo_uring`) ÷ braid-epoll, paired the same way: what the interface itself reaches on this \
+             kernel with no reactor at all.\n"
         );
         let _ = writeln!(
             s,
-            "| scenario | CPU/op io_uring ÷ epoll (median of per-repetition ratios) | ratio of medians | target | met |\n|---|---:|---:|---:|---|"
+            "| scenario | CPU/op io_uring ÷ epoll (median of per-repetition ratios) | ratio of medians | target | met | hand-written io_uring loop ÷ braid-epoll |\n|---|---:|---:|---:|---|---:|"
         );
         for (sc, cells) in scenarios.iter().zip(results) {
             let med = |i: usize| samples_of(cells.get(i)).map(medians);
@@ -1593,13 +1601,22 @@ fn render_echo(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: 
                 .zip(samples_of(cells.get(epoll)))
                 .and_then(|(a, b)| paired_ratio(a, b, &cpu))
                 .unwrap_or(of_medians);
+            let raw = idx("uring")
+                .and_then(|u| samples_of(cells.get(u)))
+                .zip(samples_of(cells.get(epoll)))
+                .and_then(|(a, b)| paired_ratio(a, b, &cpu))
+                .map_or("—".to_string(), |x| format!("{x:.2}"));
             match target {
                 Some(t) => {
                     let met = if q <= t { "yes" } else { "**no**" };
-                    let _ = writeln!(s, "| {} | **{q:.2}** | {of_medians:.2} | ≤ {t:.2} | {met} |", sc.name);
+                    let _ = writeln!(
+                        s,
+                        "| {} | **{q:.2}** | {of_medians:.2} | ≤ {t:.2} | {met} | {raw} |",
+                        sc.name
+                    );
                 }
                 None => {
-                    let _ = writeln!(s, "| {} | {q:.2} | {of_medians:.2} | | |", sc.name);
+                    let _ = writeln!(s, "| {} | {q:.2} | {of_medians:.2} | | | {raw} |", sc.name);
                 }
             }
             if sc.name == "idle" {
@@ -1607,7 +1624,7 @@ fn render_echo(cfg: &Config, scenarios: &[&Scenario], results: &[Vec<Cell>], s: 
                 let met = if rss <= 512.0 { "yes" } else { "**no**" };
                 let _ = writeln!(
                     s,
-                    "| idle RSS per connection | {} (epoll {}) | ≤ 512 B | {met} |",
+                    "| idle RSS per connection | {} (epoll {}) | | ≤ 512 B | {met} | |",
                     fmt_bytes(rss),
                     fmt_bytes(e.extra["rss_per_conn"])
                 );
