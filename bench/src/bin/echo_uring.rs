@@ -44,6 +44,10 @@ mod ring {
 
     /// The buffer group the receives take from.
     pub const GROUP: u16 = 0;
+    /// Buffers start half a page into their mapping. The allocator's large blocks (what a
+    /// connection's pending bytes grow into) start just past a page boundary; copying between
+    /// addresses a few bytes apart modulo 4 KiB runs several times slower (4K aliasing).
+    const SKEW: usize = 2048;
 
     /// A fresh private anonymous mapping; its pages cost nothing until written.
     fn map(len: usize) -> io::Result<NonNull<u8>> {
@@ -60,32 +64,57 @@ mod ring {
         NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
     }
 
-    /// A registered ring of `count` buffers of `size` bytes. It lives as long as the process
-    /// (the loop never ends), so it is never unmapped.
+    /// A registered ring of up to `count` buffers of `size` bytes. It lives as long as the
+    /// process (the loop never ends), so it is never unmapped.
+    ///
+    /// The kernel takes buffers in the order they were published, so a ring holding all
+    /// `count` would cycle a single busy connection through all of them, and each receive would
+    /// land in memory long out of cache. So only `want` are published; it starts small and
+    /// doubles whenever the ring runs dry, and the rest wait on a stack.
     pub struct Bufs {
         entries: NonNull<BufRingEntry>,
         data: NonNull<u8>,
         count: u16,
         size: usize,
         tail: u16,
+        published: usize,
+        want: usize,
+        idle: Vec<u16>,
     }
 
     impl Bufs {
-        /// Maps and registers the ring with every buffer published.
+        /// Maps and registers the ring and publishes the first buffers.
         pub fn new(ring: &IoUring, count: u16, size: usize) -> io::Result<Bufs> {
             assert!(count.is_power_of_two(), "a buffer ring's size is a power of two");
             let entries = map(usize::from(count) * std::mem::size_of::<BufRingEntry>())?.cast();
-            let data = map(usize::from(count) * size)?;
+            let data = map(SKEW + usize::from(count) * size)?;
             // SAFETY: `entries` is a page-aligned mapping of `count` entries that this value
             // keeps for the life of the process, so for as long as the ring may read it.
             unsafe {
                 ring.submitter().register_buf_ring_with_flags(entries.as_ptr() as u64, count, GROUP, 0)
             }?;
-            let mut bufs = Bufs { entries, data, count, size, tail: 0 };
-            for bid in 0..count {
-                bufs.give_back(bid);
-            }
+            let idle = (0..count).rev().collect();
+            let want = usize::from(count).min(16);
+            let mut bufs = Bufs { entries, data, count, size, tail: 0, published: 0, want, idle };
+            bufs.top_up();
             Ok(bufs)
+        }
+
+        /// The ring ran dry: publish twice as many.
+        pub fn grow(&mut self) {
+            let want = (self.want * 2).min(usize::from(self.count));
+            if want != self.want {
+                eprintln!("the buffer ring ran dry: publishing {want} buffers");
+            }
+            self.want = want;
+            self.top_up();
+        }
+
+        fn top_up(&mut self) {
+            while self.published < self.want {
+                let Some(bid) = self.idle.pop() else { break };
+                self.publish(bid);
+            }
         }
 
         /// The first `len` bytes of buffer `bid`, which a completion just handed us.
@@ -94,18 +123,34 @@ mod ring {
             // SAFETY: in bounds (checked above); the kernel wrote these bytes before posting
             // the completion that named `bid`, and does not touch the buffer again until
             // `give_back` publishes it.
-            unsafe { std::slice::from_raw_parts(self.data.as_ptr().add(usize::from(bid) * self.size), len) }
+            unsafe { std::slice::from_raw_parts(self.buffer(bid), len) }
         }
 
-        /// Publishes buffer `bid` to the kernel again.
+        fn buffer(&self, bid: u16) -> *mut u8 {
+            debug_assert!(bid < self.count);
+            // SAFETY: `bid < count`, so the offset stays inside the data mapping.
+            unsafe { self.data.as_ptr().add(SKEW + usize::from(bid) * self.size) }
+        }
+
+        /// Takes back buffer `bid`, which a completion named, once its bytes are used.
         pub fn give_back(&mut self, bid: u16) {
+            self.published -= 1;
+            if self.published < self.want {
+                self.publish(bid);
+            } else {
+                self.idle.push(bid);
+            }
+        }
+
+        fn publish(&mut self, bid: u16) {
+            self.published += 1;
             let slot = usize::from(self.tail & (self.count - 1));
             // SAFETY: `slot < count`, inside the entries mapping. The kernel reads entries only
             // between its head and the published tail, and this slot is at the tail, so it is
             // ours to write; the setters leave entry 0's tail field alone.
             unsafe {
                 let entry = &mut *self.entries.as_ptr().add(slot);
-                entry.set_addr(self.data.as_ptr().add(usize::from(bid) * self.size) as u64);
+                entry.set_addr(self.buffer(bid) as u64);
                 entry.set_len(self.size as u32);
                 entry.set_bid(bid);
             }
@@ -283,8 +328,10 @@ impl Server {
                 }
                 match res {
                     0 => c.ended = true,
-                    // The ring ran dry or we cancelled: `settle` re-arms unless paused.
-                    r if r == -libc::ENOBUFS || r == -libc::ECANCELED => {}
+                    // The ring ran dry: `settle` re-arms.
+                    r if r == -libc::ENOBUFS => self.bufs.grow(),
+                    // We cancelled: `settle` re-arms once enough was sent.
+                    r if r == -libc::ECANCELED => {}
                     r if r < 0 => {
                         c.ended = true;
                         c.failed = true;
