@@ -416,6 +416,74 @@ reactor_test! {
     }
 }
 
+/// Microseconds during which some task on this machine was stalled waiting
+/// for I/O (the kernel's pressure stall information).
+fn io_stall_us() -> u64 {
+    let text = std::fs::read_to_string("/proc/pressure/io").unwrap_or_else(|e| {
+        panic!("/proc/pressure/io: {e}: this test needs the kernel's PSI (CONFIG_PSI, not booted with psi=0)")
+    });
+    let some = text.lines().find(|l| l.starts_with("some ")).expect("a `some` line in /proc/pressure/io");
+    some.split("total=").nth(1).and_then(|n| n.trim().parse().ok()).expect("total= in /proc/pressure/io")
+}
+
+/// The running kernel's major and minor release.
+fn kernel_release() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("/proc/sys/kernel/osrelease");
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Reads and ignores what it gets.
+struct Quiet;
+impl braid::protocol::Protocol for Quiet {
+    fn data_received(&mut self, _data: &[u8]) {}
+}
+
+reactor_test! {
+    /// An idle reactor is idle, not waiting for I/O: with a listener and a
+    /// connection whose reads are pending (on io_uring, an accept and a
+    /// receive in flight), 300 ms of waiting must not show up as I/O
+    /// pressure. A task counted as in iowait stalls the whole window. The
+    /// pressure figure is the machine's, so other work can add to it: the
+    /// test fails only if three windows in a row are half stalled.
+    fn idle_is_not_counted_as_waiting_for_io(r) {
+        if r.backend() == braid::Backend::IoUring && kernel_release() < (6, 15) {
+            panic!(
+                "kernel {:?} has no IORING_ENTER_NO_IOWAIT (Linux 6.15+): an idle io_uring reactor \
+                 is reported as waiting for I/O here",
+                kernel_release()
+            );
+        }
+        let port = r.listen_tcp("127.0.0.1:0", || Quiet, braid::tcp::DEFAULT_BACKLOG).unwrap();
+        let _client = std::net::TcpStream::connect(port.local_addr()).unwrap();
+        // The first pass accepts the connection and starts reading it.
+        r.iterate(Some(Duration::from_millis(50))).unwrap();
+        // Each window's stall is read by a timer at its end; the first quiet
+        // one ends the run.
+        let stalls = Rc::new(RefCell::new(Vec::new()));
+        let mark = Rc::new(Cell::new(0));
+        for i in 1..=3 {
+            let (stalls, mark, rr) = (stalls.clone(), mark.clone(), r.clone());
+            r.call_later(Duration::from_millis(300 * i), move || {
+                let now = io_stall_us();
+                let stalled = now - mark.replace(now);
+                stalls.borrow_mut().push(stalled);
+                if stalled < 150_000 || i == 3 {
+                    rr.stop().unwrap();
+                }
+            });
+        }
+        mark.set(io_stall_us());
+        r.run_without_signal_handlers().unwrap();
+        let stalls = stalls.borrow();
+        assert!(
+            stalls.iter().any(|&s| s < 150_000),
+            "I/O stall over each of three 300 ms idle waits on {}: {stalls:?} µs",
+            r.backend()
+        );
+    }
+}
+
 reactor_test! {
     /// A *before* trigger that returns an already-fired Deferred (as
     /// `stop_listening()` on a stopped port does) must not start the

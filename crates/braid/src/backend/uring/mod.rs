@@ -37,6 +37,13 @@
 //!   the kernel's completion work runs only inside the reactor's own wait,
 //!   batched, instead of at arbitrary points. The reactor is bound to one
 //!   thread (it is `!Send`), so the single-issuer promise always holds.
+//! * **Linux 6.15**: `IORING_ENTER_NO_IOWAIT`. Without it, a task waiting on
+//!   a ring with requests in flight is counted as waiting for I/O, so an
+//!   idle server (its receives and accept are always in flight) shows its
+//!   CPU as 100% iowait, not idle, and the CPU governors treat it as busy.
+//!   Where the kernel has the flag every wait passes it; before 6.15 the
+//!   idle time of the reactor's CPU is reported as iowait, and nothing in
+//!   user space can change that.
 //!
 //! The newest setup the kernel takes is used; [`Probe::setup`] says which.
 //! A seccomp filter that refuses `io_uring_setup` (Docker's default profile

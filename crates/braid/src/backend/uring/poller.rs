@@ -36,7 +36,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use io_uring::types::{SubmitArgs, Timespec};
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, EnterFlags, IoUring};
 
 use super::recv::{Got, Pool, Received, RingBuf, GROUP};
 use super::send::{InFlight, Outgoing, Sent};
@@ -477,15 +477,29 @@ impl RingPoller {
     }
 
     fn wait(&mut self, timeout: Option<Duration>, want: usize) -> io::Result<usize> {
+        let flags = self.wait_flags();
         match timeout {
-            None => self.ring.submit_and_wait(want.max(1)),
+            None if flags.is_empty() => self.ring.submit_and_wait(want.max(1)),
+            // An extended argument with no timeout waits as long as it takes.
+            None => self.ring.submitter().submit_with_args_and_flags(want.max(1), &SubmitArgs::new(), flags),
             Some(d) => {
                 let secs = d.as_secs().min(MAX_WAIT_SECS);
                 let nanos = if secs == MAX_WAIT_SECS { 0 } else { d.subsec_nanos() };
                 let ts = Timespec::new().sec(secs).nsec(nanos);
                 let args = SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(want, &args)
+                self.ring.submitter().submit_with_args_and_flags(want, &args, flags)
             }
+        }
+    }
+
+    /// How the reactor waits: never counted as waiting for I/O where the
+    /// kernel lets us say so (see the module's kernel requirements). A
+    /// network server waiting for its peers is idle, not I/O-bound.
+    fn wait_flags(&self) -> EnterFlags {
+        if self.ring.params().is_feature_no_iowait() {
+            EnterFlags::NO_IOWAIT
+        } else {
+            EnterFlags::empty()
         }
     }
 }
