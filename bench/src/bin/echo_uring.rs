@@ -403,7 +403,14 @@ impl Server {
         self.arm_accept()?;
         let mut batch: Vec<(u64, i32, u32)> = Vec::with_capacity(4096);
         loop {
-            match self.ring.submit_and_wait(1) {
+            // Waiting for peers is idle time, not I/O wait (Linux 6.15+; see braid's backend).
+            let waited = if self.ring.params().is_feature_no_iowait() {
+                let args = types::SubmitArgs::new();
+                self.ring.submitter().submit_with_args_and_flags(1, &args, io_uring::EnterFlags::NO_IOWAIT)
+            } else {
+                self.ring.submit_and_wait(1)
+            };
+            match waited {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
                 Err(e) => return Err(e),
