@@ -391,6 +391,13 @@ impl Server {
             }
             return Ok(());
         }
+        if c.failed && c.receiving && !c.paused {
+            // A failed send: stop receiving too, so the connection can close.
+            c.paused = true;
+            let entry =
+                opcode::AsyncCancel::new(user_data(RECV, id, c.generation)).build().user_data(IGNORED);
+            ring::push_plain(&mut self.ring, &entry)?;
+        }
         if !c.receiving && !c.sending && (c.failed || waiting == 0) {
             // Nothing of ours is in the kernel any more: dropping the descriptor closes it.
             self.conns[id] = None;
