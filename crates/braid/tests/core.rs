@@ -444,8 +444,9 @@ reactor_test! {
     /// connection whose reads are pending (on io_uring, an accept and a
     /// receive in flight), 300 ms of waiting must not show up as I/O
     /// pressure. A task counted as in iowait stalls the whole window. The
-    /// pressure figure is the machine's, so other work can add to it: the
-    /// test fails only if three windows in a row are half stalled.
+    /// pressure figure is the machine's, so other work (a journal commit,
+    /// writeback) can add to it: the test fails only if three windows in a
+    /// row are nine tenths stalled.
     fn idle_is_not_counted_as_waiting_for_io(r) {
         if r.backend() == braid::Backend::IoUring && kernel_release() < (6, 15) {
             panic!(
@@ -468,7 +469,7 @@ reactor_test! {
                 let now = io_stall_us();
                 let stalled = now - mark.replace(now);
                 stalls.borrow_mut().push(stalled);
-                if stalled < 150_000 || i == 3 {
+                if stalled < 270_000 || i == 3 {
                     rr.stop().unwrap();
                 }
             });
@@ -477,7 +478,7 @@ reactor_test! {
         r.run_without_signal_handlers().unwrap();
         let stalls = stalls.borrow();
         assert!(
-            stalls.iter().any(|&s| s < 150_000),
+            stalls.iter().any(|&s| s < 270_000),
             "I/O stall over each of three 300 ms idle waits on {}: {stalls:?} µs",
             r.backend()
         );
